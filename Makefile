@@ -1,0 +1,51 @@
+# Two commands set everything up on a fresh machine: `make train` and `make test`.
+# Both create .venv from requirements.txt when it is missing or older than requirements.txt.
+
+PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3)
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+RECIPE      ?= gpt-tiny
+ARGS        ?=
+RUN         ?=
+OUT         ?=
+PYTEST_ARGS ?=
+
+.PHONY: train test validate export recipes bench bench-train bench-parallel kernels lint gpu-check clean
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m launch train $(RECIPE) $(ARGS)
+
+validate: $(STAMP)
+	$(PY) -m launch validate $(RECIPE) $(ARGS)
+
+recipes: $(STAMP)
+	@$(PY) -m launch recipes
+
+export: $(STAMP)
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=runs/<name> OUT=<dir>" >&2; exit 2; }
+	$(PY) -m launch export $(RUN) $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench-train: $(STAMP)
+	$(PY) bench/bench_train.py $(ARGS)
+
+kernels: $(STAMP)
+	$(PY) -m model.kernels.build
+
+bench: $(STAMP)
+	$(PY) bench/bench_kernels.py $(ARGS)
+
+clean:
+	rm -rf build .cache .pytest_cache

@@ -1,0 +1,116 @@
+"""Command line: `python -m launch <command> ...` (the Makefile targets call this).
+
+    train RECIPE [key=value ...]     train a recipe (one process here; several via the deepspeed launcher)
+    validate RECIPE [key=value ...]  resolve and validate a recipe, print it as YAML, write nothing
+    export RUN_DIR OUT_DIR           write a run's latest checkpoint as a Hugging Face folder
+    recipes                          list the recipes in recipes/
+
+Every usage error (bad recipe, bad key, bad data, unusable checkpoint) is one line on stderr
+and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+def _fail(msg: str, code: int = EXIT_USAGE) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.loop import UsageError
+    from trainer.recipe import ConfigError
+
+    return ConfigError, DataError, CheckpointError, UsageError
+
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    from trainer.recipe import check_layout, load_recipe, recipe_to_dict
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_layout(recipe)
+    print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from trainer.recipe import check_layout, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_layout(recipe)
+    from trainer.distributed import destroy, init_distributed
+    from trainer.loop import TrainingStopped, train
+
+    dist = init_distributed(recipe.launch.backend, recipe.launch.timeout_s)
+    try:
+        train(recipe, dist, args.overrides)
+    except TrainingStopped as stop:
+        if dist.is_main:
+            print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    finally:
+        destroy()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from launch.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, args.checkpoint)
+    print(f"exported {out['checkpoint']} to {out['out_dir']} ({out['params'] / 1e6:.2f}M parameters)")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from trainer.recipe import RECIPES_DIR, available_recipes, load_recipe
+
+    for name in available_recipes():
+        r = load_recipe(name)
+        print(f"{name:28s} {r.run.description}")
+    del RECIPES_DIR
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, helptext in (("train", cmd_train, "train a recipe"),
+                               ("validate", cmd_validate, "resolve and validate a recipe")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("recipe", help="recipe name in recipes/ or a path to a .yaml file")
+        s.add_argument("overrides", nargs="*", help="dotted.key=value overrides (YAML values)")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("export", help="export a run to a Hugging Face folder")
+    s.add_argument("run_dir")
+    s.add_argument("out_dir")
+    s.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's latest)")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("recipes", help="list recipes")
+    s.set_defaults(fn=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except _usage_errors() as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Export a trained run as a Hugging Face folder (`make export RUN=runs/<name> OUT=<dir>`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.loop import UsageError
+
+
+def consolidated_state_dict(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model weights of a checkpoint, whatever layout wrote it."""
+    if meta.get("zero_stage", 0) == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    states = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise ckpt.CheckpointError(f"checkpoint {folder} holds no model states (mp_rank_*_model_states.pt)")
+    sd = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dict:
+    from tokenizers import Tokenizer
+
+    from model import GPT, GPTConfig
+    from model.hf import save_hf
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UsageError(f"RUN={run_dir}: no such run directory")
+    folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run / "checkpoints")
+    if folder is None:
+        raise UsageError(f"RUN={run_dir} has no finished checkpoint to export (checkpoints/latest is missing)")
+    meta = ckpt.verify(folder)
+    cfg = GPTConfig(**{k: v for k, v in meta["model_config"].items()})
+    cfg.kernels = "torch"
+    with torch.device("meta"):
+        model = GPT(cfg)
+    state = consolidated_state_dict(folder, meta)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ckpt.CheckpointError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+    model.to_empty_buffers() if hasattr(model, "to_empty_buffers") else None
+    tok_path = run / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
+    save_hf(model, out_dir, tokenizer=tokenizer)
+    return {"checkpoint": str(folder), "out_dir": out_dir, "params": sum(p.numel() for p in model.parameters())}

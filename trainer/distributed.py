@@ -1,0 +1,103 @@
+"""Process-group set-up shared by every layout.
+
+A single process still gets a (world size 1) process group so that the DeepSpeed engine, and
+every collective in the loop, run the same code path as on many GPUs. Ranks and the rendezvous come
+from the environment the launcher sets (`deepspeed`, `torchrun` or Slurm's srun wrapper).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def select_accelerator() -> str:
+    """'cuda' when a GPU is usable, else 'cpu'; exported for DeepSpeed before it is imported."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", device)
+    return device
+
+
+def quiet_deepspeed() -> None:
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistInfo:
+    device_type = select_accelerator()
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl" and device_type != "cuda":
+        raise RuntimeError("launch.backend=nccl needs CUDA GPUs; none is visible (use gloo or auto)")
+    if "RANK" not in os.environ:
+        # Launched as a plain single process: give it a private one-rank rendezvous.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    import deepspeed
+
+    quiet_deepspeed()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                   verbose=False)
+    return DistInfo(rank, local_rank, world, device, backend)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` holds on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64,
+                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def broadcast_object(obj, src: int = 0):
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,94 @@
+"""Validation loss, bits per byte, the gzip baseline, text samples and FLOP accounting."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import time
+
+import torch
+
+from .data import TokenBlocks, iterate_eval
+
+# Dense bf16 peak (TFLOP/s) of GPUs we know; used for MFU unless train.peak_tflops is set.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+@torch.no_grad()
+def evaluate(module, blocks: TokenBlocks, batch_size: int, max_batches: int | None, dp_rank: int,
+             dp_world: int, device) -> tuple[float, int]:
+    """Mean next-token loss (nats) over the validation blocks, sharded over data-parallel ranks
+    and summed with all_reduce. Every rank runs the same number of forward passes (ZeRO-3 needs
+    that); a rank with no batch left evaluates its last one again with weight 0."""
+    was_training = module.training
+    module.eval()
+    batches = list(iterate_eval(blocks, batch_size, max_batches))
+    per_rank = math.ceil(len(batches) / dp_world)
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(per_rank):
+        j = i * dp_world + dp_rank
+        weight = 1.0 if j < len(batches) else 0.0
+        x, y = batches[min(j, len(batches) - 1)]
+        loss = module.loss(x.to(device), y.to(device)).double().cpu()
+        n = y.numel()
+        total += torch.tensor([loss.item() * n * weight, n * weight], dtype=torch.float64)
+    if torch.distributed.is_initialized() and dp_world > 1:
+        t = total.to(device)
+        torch.distributed.all_reduce(t)
+        total = t.cpu()
+    module.train(was_training)
+    return float(total[0] / total[1]), int(total[1])
+
+
+def bits_per_byte(loss_nats: float, val_num_tokens: int, val_bytes: int) -> float:
+    """Loss per token converted to bits per UTF-8 byte with the validation split's tokens/byte."""
+    return loss_nats / math.log(2) * val_num_tokens / val_bytes
+
+
+def gzip_bits_per_byte(text: str) -> float:
+    raw = text.encode("utf-8")
+    return 8 * len(gzip.compress(raw, compresslevel=9)) / len(raw)
+
+
+@torch.no_grad()
+def sample_text(module, tokenizer, prompt: str, max_new_tokens: int, device, seed: int,
+                eos_id: int | None) -> str:
+    """A short sample at temperature 0.8, top-k 40, with its own generator so that sampling never
+    disturbs the training RNG streams (exact resume depends on that)."""
+    if max_new_tokens == 0:
+        return ""
+    ids = tokenizer.encode(prompt).ids or [eos_id]
+    max_len = module.config.max_seq_len
+    ids = ids[-(max_len - max_new_tokens):] if max_new_tokens < max_len else ids[-1:]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = module.training
+    module.eval()
+    out = module.generate(torch.tensor([ids], device=device), max_new_tokens=min(max_new_tokens, max_len - len(ids)),
+                          temperature=0.8, top_k=40, eos_id=eos_id, generator=gen)
+    module.train(was_training)
+    return tokenizer.decode(out[0].tolist())
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float, str]:
+    """Peak FLOP/s for MFU and where the number comes from."""
+    if override_tflops:
+        return override_tflops * 1e12, "train.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12, f"{key} bf16 dense peak"
+    # CPU (or an unknown GPU): the measured throughput of a dense fp32 matmul on this device, so
+    # MFU reads as "fraction of what this machine's GEMM reaches".
+    n = 1024
+    gen = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
+    a = torch.randn(n, n, device=device, generator=gen)
+    b = torch.randn(n, n, device=device, generator=gen)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0), "measured fp32 matmul"

@@ -1,0 +1,197 @@
+"""The one typed schema of a recipe.
+
+Every key a recipe, a fragment or the command line may set is declared here, with its type, its
+allowed range and a one-line description (the README's config reference is generated from these
+descriptions by `python -m launch docs`). Unknown keys, wrong types and out-of-range values are
+rejected by pydantic; cross-field rules live in `Recipe._check_consistency`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    # strict: no silent coercion of "3" into 3 or 1.0 into True; forbid: unknown keys are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+def _f(default, description: str, **kw):
+    return Field(default, description=description, **kw)
+
+
+class RunSection(Section):
+    name: str = _f("default", "run name; the run directory is <run.output_dir>/<run.name>",
+                   pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str = _f("runs", "folder that holds run directories")
+    description: str = _f("", "free text shown in the README table and logged to tracking")
+
+
+class ModelSection(Section):
+    style: Literal["gpt2", "llama"] = _f("gpt2", "gpt2: LayerNorm, GELU, learned positions, tied head; "
+                                         "llama: RMSNorm, SwiGLU, RoPE, grouped-query attention")
+    n_layer: PosInt = _f(4, "transformer blocks")
+    n_head: PosInt = _f(4, "attention heads")
+    n_kv_head: PosInt | None = _f(None, "key/value heads (grouped-query attention); null = n_head")
+    d_model: PosInt = _f(256, "residual stream width")
+    d_ff: PosInt | None = _f(None, "MLP hidden width; null = 4*d_model (gpt2) or the Llama rule")
+    max_seq_len: PosInt = _f(1024, "longest sequence the model accepts (learned positions / RoPE cache)")
+    vocab_size: PosInt | None = _f(None, "embedding rows; null = the tokenizer's vocabulary size")
+    dropout: float = _f(0.0, "dropout probability", ge=0.0, lt=1.0)
+    bias: bool | None = _f(None, "biases in linear layers and norms; null = style default")
+    norm_eps: float = _f(1e-5, "epsilon of LayerNorm/RMSNorm", gt=0.0)
+    rope_theta: float = _f(10000.0, "RoPE base (llama style)", gt=0.0)
+    tie_embeddings: bool | None = _f(None, "tie lm_head to the token embedding; null = style default")
+    init_std: float = _f(0.02, "standard deviation of the GPT-2 style initialisation", gt=0.0)
+    kernels: Literal["auto", "fused", "torch"] = _f(
+        "auto", "auto: fused kernels where they build, else PyTorch with one warning; fused: fail if a "
+        "kernel cannot be built; torch: PyTorch references")
+    init_from: str | None = _f(None, "Hugging Face folder (config.json + safetensors) to start from")
+
+
+class DataSection(Section):
+    path: str = _f("stdlib", "'stdlib' (the Python standard library sources), a local file or folder "
+                   "(.txt/.md/.py/.jsonl/.json/.parquet), or a hub dataset name")
+    text_field: str = _f("text", "column that holds the text in jsonl/parquet/hub data")
+    tokenizer: str | None = _f(None, "tokenizer.json to load; null = train a byte-level BPE on the train split")
+    vocab_size: PosInt = _f(4096, "vocabulary size of the trained BPE tokenizer", ge=260)
+    seq_len: PosInt = _f(256, "tokens per training sequence")
+    val_fraction: float = _f(0.05, "fraction of documents held out for validation", gt=0.0, lt=1.0)
+    max_documents: PosInt | None = _f(None, "use only the first N documents (null = all)")
+    num_proc: PosInt = _f(2, "tokenisation workers")
+    cache_dir: str = _f(".cache/data", "where tokenised corpora are cached (keyed by a hash of the inputs)")
+
+
+class OptimSection(Section):
+    lr: float = _f(1e-3, "peak learning rate", gt=0.0)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of optim.lr", ge=0.0, le=1.0)
+    warmup_steps: NonNegInt = _f(50, "linear warm-up steps")
+    schedule: Literal["cosine", "constant"] = _f("cosine", "decay after warm-up")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to biases, norms and embeddings)", ge=0.0)
+    beta1: float = _f(0.9, "AdamW beta1", ge=0.0, lt=1.0)
+    beta2: float = _f(0.95, "AdamW beta2", ge=0.0, lt=1.0)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)", ge=0.0)
+
+
+class TrainSection(Section):
+    max_steps: PosInt = _f(1000, "optimizer steps")
+    eval_every: PosInt = _f(100, "evaluate on the validation split every N steps (and at the end)")
+    eval_batches: PosInt | None = _f(20, "validation batches per periodic evaluation (null = full split); "
+                                     "the final evaluation always uses the full split")
+    checkpoint_every: PosInt | None = _f(None, "save a checkpoint every N steps (null = only at the end)")
+    keep_checkpoints: PosInt = _f(2, "newest checkpoints kept on disk")
+    resume: str = _f("none", "none | auto (latest checkpoint of this run) | path of a checkpoint folder")
+    seed: NonNegInt = _f(1234, "seed of initialisation, data order and dropout")
+    log_every: PosInt = _f(1, "write a metrics row every N steps")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto: bf16 on GPUs that support it, fp32 on CPU")
+    nan_policy: Literal["skip", "stop"] = _f("skip", "on a non-finite loss: skip the update and count it, or stop")
+    max_nan_steps: PosInt = _f(5, "stop after this many consecutive skipped (non-finite) steps")
+    sample_tokens: NonNegInt = _f(64, "tokens generated for the sample at evaluations and at the end")
+    sample_prompt: str = _f("def ", "prompt of the generated sample")
+    peak_tflops: float | None = _f(None, "device peak for MFU; null = known GPU table, or measured matmul "
+                                   "throughput on CPU", gt=0.0)
+    progress: bool = _f(True, "show progress bars on rank 0")
+
+
+class ParallelSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = _f(0, "ZeRO stage: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters")
+    tp: PosInt = _f(1, "tensor-parallel degree")
+    pp: PosInt = _f(1, "pipeline-parallel degree")
+    micro_batch: PosInt = _f(8, "sequences per micro-batch per data-parallel rank")
+    global_batch: PosInt | None = _f(None, "sequences per optimizer step over all ranks; "
+                                     "null = micro_batch x data-parallel degree (no accumulation)")
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
+    overlap_comm: bool = _f(False, "overlap gradient reduction with the backward pass (ZeRO)")
+    bucket_size: PosInt = _f(50_000_000, "ZeRO reduce/allgather bucket size in elements")
+    offload_optimizer: bool = _f(False, "keep optimizer state in CPU memory (ZeRO 1-3)")
+    offload_params: bool = _f(False, "keep parameters in CPU memory (ZeRO 3 only)")
+    sequence_parallel: bool = _f(False, "split norms and dropout along the sequence across tp ranks")
+    pp_partition: Literal["parameters", "uniform"] = _f("parameters", "how blocks are split into pipeline stages")
+
+
+class LaunchSection(Section):
+    procs_per_node: PosInt = _f(1, "processes per node (one per GPU on GPU nodes)")
+    nodes: PosInt = _f(1, "nodes")
+    hostfile: str | None = _f(None, "DeepSpeed hostfile for several nodes")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "collective backend; auto: nccl on GPU, gloo on CPU")
+    timeout_s: PosInt = _f(300, "seconds a collective may wait before the job is stopped")
+
+
+class TrackingSection(Section):
+    wandb: Literal["offline", "online", "disabled"] = _f("offline", "Weights & Biases mode; offline files go "
+                                                         "under the run directory (wandb sync to upload)")
+    project: str = _f("llm-recipes", "W&B project")
+    entity: str | None = _f(None, "W&B entity (team or user)")
+    group: str | None = _f(None, "W&B group (e.g. a Slurm job)")
+    tags: list[str] = _f([], "W&B tags")
+
+
+class Recipe(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    parallel: ParallelSection = ParallelSection()
+    launch: LaunchSection = LaunchSection()
+    tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Recipe:
+        m, d, p = self.model, self.data, self.parallel
+        if m.d_model % m.n_head:
+            raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
+        if m.n_kv_head is not None and m.n_head % m.n_kv_head:
+            raise ValueError(f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}")
+        if m.style == "llama" and (m.d_model // m.n_head) % 2:
+            raise ValueError(f"model.style=llama needs an even head dimension (d_model/n_head = {m.d_model // m.n_head})")
+        if d.seq_len > m.max_seq_len:
+            raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if m.vocab_size is not None and d.tokenizer is None and m.vocab_size < d.vocab_size:
+            raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
+        if p.offload_params and p.zero_stage != 3:
+            raise ValueError("parallel.offload_params needs parallel.zero_stage=3")
+        if p.offload_optimizer and p.zero_stage == 0:
+            raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        if p.pp > 1 and p.zero_stage >= 2:
+            raise ValueError(f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pp={p.pp} "
+                             "(DeepSpeed's pipeline engine supports ZeRO 0 and 1 only)")
+        if p.pp > m.n_layer:
+            raise ValueError(f"parallel.pp={p.pp} pipeline stages need at least as many layers (model.n_layer={m.n_layer})")
+        if p.tp > 1:
+            if m.n_head % p.tp or (m.n_kv_head or m.n_head) % p.tp:
+                raise ValueError(f"model.n_head={m.n_head} and model.n_kv_head={m.n_kv_head or m.n_head} "
+                                 f"must be divisible by parallel.tp={p.tp}")
+        if self.train.resume not in ("none", "auto") and not self.train.resume.strip():
+            raise ValueError("train.resume must be none, auto or a checkpoint path")
+        return self
+
+    # ---- derived quantities -------------------------------------------------------------------
+    def world_size(self) -> int:
+        return self.launch.procs_per_node * self.launch.nodes
+
+    def dp_degree(self, world_size: int | None = None) -> int:
+        world = world_size or self.world_size()
+        mp = self.parallel.tp * self.parallel.pp
+        if world % mp:
+            raise ValueError(f"world size {world} (launch.nodes x launch.procs_per_node) is not divisible by "
+                             f"parallel.tp={self.parallel.tp} x parallel.pp={self.parallel.pp}")
+        return world // mp
+
+    def grad_accum_steps(self, world_size: int | None = None) -> int:
+        dp = self.dp_degree(world_size)
+        per_step = self.parallel.micro_batch * dp
+        gb = self.parallel.global_batch or per_step
+        if gb % per_step:
+            raise ValueError(f"parallel.global_batch={gb} must be divisible by parallel.micro_batch="
+                             f"{self.parallel.micro_batch} x data-parallel degree {dp}")
+        return gb // per_step
+
+    def global_batch(self, world_size: int | None = None) -> int:
+        return self.parallel.global_batch or self.parallel.micro_batch * self.dp_degree(world_size)
