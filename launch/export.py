@@ -39,7 +39,7 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
     cfg = GPTConfig(**{k: v for k, v in meta["model_config"].items()})
     cfg.kernels = "torch"
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(cfg, init=False)
     state = consolidated_state_dict(folder, meta)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
@@ -48,7 +48,7 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
     if missing or unexpected:
         raise ckpt.CheckpointError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}")
-    model.to_empty_buffers() if hasattr(model, "to_empty_buffers") else None
+    model.reset_buffers("cpu")
     tok_path = run / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
     save_hf(model, out_dir, tokenizer=tokenizer)

@@ -70,16 +70,19 @@ def make_norm(config: GPTConfig, ops) -> nn.Module:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer.
+    """Keys and values of every layer, each allocated once at full length (max_len).
 
     All rows of the batch share one write offset `length`: prompts of different lengths are left
     padded, so the cache stays rectangular and padding is hidden by the attention mask."""
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+                 device=None, dtype=None):
+        self.shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.device, self.dtype = device, dtype
+        # Allocated on first write unless dtype is given, so the cache takes the dtype of the keys
+        # actually computed (e.g. bf16 under autocast with float32 weights).
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
         self.max_len = max_len
         self.length = 0
 
@@ -99,13 +102,17 @@ class LayerKVCache:
 
     def update(self, k, v):
         """Store k, v [B, Hkv, T, D] after the cached positions; return all keys/values so far."""
-        c, start = self.cache, self.cache.length
+        c, start, i = self.cache, self.cache.length, self.index
         end = start + k.shape[2]
         if end > c.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > cache size {c.max_len}")
-        c.k[self.index][:, :, start:end] = k
-        c.v[self.index][:, :, start:end] = v
-        return c.k[self.index][:, :, :end], c.v[self.index][:, :, :end]
+        if c.k[i] is None:
+            dtype, device = c.dtype or k.dtype, c.device or k.device
+            c.k[i] = torch.zeros(c.shape, dtype=dtype, device=device)
+            c.v[i] = torch.zeros(c.shape, dtype=dtype, device=device)
+        c.k[i][:, :, start:end] = k
+        c.v[i][:, :, start:end] = v
+        return c.k[i][:, :, :end], c.v[i][:, :, :end]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,26 +373,30 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return x
 
-    def forward(self, input_ids, positions=None, attention_mask=None, kv_cache: KVCache | None = None):
-        """input_ids [B, T] -> float logits [B, T, V].
+    def forward(self, input_ids, targets=None, positions=None, attention_mask=None,
+                kv_cache: KVCache | None = None, ignore_index: int = -100):
+        """input_ids [B, T] -> float logits [B, T, V]; with `targets`, the mean loss instead (so a
+        wrapper such as a DeepSpeed engine can run the loss inside its forward).
 
         positions [T] or [B, T] (default: after the cached ones); attention_mask [B, past + T] with
         0 at padding; kv_cache: a `KVCache` to read and extend (see `new_kv_cache`)."""
-        return self.head(self.hidden_states(input_ids, positions, attention_mask, kv_cache)).float()
+        logits = self.head(self.hidden_states(input_ids, positions, attention_mask, kv_cache))
+        if targets is not None:
+            # Logits stay in the model dtype: the op upcasts, which lets a fused kernel avoid
+            # materialising float32 logits.
+            return self.ops.cross_entropy(logits, targets, ignore_index=ignore_index)
+        return logits.float()
 
     def loss(self, input_ids, targets, ignore_index: int = -100):
-        """Mean cross-entropy over targets != ignore_index (logits stay in model dtype: the op
-        upcasts, which lets a fused kernel avoid materialising float32 logits)."""
-        logits = self.head(self.hidden_states(input_ids))
-        return self.ops.cross_entropy(logits, targets, ignore_index=ignore_index)
+        """Mean cross-entropy over targets != ignore_index."""
+        return self(input_ids, targets, ignore_index=ignore_index)
 
     # ---- generation ----------------------------------------------------------------------------
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config
-        p = self.tok_emb.weight
         return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len or c.max_seq_len, c.head_dim,
-                       device=p.device, dtype=p.dtype)
+                       device=self.tok_emb.weight.device)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -436,7 +447,7 @@ class GPT(nn.Module):
         self.eval()
         try:
             cache = self.new_kv_cache(B, total)
-            logits = self(input_ids, positions[:, :T], mask[:, :T], cache)[:, -1]
+            logits = self(input_ids, positions=positions[:, :T], attention_mask=mask[:, :T], kv_cache=cache)[:, -1]
             finished = torch.zeros(B, dtype=torch.bool, device=device)
             out = [input_ids]
             for step in range(max_new_tokens):
@@ -448,7 +459,8 @@ class GPT(nn.Module):
                 if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                     break
                 cur = T + step
-                logits = self(nxt[:, None], positions[:, cur:cur + 1], mask[:, :cur + 1], cache)[:, -1]
+                logits = self(nxt[:, None], positions=positions[:, cur:cur + 1],
+                              attention_mask=mask[:, :cur + 1], kv_cache=cache)[:, -1]
         finally:
             self.train(was_training)
         tokens = torch.cat(out, dim=1)

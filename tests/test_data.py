@@ -113,7 +113,9 @@ def test_jsonl_json_parquet(tmp_path):
     write_jsonl(root / "a.jsonl", n_rows=30, seed=1)
     rng = random.Random(2)
     (root / "b.json").write_text(json.dumps([{"text": make_text(rng, 60), "other": 1} for _ in range(10)]))
-    pq.write_table(pa.table({"text": [make_text(rng, 60) for _ in range(20)] + ["", None]}), root / "c.parquet")
+    pq.write_table(
+        pa.table({"text": [make_text(rng, 60) for _ in range(20)] + ["", None]}), root / "c.parquet"
+    )
     d = prep(spec(root), tmp_path / "cache")
     m = d.manifest
     assert m["num_train_documents"] + m["num_val_documents"] == 60
@@ -206,7 +208,14 @@ def test_split_stable_when_adding_documents():
 
 def test_tokenizer_roundtrip(text_data):
     tok = text_data.tokenizer
-    for s in ["hello world", "  def f(x):\n\treturn x  \r\n", "日本語 🎉 naïve", "", " leading", "a\u00a0b\x00c"]:
+    for s in [
+        "hello world",
+        "  def f(x):\n\treturn x  \r\n",
+        "日本語 🎉 naïve",
+        "",
+        " leading",
+        "a\u00a0b\x00c",
+    ]:
         assert tok.decode(tok.encode(s).ids) == s
     assert decode(text_data, text_data.val_tokens) == text_data.val_text()
     # the val stream is exactly the tokenisation of val_text()
@@ -215,7 +224,10 @@ def test_tokenizer_roundtrip(text_data):
 
 def test_eos_separators(text_data):
     d = text_data
-    for toks, ndocs in ((d.train_tokens, d.manifest["num_train_documents"]), (d.val_tokens, d.manifest["num_val_documents"])):
+    for toks, ndocs in (
+        (d.train_tokens, d.manifest["num_train_documents"]),
+        (d.val_tokens, d.manifest["num_val_documents"]),
+    ):
         assert int(toks[-1]) == d.eos_id
         assert int((np.asarray(toks) == d.eos_id).sum()) == ndocs
     assert d.eos_id == 0  # first special token of a trained BPE
@@ -249,7 +261,10 @@ def test_given_tokenizer(text_corpus, text_data, tmp_path):
     # changing the tokenizer file's content changes the key
     bare.add_tokens(["zzz"])
     bare.save(str(tmp_path / "bare.json"))
-    assert prep(spec(text_corpus, tokenizer=str(tmp_path / "bare.json")), tmp_path / "cache").cache_key != d2.cache_key
+    assert (
+        prep(spec(text_corpus, tokenizer=str(tmp_path / "bare.json")), tmp_path / "cache").cache_key
+        != d2.cache_key
+    )
 
 
 def test_token_dtype():
@@ -294,6 +309,23 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     # adding a file invalidates too
     (root / "new.txt").write_text("a brand new document " * 20)
     assert prep(spec(root), cache).cache_key != d4.cache_key
+
+
+def test_jsonl_rewrite_same_size_invalidates(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    rows = [make_text(random.Random(i), 30) for i in range(12)]
+    f.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    d1 = prep(spec(f, seq_len=4), tmp_path / "cache")
+    text1 = d1.val_text()
+    st = f.stat()
+    f.write_text("".join(json.dumps({"text": r[::-1]}) + "\n" for r in rows))  # same size, new content
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert f.stat().st_size == st.st_size
+    d2 = prep(spec(f, seq_len=4), tmp_path / "cache")
+    assert not d2.from_cache and d2.cache_key != d1.cache_key
+    docs1 = text1.split(EOS_TOKEN)[:-1]
+    docs2 = d2.val_text().split(EOS_TOKEN)[:-1]
+    assert docs2 == [x[::-1] for x in docs1]  # fresh rows (not the HF cache's), same split by identity
 
 
 def test_interrupted_write_is_not_complete(tmp_path, monkeypatch):
@@ -401,11 +433,12 @@ def test_error_too_little_data(tmp_path):
     with pytest.raises(DataError, match=r"train split.*has \d+ tokens.*seq_len\+1 = 100001"):
         prep(spec(root, seq_len=100_000), tmp_path / "cache")
     d = prep(spec(root, seq_len=4), tmp_path / "cache")  # the cache entry was kept
-    assert d.from_cache and d.val_num_tokens < d.train_num_tokens
-    n_val = d.val_num_tokens
-    with pytest.raises(DataError, match=rf"val split.*has {n_val} tokens.*seq_len\+1 = {n_val + 1}"):
-        prep(spec(root, seq_len=n_val), tmp_path / "cache")
-    assert prep(spec(root, seq_len=n_val - 1), tmp_path / "cache").num_val_sequences == 1
+    assert d.from_cache and d.val_num_tokens != d.train_num_tokens
+    n, split = min((d.train_num_tokens, "train"), (d.val_num_tokens, "val"))
+    with pytest.raises(DataError, match=rf"{split} split.*has {n} tokens.*seq_len\+1 = {n + 1}"):
+        prep(spec(root, seq_len=n), tmp_path / "cache")
+    d = prep(spec(root, seq_len=n - 1), tmp_path / "cache")
+    assert min(d.num_train_sequences, d.num_val_sequences) == 1
     with pytest.raises(DataError, match="train"):
         TokenBlocks(np.zeros(10, dtype=np.uint16), 10, name="train")
 

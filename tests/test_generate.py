@@ -115,3 +115,10 @@ def test_generate_restores_training_mode_and_rejects_right_padding():
     assert m.training
     with pytest.raises(ValueError, match="left padding"):
         m.generate(torch.tensor([[1, 2, 0]]), 2, attention_mask=torch.tensor([[1, 1, 0]]))
+
+
+def test_generate_under_autocast_bf16():
+    m = build("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(PROMPTS, max_new_tokens=4, temperature=0)
+    assert [len(o) for o in out] == [len(p) + 4 for p in PROMPTS]

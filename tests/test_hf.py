@@ -217,3 +217,17 @@ def test_hf_key_mapping_is_complete():
         if cfg.tie_embeddings:
             hf_keys.discard("lm_head.weight")
         assert set(back) == hf_keys, style
+
+
+def test_original_gpt2_checkpoint_names(tmp_path):
+    """The original `gpt2` files have no `transformer.` prefix and store the causal-mask buffers."""
+    from safetensors.torch import save_file
+
+    ref = randomize(hf_gpt2())
+    ref.config.save_pretrained(tmp_path)
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path)(x), ref(x).logits, rtol=0, atol=ATOL)

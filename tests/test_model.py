@@ -71,6 +71,7 @@ def test_loss_matches_cross_entropy(style):
     t2[1, 4] = 7
     ref2 = F.cross_entropy(m(x).reshape(-1, V), t2.reshape(-1), ignore_index=7)
     torch.testing.assert_close(m.loss(x, t2, ignore_index=7), ref2)
+    torch.testing.assert_close(m(x, targets=t), ref)  # forward(targets=...) is the loss too
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -137,8 +138,9 @@ def test_num_params_and_flops(style):
     assert m.num_params() == total
     emb = V * 64 + (32 * 64 if style == "gpt2" else 0)
     assert m.num_params(exclude_embeddings=True) == total - emb
-    # Matmul weights: every block Linear plus the head.
-    n_mm = sum(p.numel() for n, p in m.named_parameters() if n.startswith("blocks.")) + V * 64
+    # N: non-embedding parameters (norms and biases included, they are negligible) plus the head,
+    # which costs matmul FLOPs even when it is the tied embedding.
+    n_mm = total - emb + (V * 64 if c.tie_embeddings else 0)
     assert m.flops_per_token(32) == 6 * n_mm + 12 * c.n_layer * c.d_model * 32
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import faults
 from .distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -129,6 +130,7 @@ def save(engine, root: Path, step: int, loop_state: dict, meta: dict, rank: int,
     torch.save(loop_state, tmp)
     os.replace(tmp, own)
     barrier()
+    faults.maybe_kill(faults.KILL_IN_SAVE, step)
     if rank == 0:
         (partial / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         atomic_write_text(partial / "manifest.json", json.dumps(_manifest(partial), indent=1))

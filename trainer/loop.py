@@ -7,10 +7,10 @@ data parallelism) -> resume -> train/evaluate/checkpoint -> final evaluation and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import faults
 from .data import DataSpec, ShardedSampler, TokenBlocks, prepare_data
 from .distributed import DistInfo, all_true, barrier
 from .ds_config import deepspeed_config, lr_lambda, resolve_precision
@@ -29,10 +30,6 @@ from .evaluation import bits_per_byte, evaluate, gzip_bits_per_byte, peak_flops,
 from .recipe import recipe_to_dict
 from .schema import Recipe
 from .tracking import NullTracker, Tracker
-
-# Fault injection for the test suite: comma-separated optimizer steps (1-based) whose loss is
-# replaced by NaN, to exercise train.nan_policy without a diverging model.
-FAULT_NAN_ENV = "RECIPES_FAULT_NAN_STEPS"
 
 
 class TrainingStopped(Exception):
@@ -113,12 +110,14 @@ class StepSkipper:
         opt = engine.optimizer
         while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
             opt = opt.optimizer
-        if hasattr(opt, "optimizer") and isinstance(getattr(opt, "optimizer"), torch.optim.Optimizer):
+        if hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
             opt = opt.optimizer
         self.base = opt
         self.skip_next = False
         original = opt.step
 
+        # functools.wraps keeps the marker torch's LR scheduler put on step(), so it does not warn.
+        @functools.wraps(original)
         def step(*args, **kwargs):
             if self.skip_next:
                 self.skip_next = False
@@ -231,7 +230,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
               f"train tokens: {len(data.train_tokens):,}  val tokens: {len(data.val_tokens):,}"
               + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
 
-    nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
+    nan_steps = faults.nan_steps()
     signal_state: dict = {}
     _install_signal_handlers(signal_state)
 
@@ -270,6 +269,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     try:
         while step < recipe.train.max_steps:
             t0 = time.perf_counter()
+            lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves on in step())
             loss_sum = torch.zeros((), dtype=torch.float64)
             finite = True
             for micro in range(gas):
@@ -294,7 +294,6 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
             ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
-            lr = engine.get_lr()[0]
             if finite:
                 consecutive_nan = 0
                 last_loss = float(step_loss)
@@ -330,6 +329,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
                     tracker.plot()
             if recipe.train.checkpoint_every and step % recipe.train.checkpoint_every == 0 and not done:
                 save(step)
+            faults.maybe_kill(faults.KILL_AFTER_STEP, step)
             if not all_true("signal" not in signal_state):
                 stop_reason = signal_state.get("signal", signal.SIGTERM)
                 break

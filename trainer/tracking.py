@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -60,7 +61,8 @@ class Tracker(NullTracker):
             warnings.warn("wandb is not installed: tracking to metrics.jsonl only", stacklevel=2)
             return None
         run_id_file = self.run_dir / "wandb_run_id"
-        run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+        # Keep one W&B run across resumes of the same run directory.
+        run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
         run_id_file.write_text(run_id)
         return wandb.init(project=project, entity=entity, group=group, tags=tags, name=self.run_dir.name,
                           id=run_id, resume="allow", dir=str(self.run_dir), mode=mode, config=config,

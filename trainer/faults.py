@@ -1,0 +1,31 @@
+"""Fault injection used by the test suite to exercise failure paths deterministically.
+
+Set through environment variables so the production code path is the one under test:
+    RECIPES_FAULT_NAN_STEPS=3,4        the loss of these optimizer steps (1-based) becomes NaN
+    RECIPES_FAULT_KILL_AFTER_STEP=8    SIGKILL this process once step 8 (and its checkpoint) is done
+    RECIPES_FAULT_KILL_IN_SAVE=8       SIGKILL this process in the middle of saving step 8's checkpoint
+Unset (the default), none of these does anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _steps(name: str) -> set[int]:
+    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
+
+
+NAN_STEPS = "RECIPES_FAULT_NAN_STEPS"
+KILL_AFTER_STEP = "RECIPES_FAULT_KILL_AFTER_STEP"
+KILL_IN_SAVE = "RECIPES_FAULT_KILL_IN_SAVE"
+
+
+def nan_steps() -> set[int]:
+    return _steps(NAN_STEPS)
+
+
+def maybe_kill(name: str, step: int) -> None:
+    if step in _steps(name):
+        os.kill(os.getpid(), signal.SIGKILL)
