@@ -11,7 +11,7 @@ RUN         ?=
 OUT         ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test validate export recipes bench bench-train bench-parallel kernels lint gpu-check clean
+.PHONY: train test validate export recipes bench bench-train bench-parallel kernels lint gpu-check clean slurm
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -49,3 +49,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build .cache .pytest_cache
+
+# make slurm RECIPE=<name> [NODES=n GPUS_PER_NODE=g PARTITION=p TIME=hh:mm:ss ACCOUNT=a ARGS="..." DRY_RUN=1]
+slurm: $(STAMP)
+	$(PY) -m launch slurm $(RECIPE) $(ARGS) \
+	  $(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
+	  $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME),--time $(TIME)) \
+	  $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(DRY_RUN),--dry-run)

@@ -3,6 +3,7 @@
     train RECIPE [key=value ...]     train a recipe (one process here; several via the deepspeed launcher)
     validate RECIPE [key=value ...]  resolve and validate a recipe, print it as YAML, write nothing
     export RUN_DIR OUT_DIR           write a run's latest checkpoint as a Hugging Face folder
+    slurm RECIPE [key=value ...]     render launch/sbatch template for a recipe and submit it (sbatch)
     recipes                          list the recipes in recipes/
 
 Every usage error (bad recipe, bad key, bad data, unusable checkpoint) is one line on stderr
@@ -47,20 +48,38 @@ def cmd_train(args) -> int:
     from trainer.recipe import check_layout, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_layout(recipe)
+    launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if launched else recipe.world_size()
+    check_layout(recipe, world)
+    if world > 1 and not launched:
+        from launch.multiproc import run_deepspeed
+
+        return run_deepspeed(recipe, args.recipe, args.overrides)
+
+    from launch.multiproc import register_exit_record, setup_rank_process
     from trainer.distributed import destroy, init_distributed
     from trainer.loop import TrainingStopped, train
 
+    exit_box = None
+    if launched:
+        setup_rank_process(recipe)
+        exit_box = register_exit_record(recipe)
     dist = init_distributed(recipe.launch.backend, recipe.launch.timeout_s)
+    code = 0
     try:
         train(recipe, dist, args.overrides)
     except TrainingStopped as stop:
         if dist.is_main:
             print(f"stopped: {stop}", file=sys.stderr, flush=True)
-        return stop.exit_code
+        code = stop.exit_code
+    except _usage_errors():
+        code = EXIT_USAGE
+        raise
     finally:
+        if exit_box is not None:
+            exit_box["code"] = code if sys.exc_info()[0] is None or code == EXIT_USAGE else 1
         destroy()
-    return 0
+    return code
 
 
 def cmd_export(args) -> int:
@@ -69,6 +88,12 @@ def cmd_export(args) -> int:
     out = export_run(args.run_dir, args.out_dir, args.checkpoint)
     print(f"exported {out['checkpoint']} to {out['out_dir']} ({out['params'] / 1e6:.2f}M parameters)")
     return 0
+
+
+def cmd_slurm(args) -> int:
+    from launch.slurm import submit
+
+    return submit(args)
 
 
 def cmd_recipes(args) -> int:
@@ -95,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's latest)")
     s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("slurm", help="render the sbatch script of a recipe and submit it")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--nodes", type=int, default=None)
+    s.add_argument("--gpus-per-node", type=int, default=None)
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="hh:mm:ss")
+    s.add_argument("--account", default=None)
+    s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    s.set_defaults(fn=cmd_slurm)
     s = sub.add_parser("recipes", help="list recipes")
     s.set_defaults(fn=cmd_recipes)
     return p

@@ -4,6 +4,7 @@ Set through environment variables so the production code path is the one under t
     RECIPES_FAULT_NAN_STEPS=3,4        the loss of these optimizer steps (1-based) becomes NaN
     RECIPES_FAULT_KILL_AFTER_STEP=8    SIGKILL this process once step 8 (and its checkpoint) is done
     RECIPES_FAULT_KILL_IN_SAVE=8       SIGKILL this process in the middle of saving step 8's checkpoint
+    RECIPES_FAULT_RANK=1               apply the two kills above on this rank only (default: every rank)
 Unset (the default), none of these does anything.
 """
 
@@ -27,5 +28,8 @@ def nan_steps() -> set[int]:
 
 
 def maybe_kill(name: str, step: int) -> None:
+    only = os.environ.get("RECIPES_FAULT_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
+        return
     if step in _steps(name):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -135,8 +135,9 @@ def _install_signal_handlers(state: dict) -> None:
     def handler(signum, frame):
         state["signal"] = signum
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    # SIGUSR1: the warning Slurm sends before a time limit or preemption (see launch/slurm).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
 
 
 def _resolve_resume(recipe: Recipe, paths: RunPaths) -> Path | None:

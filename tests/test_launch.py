@@ -1,0 +1,45 @@
+"""The multi-process launch path: the deepspeed launcher, per-rank logs, a dying rank."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from launch.multiproc import deepspeed_command
+from tests.trainutil import run_train
+
+
+def test_deepspeed_command_single_node_and_per_node():
+    cmd = deepspeed_command("gpt-tiny", ["train.max_steps=3"], procs_per_node=4, master_port=29512)
+    assert cmd[0].endswith("deepspeed") and "--module" in cmd and "--no_local_rank" in cmd
+    assert cmd[cmd.index("--num_gpus") + 1] == "4"
+    assert cmd[-4:] == ["launch", "train", "gpt-tiny", "train.max_steps=3"]
+    per_node = deepspeed_command("r", [], procs_per_node=2, nodes=3, master_addr="10.0.0.1", node_rank=2)
+    assert "--no_ssh" in per_node and per_node[per_node.index("--node_rank") + 1] == "2"
+    assert per_node[per_node.index("--num_nodes") + 1] == "3"
+    assert per_node[per_node.index("--master_addr") + 1] == "10.0.0.1"
+
+
+@pytest.mark.dist
+def test_rank_logs_and_console(tmp_path):
+    out = run_train(tmp_path, "two", "train.max_steps=3", "launch.procs_per_node=2", "parallel.zero_stage=1",
+                    "parallel.micro_batch=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    logs = tmp_path / "runs" / "two" / "logs"
+    assert (logs / "rank1.log").exists() and not (logs / "rank0.log").exists()
+    assert out.stdout.count("run directory:") == 1  # only rank 0 prints the summary
+    assert (logs / "rank0.exit").read_text().split()[0] == "0"
+    assert (logs / "rank1.exit").read_text().split()[0] == "0"
+
+
+@pytest.mark.dist
+def test_a_dying_rank_stops_the_job_and_is_named(tmp_path):
+    t0 = time.time()
+    out = run_train(tmp_path, "dies", "train.max_steps=200", "launch.procs_per_node=2", "parallel.zero_stage=1",
+                    "parallel.micro_batch=4", "launch.timeout_s=60", timeout=240,
+                    RECIPES_FAULT_KILL_AFTER_STEP="3", RECIPES_FAULT_RANK="1")
+    elapsed = time.time() - t0
+    assert out.returncode != 0
+    assert "rank 1 died" in out.stderr, out.stderr[-2000:]
+    assert elapsed < 120, f"the surviving rank took {elapsed:.0f}s to stop"
