@@ -56,3 +56,8 @@ slurm: $(STAMP)
 	  $(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
 	  $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME),--time $(TIME)) \
 	  $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(DRY_RUN),--dry-run)
+
+# Regenerate the README's config reference from trainer/schema.py.
+docs: $(STAMP)
+	$(PY) -c "import re,sys; from launch.cli import config_reference as c; p='README.md'; s=open(p).read(); \
+	open(p,'w').write(re.sub(r'<!-- config-reference:start -->.*<!-- config-reference:end -->', lambda m: '<!-- config-reference:start -->\n'+c()+'<!-- config-reference:end -->', s, flags=re.S))"

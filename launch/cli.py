@@ -5,6 +5,7 @@
     export RUN_DIR OUT_DIR           write a run's latest checkpoint as a Hugging Face folder
     slurm RECIPE [key=value ...]     render launch/sbatch template for a recipe and submit it (sbatch)
     recipes                          list the recipes in recipes/
+    docs                             print the config reference as a markdown table
 
 Every usage error (bad recipe, bad key, bad data, unusable checkpoint) is one line on stderr
 and exit status 2; no traceback.
@@ -96,13 +97,30 @@ def cmd_slurm(args) -> int:
     return submit(args)
 
 
+def config_reference() -> str:
+    """Markdown table of every recipe key (the README's config reference is this text)."""
+    from trainer.schema import Recipe
+
+    lines = ["| key | default | description |", "|---|---|---|"]
+    for section, field in Recipe.model_fields.items():
+        for key, f in field.annotation.model_fields.items():
+            default = f.default if not callable(f.default_factory) else f.default_factory()
+            desc = (f.description or "").replace("|", "\\|")
+            lines.append(f"| `{section}.{key}` | `{default}` | {desc} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_docs(args) -> int:
+    print(config_reference(), end="")
+    return 0
+
+
 def cmd_recipes(args) -> int:
-    from trainer.recipe import RECIPES_DIR, available_recipes, load_recipe
+    from trainer.recipe import available_recipes, load_recipe
 
     for name in available_recipes():
         r = load_recipe(name)
-        print(f"{name:28s} {r.run.description}")
-    del RECIPES_DIR
+        print(f"{name:28s} {r.world_size()} proc  {r.run.description}")
     return 0
 
 
@@ -130,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--account", default=None)
     s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     s.set_defaults(fn=cmd_slurm)
+    s = sub.add_parser("docs", help="print the config reference (markdown)")
+    s.set_defaults(fn=cmd_docs)
     s = sub.add_parser("recipes", help="list recipes")
     s.set_defaults(fn=cmd_recipes)
     return p

@@ -179,3 +179,12 @@ def test_scan_catches_an_undeclared_key():
 def test_recipes_dir_has_only_yaml():
     assert all(p.suffix == ".yaml" for p in RECIPES_DIR.iterdir())
     assert Path(REPO_ROOT / "recipes" / "gpt-tiny.yaml").exists()
+
+
+def test_readme_config_reference_is_current():
+    from launch.cli import config_reference
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = readme.index("<!-- config-reference:end -->")
+    assert readme[start:end] == config_reference(), "README config reference is stale: run `make docs`"

@@ -261,6 +261,10 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
         bar = tqdm(total=recipe.train.max_steps, initial=start_step, desc="train", unit="step",
                    dynamic_ncols=True)
 
+    # With ZeRO-0 in fp32 the gradients live on the parameters until step(); otherwise DeepSpeed
+    # reports the global norm itself.
+    plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32"
+    grad_norm = None
     consecutive_nan = skipped_total = 0
     last_loss = float("nan")
     ema_tps = None
@@ -284,6 +288,10 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
                 if micro == gas - 1:
                     finite = all_true(finite)
                     skipper.skip_next = not finite
+                    if plain_grads and finite and (step + 1) % recipe.train.log_every == 0:
+                        # ZeRO-0 in fp32 does not keep the norm it clips with; measure it here.
+                        grad_norm = torch.nn.utils.get_total_norm(
+                            [p.grad for p in module.parameters() if p.grad is not None]).item()
                 engine.step()
                 loss_sum += loss.detach().double().cpu()
             step += 1
@@ -305,7 +313,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
                     msg = f"step {step}: non-finite loss, update skipped ({consecutive_nan} in a row)"
                     (bar.write if bar else print)(msg)
             if step % recipe.train.log_every == 0 or step == recipe.train.max_steps or not finite:
-                gn = engine.get_global_grad_norm()
+                gn = grad_norm if plain_grads else engine.get_global_grad_norm()
                 tracker.log({"step": step, "loss": float(step_loss) if finite else None, "lr": lr,
                              "grad_norm": float(gn) if gn is not None and finite else None,
                              "tokens_per_s": tps, "mfu": flops_per_token * tps / peak,
