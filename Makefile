@@ -61,3 +61,7 @@ slurm: $(STAMP)
 docs: $(STAMP)
 	$(PY) -c "import re,sys; from launch.cli import config_reference as c; p='README.md'; s=open(p).read(); \
 	open(p,'w').write(re.sub(r'<!-- config-reference:start -->.*<!-- config-reference:end -->', lambda m: '<!-- config-reference:start -->\n'+c()+'<!-- config-reference:end -->', s, flags=re.S))"
+
+# Per-rank memory of ZeRO 0-3 on 2 and 4 processes against the ZeRO paper's formulas.
+bench-parallel: $(STAMP)
+	$(PY) bench/bench_parallel.py $(ARGS)
