@@ -11,15 +11,41 @@ from trainer.loop import UsageError
 
 
 def consolidated_state_dict(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model weights of a checkpoint, whatever layout wrote it."""
+    """Full (unsharded) float32 model weights of a checkpoint, whatever layout wrote it:
+    ZeRO-3 partitions are gathered with DeepSpeed's zero_to_fp32, pipeline layer files are mapped
+    back to GPT names, and tensor-parallel shards are merged."""
+    from model import GPTConfig
+
+    cfg = GPTConfig(**meta["model_config"])
+    tp, pp = meta.get("tp", 1), meta.get("pp", 1)
     if meta.get("zero_stage", 0) == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    states = sorted(folder.glob("mp_rank_*_model_states.pt"))
-    if not states:
-        raise ckpt.CheckpointError(f"checkpoint {folder} holds no model states (mp_rank_*_model_states.pt)")
-    sd = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    shards = []
+    for t in range(tp):
+        if pp > 1:
+            from model.pipeline import pipeline_to_gpt_state_dict
+
+            # DeepSpeed names layer files layer_XX-model_YY-model_states.pt (YY: the tp rank) when
+            # the topology has a model axis, as ours always does.
+            files = sorted(folder.glob(f"layer_*-model_{t:02d}-model_states.pt"))
+            if not files:
+                raise ckpt.CheckpointError(f"checkpoint {folder} holds no pipeline layer files for tp rank {t}")
+            layers = {int(f.name.split("-")[0][len("layer_"):]): torch.load(f, map_location="cpu", weights_only=True)
+                      for f in files}
+            shards.append(pipeline_to_gpt_state_dict(layers, cfg))
+        else:
+            f = folder / f"mp_rank_{t:02d}_model_states.pt"
+            if not f.exists():
+                raise ckpt.CheckpointError(f"checkpoint {folder} holds no model states ({f.name})")
+            shards.append(torch.load(f, map_location="cpu", weights_only=False)["module"])
+    if tp > 1:
+        from model.tensor_parallel import merge_state_dicts
+
+        sd = merge_state_dicts(shards, cfg)
+    else:
+        sd = shards[0]
     return {k: v.float() for k, v in sd.items()}
 
 

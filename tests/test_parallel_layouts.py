@@ -25,6 +25,9 @@ LAYOUTS = {
     "zero3": (["parallel.zero_stage=3", "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-4),
     "zero3-offload": (["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_params=true",
                        "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-4),
+    "pp2": (["parallel.pp=2", "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-3),
+    "pp2-dp2-zero1": (["parallel.pp=2", "parallel.zero_stage=1", "launch.procs_per_node=4",
+                       "parallel.micro_batch=2"], 1e-3),
     "zero1-accum": (["parallel.zero_stage=1", "launch.procs_per_node=2", "parallel.micro_batch=2",
                      "parallel.global_batch=8"], 1e-4),
 }

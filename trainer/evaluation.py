@@ -16,7 +16,7 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 @torch.no_grad()
 def evaluate(module, blocks: TokenBlocks, batch_size: int, max_batches: int | None, dp_rank: int,
-             dp_world: int, device) -> tuple[float, int]:
+             dp_world: int, device, group=None) -> tuple[float, int]:
     """Mean next-token loss (nats) over the validation blocks, sharded over data-parallel ranks
     and summed with all_reduce. Every rank runs the same number of forward passes (ZeRO-3 needs
     that); a rank with no batch left evaluates its last one again with weight 0."""
@@ -34,10 +34,32 @@ def evaluate(module, blocks: TokenBlocks, batch_size: int, max_batches: int | No
         total += torch.tensor([loss.item() * n * weight, n * weight], dtype=torch.float64)
     if torch.distributed.is_initialized() and dp_world > 1:
         t = total.to(device)
-        torch.distributed.all_reduce(t)
+        torch.distributed.all_reduce(t, group=group)
         total = t.cpu()
     module.train(was_training)
     return float(total[0] / total[1]), int(total[1])
+
+
+@torch.no_grad()
+def evaluate_pipeline(engine, blocks: TokenBlocks, batch_size: int, max_batches: int | None, layout) -> tuple[float, int]:
+    """The same quantity through DeepSpeed's pipeline engine: each data-parallel pipeline takes
+    its share of the batches; sums are reduced over the data-parallel group."""
+    from model.pipeline import pipeline_eval
+
+    batches = list(iterate_eval(blocks, batch_size, max_batches))
+    mine = batches[layout.dp_rank::layout.dp]
+    if mine:
+        loss_sum, n = pipeline_eval(engine, mine)
+    else:  # eval_batch is collective over the world: take part, count nothing
+        pipeline_eval(engine, batches[:1])
+        loss_sum, n = 0.0, 0
+    t = torch.tensor([loss_sum, n], dtype=torch.float64)
+    if layout.dp > 1:
+        dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        t = t.to(dev)
+        torch.distributed.all_reduce(t, group=layout.dp_group())
+        t = t.cpu()
+    return float(t[0] / t[1]), int(t[1])
 
 
 def bits_per_byte(loss_nats: float, val_num_tokens: int, val_bytes: int) -> float:

@@ -26,7 +26,15 @@ from . import faults
 from .data import DataSpec, ShardedSampler, TokenBlocks, prepare_data
 from .distributed import DistInfo, all_true, barrier
 from .ds_config import deepspeed_config, lr_lambda, resolve_precision
-from .evaluation import bits_per_byte, evaluate, gzip_bits_per_byte, peak_flops, sample_text
+from .evaluation import (
+    bits_per_byte,
+    evaluate,
+    evaluate_pipeline,
+    gzip_bits_per_byte,
+    peak_flops,
+    sample_text,
+)
+from .parallel import build_parallel_model, gather_full_state_dict, make_layout
 from .recipe import recipe_to_dict
 from .schema import Recipe
 from .tracking import NullTracker, Tracker
@@ -104,23 +112,35 @@ class StepSkipper:
 
     DeepSpeed wraps the torch optimizer (ZeRO, bf16); every wrapper ends in the base optimizer's
     step(), so skipping there leaves weights and Adam moments untouched while DeepSpeed's own
-    bookkeeping (gradient reset, micro-step counters) proceeds as usual."""
+    bookkeeping (gradient reset, micro-step counters) proceeds as usual.
 
-    def __init__(self, engine):
+    With `check_grads` (the pipeline engine, which steps before the loop sees the loss) the
+    decision is made inside step(): skip when any rank holds a non-finite gradient.
+    `poison_next` is the test suite's fault injection for that path (gradients set to NaN)."""
+
+    def __init__(self, engine, check_grads: bool = False):
         opt = engine.optimizer
         while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
             opt = opt.optimizer
-        if hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
-            opt = opt.optimizer
         self.base = opt
         self.skip_next = False
+        self.poison_next = False
+        self.last_skipped = False
         original = opt.step
 
         # functools.wraps keeps the marker torch's LR scheduler put on step(), so it does not warn.
         @functools.wraps(original)
         def step(*args, **kwargs):
-            if self.skip_next:
-                self.skip_next = False
+            skip = self.skip_next
+            if check_grads:
+                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                if self.poison_next and grads:
+                    grads[0].fill_(float("nan"))
+                local_ok = all(bool(torch.isfinite(g).all()) for g in grads)
+                skip = skip or not all_true(local_ok)
+            self.skip_next = self.poison_next = False
+            self.last_skipped = skip
+            if skip:
                 return None
             return original(*args, **kwargs)
 
@@ -161,8 +181,8 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     resume_from = _resolve_resume(recipe, paths)
     resume_meta = ckpt.verify(resume_from) if resume_from is not None else None
 
-    dp_world = recipe.dp_degree(dist.world_size)
-    dp_rank = dist.rank // (recipe.parallel.tp * recipe.parallel.pp)
+    layout = make_layout(recipe, dist.rank, dist.world_size)
+    dp_world, dp_rank = layout.dp, layout.dp_rank
     gas = recipe.grad_accum_steps(dist.world_size)
     seq_len = recipe.data.seq_len
 
@@ -193,8 +213,14 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
 
     # ---- model and engine ----------------------------------------------------------------------
     _seed_all(recipe.train.seed)
-    model = build_model(recipe, data.vocab_size)
-    model.to(dist.device)
+    full_model = build_model(recipe, data.vocab_size)
+    model_config = full_model.config
+    n_params = full_model.num_params()
+    flops_per_token = full_model.flops_per_token(seq_len)
+    model = build_parallel_model(recipe, layout, full_model)
+    del full_model
+    if not layout.is_pipeline:
+        model.to(dist.device)  # DeepSpeed's pipeline engine places its own stage
     ds_cfg = deepspeed_config(recipe, dist.world_size, dist.device.type)
     if is_main:
         ckpt.atomic_write_text(paths.run_dir / "ds_config.json", json.dumps(ds_cfg, indent=1))
@@ -202,9 +228,12 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, recipe.optim.weight_decay), config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        mpu=layout.grid if layout.tp > 1 and not layout.is_pipeline else None,
     )
     module = engine.module
-    skipper = StepSkipper(engine)
+    # The pipeline engine steps inside train_batch, before the loop sees the loss: there the
+    # skipper checks the gradients themselves.
+    skipper = StepSkipper(engine, check_grads=layout.is_pipeline)
     sampler = ShardedSampler(len(train_blocks), recipe.parallel.micro_batch, dp_rank, dp_world, recipe.train.seed)
 
     start_step = 0
@@ -219,14 +248,12 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
                        resume_step=start_step if resume_from is not None else None)
                if is_main else NullTracker())
 
-    n_params = sum(p.numel() for p in module.parameters())
-    flops_per_token = module.flops_per_token(seq_len)
     peak, peak_source = peak_flops(dist.device, recipe.train.peak_tflops)
     tokens_per_step = recipe.global_batch(dist.world_size) * seq_len
     precision = resolve_precision(recipe, dist.device.type)
     if is_main:
         print(f"run: {paths.run_dir}  params: {n_params / 1e6:.2f}M  world: {dist.world_size} "
-              f"(dp={dp_world} tp={recipe.parallel.tp} pp={recipe.parallel.pp} zero={recipe.parallel.zero_stage})  "
+              f"({layout.describe()} zero={recipe.parallel.zero_stage})  "
               f"precision: {precision}  kernels: {module.ops.mode}  "
               f"train tokens: {len(data.train_tokens):,}  val tokens: {len(data.val_tokens):,}"
               + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
@@ -239,7 +266,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
         return {"step": step, "config": cfg_dict, "tokenizer_sha256": tok_hash, "vocab_size": data.vocab_size,
                 "world_size": dist.world_size, "tp": recipe.parallel.tp, "pp": recipe.parallel.pp,
                 "zero_stage": recipe.parallel.zero_stage, "data_cache_key": data.cache_key,
-                "model_config": module.config.to_dict()}
+                "model_config": model_config.to_dict()}
 
     def save(step: int) -> Path:
         state = {"step": step, "sampler": sampler.state_dict(), "rng": ckpt.rng_state()}
@@ -247,8 +274,12 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
                          recipe.train.keep_checkpoints)
 
     def run_eval(step: int, full: bool) -> dict:
-        loss, n = evaluate(module, val_blocks, recipe.parallel.micro_batch,
-                           None if full else recipe.train.eval_batches, dp_rank, dp_world, dist.device)
+        max_batches = None if full else recipe.train.eval_batches
+        if layout.is_pipeline:
+            loss, n = evaluate_pipeline(engine, val_blocks, recipe.parallel.micro_batch, max_batches, layout)
+        else:
+            loss, n = evaluate(module, val_blocks, recipe.parallel.micro_batch, max_batches, dp_rank, dp_world,
+                               dist.device, group=layout.dp_group())
         row = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
                "val_bpb": bits_per_byte(loss, data.val_num_tokens, data.val_bytes), "val_tokens": n}
         tracker.log(row)
@@ -263,7 +294,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
 
     # With ZeRO-0 in fp32 the gradients live on the parameters until step(); otherwise DeepSpeed
     # reports the global norm itself.
-    plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32"
+    plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32" and layout.tp == layout.pp == 1
     grad_norm = None
     consecutive_nan = skipped_total = 0
     last_loss = float("nan")
@@ -275,31 +306,39 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
         while step < recipe.train.max_steps:
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves on in step())
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            finite = True
-            for micro in range(gas):
-                x, y = train_blocks.get(sampler.next_indices())
-                x, y = x.to(dist.device), y.to(dist.device)
-                loss = engine(x, targets=y)
-                if step + 1 in nan_steps:
-                    loss = loss * float("nan")
-                finite &= bool(torch.isfinite(loss.detach()).item())
-                engine.backward(loss)
-                if micro == gas - 1:
-                    finite = all_true(finite)
-                    skipper.skip_next = not finite
-                    if plain_grads and finite and (step + 1) % recipe.train.log_every == 0:
-                        # ZeRO-0 in fp32 does not keep the norm it clips with; measure it here.
-                        grad_norm = torch.nn.utils.get_total_norm(
-                            [p.grad for p in module.parameters() if p.grad is not None]).item()
-                engine.step()
-                loss_sum += loss.detach().double().cpu()
+            if layout.is_pipeline:
+                # DeepSpeed's pipeline engine runs the 1F1B schedule over `gas` micro-batches and
+                # steps the optimizer itself; its loss is already averaged over data-parallel ranks.
+                batches = [train_blocks.get(sampler.next_indices()) for _ in range(gas)]
+                skipper.poison_next = step + 1 in nan_steps
+                step_loss = engine.train_batch(iter(batches)).detach().double().cpu()
+                finite = not skipper.last_skipped and bool(torch.isfinite(step_loss).item())
+            else:
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                finite = True
+                for micro in range(gas):
+                    x, y = train_blocks.get(sampler.next_indices())
+                    x, y = x.to(dist.device), y.to(dist.device)
+                    loss = engine(x, targets=y)
+                    if step + 1 in nan_steps:
+                        loss = loss * float("nan")
+                    finite &= bool(torch.isfinite(loss.detach()).item())
+                    engine.backward(loss)
+                    if micro == gas - 1:
+                        finite = all_true(finite)
+                        skipper.skip_next = not finite
+                        if plain_grads and finite and (step + 1) % recipe.train.log_every == 0:
+                            # ZeRO-0 in fp32 does not keep the norm it clips with; measure it here.
+                            grad_norm = torch.nn.utils.get_total_norm(
+                                [p.grad for p in module.parameters() if p.grad is not None]).item()
+                    engine.step()
+                    loss_sum += loss.detach().double().cpu()
+                step_loss = loss_sum / gas
+                if dp_world > 1 and finite:
+                    t = step_loss.to(dist.device)
+                    torch.distributed.all_reduce(t, group=layout.dp_group())
+                    step_loss = t.cpu() / dp_world
             step += 1
-            step_loss = (loss_sum / gas)
-            if dp_world > 1 and finite:
-                t = step_loss.to(dist.device)
-                torch.distributed.all_reduce(t)
-                step_loss = t.cpu() / dp_world
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
             ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
@@ -357,8 +396,21 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     # ---- end of run: checkpoint, full evaluation, sample, summary --------------------------------
     folder = save(step)
     final = run_eval(step, full=True)
-    sample = sample_text(module, data.tokenizer, recipe.train.sample_prompt, recipe.train.sample_tokens,
-                         dist.device, recipe.train.seed, data.eos_id)
+    sample_module = module
+    if layout.tp > 1 or layout.is_pipeline:
+        # Generation runs on one rank with the gathered full model.
+        from model import GPT
+
+        full_sd = gather_full_state_dict(module, layout)
+        sample_module = None
+        if is_main:
+            sample_module = GPT(model_config, init=False).to(dist.device)
+            sample_module.load_state_dict(full_sd)
+        del full_sd
+    sample = ""
+    if sample_module is not None:
+        sample = sample_text(sample_module, data.tokenizer, recipe.train.sample_prompt, recipe.train.sample_tokens,
+                             dist.device, recipe.train.seed, data.eos_id)
     summary = {
         "run_dir": str(paths.run_dir), "steps": step, "params": n_params,
         "final_train_loss": last_loss, "final_val_loss": final["val_loss"], "val_bpb": final["val_bpb"],

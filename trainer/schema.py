@@ -164,6 +164,9 @@ class Recipe(Section):
                              "(DeepSpeed's pipeline engine supports ZeRO 0 and 1 only)")
         if p.pp > m.n_layer:
             raise ValueError(f"parallel.pp={p.pp} pipeline stages need at least as many layers (model.n_layer={m.n_layer})")
+        if p.tp > 1 and p.zero_stage == 3:
+            raise ValueError("parallel.zero_stage=3 cannot be combined with parallel.tp>1 in this version "
+                             "(use ZeRO 0-2 with tensor parallelism)")
         if p.tp > 1:
             if m.n_head % p.tp or (m.n_kv_head or m.n_head) % p.tp:
                 raise ValueError(f"model.n_head={m.n_head} and model.n_kv_head={m.n_kv_head or m.n_head} "

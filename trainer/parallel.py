@@ -1,0 +1,99 @@
+"""Apply the recipe's parallel layout to the model, from outside it, in one order:
+
+    1. build the full model on every rank with the same seed (or load it from Hugging Face),
+    2. pipeline parallelism: keep only this rank's stage (DeepSpeed PipelineModule),
+    3. tensor parallelism: split attention heads, MLP and vocabulary over the tp group,
+    4. the DeepSpeed engine: ZeRO and data parallelism over the data-parallel group.
+
+Ranks are laid out by DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model: the
+tensor-parallel ranks of a group are consecutive, so they share a node's fast links).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from .schema import Recipe
+
+
+@dataclass
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    topology: object | None = None
+    grid: object | None = None  # PipelineParallelGrid: the process groups DeepSpeed expects (mpu)
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.pp > 1
+
+    def tp_group(self):
+        return self.grid.get_slice_parallel_group() if self.grid is not None and self.tp > 1 else None
+
+    def dp_group(self):
+        return self.grid.get_data_parallel_group() if self.grid is not None else None
+
+    def describe(self) -> str:
+        return f"dp={self.dp} tp={self.tp} pp={self.pp}"
+
+
+def make_layout(recipe: Recipe, rank: int, world_size: int) -> Layout:
+    tp, pp = recipe.parallel.tp, recipe.parallel.pp
+    dp = recipe.dp_degree(world_size)
+    if tp == 1 and pp == 1:
+        return Layout(1, 1, dp, 0, 0, rank)
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    c = topo.get_coord(rank)
+    return Layout(tp, pp, dp, c.model, c.pipe, c.data, topology=topo)
+
+
+def build_parallel_model(recipe: Recipe, layout: Layout, full_model: torch.nn.Module):
+    """Turn the full model into this rank's part. Returns the module to hand to DeepSpeed."""
+    module = full_model
+    if layout.is_pipeline:
+        from model.pipeline import build_pipeline_module, load_gpt_state_dict_into_pipeline
+
+        cfg = full_model.config
+        module = build_pipeline_module(cfg, num_stages=layout.pp, topology=layout.topology,
+                                       partition_method=recipe.parallel.pp_partition, init=False)
+        load_gpt_state_dict_into_pipeline(module, full_model.state_dict())
+        layout.grid = module._grid
+    elif layout.tp > 1:
+        from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+        layout.grid = PipelineParallelGrid(topology=layout.topology)
+    if layout.tp > 1:
+        from model.tensor_parallel import apply_tensor_parallel
+
+        module = apply_tensor_parallel(module, layout.tp_group(), sequence_parallel=recipe.parallel.sequence_parallel)
+    return module
+
+
+def gather_full_state_dict(module, layout: Layout) -> dict[str, torch.Tensor]:
+    """Collective over the whole world: the full single-process GPT state dict (float32, CPU) on
+    every rank, whatever the layout (used for samples and layout-neutral checkpoints).
+    Pipeline stages are gathered first (within each tensor-parallel slice), then the
+    tensor-parallel shards are merged."""
+    if layout.is_pipeline:
+        from model.pipeline import gather_gpt_state_dict
+
+        sd = gather_gpt_state_dict(module)
+    else:
+        sd = module.state_dict()
+    sd = {k: v.detach().float().cpu() for k, v in sd.items()}
+    if layout.tp > 1:
+        from model.tensor_parallel import merge_state_dicts
+
+        shards: list = [None] * layout.tp
+        tdist.all_gather_object(shards, sd, group=layout.tp_group())
+        sd = merge_state_dicts(shards, module.config)
+    return sd
