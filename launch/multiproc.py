@@ -7,6 +7,15 @@ RANK/LOCAL_RANK/WORLD_SIZE set by the launcher. Rank 0 owns the console; rank r>
 `<run>/logs/`, so that when the job fails this supervisor can name the rank that died first.
 DeepSpeed's per-node launcher stops the remaining ranks as soon as one exits with an error; a rank
 stuck in a collective is bounded by `launch.timeout_s`.
+
+Stopping: SIGTERM or SIGUSR1 to this supervisor is delivered to the ranks themselves (the children of
+DeepSpeed's per-node launcher), which save a checkpoint together at the next step and exit with
+128+signal. The two launcher processes in between ignore both signals, so a signal sent to the whole
+process tree (which is how Slurm signals a job step) cannot kill them before the ranks have saved.
+
+Inside a Slurm job (launch/slurm.py renders the script) one supervisor runs per node: the script
+exports LAUNCH_MASTER_ADDR/LAUNCH_MASTER_PORT, the node rank is the srun task's SLURM_NODEID, and the
+deepspeed launcher starts only this node's ranks, without ssh (`slurm_layout`).
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.schema import Recipe
@@ -73,46 +84,174 @@ def launcher_env(procs_per_node: int) -> dict:
     return env
 
 
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where this node's launcher sits in a multi-node job (one launcher per node, no ssh)."""
+
+    node_rank: int
+    nodes: int
+    master_addr: str
+    master_port: int
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RESEND_S = 1.0  # how often the supervisor looks for ranks that have not had a stop signal yet
+
+
+def slurm_layout(recipe: Recipe, env: dict | None = None) -> NodeLayout | None:
+    """The layout inside the srun step of the job script from launch/slurm.py, else None.
+
+    The script exports LAUNCH_MASTER_ADDR (first host of the allocation) and LAUNCH_MASTER_PORT
+    (20000 + job id % 20000); srun runs one task per node, whose SLURM_NODEID is its node rank."""
+    from trainer.recipe import ConfigError
+
+    env = os.environ if env is None else env
+    addr, port = env.get("LAUNCH_MASTER_ADDR"), env.get("LAUNCH_MASTER_PORT")
+    if not addr or not port:
+        return None
+    if "SLURM_NODEID" not in env:
+        raise ConfigError("LAUNCH_MASTER_ADDR is set but this is not a Slurm job step (no SLURM_NODEID); run "
+                          "the launcher with srun, one task per node (see launch/sbatch.template)")
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or nodes)
+    if nodes != recipe.launch.nodes:
+        raise ConfigError(f"launch.nodes={recipe.launch.nodes} but this Slurm job step has {nodes} node(s); "
+                          f"submit with --nodes {recipe.launch.nodes} (make slurm NODES=...)")
+    if tasks != nodes:
+        raise ConfigError(f"the Slurm job step runs {tasks} tasks on {nodes} node(s); the launcher needs exactly "
+                          "one task per node (srun --ntasks-per-node=1)")
+    return NodeLayout(int(env["SLURM_NODEID"]), nodes, addr, int(port))
+
+
+def _ignore_stop_signals() -> None:  # runs in the launcher child between fork and exec
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _rank_processes(proc: subprocess.Popen) -> list:
+    """The rank processes: children of DeepSpeed's per-node launcher (`deepspeed.launcher.launch`),
+    which is the child of the `deepspeed` runner started by `run_deepspeed`."""
+    import psutil
+
+    try:
+        return [rank for launcher in psutil.Process(proc.pid).children() for rank in launcher.children()]
+    except psutil.Error:
+        return []
+
+
+def _catches(pid: int, signum: int) -> bool | None:
+    """Whether process `pid` has a handler installed for `signum` (None: cannot tell, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _signal_ranks(proc: subprocess.Popen, signum: int, delivered: set[int]) -> None:
+    """Deliver `signum` once to each rank. A SIGUSR1 waits until the rank's training loop has its
+    handler installed (before that the rank ignores it); once delivered it is not repeated, since a
+    rank that is already exiting has Python's default disposition back and would die of it."""
+    import psutil
+
+    for rank in _rank_processes(proc):
+        if rank.pid in delivered or (signum == signal.SIGUSR1 and _catches(rank.pid, signum) is False):
+            continue
+        try:
+            rank.send_signal(signum)
+        except psutil.Error:
+            pass
+        delivered.add(rank.pid)
+
+
+def _write_hostfile(layout: NodeLayout, procs_per_node: int) -> str:
+    """A DeepSpeed hostfile with one line per node of the job. Without ssh the names are only labels:
+    the launcher of node r starts the `slots` ranks of line r, numbered after those of lines < r."""
+    fd, path = tempfile.mkstemp(prefix="ds-hostfile-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"node{i} slots={procs_per_node}\n" for i in range(layout.nodes))
+    return path
+
+
 def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
-    logs = logs_dir(recipe)
-    logs.mkdir(parents=True, exist_ok=True)
-    for stale in list(logs.glob("rank*.pid")) + list(logs.glob("rank*.exit")):
-        stale.unlink()
-    cmd = deepspeed_command(recipe_arg, overrides, recipe.launch.procs_per_node, recipe.launch.nodes,
-                            hostfile=recipe.launch.hostfile)
-    proc = subprocess.Popen(cmd, env=launcher_env(recipe.launch.procs_per_node))
+    stop: dict = {}
+    delivered: set[int] = set()
+    proc: subprocess.Popen | None = None
 
     def forward(signum, frame):
-        # DeepSpeed's launcher turns SIGTERM into SIGTERM for every rank; the ranks then save a
-        # checkpoint together and exit. SIGUSR1 is Slurm's "time is nearly up" warning.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        # Straight to the ranks: they save a checkpoint together at the next step and exit with
+        # 128+signum. (DeepSpeed's launcher would turn SIGTERM into a 30 s terminate-then-kill.)
+        # SIGUSR1 is Slurm's "time is nearly up" warning.
+        if stop.get("signal") != signum:
+            delivered.clear()  # a different signal goes to every rank again
+        stop["signal"] = signum
+        if proc is not None:
+            _signal_ranks(proc, signum, delivered)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except KeyboardInterrupt:
-            # The launcher got the same SIGINT (same process group) and forwards it to the ranks.
-            continue
-    if rc not in (0, 2):  # 2: a usage error that rank 0 has already reported in one line
-        print(f"error: {describe_failure(logs, recipe.world_size(), rc)}", file=sys.stderr, flush=True)
+    logs = logs_dir(recipe)
+    logs.mkdir(parents=True, exist_ok=True)
+    layout = slurm_layout(recipe)
+    ppn = recipe.launch.procs_per_node
+    first = (layout.node_rank if layout else 0) * ppn
+    local_ranks = range(first, first + ppn) if layout else range(recipe.world_size())
+    for r in local_ranks:  # on a shared file system, the other nodes' records are theirs to clear
+        for stale in (logs / f"rank{r}.pid", logs / f"rank{r}.exit"):
+            stale.unlink(missing_ok=True)
+    hostfile = None
+    if layout is not None:
+        hostfile = _write_hostfile(layout, ppn)
+        cmd = deepspeed_command(recipe_arg, overrides, ppn, layout.nodes, master_port=layout.master_port,
+                                master_addr=layout.master_addr, hostfile=hostfile, node_rank=layout.node_rank)
+    else:
+        cmd = deepspeed_command(recipe_arg, overrides, ppn, recipe.launch.nodes, hostfile=recipe.launch.hostfile)
+    env = launcher_env(ppn)
+    if stop:  # stopped before any rank started: nothing to save
+        if hostfile:
+            os.unlink(hostfile)
+        name = signal.Signals(stop["signal"]).name
+        print(f"stopped: {name} received before the ranks started; no checkpoint written", file=sys.stderr,
+              flush=True)
+        return 128 + int(stop["signal"])
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_stop_signals)
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=RESEND_S)
+                break
+            except subprocess.TimeoutExpired:
+                # Ranks that were still starting (before the training loop installed its handlers)
+                # or did not exist yet get the signal now.
+                if stop:
+                    _signal_ranks(proc, stop["signal"], delivered)
+            except KeyboardInterrupt:
+                # The launcher got the same SIGINT (same process group) and forwards it to the ranks.
+                continue
+    finally:
+        if hostfile:
+            os.unlink(hostfile)
+    stopped = rc in {128 + int(s) for s in (signal.SIGINT, *STOP_SIGNALS)}  # checkpoint saved; rank 0 said so
+    if rc not in (0, 2) and not stopped:  # 2: a usage error that rank 0 has already reported in one line
+        print(f"error: {describe_failure(logs, local_ranks, rc)}", file=sys.stderr, flush=True)
     return rc
 
 
-def describe_failure(logs: Path, world: int, rc: int) -> str:
+def describe_failure(logs: Path, ranks: int | range, rc: int) -> str:
     """Name the rank that failed: the first whose recorded exit status is an error, else one that
-    never recorded a status (killed by a signal)."""
+    never recorded a status (killed by a signal). `ranks`: the world size, or the ranks to look at."""
+    ranks = range(ranks) if isinstance(ranks, int) else ranks
     exits = {}
-    for r in range(world):
+    for r in ranks:
         f = logs / f"rank{r}.exit"
         if f.exists():
             exits[r] = f.read_text().split()
     errors = sorted(((float(v[1]), r, int(v[0])) for r, v in exits.items() if v and v[0] not in ("0",)),
                     key=lambda t: t[0])
-    vanished = [r for r in range(world) if r not in exits and (logs / f"rank{r}.pid").exists()]
+    vanished = [r for r in ranks if r not in exits and (logs / f"rank{r}.pid").exists()]
     if vanished:
         r = vanished[0]
         return (f"rank {r} died without an exit status (killed by a signal?); the launcher stopped the "
@@ -124,7 +263,12 @@ def describe_failure(logs: Path, world: int, rc: int) -> str:
 
 
 def setup_rank_process(recipe: Recipe) -> None:
-    """Inside a launched rank: log files for rank > 0, pid and exit-status records."""
+    """Inside a launched rank: log files for rank > 0, pid and exit-status records.
+
+    The rank inherited SIGTERM and SIGUSR1 ignored from the launcher (see `run_deepspeed`). SIGTERM
+    gets its default back (stop at once) until the training loop installs its checkpoint-and-stop
+    handlers; SIGUSR1 stays ignored until then, and the supervisor repeats it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     rank = int(os.environ.get("RANK", "0"))
     logs = logs_dir(recipe)
     logs.mkdir(parents=True, exist_ok=True)

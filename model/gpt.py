@@ -270,7 +270,10 @@ class GPT(nn.Module):
 
     def set_kernels(self, mode: str) -> None:
         """Switch every op of the model to another kernel mode (same parameters)."""
-        self.ops = get_ops(mode)
+        ops = get_ops(mode)
+        # A wrapper installed over the ops (tensor parallelism's vocab-parallel loss) is kept.
+        rebase = getattr(self.ops, "rebase", None)
+        self.ops = rebase(ops) if rebase is not None else ops
         self.config.kernels = mode
         for m in self.modules():
             if m is not self and hasattr(m, "ops"):
@@ -395,7 +398,9 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len or c.max_seq_len, c.head_dim,
+        # The heads this rank computes (fewer than c.n_kv_head under tensor parallelism).
+        n_kv_head = self.blocks[0].attn.n_kv_head if len(self.blocks) else c.n_kv_head
+        return KVCache(c.n_layer, batch_size, n_kv_head, max_len or c.max_seq_len, c.head_dim,
                        device=self.tok_emb.weight.device)
 
     @torch.no_grad()
@@ -443,11 +448,14 @@ class GPT(nn.Module):
         mask[:, :T] = attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
 
+        # Tensor parallelism: the head makes logits sharded over the vocabulary; sample from all.
+        gather = getattr(self.lm_head, "gather_logits", lambda logits: logits)
         was_training = self.training
         self.eval()
         try:
             cache = self.new_kv_cache(B, total)
-            logits = self(input_ids, positions=positions[:, :T], attention_mask=mask[:, :T], kv_cache=cache)[:, -1]
+            logits = gather(self(input_ids, positions=positions[:, :T], attention_mask=mask[:, :T],
+                                 kv_cache=cache)[:, -1])
             finished = torch.zeros(B, dtype=torch.bool, device=device)
             out = [input_ids]
             for step in range(max_new_tokens):
@@ -459,8 +467,8 @@ class GPT(nn.Module):
                 if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                     break
                 cur = T + step
-                logits = self(nxt[:, None], positions=positions[:, cur:cur + 1],
-                              attention_mask=mask[:, :cur + 1], kv_cache=cache)[:, -1]
+                logits = gather(self(nxt[:, None], positions=positions[:, cur:cur + 1],
+                                     attention_mask=mask[:, :cur + 1], kv_cache=cache)[:, -1])
         finally:
             self.train(was_training)
         tokens = torch.cat(out, dim=1)

@@ -166,7 +166,12 @@ class EmbeddingPipe(nn.Module):
 
 
 def tied_head_forward(module: EmbeddingPipe, x):
-    """The tied output head on the last stage: logits = x @ tok_emb.weight.T (after final norm)."""
+    """The tied output head on the last stage: logits = x @ tok_emb.weight.T (after final norm).
+    Under tensor parallelism the embedding's owner carries a vocab-parallel head over the same
+    shard (`tied_lm_head`), which also makes the input's gradient an all-reduce."""
+    head = module.__dict__.get("tied_lm_head")
+    if head is not None:
+        return head(x)
     return F.linear(x, module.tok_emb.weight)
 
 
@@ -245,6 +250,7 @@ def make_loss_fn(config: GPTConfig, ignore_index: int = -100):
     def cross_entropy_loss(logits, targets):
         return ops.cross_entropy(logits, targets, ignore_index=ignore_index)
 
+    cross_entropy_loss.ignore_index = ignore_index
     return cross_entropy_loss
 
 
@@ -262,6 +268,10 @@ class GPTPipelineModule(PipelineModule):
         super().__init__(layers, **kwargs)
         self.config = config
         self.ops = get_ops(config.kernels)
+        # Read self.ops at call time, so a later swap of the ops (tensor parallelism's
+        # vocabulary-parallel cross-entropy, a kernel mode change) reaches the loss too.
+        ignore_index = kwargs.get("loss_fn").ignore_index if hasattr(kwargs.get("loss_fn"), "ignore_index") else -100
+        self.loss_fn = lambda logits, targets: self.ops.cross_entropy(logits, targets, ignore_index=ignore_index)
         object.__setattr__(self, "_meta", _meta_gpt(config))  # not a submodule: counts only
         self._mark_for_grad_clipping()
 

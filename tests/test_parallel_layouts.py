@@ -28,6 +28,12 @@ LAYOUTS = {
     "pp2": (["parallel.pp=2", "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-3),
     "pp2-dp2-zero1": (["parallel.pp=2", "parallel.zero_stage=1", "launch.procs_per_node=4",
                        "parallel.micro_batch=2"], 1e-3),
+    "tp2": (["parallel.tp=2", "launch.procs_per_node=2", "parallel.micro_batch=8"], 1e-4),
+    "tp2-sp": (["parallel.tp=2", "parallel.sequence_parallel=true", "launch.procs_per_node=2",
+                "parallel.micro_batch=8"], 1e-4),
+    "tp2-dp2-zero1": (["parallel.tp=2", "parallel.zero_stage=1", "launch.procs_per_node=4",
+                       "parallel.micro_batch=4"], 1e-4),
+    "tp2-pp2": (["parallel.tp=2", "parallel.pp=2", "launch.procs_per_node=4", "parallel.micro_batch=4"], 1e-3),
     "zero1-accum": (["parallel.zero_stage=1", "launch.procs_per_node=2", "parallel.micro_batch=2",
                      "parallel.global_batch=8"], 1e-4),
 }

@@ -173,13 +173,14 @@ def _suggest_other(folder: Path) -> str:
     return "no other checkpoint exists for this run (start again with train.resume=none)"
 
 
-def load(engine, folder: Path, rank: int) -> dict:
-    """Collective. Loads DeepSpeed state into `engine` and returns this rank's loop state."""
+def load(engine, folder: Path, rank: int | None) -> dict:
+    """Collective. Loads DeepSpeed state into `engine` and returns this rank's loop state
+    (rank None: rank 0's, for a resume in another layout whose ranks differ)."""
     ok, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
     if ok is None:
         raise CheckpointError(f"DeepSpeed could not load {folder}")
-    own = folder / f"loop_rank{rank}.pt"
+    own = folder / f"loop_rank{rank if rank is not None else 0}.pt"
     if not own.exists():
         raise CheckpointError(f"checkpoint {folder} has no loop state for rank {rank} "
                               "(saved with a different number of processes)")

@@ -32,6 +32,10 @@ def deepspeed_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
             reduce_bucket_size=par.bucket_size,
             allgather_bucket_size=par.bucket_size,
         )
+        if par.zero_stage in (1, 2):
+            # Partitions saved in a layout-independent form, so a ZeRO-1/2 checkpoint (optimizer
+            # state included) loads with another data-parallel degree or the other stage.
+            zero["elastic_checkpoint"] = True
         if par.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
         if par.zero_stage == 3:

@@ -147,6 +147,44 @@ class StepSkipper:
         opt.step = step
 
 
+@dataclass
+class LayoutChange:
+    """How the checkpoint's layout differs from this run's."""
+
+    before: dict
+    after: dict
+
+    @property
+    def optimizer_portable(self) -> bool:
+        """ZeRO-1/2 with elastic checkpoints reshards optimizer partitions to another data-parallel
+        degree or between the two stages, as long as tp and pp stay."""
+        b, a = self.before, self.after
+        return b["zero_stage"] in (1, 2) and a["zero_stage"] in (1, 2) and (b["tp"], b["pp"]) == (a["tp"], a["pp"])
+
+    def describe(self) -> str:
+        f = "tp={tp} pp={pp} zero={zero_stage} world={world_size}"
+        return f"{f.format(**self.before)} -> {f.format(**self.after)}"
+
+
+def layout_change(meta: dict, recipe: Recipe, world_size: int) -> LayoutChange | None:
+    keys = ("tp", "pp", "zero_stage", "world_size")
+    before = {k: meta.get(k) for k in keys}
+    after = {"tp": recipe.parallel.tp, "pp": recipe.parallel.pp, "zero_stage": recipe.parallel.zero_stage,
+             "world_size": world_size}
+    return None if before == after else LayoutChange(before, after)
+
+
+def set_schedule_position(engine, step: int) -> None:
+    """Continue the learning-rate schedule at `step` (optimizer state itself starts fresh)."""
+    sched = engine.lr_scheduler
+    sched.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+    engine.global_steps = step
+
+
 def _tokenizer_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -214,6 +252,13 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     # ---- model and engine ----------------------------------------------------------------------
     _seed_all(recipe.train.seed)
     full_model = build_model(recipe, data.vocab_size)
+    move = layout_change(resume_meta, recipe, dist.world_size) if resume_meta is not None else None
+    if move is not None and not move.optimizer_portable:
+        # Another layout wrote the checkpoint: start from its consolidated weights (resharded
+        # below like any full model); DeepSpeed's shards cannot be read by this layout.
+        from launch.export import consolidated_state_dict
+
+        full_model.load_state_dict(consolidated_state_dict(resume_from, resume_meta))
     model_config = full_model.config
     n_params = full_model.num_params()
     flops_per_token = full_model.flops_per_token(seq_len)
@@ -237,11 +282,25 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     sampler = ShardedSampler(len(train_blocks), recipe.parallel.micro_batch, dp_rank, dp_world, recipe.train.seed)
 
     start_step = 0
-    if resume_from is not None:
-        loop_state = ckpt.load(engine, resume_from, dist.rank)
+    if resume_from is not None and (move is None or move.optimizer_portable):
+        loop_state = ckpt.load(engine, resume_from, dist.rank if move is None else None)
         sampler.load_state_dict(loop_state["sampler"])
-        ckpt.set_rng_state(loop_state["rng"])
         start_step = loop_state["step"]
+        if move is None:
+            ckpt.set_rng_state(loop_state["rng"])
+        else:
+            _seed_all(recipe.train.seed + start_step)
+    elif resume_from is not None:
+        loop_state = torch.load(resume_from / "loop_rank0.pt", weights_only=False)
+        start_step = loop_state["step"]
+        sampler.load_state_dict(loop_state["sampler"])  # a global position: valid for any dp degree
+        _seed_all(recipe.train.seed + start_step)
+        set_schedule_position(engine, start_step)
+    if move is not None and is_main:
+        print(f"resuming {resume_from} in another layout ({move.describe()}): weights resharded exactly; "
+              + ("optimizer state resharded by DeepSpeed" if move.optimizer_portable else
+                 "optimizer state RESET (Adam moments start from zero)")
+              + "; learning-rate schedule and data position carried over", flush=True)
 
     tracker = (Tracker(paths.run_dir, cfg_dict, recipe.tracking.wandb, recipe.tracking.project,
                        recipe.tracking.entity, recipe.tracking.group, recipe.tracking.tags,

@@ -74,8 +74,30 @@ def build_parallel_model(recipe: Recipe, layout: Layout, full_model: torch.nn.Mo
     if layout.tp > 1:
         from model.tensor_parallel import apply_tensor_parallel
 
+        # DeepSpeed marked the last stage's copy of a tied embedding `ds_pipe_replicated`; tensor
+        # parallelism replaces that parameter by its slice, so carry the mark over by name.
+        pipe_copies = {n for n, p in module.named_parameters() if getattr(p, "ds_pipe_replicated", False)}
         module = apply_tensor_parallel(module, layout.tp_group(), sequence_parallel=recipe.parallel.sequence_parallel)
+        for n, p in module.named_parameters():
+            if n in pipe_copies:
+                p.ds_pipe_replicated = True
+    if layout.tp > 1 or layout.is_pipeline:
+        mark_for_grad_norm(module, layout)
     return module
+
+
+def mark_for_grad_norm(module, layout: Layout) -> None:
+    """DeepSpeed's global gradient norm (clipping, ZeRO) sums each parameter's squares over the
+    model-parallel group on the ranks where `is_model_parallel_parameter(p)` holds, and sums
+    everything on that group's rank 0. Count each distinct tensor exactly once: tensor-parallel
+    slices on every tp rank, tp-replicated tensors on tp rank 0, and a tied embedding that both the
+    first and the last pipeline stage hold only on the first."""
+    for p in module.parameters():
+        sharded = getattr(p, "tp_sharded", False)
+        pipe_copy = getattr(p, "ds_pipe_replicated", False)
+        counted = (sharded or layout.tp_rank == 0) and (not pipe_copy or layout.pp_rank == 0)
+        p.model_parallel = counted
+        p.tensor_model_parallel = counted
 
 
 def gather_full_state_dict(module, layout: Layout) -> dict[str, torch.Tensor]:

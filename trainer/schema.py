@@ -121,6 +121,23 @@ class LaunchSection(Section):
     hostfile: str | None = _f(None, "DeepSpeed hostfile for several nodes")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "collective backend; auto: nccl on GPU, gloo on CPU")
     timeout_s: PosInt = _f(300, "seconds a collective may wait before the job is stopped")
+    # Slurm (`make slurm` / `python -m launch slurm`, launch/slurm.py); ignored by `make train`.
+    partition: str | None = _f(None, "Slurm partition (null = the cluster's default)")
+    account: str | None = _f(None, "Slurm account charged for the job (null = your default)")
+    time: str | None = _f(None, "Slurm time limit, quoted in YAML: '24:00:00', '2-00:00:00', '90' (minutes); "
+                          "null = the partition's default", pattern=r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+    gpus_per_node: NonNegInt = _f(0, "GPUs per Slurm node (0 = CPU nodes); one process per GPU, so it must "
+                                  "equal launch.procs_per_node")
+    cpus_per_task: PosInt | None = _f(None, "CPUs per node for the job's one task per node (its ranks and data "
+                                      "workers); null = Slurm's default")
+    requeue: bool = _f(True, "Slurm: after the time-limit warning the run checkpoints and the job requeues itself "
+                       "to continue (train.resume=auto)")
+    signal_seconds: PosInt = _f(300, "Slurm: seconds before the time limit at which the job is warned (USR1) "
+                                "to checkpoint and stop", le=65535)
+    slurm_extra: list[str] = _f([], "extra sbatch options, one per item (e.g. --exclusive, --qos=high, "
+                                "--constraint=a100)")
+    setup: list[str] = _f([], "shell lines run in the Slurm job before training (module load ..., "
+                          "source .venv/bin/activate, PYTHON=...)")
 
 
 class TrackingSection(Section):

@@ -1,0 +1,277 @@
+"""Tensor parallelism (model.tensor_parallel): state-dict shard/merge, and with tp=2 (and 4) gloo
+processes on CPU: logits, loss, every gradient and a few AdamW steps against the single-process
+GPT for both styles, with and without sequence parallelism; the vocab-parallel cross-entropy."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+from model import tensor_parallel as tpm
+from model.tensor_parallel import apply_tensor_parallel, merge_state_dicts, shard_state_dict
+
+V = 128
+STYLES = ["gpt2", "llama"]
+
+
+def tiny(style: str, **kw) -> GPTConfig:
+    base = dict(style=style, vocab_size=V, n_layer=2, n_head=4, d_model=32, max_seq_len=16, kernels="torch")
+    if style == "llama":
+        base["n_kv_head"] = 2  # grouped-query attention: 2 query heads per kv head
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def build(style: str, seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(style, **kw))
+
+
+def close(actual, expected, what="", tol=1e-5):
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------------------- pure (no processes)
+
+
+@pytest.mark.parametrize("style,tp", [("gpt2", 2), ("gpt2", 4), ("llama", 2)])
+def test_shard_merge_round_trip(style, tp):
+    m = build(style)
+    cfg, sd = m.config, m.state_dict()
+    shards = [shard_state_dict(sd, cfg, tp, r) for r in range(tp)]
+    hd, d, ff = cfg.head_dim, cfg.d_model, cfg.d_ff
+    for r, s in enumerate(shards):
+        assert list(s) == list(sd)
+        assert s["tok_emb.weight"].shape == (V // tp, d)
+        assert torch.equal(s["tok_emb.weight"], sd["tok_emb.weight"][r * V // tp:(r + 1) * V // tp])
+        assert s["blocks.0.attn.q_proj.weight"].shape == (cfg.n_head // tp * hd, d)
+        assert s["blocks.0.attn.k_proj.weight"].shape == (cfg.n_kv_head // tp * hd, d)
+        assert s["blocks.1.attn.o_proj.weight"].shape == (d, cfg.n_head // tp * hd)
+        assert torch.equal(s["blocks.1.attn.o_proj.weight"],
+                           sd["blocks.1.attn.o_proj.weight"][:, r * d // tp:(r + 1) * d // tp])
+        assert s["final_norm.weight"] is sd["final_norm.weight"]  # replicated
+        if style == "gpt2":
+            assert s["blocks.0.mlp.fc.weight"].shape == (ff // tp, d)
+            assert s["blocks.0.mlp.fc.bias"].shape == (ff // tp,)
+            assert s["blocks.0.mlp.proj.weight"].shape == (d, ff // tp)
+            assert s["blocks.0.mlp.proj.bias"] is sd["blocks.0.mlp.proj.bias"]  # row-parallel bias: full
+            assert s["blocks.0.attn.q_proj.bias"].shape == (cfg.n_head // tp * hd,)
+            assert s["pos_emb.weight"] is sd["pos_emb.weight"]
+            assert s["lm_head.weight"] is s["tok_emb.weight"]  # tied stays one tensor
+        else:
+            assert s["blocks.0.mlp.gate_proj.weight"].shape == (ff // tp, d)
+            assert s["blocks.0.mlp.down_proj.weight"].shape == (d, ff // tp)
+            assert s["lm_head.weight"].shape == (V // tp, d)
+    merged = merge_state_dicts(shards, cfg)
+    assert list(merged) == list(sd)
+    for k in sd:
+        assert merged[k].shape == sd[k].shape and torch.equal(merged[k], sd[k]), k
+    if style == "gpt2":
+        assert merged["lm_head.weight"] is merged["tok_emb.weight"]
+    # Any key prefix (a wrapper or a pipeline stage) is split the same way.
+    pre = shard_state_dict({f"module.{k}": v for k, v in sd.items()}, cfg, tp, 1)
+    assert all(torch.equal(pre[f"module.{k}"], v) for k, v in shards[1].items())
+
+
+def test_shard_validation():
+    sd = build("gpt2").state_dict()
+    with pytest.raises(ValueError, match="vocabulary"):
+        shard_state_dict({}, tiny("gpt2", vocab_size=101), 2, 0)
+    with pytest.raises(ValueError, match="n_head=4"):
+        shard_state_dict({}, tiny("gpt2", vocab_size=96), 3, 0)
+    with pytest.raises(ValueError, match="n_kv_head=2"):
+        shard_state_dict({}, tiny("llama"), 4, 0)
+    with pytest.raises(ValueError, match="tp_rank"):
+        shard_state_dict(sd, tiny("gpt2"), 2, 2)
+    shards = [shard_state_dict(sd, tiny("gpt2"), 2, r) for r in range(2)]
+    shards[1].pop("final_norm.weight")
+    with pytest.raises(ValueError, match="keys"):
+        merge_state_dicts(shards, tiny("gpt2"))
+
+
+# ------------------------------------------------------------------------------- multi-process (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world, *args):
+    import torch.multiprocessing as mp
+
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it: no oversubscription on small hosts
+    try:
+        mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
+def _gather_dicts(d: dict, world: int) -> list[dict]:
+    out = [None] * world
+    dist.all_gather_object(out, d)
+    return out
+
+
+def _batch(gen, B=2, T=8):
+    x = torch.randint(0, V, (B, T), generator=gen)
+    y = torch.randint(0, V, (B, T), generator=gen)
+    y[0, :3] = -100
+    return x, y
+
+
+def _model_worker(rank, world, style, sp, tensor_collectives, cfg_kw):
+    tpm.GLOO_TENSOR_COLLECTIVES = tensor_collectives
+    ref = build(style, **cfg_kw).train()
+    model = copy.deepcopy(ref)
+    cfg = ref.config
+    assert apply_tensor_parallel(model, None, sequence_parallel=sp) is model
+    assert isinstance(model.tok_emb, tpm.VocabParallelEmbedding)
+    assert isinstance(model.lm_head, tpm.VocabParallelLMHead)
+    assert model.blocks[0].attn.n_head == cfg.n_head // world
+    assert model.blocks[0].attn.n_kv_head == cfg.n_kv_head // world
+    if style == "gpt2":
+        assert model.lm_head.weight is model.tok_emb.weight  # tied: one shard parameter
+
+    # state_dict: the single-process keys, holding exactly shard_state_dict's slices.
+    local, expected = model.state_dict(), shard_state_dict(ref.state_dict(), cfg, world, rank)
+    assert list(local) == list(expected)
+    for k in expected:
+        assert torch.equal(local[k], expected[k]), k
+    model.set_kernels("torch")  # keeps the vocab-parallel loss
+    assert isinstance(model.ops, tpm.TensorParallelOps) and model.blocks[1].mlp.ops is model.ops
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = _batch(gen)
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (2, 8, V // world)  # sharded over the vocabulary
+        close(tpm.gather_from_tensor_parallel_region(logits), ref(x), "logits")
+
+    loss, ref_loss = model(x, targets=y), ref(x, targets=y)
+    close(loss, ref_loss, "loss")
+    loss.backward()
+    ref_loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
+    merged = merge_state_dicts(_gather_dicts(grads, world), cfg)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+    assert list(merged) == list(ref_grads)
+    for n, g in ref_grads.items():
+        close(merged[n], g, f"grad of {n}")
+
+    # Adam divides by sqrt(v): float32 rounding of the ~1e-8 (cancelling) gradients of a few unused
+    # embedding rows becomes weight differences of ~lr*1e-3 with the default eps=1e-8 (~lr*1e-4 with
+    # eps=1e-6), hence the weights' tolerance below; the losses match to 1e-5 either way.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
+    for step in range(3):
+        x, y = _batch(gen)
+        losses = []
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=True)
+            loss = m(x, targets=y)
+            loss.backward()
+            o.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[1]), (step, losses)
+    weights = merge_state_dicts(_gather_dicts(model.state_dict(), world), cfg)
+    for k, w in ref.state_dict().items():
+        close(weights[k], w, f"weight {k} after 3 steps", tol=1e-4)
+
+    prompts = [[5, 17, 33, 2], [11, 3]]
+    if sp:  # decoding steps of one token cannot be split over the sequence
+        with pytest.raises(ValueError, match="sequence length 1"):
+            model.generate(prompts, 3, temperature=0)
+    else:  # KV cache with the local kv heads, logits gathered for sampling
+        assert model.generate(prompts, 4, temperature=0) == ref.generate(prompts, 4, temperature=0)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("style,sp,tensor_collectives,cfg_kw", [
+    ("gpt2", False, False, {}),
+    ("gpt2", True, False, {}),
+    ("llama", False, False, {}),
+    # the single-tensor collectives (the NCCL code path) on gloo, and recomputation in backward
+    ("llama", True, True, {"activation_checkpointing": True}),
+], ids=["gpt2", "gpt2-sp", "llama", "llama-sp-tensorcoll-ckpt"])
+def test_tp2_matches_single_process(style, sp, tensor_collectives, cfg_kw):
+    spawn(_model_worker, 2, style, sp, tensor_collectives, cfg_kw)
+
+
+@pytest.mark.dist
+def test_tp4_sequence_parallel_gpt2():
+    spawn(_model_worker, 4, "gpt2", True, False, {})
+
+
+def _ce_meta_errors_worker(rank, world):
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(3, 9, V, generator=gen, dtype=torch.float64) * 3
+    targets = torch.randint(0, V, (3, 9), generator=gen)
+    targets[0, :4] = -100
+    targets[1, 0], targets[1, 1] = V // 2 - 1, V // 2  # last id of shard 0, first of shard 1
+    targets[2, :] = 7  # with ignore_index=7: the whole row is ignored
+    n = V // world
+    lo = rank * n
+    for ignore_index in (-100, 7):
+        if ignore_index != -100:
+            targets = targets.masked_fill(targets == -100, ignore_index)
+        for dtype in (torch.float32, torch.float64):
+            shard = full[..., lo:lo + n].to(dtype).requires_grad_()
+            loss = tpm.vocab_parallel_cross_entropy(shard, targets, lo, None, ignore_index)
+            loss.backward()
+            ref_in = full.clone().requires_grad_()
+            ref = F.cross_entropy(ref_in.view(-1, V), targets.view(-1), ignore_index=ignore_index)
+            ref.backward()
+            close(loss.double(), ref, f"CE loss ({dtype}, ignore {ignore_index})")
+            close(shard.grad.double(), ref_in.grad[..., lo:lo + n], f"CE grad ({dtype}, ignore {ignore_index})")
+
+    # Build on the meta device, split, then load this rank's shard of a checkpoint.
+    for style in STYLES:
+        ref = build(style)
+        with torch.device("meta"):
+            model = GPT(tiny(style), init=False)
+        apply_tensor_parallel(model, None, sequence_parallel=True)
+        model.to_empty(device="cpu")  # unties, as for the unsplit model
+        if model.config.tie_embeddings:
+            model.tie_weights()
+        model.reset_buffers()
+        model.load_state_dict(shard_state_dict(ref.state_dict(), ref.config, world, rank))
+        x, y = _batch(torch.Generator().manual_seed(4))
+        close(model(x, targets=y), ref(x, targets=y), f"{style} loss after meta init")
+
+    # Bad sizes are refused before anything changes.
+    m = build("gpt2", vocab_size=V + 1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        apply_tensor_parallel(m, None)
+    assert type(m.tok_emb) is torch.nn.Embedding and type(m.blocks[0].attn.q_proj) is torch.nn.Linear
+    with pytest.raises(ValueError, match="n_kv_head=1"):
+        apply_tensor_parallel(build("llama", n_kv_head=1), None)
+    m = apply_tensor_parallel(build("llama"), None)
+    with pytest.raises(ValueError, match="already tensor parallel"):
+        apply_tensor_parallel(m, None)
+
+
+@pytest.mark.dist
+def test_vocab_parallel_cross_entropy_meta_init_and_errors():
+    spawn(_ce_meta_errors_worker, 2)
