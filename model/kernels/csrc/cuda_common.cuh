@@ -1,0 +1,161 @@
+// Device helpers shared by the CUDA kernels: storage-type conversions (float32 compute),
+// warp/block reductions and launch-size helpers.  Needs only the CUDA toolkit headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_launch.h"
+
+namespace llmk_cuda {
+
+constexpr float kInf = __builtin_huge_valf();
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Round to T's precision and back (reproduces the reference's intermediate roundings).
+template <typename T>
+__device__ __forceinline__ float rnd(float v) { return to_f(from_f<T>(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; every thread gets the result.  `sh` holds >= 32 floats.  blockDim.x must be
+// a multiple of 32.
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // previous use of sh is finished
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    float t = lane < nw ? sh[lane] : 0.f;
+    t = warp_sum(t);
+    if (lane == 0) sh[0] = t;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+// Online softmax state (running max m, sum of exp(x - m)); NaN inputs propagate through s.
+__device__ __forceinline__ void lse_push(float& m, float& s, float x) {
+  if (x > m) {
+    s = s * expf(m - x) + 1.0f;  // m == -inf: s == 0 and exp(-inf) == 0
+    m = x;
+  } else {
+    s += (x == -kInf) ? 0.0f : expf(x - m);
+  }
+}
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -kInf) {
+    s = s + s2;
+  } else {
+    s = s * expf(m - mn) + s2 * expf(m2 - mn);
+  }
+  m = mn;
+}
+__device__ __forceinline__ void block_lse(float& m, float& s, float* shm, float* shs) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    lse_merge(m, s, m2, s2);
+  }
+  if (lane == 0) {
+    shm[wid] = m;
+    shs[wid] = s;
+  }
+  __syncthreads();
+  if (wid == 0) {
+    float mm = lane < nw ? shm[lane] : -kInf;
+    float ss = lane < nw ? shs[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      float m2 = __shfl_xor_sync(0xffffffffu, mm, o);
+      float s2 = __shfl_xor_sync(0xffffffffu, ss, o);
+      lse_merge(mm, ss, m2, s2);
+    }
+    if (lane == 0) {
+      shm[0] = mm;
+      shs[0] = ss;
+    }
+  }
+  __syncthreads();
+  m = shm[0];
+  s = shs[0];
+}
+
+inline int row_threads(int64_t D) {
+  return D >= 4096 ? 512 : D >= 1024 ? 256 : D >= 256 ? 128 : 64;
+}
+
+inline unsigned grid_1d(int64_t n, int threads) {
+  int64_t blocks = (n + threads - 1) / threads;
+  if (blocks > 65536) blocks = 65536;  // grid-stride loops cover the rest
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
+}
+
+inline int sm_count() {
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms > 0 ? sms : 80;
+}
+
+namespace {
+// out[c] = sum_g partial[g * stride + c], c < D  (column sums of per-block partial gradients)
+__global__ void col_reduce_kernel(const float* partial, int64_t G, int64_t stride, int64_t D, float* out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= D) return;
+  float s = 0.f;
+  for (int64_t g = 0; g < G; ++g) s += partial[g * stride + c];
+  out[c] = s;
+}
+}  // namespace
+
+inline void col_reduce(const float* partial, int64_t G, int64_t stride, int64_t D, float* out, cudaStream_t s) {
+  if (out == nullptr || D == 0) return;
+  col_reduce_kernel<<<static_cast<unsigned>((D + 255) / 256), 256, 0, s>>>(partial, G, stride, D, out);
+}
+
+#define LLMK_DISPATCH_CUDA(dt, ...)    \
+  switch (dt) {                        \
+    case kF32: {                       \
+      using T = float;                 \
+      __VA_ARGS__;                     \
+      break;                           \
+    }                                  \
+    case kF16: {                       \
+      using T = __half;                \
+      __VA_ARGS__;                     \
+      break;                           \
+    }                                  \
+    case kBF16: {                      \
+      using T = __nv_bfloat16;         \
+      __VA_ARGS__;                     \
+      break;                           \
+    }                                  \
+    default:                           \
+      return cudaErrorInvalidValue;    \
+  }
+
+}  // namespace llmk_cuda

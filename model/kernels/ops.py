@@ -1,0 +1,464 @@
+"""Autograd wrappers around the compiled kernels and the per-call device dispatch.
+
+Each op is a `torch.autograd.Function` whose forward/backward call `torch.ops.llmk_cpu.*` (CPU
+tensors) or `torch.ops.llmk_cuda.*` (CUDA tensors); the library is picked from the input's device
+at call time and built lazily on first use (see `build.py`).  All outputs are allocated here and
+passed to the kernels, which write every element.
+
+Inputs the kernels do not cover go to the PyTorch reference (same semantics), never to a wrong
+result: other devices or dtypes (float64, float16 on CPU), mixed dtypes that change the result
+type, broadcasting shapes, cos/sin that require grad.  Such a fallback is logged once per
+(op, reason) at INFO level ("auto") or warned once ("fused").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+
+import torch
+
+from . import build, reference
+
+log = logging.getLogger(__name__)
+
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_once_lock = threading.Lock()
+_once_keys: set[str] = set()
+
+
+def _once(key: str) -> bool:
+    with _once_lock:
+        if key in _once_keys:
+            return False
+        _once_keys.add(key)
+        return True
+
+
+def reset_warnings() -> None:
+    """Forget which one-time messages were emitted (tests)."""
+    with _once_lock:
+        _once_keys.clear()
+
+
+def kernel_lib(device: torch.device, mode: str):
+    """The kernel library for `device` or None (use the reference).
+
+    mode "fused": a failed build raises RuntimeError; "auto": warns once per process and device type."""
+    dev = device.type
+    if dev not in ("cpu", "cuda"):
+        _fallback_note(mode, "*", f"no fused kernels for device type {dev!r}")
+        return None
+    try:
+        return build.load(dev)
+    except build.KernelBuildError as e:
+        if mode == "fused":
+            raise RuntimeError(
+                f"model.kernels=fused: the fused {dev.upper()} kernels could not be built ({e}). "
+                "Fix the toolchain, or use kernels=auto (falls back to PyTorch) or kernels=torch."
+            ) from e
+        if _once(f"build-failed:{dev}"):
+            warnings.warn(
+                f"model.kernels=auto: fused {dev.upper()} kernels unavailable, using the PyTorch reference "
+                f"ops instead. Reason: {e}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+
+
+def _fallback_note(mode: str, op: str, reason: str) -> None:
+    if not _once(f"fallback:{op}:{reason}"):
+        return
+    msg = f"model.kernels ({mode}): {op} uses the PyTorch reference: {reason}"
+    if mode == "fused":
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    else:
+        log.info(msg)
+
+
+def new_out(shape, dtype, device) -> torch.Tensor:
+    """Allocates every kernel output (uninitialised; the kernels write all of it).  The tests
+    replace this with a NaN-filling version so an element a kernel forgets to write fails."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dtype_ok(t: torch.Tensor) -> bool:
+    return t.dtype in (CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES)
+
+
+def _vec32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+# ------------------------------------------------------------------------------------------- norms
+
+
+class LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, lib):
+        N, D = x.shape
+        w32, b32 = _vec32(weight), _vec32(bias)
+        y = new_out(x.shape, x.dtype, x.device)
+        h = new_out(x.shape, x.dtype, x.device) if residual is not None else None
+        mean = new_out(N, torch.float32, x.device)
+        rstd = new_out(N, torch.float32, x.device)
+        lib.layer_norm_fwd(x, residual, w32, b32, eps, y, h, mean, rstd)
+        ctx.save_for_backward(h if h is not None else x, mean, rstd, w32)
+        ctx.lib, ctx.has_res = lib, residual is not None
+        ctx.wdtype = weight.dtype if weight is not None else None
+        ctx.bdtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        if h is not None:
+            return y, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, mean, rstd, w32 = ctx.saved_tensors
+        D = h.shape[1]
+        need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        dy = torch.zeros_like(h) if dy is None else dy.contiguous()
+        dres = dh.contiguous() if (ctx.has_res and dh is not None) else None
+        dx = new_out(h.shape, h.dtype, h.device)
+        dw = new_out(D, torch.float32, h.device) if need_w else None
+        db = new_out(D, torch.float32, h.device) if need_b else None
+        ctx.lib.layer_norm_bwd(dy, h, mean, rstd, w32, dres, dx, dw, db)
+        return (
+            dx if need_x else None,
+            dx if need_r else None,
+            dw.to(ctx.wdtype) if need_w else None,
+            db.to(ctx.bdtype) if need_b else None,
+            None,
+            None,
+        )
+
+
+class RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, out_dtype, lib):
+        N, D = x.shape
+        w32 = _vec32(weight)
+        y = new_out((N, D), out_dtype, x.device)
+        h = new_out(x.shape, x.dtype, x.device) if residual is not None else None
+        rstd = new_out(N, torch.float32, x.device)
+        lib.rms_norm_fwd(x, residual, w32, eps, y, h, rstd)
+        ctx.save_for_backward(h if h is not None else x, rstd, w32)
+        ctx.lib, ctx.has_res, ctx.out_dtype = lib, residual is not None, out_dtype
+        ctx.wdtype = weight.dtype if weight is not None else None
+        ctx.set_materialize_grads(False)
+        if h is not None:
+            return y, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, rstd, w32 = ctx.saved_tensors
+        D = h.shape[1]
+        need_x, need_r, need_w = ctx.needs_input_grad[:3]
+        if dy is None:
+            dy = torch.zeros(h.shape, dtype=ctx.out_dtype, device=h.device)
+        dy = dy.contiguous()
+        dres = dh.contiguous() if (ctx.has_res and dh is not None) else None
+        dx = new_out(h.shape, h.dtype, h.device)
+        dw = new_out(D, torch.float32, h.device) if need_w else None
+        ctx.lib.rms_norm_bwd(dy, h, rstd, w32, dres, dx, dw)
+        return dx if need_x else None, dx if need_r else None, dw.to(ctx.wdtype) if need_w else None, None, None, None
+
+
+# ------------------------------------------------------------------------------------- pointwise
+
+
+class BiasGeluFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, lib):
+        b32 = _vec32(bias)
+        y = new_out(x.shape, x.dtype, x.device)
+        lib.bias_gelu_fwd(x, b32, y)
+        ctx.save_for_backward(x, b32)
+        ctx.lib = lib
+        ctx.bdtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, b32 = ctx.saved_tensors
+        need_b = ctx.needs_input_grad[1]
+        dx = new_out(x.shape, x.dtype, x.device)
+        db = new_out(x.shape[1], torch.float32, x.device) if need_b else None
+        ctx.lib.bias_gelu_bwd(dy.contiguous(), x, b32, dx, db)
+        return dx, db.to(ctx.bdtype) if need_b else None, None
+
+
+class SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, lib):
+        y = new_out(gate.shape, gate.dtype, gate.device)
+        lib.swiglu_fwd(gate, up, y)
+        ctx.save_for_backward(gate, up)
+        ctx.lib = lib
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dg = new_out(gate.shape, gate.dtype, gate.device)
+        du = new_out(dg.shape, dg.dtype, dg.device)
+        ctx.lib.swiglu_bwd(dy.contiguous(), gate, up, dg, du)
+        return dg, du, None
+
+
+class RopeFn(torch.autograd.Function):
+    """Rotates q and k with one cos/sin; backward applies the transposed rotation."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, lib):
+        qo = new_out(q.shape, q.dtype, q.device)
+        ko = new_out(k.shape, k.dtype, k.device)
+        lib.rope_fwd(q, cos, sin, False, qo)
+        lib.rope_fwd(k, cos, sin, False, ko)
+        ctx.save_for_backward(cos, sin)
+        ctx.lib = lib
+        ctx.set_materialize_grads(False)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        grads = []
+        for g in (dq, dk):
+            if g is None:
+                grads.append(None)
+                continue
+            out = new_out(g.shape, g.dtype, g.device)
+            ctx.lib.rope_fwd(_head_view(g), cos, sin, True, out)
+            grads.append(out)
+        return grads[0], grads[1], None, None, None
+
+
+# --------------------------------------------------------------------------------- cross-entropy
+
+
+def logits_3d(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [B, T, V] without copying when the rows have two-level strides (e.g. a slice
+    `logits[:, :-1]`); only the vocabulary dimension must be contiguous."""
+    if logits.dim() == 1:
+        x = logits.view(1, 1, -1)
+    elif logits.dim() == 2:
+        x = logits.unsqueeze(0)
+    elif logits.dim() == 3:
+        x = logits
+    else:
+        x = logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+class CrossEntropyFn(torch.autograd.Function):
+    """Mean CE over non-ignored rows.  Saves only the logits (already alive) and lse [N].
+
+    Backward writes (softmax - onehot) * grad / count either into a fresh tensor (the gradient
+    itself, no other [N, V] temporary) or, with `inplace=True`, into the logits buffer (zero new
+    [N, V] memory).  The in-place path bumps the logits' version counter, so any other autograd
+    node that saved these logits (or a second backward through this one) fails loudly instead of
+    reading the gradient as logits.  Only use it when nothing else reads the logits afterwards."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, inplace, lib):
+        N = targets.numel()
+        loss_rows = new_out(N, torch.float32, logits.device)
+        lse = new_out(N, torch.float32, logits.device)
+        lib.ce_fwd(logits, targets, ignore_index, 0, True, loss_rows, lse, None)
+        count = (targets != ignore_index).sum()
+        ctx.save_for_backward(logits, targets, lse, count)
+        ctx.lib, ctx.ignore_index, ctx.inplace = lib, ignore_index, inplace
+        return loss_rows.sum() / count
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, targets, lse, count = ctx.saved_tensors
+        scale = (g.float() / count).reshape(1)
+        if ctx.inplace:
+            grad = logits
+        else:
+            grad = new_out(logits.shape, logits.dtype, logits.device)
+        ctx.lib.ce_bwd(logits, targets, lse, scale, ctx.ignore_index, 0, grad)
+        if ctx.inplace:
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------- op entries
+
+
+def layer_norm(x, weight, bias, eps: float, residual=None, *, mode: str = "fused"):
+    def ref():
+        return reference.layer_norm(x, weight, bias, eps, residual=residual)
+
+    if not _dtype_ok(x):
+        _fallback_note(mode, "layer_norm", f"dtype {x.dtype} on {x.device.type}")
+        return ref()
+    lib = kernel_lib(x.device, mode)
+    if lib is None:
+        return ref()
+    D = x.shape[-1]
+    reason = None
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        reason = "residual shape/dtype differs from x"
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != (D,) or not p.is_floating_point() or p.device != x.device):
+            reason = f"{name} is not a [D] float tensor on x's device"
+    if reason:
+        _fallback_note(mode, "layer_norm", reason)
+        return ref()
+    res = _rows(residual) if residual is not None else None
+    out = LayerNormFn.apply(_rows(x), res, weight, bias, float(eps), lib)
+    if residual is not None:
+        y, h = out
+        return y.view(x.shape), h.view(x.shape)
+    return out.view(x.shape)
+
+
+def rms_norm(x, weight, eps: float, residual=None, *, mode: str = "fused"):
+    def ref():
+        return reference.rms_norm(x, weight, eps, residual=residual)
+
+    if not _dtype_ok(x):
+        _fallback_note(mode, "rms_norm", f"dtype {x.dtype} on {x.device.type}")
+        return ref()
+    lib = kernel_lib(x.device, mode)
+    if lib is None:
+        return ref()
+    D = x.shape[-1]
+    out_dtype = torch.result_type(x, weight) if weight is not None else x.dtype
+    reason = None
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        reason = "residual shape/dtype differs from x"
+    if weight is not None and (weight.shape != (D,) or not weight.is_floating_point() or weight.device != x.device):
+        reason = "weight is not a [D] float tensor on x's device"
+    elif out_dtype not in (x.dtype, torch.float32):
+        reason = f"result dtype {out_dtype}"
+    if reason:
+        _fallback_note(mode, "rms_norm", reason)
+        return ref()
+    res = _rows(residual) if residual is not None else None
+    out = RMSNormFn.apply(_rows(x), res, weight, float(eps), out_dtype, lib)
+    if residual is not None:
+        y, h = out
+        return y.view(x.shape), h.view(x.shape)
+    return out.view(x.shape)
+
+
+def bias_gelu(x, bias, *, mode: str = "fused"):
+    def ref():
+        return reference.bias_gelu(x, bias)
+
+    if not _dtype_ok(x):
+        _fallback_note(mode, "bias_gelu", f"dtype {x.dtype} on {x.device.type}")
+        return ref()
+    lib = kernel_lib(x.device, mode)
+    if lib is None:
+        return ref()
+    if bias is not None and (bias.shape != (x.shape[-1],) or bias.dtype != x.dtype or bias.device != x.device):
+        _fallback_note(mode, "bias_gelu", "bias is not a [D] tensor of x's dtype")
+        return ref()
+    return BiasGeluFn.apply(_rows(x), bias, lib).view(x.shape)
+
+
+def _rows_strided(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [N, D] keeping a view when rows are evenly strided (e.g. chunks of a fused GEMM)."""
+    r = t.reshape(-1, t.shape[-1])
+    if r.shape[1] > 1 and r.stride(1) != 1:
+        r = r.contiguous()
+    return r
+
+
+def swiglu(gate, up, *, mode: str = "fused"):
+    def ref():
+        return reference.swiglu(gate, up)
+
+    if not _dtype_ok(gate):
+        _fallback_note(mode, "swiglu", f"dtype {gate.dtype} on {gate.device.type}")
+        return ref()
+    lib = kernel_lib(gate.device, mode)
+    if lib is None:
+        return ref()
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        _fallback_note(mode, "swiglu", "gate and up differ in shape/dtype")
+        return ref()
+    return SwiGLUFn.apply(_rows_strided(gate), _rows_strided(up), lib).view(gate.shape)
+
+
+def _rope_table(t: torch.Tensor, B: int, T: int, D: int) -> torch.Tensor | None:
+    """cos/sin as contiguous float32 [1 or B, T, D], or None when the layout is not supported."""
+    if t.dim() == 2 and tuple(t.shape) == (T, D):
+        t = t.unsqueeze(0)
+    elif t.dim() == 4 and t.shape[1] == 1 and t.shape[0] in (1, B) and tuple(t.shape[2:]) == (T, D):
+        t = t[:, 0]
+    else:
+        return None
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _head_view(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def rope(q, k, cos, sin, *, mode: str = "fused"):
+    def ref():
+        return reference.rope(q, k, cos, sin)
+
+    if not _dtype_ok(q):
+        _fallback_note(mode, "rope", f"dtype {q.dtype} on {q.device.type}")
+        return ref()
+    lib = kernel_lib(q.device, mode)
+    if lib is None:
+        return ref()
+    reason = None
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        reason = "q/k are not [B, H, T, D] with matching B, T, D"
+    elif q.shape[-1] % 2:
+        reason = "odd head dim"
+    elif not (q.dtype == k.dtype == cos.dtype == sin.dtype):
+        reason = "q, k, cos, sin dtypes differ (result dtype would change)"
+    elif cos.requires_grad or sin.requires_grad:
+        reason = "cos/sin require grad"
+    elif cos.device != q.device or sin.device != q.device or k.device != q.device:
+        reason = "tensors on different devices"
+    if reason is None:
+        B, _, T, D = q.shape
+        c, s = _rope_table(cos, B, T, D), _rope_table(sin, B, T, D)
+        if c is None or s is None or c.shape[0] != s.shape[0]:
+            reason = "cos/sin shape is not [T, D] or [B|1, 1, T, D]"
+    if reason:
+        _fallback_note(mode, "rope", reason)
+        return ref()
+    return RopeFn.apply(_head_view(q), _head_view(k), c, s, lib)
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, *, inplace_backward: bool = False,
+                  mode: str = "fused"):
+    def ref():
+        return reference.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+    if not _dtype_ok(logits):
+        _fallback_note(mode, "cross_entropy", f"dtype {logits.dtype} on {logits.device.type}")
+        return ref()
+    lib = kernel_lib(logits.device, mode)
+    if lib is None:
+        return ref()
+    x = logits_3d(logits)
+    t = targets.reshape(-1)
+    if t.numel() != x.shape[0] * x.shape[1] or t.is_floating_point() or t.device != logits.device:
+        _fallback_note(mode, "cross_entropy", "targets do not match the logits rows")
+        return ref()
+    t = t.to(torch.int64).contiguous()
+    return CrossEntropyFn.apply(x, t, int(ignore_index), bool(inplace_backward), lib)
