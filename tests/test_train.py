@@ -158,3 +158,11 @@ def test_signal_saves_checkpoint_then_exits(root, sig):
     ck = root / "runs" / name / "checkpoints"
     step = int((ck / "latest").read_text().strip().split("_")[1])
     assert step >= 3 and max(train_losses(root, name)) == step
+
+
+def test_bf16_mixed_precision_run_learns(root):
+    out = run_train(root, "bf16", "train.max_steps=20", "train.precision=bf16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "precision: bf16" in out.stdout
+    losses = train_losses(root, "bf16")
+    assert losses[20] < losses[1] - 0.3

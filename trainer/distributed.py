@@ -67,8 +67,14 @@ def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistInfo:
     else:
         device = torch.device("cpu")
     import deepspeed
+    import deepspeed.ops
 
     quiet_deepspeed()
+    if device_type == "cpu":
+        # DeepSpeed's shared-memory all-reduce for CPU ranks leaves a /dev/shm segment per rank
+        # and job that nothing removes (gigabytes after a day of runs); gloo alone is exact and
+        # fast enough for the CPU layouts this repository runs.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)

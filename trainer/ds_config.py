@@ -32,10 +32,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
             reduce_bucket_size=par.bucket_size,
             allgather_bucket_size=par.bucket_size,
         )
-        if par.zero_stage in (1, 2):
-            # Partitions saved in a layout-independent form, so a ZeRO-1/2 checkpoint (optimizer
-            # state included) loads with another data-parallel degree or the other stage.
-            zero["elastic_checkpoint"] = True
+
         if par.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
         if par.zero_stage == 3:
@@ -67,9 +64,6 @@ def deepspeed_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if par.zero_stage == 0 and precision == "bf16":
-        # bf16 with ZeRO-0 uses DeepSpeed's BF16 optimizer wrapper (fp32 master weights).
-        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
 
 
