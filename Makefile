@@ -44,8 +44,18 @@ bench-train: $(STAMP)
 kernels: $(STAMP)
 	$(PY) -m model.kernels.build
 
+# Kernel table (eager / torch.compile / fused), then the training step with each kernel mode.
 bench: $(STAMP)
-	$(PY) bench/bench_kernels.py $(ARGS)
+	$(PY) bench/bench_kernels.py
+	$(PY) bench/bench_train.py --steps 20 --rounds 3
+
+# One script for a lent H100/H200 (see bench/gpu_check.sh); its table lands in bench/results/.
+gpu-check:
+	bash bench/gpu_check.sh
+
+# Wheels that gpu-check installs on a machine without network (pytest, ninja and their deps).
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --only-binary=:all: -d build/gpu-wheels pytest ninja
 
 clean:
 	rm -rf build .cache .pytest_cache

@@ -166,3 +166,21 @@ def test_bf16_mixed_precision_run_learns(root):
     assert "precision: bf16" in out.stdout
     losses = train_losses(root, "bf16")
     assert losses[20] < losses[1] - 0.3
+
+
+def test_fused_and_torch_kernels_train_alike_and_share_checkpoints(root):
+    fused = run_train(root, "k-fused", "train.max_steps=8", "model.kernels=fused", "train.checkpoint_every=4")
+    assert fused.returncode == 0, fused.stderr[-3000:]
+    assert "kernels: fused" in fused.stdout
+    torch_ = run_train(root, "k-torch", "train.max_steps=8", "model.kernels=torch")
+    assert torch_.returncode == 0, torch_.stderr[-3000:]
+    a, b = train_losses(root, "k-fused"), train_losses(root, "k-torch")
+    for step in range(1, 9):
+        assert a[step] == pytest.approx(b[step], rel=1e-4), step
+    # a checkpoint written with fused kernels resumes with the references (same parameters)
+    ck = root / "runs" / "k-fused" / "checkpoints" / "step_00000004"
+    resumed = run_train(root, "k-mixed", "train.max_steps=8", "model.kernels=torch", f"train.resume={ck}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = train_losses(root, "k-mixed")
+    for step in range(5, 9):
+        assert c[step] == pytest.approx(a[step], rel=1e-4), step
