@@ -19,23 +19,21 @@ STEPS = 10
 # Single process: 8 sequences per step. Each layout keeps the global batch at 8.
 REFERENCE = ["parallel.micro_batch=8", "parallel.global_batch=8"]
 
+# layout -> (recipe in recipes/, overrides that keep the global batch at 8, tolerance). The
+# recipes' own parallel settings (ZeRO stage, tp, pp, process count) are what is tested.
 LAYOUTS = {
-    "zero1": (["parallel.zero_stage=1", "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-4),
-    "zero2": (["parallel.zero_stage=2", "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-4),
-    "zero3": (["parallel.zero_stage=3", "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-4),
-    "zero3-offload": (["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_params=true",
-                       "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-4),
-    "pp2": (["parallel.pp=2", "launch.procs_per_node=2", "parallel.micro_batch=4"], 1e-3),
-    "pp2-dp2-zero1": (["parallel.pp=2", "parallel.zero_stage=1", "launch.procs_per_node=4",
-                       "parallel.micro_batch=2"], 1e-3),
-    "tp2": (["parallel.tp=2", "launch.procs_per_node=2", "parallel.micro_batch=8"], 1e-4),
-    "tp2-sp": (["parallel.tp=2", "parallel.sequence_parallel=true", "launch.procs_per_node=2",
-                "parallel.micro_batch=8"], 1e-4),
-    "tp2-dp2-zero1": (["parallel.tp=2", "parallel.zero_stage=1", "launch.procs_per_node=4",
-                       "parallel.micro_batch=4"], 1e-4),
-    "tp2-pp2": (["parallel.tp=2", "parallel.pp=2", "launch.procs_per_node=4", "parallel.micro_batch=4"], 1e-3),
-    "zero1-accum": (["parallel.zero_stage=1", "launch.procs_per_node=2", "parallel.micro_batch=2",
-                     "parallel.global_batch=8"], 1e-4),
+    "zero1": ("gpt-tiny-zero1", ["parallel.micro_batch=4"], 1e-4),
+    "zero2": ("gpt-tiny-zero2", ["parallel.micro_batch=4"], 1e-4),
+    "zero3": ("gpt-tiny-zero3", ["parallel.micro_batch=4"], 1e-4),
+    "zero3-offload": ("gpt-tiny-zero3-offload", ["parallel.micro_batch=4"], 1e-4),
+    "zero1-accum": ("gpt-tiny-zero1", ["parallel.micro_batch=2"], 1e-4),
+    "tp2": ("gpt-tiny-tp2", ["parallel.micro_batch=8"], 1e-4),
+    "tp2-sp": ("gpt-tiny-tp2", ["parallel.micro_batch=8", "parallel.sequence_parallel=true"], 1e-4),
+    "tp2-dp2-zero1": ("gpt-tiny-tp2-dp2-zero1", ["parallel.micro_batch=4"], 1e-4),
+    "pp2": ("gpt-tiny-pp2", ["parallel.micro_batch=4"], 1e-3),
+    "pp2-dp2-zero1": ("gpt-tiny-pp2", ["parallel.zero_stage=1", "launch.procs_per_node=4",
+                                       "parallel.micro_batch=2"], 1e-3),
+    "tp2-pp2": ("gpt-tiny-tp2-pp2", ["parallel.micro_batch=4"], 1e-3),
 }
 
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "optim.warmup_steps=3"]
@@ -61,8 +59,8 @@ def _weights(root, name) -> dict[str, torch.Tensor]:
 @pytest.mark.dist
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(root, reference, layout):
-    overrides, tol = LAYOUTS[layout]
-    out = run_train(root, layout, *COMMON, *overrides, "parallel.global_batch=8", timeout=600)
+    recipe, overrides, tol = LAYOUTS[layout]
+    out = run_train(root, layout, *COMMON, *overrides, "parallel.global_batch=8", recipe=recipe, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     ref_losses, ref_weights = reference
     losses = train_losses(root, layout)
