@@ -12,6 +12,8 @@ Stopping: SIGTERM or SIGUSR1 to this supervisor is delivered to the ranks themse
 DeepSpeed's per-node launcher), which save a checkpoint together at the next step and exit with
 128+signal. The two launcher processes in between ignore both signals, so a signal sent to the whole
 process tree (which is how Slurm signals a job step) cannot kill them before the ranks have saved.
+(Several nodes through ssh/pdsh with `launch.hostfile`: the ranks are remote, so the supervisor sends
+SIGTERM to DeepSpeed's runner instead, as before.)
 
 Inside a Slurm job (launch/slurm.py renders the script) one supervisor runs per node: the script
 exports LAUNCH_MASTER_ADDR/LAUNCH_MASTER_PORT, the node rank is the srun task's SLURM_NODEID, and the
@@ -47,16 +49,19 @@ def free_port() -> int:
 
 def deepspeed_command(recipe_arg: str, overrides: list[str], procs_per_node: int, nodes: int = 1,
                       master_port: int | None = None, master_addr: str | None = None,
-                      hostfile: str | None = None, node_rank: int | None = None) -> list[str]:
+                      hostfile: str | None = None, node_rank: int | None = None,
+                      include: str | None = None) -> list[str]:
     """The `deepspeed` launcher command that starts every local rank of this recipe.
 
     With `node_rank` set (e.g. one launcher per node started by Slurm's srun), the launcher runs
-    without ssh: each node starts only its own ranks."""
+    without ssh: each node starts only its own ranks. `include` (`host:0,1@host2:0,1`) names the
+    devices per host instead of counting them (DeepSpeed takes one or the other)."""
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [exe, "--log_level", "warning", "--num_gpus", str(procs_per_node), "--master_port", str(master_port or free_port()),
+    devices = ["--include", include] if include else ["--num_gpus", str(procs_per_node)]
+    cmd = [exe, "--log_level", "warning", *devices, "--master_port", str(master_port or free_port()),
            "--no_local_rank", "--module"]
     if node_rank is not None:
-        cmd += ["--no_ssh", "--node_rank", str(node_rank), "--num_nodes", str(nodes)]
+        cmd += ["--no_ssh", "--node_rank", str(node_rank)] + ([] if include else ["--num_nodes", str(nodes)])
     elif nodes > 1:
         cmd += ["--num_nodes", str(nodes)]
     if hostfile:
@@ -167,19 +172,32 @@ def _signal_ranks(proc: subprocess.Popen, signum: int, delivered: set[int]) -> N
         delivered.add(rank.pid)
 
 
-def _write_hostfile(layout: NodeLayout, procs_per_node: int) -> str:
+def _write_hostfile(layout: NodeLayout, slots: int) -> str:
     """A DeepSpeed hostfile with one line per node of the job. Without ssh the names are only labels:
-    the launcher of node r starts the `slots` ranks of line r, numbered after those of lines < r."""
+    the launcher of node r starts the ranks of line r, numbered after those of lines < r."""
     fd, path = tempfile.mkstemp(prefix="ds-hostfile-", suffix=".txt")
     with os.fdopen(fd, "w") as f:
-        f.writelines(f"node{i} slots={procs_per_node}\n" for i in range(layout.nodes))
+        f.writelines(f"node{i} slots={slots}\n" for i in range(layout.nodes))
     return path
+
+
+def slurm_gpu_ids(recipe: Recipe, env: dict | None = None) -> list[int] | None:
+    """The GPUs Slurm gave this node's task (CUDA_VISIBLE_DEVICES), when they are plain indices and
+    one per process. DeepSpeed's launcher would otherwise number the node's GPUs from 0, which picks
+    another job's GPUs on a shared node without device cgroups."""
+    env = os.environ if env is None else env
+    ids = [i.strip() for i in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip()]
+    if not recipe.launch.gpus_per_node or len(ids) != recipe.launch.procs_per_node or not all(
+            i.isdigit() for i in ids):
+        return None
+    return [int(i) for i in ids]
 
 
 def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
     stop: dict = {}
     delivered: set[int] = set()
     proc: subprocess.Popen | None = None
+    direct = True  # the ranks are this machine's: signal them directly
 
     def forward(signum, frame):
         # Straight to the ranks: they save a checkpoint together at the next step and exit with
@@ -189,13 +207,17 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
             delivered.clear()  # a different signal goes to every rank again
         stop["signal"] = signum
         if proc is not None:
-            _signal_ranks(proc, signum, delivered)
+            if direct:
+                _signal_ranks(proc, signum, delivered)
+            elif proc.poll() is None:  # ssh multi-node: DeepSpeed's runner stops the remote ranks
+                proc.send_signal(signal.SIGTERM)
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
     logs = logs_dir(recipe)
     logs.mkdir(parents=True, exist_ok=True)
     layout = slurm_layout(recipe)
+    direct = layout is not None or recipe.launch.nodes == 1
     ppn = recipe.launch.procs_per_node
     first = (layout.node_rank if layout else 0) * ppn
     local_ranks = range(first, first + ppn) if layout else range(recipe.world_size())
@@ -204,9 +226,12 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
             stale.unlink(missing_ok=True)
     hostfile = None
     if layout is not None:
-        hostfile = _write_hostfile(layout, ppn)
+        gpus = slurm_gpu_ids(recipe)
+        include = "@".join(f"node{i}:{','.join(map(str, gpus))}" for i in range(layout.nodes)) if gpus else None
+        hostfile = _write_hostfile(layout, max(gpus) + 1 if gpus else ppn)
         cmd = deepspeed_command(recipe_arg, overrides, ppn, layout.nodes, master_port=layout.master_port,
-                                master_addr=layout.master_addr, hostfile=hostfile, node_rank=layout.node_rank)
+                                master_addr=layout.master_addr, hostfile=hostfile, node_rank=layout.node_rank,
+                                include=include)
     else:
         cmd = deepspeed_command(recipe_arg, overrides, ppn, recipe.launch.nodes, hostfile=recipe.launch.hostfile)
     env = launcher_env(ppn)
@@ -217,7 +242,7 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
         print(f"stopped: {name} received before the ranks started; no checkpoint written", file=sys.stderr,
               flush=True)
         return 128 + int(stop["signal"])
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_stop_signals)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_stop_signals if direct else None)
     try:
         while True:
             try:
@@ -226,7 +251,7 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 # Ranks that were still starting (before the training loop installed its handlers)
                 # or did not exist yet get the signal now.
-                if stop:
+                if stop and direct:
                     _signal_ranks(proc, stop["signal"], delivered)
             except KeyboardInterrupt:
                 # The launcher got the same SIGINT (same process group) and forwards it to the ranks.
@@ -235,6 +260,10 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
         if hostfile:
             os.unlink(hostfile)
     stopped = rc in {128 + int(s) for s in (signal.SIGINT, *STOP_SIGNALS)}  # checkpoint saved; rank 0 said so
+    if stopped and stop:
+        # A rank that had not seen the signal yet when the ranks agreed to stop reports SIGTERM; the
+        # launcher passes on whichever rank exited first. Report the signal this supervisor got.
+        rc = 128 + int(stop["signal"])
     if rc not in (0, 2) and not stopped:  # 2: a usage error that rank 0 has already reported in one line
         print(f"error: {describe_failure(logs, local_ranks, rc)}", file=sys.stderr, flush=True)
     return rc

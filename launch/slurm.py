@@ -188,6 +188,9 @@ def submit(args) -> int:
     print(f"submitted job {job_id} ({where}): {script}")
     print(f"  Slurm log:  {script.parent / (job_id + '.out')}")
     print(f"  rank logs:  {rdir / 'logs'}/   metrics: {rdir / 'metrics.jsonl'}")
-    print(f"  watch:      squeue -j {job_id}   stop (checkpoint, no requeue): scancel {job_id}")
+    print(f"  watch:      squeue -j {job_id}")
+    print(f"  stop:       scancel --signal=TERM {job_id}   (checkpoint, then end; plain scancel kills after "
+          "the cluster's KillWait)")
+    print(f"  requeue:    scancel --signal=USR1 --batch {job_id}   (checkpoint, then continue in a new allocation)")
     return 0
 

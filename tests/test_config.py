@@ -160,8 +160,8 @@ def test_code_reads_only_declared_config_keys():
     for folder in ("trainer", "launch", "model", "agents", "bench"):
         for path in sorted((REPO_ROOT / folder).rglob("*.py")):
             for section, key, line in _config_reads(ast.parse(path.read_text())):
-                if section not in declared:
-                    continue  # e.g. recipe.world_size(): a method, not a section
+                if section not in declared or key.startswith("model_"):
+                    continue  # recipe.world_size(), recipe.model.model_copy(): methods, not keys
                 count += 1
                 if key not in declared[section]:
                     problems.append(f"{path.relative_to(REPO_ROOT)}:{line}: {section}.{key}")

@@ -96,6 +96,16 @@ def all_true(flag: bool) -> bool:
     return int(t.item()) == 0
 
 
+def max_int(value: int) -> int:
+    """The largest `value` over all ranks."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64,
+                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return obj

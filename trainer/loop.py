@@ -24,7 +24,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import faults
 from .data import DataSpec, ShardedSampler, TokenBlocks, prepare_data
-from .distributed import DistInfo, all_true, barrier
+from .distributed import DistInfo, all_true, barrier, max_int
 from .ds_config import deepspeed_config, lr_lambda, resolve_precision
 from .evaluation import (
     bits_per_byte,
@@ -437,8 +437,10 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
             if recipe.train.checkpoint_every and step % recipe.train.checkpoint_every == 0 and not done:
                 save(step)
             faults.maybe_kill(faults.KILL_AFTER_STEP, step)
-            if not all_true("signal" not in signal_state):
-                stop_reason = signal_state.get("signal", signal.SIGTERM)
+            # Every rank stops at the same step, naming the same signal (the largest one seen).
+            stop_signal = max_int(int(signal_state.get("signal", 0)))
+            if stop_signal:
+                stop_reason = stop_signal
                 break
     finally:
         if bar is not None:

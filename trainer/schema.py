@@ -125,7 +125,7 @@ class LaunchSection(Section):
     partition: str | None = _f(None, "Slurm partition (null = the cluster's default)")
     account: str | None = _f(None, "Slurm account charged for the job (null = your default)")
     time: str | None = _f(None, "Slurm time limit, quoted in YAML: '24:00:00', '2-00:00:00', '90' (minutes); "
-                          "null = the partition's default", pattern=r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+                          "null = the partition's default", pattern=r"^(UNLIMITED|INFINITE|\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
     gpus_per_node: NonNegInt = _f(0, "GPUs per Slurm node (0 = CPU nodes); one process per GPU, so it must "
                                   "equal launch.procs_per_node")
     cpus_per_task: PosInt | None = _f(None, "CPUs per node for the job's one task per node (its ranks and data "
