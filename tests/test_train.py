@@ -184,3 +184,16 @@ def test_fused_and_torch_kernels_train_alike_and_share_checkpoints(root):
     c = train_losses(root, "k-mixed")
     for step in range(5, 9):
         assert c[step] == pytest.approx(a[step], rel=1e-4), step
+
+
+@pytest.mark.parametrize("make_path, fragment", [
+    (lambda tmp: tmp / "does-not-exist", "does-not-exist"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "empty"),
+])
+def test_bad_data_path_is_one_line_exit_2(tmp_path, make_path, fragment):
+    path = make_path(tmp_path)
+    out = run_train(tmp_path, "baddata", "train.max_steps=2", f"data.path={path}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], out.stderr
+    assert not (tmp_path / "runs" / "baddata" / "checkpoints").exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import time
 
 import torch
 
@@ -100,17 +99,25 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
         for key, tf in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tf * 1e12, f"{key} bf16 dense peak"
-    # CPU (or an unknown GPU): the measured throughput of a dense fp32 matmul on this device, so
-    # MFU reads as "fraction of what this machine's GEMM reaches".
-    n = 1024
-    gen = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
-    a = torch.randn(n, n, device=device, generator=gen)
-    b = torch.randn(n, n, device=device, generator=gen)
-    a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        a @ b
-        reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0), "measured fp32 matmul"
+        return 0.0, f"unknown GPU {name!r}: set train.peak_tflops"
+    return cpu_peak_flops()
+
+
+def cpu_peak_flops() -> tuple[float, str]:
+    """Theoretical fp32 peak of the cores torch uses: threads x clock x FMA width (AVX-512: 32
+    fp32 FMA lanes = 64 FLOP per cycle with two FMA units counted as one; AVX2: 32; else 8).
+    A measured matmul would drift with whatever else the machine runs."""
+    flags, mhz = "", 0.0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = line
+                elif line.startswith("cpu MHz") and not mhz:
+                    mhz = float(line.split(":")[1])
+    except OSError:
+        pass
+    per_cycle = 64 if "avx512f" in flags else 32 if " fma" in flags else 8
+    ghz = (mhz or 2000.0) / 1000
+    threads = torch.get_num_threads()
+    return threads * ghz * per_cycle * 1e9, f"CPU fp32 peak {threads} threads x {ghz:.1f} GHz x {per_cycle} FLOP/cycle"

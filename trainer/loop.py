@@ -414,7 +414,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
                 gn = grad_norm if plain_grads else engine.get_global_grad_norm()
                 tracker.log({"step": step, "loss": float(step_loss) if finite else None, "lr": lr,
                              "grad_norm": float(gn) if gn is not None and finite else None,
-                             "tokens_per_s": tps, "mfu": flops_per_token * tps / peak,
+                             "tokens_per_s": tps, "mfu": flops_per_token * tps / peak if peak else None,
                              "skipped_steps": skipped_total, "step_time_s": dt,
                              **_memory_stats(dist.device)})
             if bar is not None:
@@ -476,7 +476,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
         "run_dir": str(paths.run_dir), "steps": step, "params": n_params,
         "final_train_loss": last_loss, "final_val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
         "gzip_bpb": gzip_bits_per_byte(data.val_text()), "ln_vocab": math.log(data.vocab_size),
-        "tokens_per_s": ema_tps, "mfu": flops_per_token * (ema_tps or 0) / peak, "peak_flops_source": peak_source,
+        "tokens_per_s": ema_tps, "mfu": flops_per_token * (ema_tps or 0) / peak if peak else None, "peak_flops_source": peak_source,
         "skipped_steps": skipped_total, "checkpoint": str(folder), "sample": sample,
     }
     if is_main:
@@ -506,7 +506,7 @@ def _print_summary(s: dict) -> None:
         f"final loss:      train {s['final_train_loss']:.4f}   val {s['final_val_loss']:.4f} "
         f"({ratio:.0%} of ln(vocab) = {s['ln_vocab']:.3f})\n"
         f"bits per byte:   model {s['val_bpb']:.3f}   gzip -9 {s['gzip_bpb']:.3f}\n"
-        f"throughput:      {s['tokens_per_s']:,.0f} tokens/s   MFU {s['mfu']:.1%} ({s['peak_flops_source']})\n"
+        f"throughput:      {s['tokens_per_s']:,.0f} tokens/s   MFU {s['mfu'] or 0:.1%} ({s['peak_flops_source']})\n"
         f"sample:\n{s['sample']}\n",
         flush=True,
     )

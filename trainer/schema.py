@@ -94,8 +94,8 @@ class TrainSection(Section):
     max_nan_steps: PosInt = _f(5, "stop after this many consecutive skipped (non-finite) steps")
     sample_tokens: NonNegInt = _f(64, "tokens generated for the sample at evaluations and at the end")
     sample_prompt: str = _f("def ", "prompt of the generated sample")
-    peak_tflops: float | None = _f(None, "device peak for MFU; null = known GPU table, or measured matmul "
-                                   "throughput on CPU", gt=0.0)
+    peak_tflops: float | None = _f(None, "device peak for MFU; null = known GPU table, or the CPU's theoretical fp32 FMA peak "
+                                   "(threads x clock x FLOP per cycle)", gt=0.0)
     progress: bool = _f(True, "show progress bars on rank 0")
 
 
