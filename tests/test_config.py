@@ -50,7 +50,7 @@ def test_recipe_by_path(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text("defaults: [model/gpt-tiny, data/stdlib]\ntrain:\n  max_steps: 7\n")
     r = load_recipe(str(p))
-    assert r.run.name == "mine" and r.train.max_steps == 7 and r.model.n_layer == 6
+    assert r.run.name == "mine" and r.train.max_steps == 7 and r.model.n_layer == 4  # from model/gpt-tiny
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -107,7 +107,7 @@ def test_layout_checks_need_world_size():
     r = load_recipe("gpt-tiny", ["parallel.global_batch=20", "parallel.micro_batch=8"])
     with pytest.raises(ValueError, match="global_batch=20"):
         r.grad_accum_steps()
-    assert load_recipe("gpt-tiny", ["parallel.global_batch=32"]).grad_accum_steps() == 2
+    assert load_recipe("gpt-tiny", ["parallel.micro_batch=16", "parallel.global_batch=32"]).grad_accum_steps() == 2
 
 
 def _cli(*args, cwd):
