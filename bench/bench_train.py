@@ -114,18 +114,21 @@ def main() -> None:
     flops = GPT(GPTConfig(style=m.style, vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
                           d_model=m.d_model, max_seq_len=m.max_seq_len)).flops_per_token(recipe.data.seq_len)
     base = statistics.median(results["plain PyTorch loop (torch ops)"])
-    print(f"\nmodel: {args.recipe} (micro-batch {recipe.parallel.micro_batch} x {recipe.data.seq_len} tokens), "
-          f"{args.steps} steps x {args.rounds} rounds, {torch.get_num_threads()} threads, device {dist.device}, "
-          f"MFU against {source} {peak / 1e12:.2f} TFLOP/s")
-    print("| loop | tokens/s (median) | MFU | vs plain | rounds |")
-    print("|---|---:|---:|---:|---|")
+    lines = [f"model: {args.recipe} (micro-batch {recipe.parallel.micro_batch} x {recipe.data.seq_len} tokens), "
+             f"{args.steps} steps x {args.rounds} rounds, {torch.get_num_threads()} threads, device {dist.device}, "
+             f"MFU against {source} {peak / 1e12:.2f} TFLOP/s", "",
+             "| loop | tokens/s (median) | MFU | vs plain | rounds |", "|---|---:|---:|---:|---|"]
     for name, xs in results.items():
         med = statistics.median(xs)
-        print(f"| {name} | {med:,.0f} | {flops * med / peak:.1%} | {med / base:.3f} | "
-              f"{', '.join(f'{x:,.0f}' for x in xs)} |")
+        lines.append(f"| {name} | {med:,.0f} | {flops * med / peak:.1%} | {med / base:.3f} | "
+                     f"{', '.join(f'{x:,.0f}' for x in xs)} |")
     ours = statistics.median(results["ours, DeepSpeed engine, torch ops"])
-    print(f"\nratio ours / plain (same ops): {ours / base:.3f}  (goal >= 0.90)")
-
+    lines += ["", f"ratio ours / plain (same ops): {ours / base:.3f}  (goal >= 0.90)"]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text, end="")
+    out = Path(__file__).resolve().parent / "results" / f"train-{dist.device.type}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("# Training step: our loop vs a plain PyTorch loop (`make bench-train`)\n\n" + text)
 
 if __name__ == "__main__":
     main()
