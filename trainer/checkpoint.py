@@ -16,7 +16,6 @@ save. Loading verifies the manifest, so a truncated or altered file is refused w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ import torch
 
 from . import faults
 from .distributed import barrier
+from .files import atomic_write_text, fsync_dir, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -41,38 +41,9 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(folder: Path) -> dict:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 def rng_state() -> dict:
@@ -135,7 +106,7 @@ def save(engine, root: Path, step: int, loop_state: dict, meta: dict, rank: int,
         (partial / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         atomic_write_text(partial / "manifest.json", json.dumps(_manifest(partial), indent=1))
         os.replace(partial, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         atomic_write_text(root / "latest", name + "\n")
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -157,7 +128,7 @@ def verify(folder: Path) -> dict:
         p = folder / rel
         if not p.exists():
             raise CheckpointError(f"checkpoint {folder} is corrupted: {rel} is missing; {_suggest_other(folder)}")
-        if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+        if p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
             raise CheckpointError(f"checkpoint {folder} is corrupted: {rel} does not match its recorded "
                                   f"sha256; {_suggest_other(folder)}")
     try:

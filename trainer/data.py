@@ -82,6 +82,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
+from .files import sha256_file
+
 __all__ = [
     "DataError",
     "DataSpec",
@@ -364,14 +366,6 @@ def split_documents(identities: Sequence[str], val_fraction: float, seed: int) -
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_tokenizer_path(path: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -542,7 +536,7 @@ def _spec_key_material(spec: DataSpec, tok_path: Path | None) -> dict[str, Any]:
     return {
         "text_field": spec.text_field,
         "vocab_size": spec.vocab_size,
-        "tokenizer_sha256": _sha256_file(tok_path) if tok_path else None,
+        "tokenizer_sha256": sha256_file(tok_path) if tok_path else None,
         "val_fraction": spec.val_fraction,
         "max_documents": spec.max_documents,
         "seed": spec.seed,

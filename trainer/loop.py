@@ -34,6 +34,7 @@ from .evaluation import (
     peak_flops,
     sample_text,
 )
+from .files import atomic_write_text
 from .parallel import build_parallel_model, gather_full_state_dict, make_layout
 from .recipe import recipe_to_dict
 from .schema import Recipe
@@ -242,7 +243,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
 
     if is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(paths.run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+        atomic_write_text(paths.run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
         (paths.run_dir / "tokenizer.json").write_bytes(Path(data.tokenizer_path).read_bytes())
     barrier()
 
@@ -268,7 +269,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
         model.to(dist.device)  # DeepSpeed's pipeline engine places its own stage
     ds_cfg = deepspeed_config(recipe, dist.world_size, dist.device.type)
     if is_main:
-        ckpt.atomic_write_text(paths.run_dir / "ds_config.json", json.dumps(ds_cfg, indent=1))
+        atomic_write_text(paths.run_dir / "ds_config.json", json.dumps(ds_cfg, indent=1))
     schedule = lr_lambda(recipe)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, recipe.optim.weight_decay), config=ds_cfg,
@@ -482,7 +483,7 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     if is_main:
         tracker.log_sample(step, recipe.train.sample_prompt, sample)
         tracker.finish()
-        ckpt.atomic_write_text(paths.run_dir / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(paths.run_dir / "summary.json", json.dumps(summary, indent=1))
         _print_summary(summary)
     return summary
 

@@ -13,7 +13,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 
 
 class NullTracker:
