@@ -56,3 +56,19 @@ def test_move_between_tp_pp_and_zero(root, reference, first, second, name):
         assert abs(losses[s] - reference[s]) < 0.05, (s, losses[s], reference[s])
     assert losses[STEPS] < losses[CUT]
     shutil.rmtree(root / "runs" / name)
+
+
+ZERO1 = ["parallel.zero_stage=1", "launch.procs_per_node=2", "parallel.micro_batch=4"]
+ZERO3 = ["parallel.zero_stage=3", "launch.procs_per_node=2", "parallel.micro_batch=4"]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("first, second, name", [(ZERO1, ZERO2, "zero1-to-zero2"),
+                                                 (SINGLE, ZERO3, "single-to-zero3")])
+def test_zero_moves_keep_adam_state(root, reference, first, second, name):
+    out, losses = _move(root, name, first, second)
+    assert "Adam state carried over" in out.stdout
+    # weights, Adam moments and step count all carried: the run continues as if never moved
+    for s in range(1, STEPS + 1):
+        assert losses[s] == pytest.approx(reference[s], rel=1e-4), s
+    shutil.rmtree(root / "runs" / name)

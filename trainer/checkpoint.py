@@ -83,8 +83,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def save(engine, root: Path, step: int, loop_state: dict, meta: dict, rank: int, keep: int) -> Path:
-    """Collective: every rank must call it. Returns the finished checkpoint folder."""
+def save(engine, root: Path, step: int, loop_state: dict, meta: dict, rank: int, keep: int,
+         extra: dict[str, object] | None = None) -> Path:
+    """Collective: every rank must call it. Returns the finished checkpoint folder. `extra`:
+    {file name: object} that rank 0 adds with torch.save (covered by the manifest like the rest)."""
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     partial = root / f"{name}.partial"
@@ -103,6 +105,8 @@ def save(engine, root: Path, step: int, loop_state: dict, meta: dict, rank: int,
     barrier()
     faults.maybe_kill(faults.KILL_IN_SAVE, step)
     if rank == 0:
+        for file_name, obj in (extra or {}).items():
+            torch.save(obj, partial / file_name)
         (partial / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         atomic_write_text(partial / "manifest.json", json.dumps(_manifest(partial), indent=1))
         os.replace(partial, final)

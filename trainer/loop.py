@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from . import faults
+from . import faults, optim_state
 from .data import DataSpec, ShardedSampler, TokenBlocks, prepare_data
 from .distributed import DistInfo, all_true, barrier, max_int
 from .ds_config import deepspeed_config, lr_lambda, resolve_precision
@@ -154,13 +154,16 @@ class LayoutChange:
 
     before: dict
     after: dict
+    adam_file: Path | None = None
 
     @property
     def optimizer_portable(self) -> bool:
-        """Whether DeepSpeed can reshard the optimizer partitions itself. Its ZeRO-1/2 "elastic"
-        checkpoints would, but DeepSpeed 0.19.8 cannot restore them for torch's AdamW (it asserts
-        on the missing step entry), so every layout change starts the optimizer afresh."""
-        return False
+        """Adam moments move with the run when neither side uses tensor or pipeline parallelism
+        (the checkpoint then holds them by parameter name, see `optim_state`). DeepSpeed's own
+        ZeRO-1/2 "elastic" checkpoints cannot restore torch's AdamW in 0.19.8."""
+        b, a = self.before, self.after
+        return (b["tp"] == b["pp"] == a["tp"] == a["pp"] == 1 and self.adam_file is not None
+                and self.adam_file.exists())
 
     def describe(self) -> str:
         f = "tp={tp} pp={pp} zero={zero_stage} world={world_size}"
@@ -254,7 +257,9 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     _seed_all(recipe.train.seed)
     full_model = build_model(recipe, data.vocab_size)
     move = layout_change(resume_meta, recipe, dist.world_size) if resume_meta is not None else None
-    if move is not None and not move.optimizer_portable:
+    if move is not None:
+        move.adam_file = resume_from / optim_state.FILE
+    if move is not None:
         # Another layout wrote the checkpoint: start from its consolidated weights (resharded
         # below like any full model); DeepSpeed's shards cannot be read by this layout.
         from launch.export import consolidated_state_dict
@@ -283,24 +288,24 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
     sampler = ShardedSampler(len(train_blocks), recipe.parallel.micro_batch, dp_rank, dp_world, recipe.train.seed)
 
     start_step = 0
-    if resume_from is not None and (move is None or move.optimizer_portable):
-        loop_state = ckpt.load(engine, resume_from, dist.rank if move is None else None)
+    if resume_from is not None and move is None:
+        loop_state = ckpt.load(engine, resume_from, dist.rank)
         sampler.load_state_dict(loop_state["sampler"])
+        ckpt.set_rng_state(loop_state["rng"])
         start_step = loop_state["step"]
-        if move is None:
-            ckpt.set_rng_state(loop_state["rng"])
-        else:
-            _seed_all(recipe.train.seed + start_step)
     elif resume_from is not None:
         loop_state = torch.load(resume_from / "loop_rank0.pt", weights_only=False)
         start_step = loop_state["step"]
         sampler.load_state_dict(loop_state["sampler"])  # a global position: valid for any dp degree
         _seed_all(recipe.train.seed + start_step)
         set_schedule_position(engine, start_step)
+        if move.optimizer_portable:
+            optim_state.restore(engine, module, recipe.parallel.zero_stage,
+                                torch.load(move.adam_file, weights_only=False))
     if move is not None and is_main:
         print(f"resuming {resume_from} in another layout ({move.describe()}): weights resharded exactly; "
-              + ("optimizer state resharded by DeepSpeed" if move.optimizer_portable else
-                 "optimizer state RESET (Adam moments start from zero)")
+              + ("Adam state carried over" if move.optimizer_portable else
+                 "optimizer state RESET (Adam moments start from zero: tensor/pipeline layouts save none)")
               + "; learning-rate schedule and data position carried over", flush=True)
 
     tracker = (Tracker(paths.run_dir, cfg_dict, recipe.tracking.wandb, recipe.tracking.project,
@@ -330,8 +335,13 @@ def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) ->
 
     def save(step: int) -> Path:
         state = {"step": step, "sampler": sampler.state_dict(), "rng": ckpt.rng_state()}
+        extra = None
+        if layout.tp == layout.pp == 1:
+            # Layout-independent Adam moments: let a resume change the ZeRO stage or dp degree.
+            adam = optim_state.gather(engine, module, recipe.parallel.zero_stage)
+            extra = {optim_state.FILE: adam} if adam is not None and is_main else None
         return ckpt.save(engine, paths.checkpoints, step, state, meta(step), dist.rank,
-                         recipe.train.keep_checkpoints)
+                         recipe.train.keep_checkpoints, extra)
 
     def run_eval(step: int, full: bool) -> dict:
         max_batches = None if full else recipe.train.eval_batches
