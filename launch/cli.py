@@ -68,7 +68,7 @@ def cmd_train(args) -> int:
     dist = init_distributed(recipe.launch.backend, recipe.launch.timeout_s)
     code = 0
     try:
-        train(recipe, dist, args.overrides)
+        train(recipe, dist)
     except TrainingStopped as stop:
         if dist.is_main:
             print(f"stopped: {stop}", file=sys.stderr, flush=True)

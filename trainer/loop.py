@@ -214,7 +214,7 @@ def _resolve_resume(recipe: Recipe, paths: RunPaths) -> Path | None:
     return p
 
 
-def train(recipe: Recipe, dist: DistInfo, overrides: list[str] | None = None) -> dict:
+def train(recipe: Recipe, dist: DistInfo) -> dict:
     import deepspeed
 
     cfg_dict = recipe_to_dict(recipe)
