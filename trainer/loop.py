@@ -120,10 +120,7 @@ class StepSkipper:
     `poison_next` is the test suite's fault injection for that path (gradients set to NaN)."""
 
     def __init__(self, engine, check_grads: bool = False):
-        opt = engine.optimizer
-        while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
-            opt = opt.optimizer
-        self.base = opt
+        opt = self.base = optim_state.base_optimizer(engine)
         self.skip_next = False
         self.poison_next = False
         self.last_skipped = False
@@ -258,12 +255,11 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
     full_model = build_model(recipe, data.vocab_size)
     move = layout_change(resume_meta, recipe, dist.world_size) if resume_meta is not None else None
     if move is not None:
-        move.adam_file = resume_from / optim_state.FILE
-    if move is not None:
         # Another layout wrote the checkpoint: start from its consolidated weights (resharded
         # below like any full model); DeepSpeed's shards cannot be read by this layout.
         from launch.export import consolidated_state_dict
 
+        move.adam_file = resume_from / optim_state.FILE
         full_model.load_state_dict(consolidated_state_dict(resume_from, resume_meta))
     model_config = full_model.config
     n_params = full_model.num_params()
