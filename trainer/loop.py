@@ -301,7 +301,8 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
     if move is not None and is_main:
         print(f"resuming {resume_from} in another layout ({move.describe()}): weights resharded exactly; "
               + ("Adam state carried over" if move.optimizer_portable else
-                 "optimizer state RESET (Adam moments start from zero: tensor/pipeline layouts save none)")
+                 "optimizer state RESET (Adam moments start from zero: the checkpoint holds no "
+                 "layout-independent Adam state, as with tensor/pipeline layouts)")
               + "; learning-rate schedule and data position carried over", flush=True)
 
     tracker = (Tracker(paths.run_dir, cfg_dict, recipe.tracking.wandb, recipe.tracking.project,

@@ -1,7 +1,8 @@
 """Adam state in a layout-independent form, so a run can change its ZeRO stage or data-parallel
 degree without losing its optimizer moments.
 
-Saved with every checkpoint of a layout without tensor or pipeline parallelism: the full
+Saved with every checkpoint of a layout without tensor or pipeline parallelism (except ZeRO-0
+in bf16, whose wrapper hides its fp32 master copies): the full
 exp_avg / exp_avg_sq of every parameter, by parameter name, and Adam's step count. DeepSpeed's
 fragment API (`safe_get/set_full_optimizer_state`) assembles and scatters the ZeRO-1/2/3
 partitions; ZeRO-0 keeps torch's per-parameter state. Costs 8 bytes per parameter on disk and a
@@ -67,7 +68,11 @@ def gather(engine, module, zero_stage: int) -> dict | None:
     for name, p in module.named_parameters():
         shape = getattr(p, "ds_shape", p.shape)
         if zero_stage == 0:
-            st = base.state[p]
+            st = base.state.get(p, {})
+            if "exp_avg" not in st:
+                # ZeRO-0 with bf16: DeepSpeed's wrapper keeps the moments on its own fp32 master
+                # copies, out of reach of the fragment API; such checkpoints carry no Adam state.
+                return None
             ea, eas = st["exp_avg"], st["exp_avg_sq"]
         else:
             ea = safe_get_full_optimizer_state(p, "exp_avg")
