@@ -299,14 +299,21 @@ class CrossEntropyFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------- op entries
 
 
+
+def _kernel_for(x: torch.Tensor, op: str, mode: str):
+    """The compiled library for `x`'s device, or None when the reference must run instead: an
+    unsupported dtype (noted once) or a library that did not build (`kernel_lib` decides)."""
+    if not _dtype_ok(x):
+        _fallback_note(mode, op, f"dtype {x.dtype} on {x.device.type}")
+        return None
+    return kernel_lib(x.device, mode)
+
+
 def layer_norm(x, weight, bias, eps: float, residual=None, *, mode: str = "fused"):
     def ref():
         return reference.layer_norm(x, weight, bias, eps, residual=residual)
 
-    if not _dtype_ok(x):
-        _fallback_note(mode, "layer_norm", f"dtype {x.dtype} on {x.device.type}")
-        return ref()
-    lib = kernel_lib(x.device, mode)
+    lib = _kernel_for(x, "layer_norm", mode)
     if lib is None:
         return ref()
     D = x.shape[-1]
@@ -331,10 +338,7 @@ def rms_norm(x, weight, eps: float, residual=None, *, mode: str = "fused"):
     def ref():
         return reference.rms_norm(x, weight, eps, residual=residual)
 
-    if not _dtype_ok(x):
-        _fallback_note(mode, "rms_norm", f"dtype {x.dtype} on {x.device.type}")
-        return ref()
-    lib = kernel_lib(x.device, mode)
+    lib = _kernel_for(x, "rms_norm", mode)
     if lib is None:
         return ref()
     D = x.shape[-1]
@@ -361,10 +365,7 @@ def bias_gelu(x, bias, *, mode: str = "fused"):
     def ref():
         return reference.bias_gelu(x, bias)
 
-    if not _dtype_ok(x):
-        _fallback_note(mode, "bias_gelu", f"dtype {x.dtype} on {x.device.type}")
-        return ref()
-    lib = kernel_lib(x.device, mode)
+    lib = _kernel_for(x, "bias_gelu", mode)
     if lib is None:
         return ref()
     if bias is not None and (bias.shape != (x.shape[-1],) or bias.dtype != x.dtype or bias.device != x.device):
@@ -385,10 +386,7 @@ def swiglu(gate, up, *, mode: str = "fused"):
     def ref():
         return reference.swiglu(gate, up)
 
-    if not _dtype_ok(gate):
-        _fallback_note(mode, "swiglu", f"dtype {gate.dtype} on {gate.device.type}")
-        return ref()
-    lib = kernel_lib(gate.device, mode)
+    lib = _kernel_for(gate, "swiglu", mode)
     if lib is None:
         return ref()
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
@@ -416,10 +414,7 @@ def rope(q, k, cos, sin, *, mode: str = "fused"):
     def ref():
         return reference.rope(q, k, cos, sin)
 
-    if not _dtype_ok(q):
-        _fallback_note(mode, "rope", f"dtype {q.dtype} on {q.device.type}")
-        return ref()
-    lib = kernel_lib(q.device, mode)
+    lib = _kernel_for(q, "rope", mode)
     if lib is None:
         return ref()
     reason = None
@@ -449,10 +444,7 @@ def cross_entropy(logits, targets, ignore_index: int = -100, *, inplace_backward
     def ref():
         return reference.cross_entropy(logits, targets, ignore_index=ignore_index)
 
-    if not _dtype_ok(logits):
-        _fallback_note(mode, "cross_entropy", f"dtype {logits.dtype} on {logits.device.type}")
-        return ref()
-    lib = kernel_lib(logits.device, mode)
+    lib = _kernel_for(logits, "cross_entropy", mode)
     if lib is None:
         return ref()
     x = logits_3d(logits)
