@@ -41,11 +41,14 @@ Gradients: every rank calls `loss.backward()` on the same loss; the gradients of
 parameters come out identical on all TP ranks, so no extra TP reduction is needed (data-parallel
 reduction stays the trainer's business).
 
-Dropout: ranks draw from their own RNG; with equal seeds the replicated activations (residual
-stream without SP) get the same masks on every rank, as required.  Under SP the chunks of a
-sequence get the same mask pattern, and attention dropout of different heads on different ranks
-is correlated; results are statistically fine but not bit-equal to the unsplit model (with
-dropout 0 they match it).
+Dropout: replicated activations (the residual stream without SP) must get the same mask on
+every TP rank, and they do: all ranks seed the global RNG alike and draw from it in step.  Dropout
+on activations that are split over the ranks (attention over each rank's heads; with SP every
+dropout, since it acts on sequence chunks) must instead differ between ranks, or head h and head
+h + n_head/tp (chunk 0 and chunk 1) would share one mask.  Those regions run under
+`tensor_parallel_rng` (Megatron's "model-parallel RNG", without a second stored state; see there).
+With dropout > 0 a TP run is statistically equivalent to, not bit-equal with, the unsplit model
+(with dropout 0 it matches it within float tolerance).
 
 Generation: `GPT.generate` gathers the last-position logits through `lm_head.gather_logits` (set
 `lm_head.gather_output = True` for full logits from `forward`); it needs sequence_parallel=False,
@@ -55,6 +58,7 @@ the same seed on all ranks (greedy decoding needs nothing).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -87,6 +91,7 @@ __all__ = [
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
     "shard_state_dict",
+    "tensor_parallel_rng",
     "vocab_parallel_cross_entropy",
 ]
 
@@ -486,6 +491,29 @@ class SequenceParallelPositionEmbedding(nn.Embedding):
         return scatter_to_sequence_parallel_region(super().forward(positions), self.tp)
 
 
+@contextlib.contextmanager
+def tensor_parallel_rng(tp: TPInfo, device: torch.device):
+    """Run the body with the RNG of `device` seeded for this TP rank; restore it afterwards.
+
+    The seed is one draw from the global CPU generator plus the TP rank.  Every rank draws the
+    same number, so the global streams stay identical across the group (replicated dropout keeps
+    matching); the body's masks differ per rank.  Unlike a separately stored per-rank RNG state
+    (Megatron's tracker), this needs nothing extra in checkpoints (the global state already makes
+    resume exact), and activation recomputation is consistent for free: torch.utils.checkpoint
+    restores the global CPU state before recomputing, so the recomputed draw, seed and masks equal
+    the forward's."""
+    seed = int(torch.randint(0, 2**62, (1,)).item()) + tp.rank
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[], device_type="cuda"):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+
+
 class _EnterOnce:
     """Mixin for a module whose column-parallel layers all read its first input: f (or SP's
     all-gather) once per call instead of once per layer."""
@@ -498,6 +526,24 @@ class _EnterOnce:
 
 class ParallelAttention(_EnterOnce, Attention):
     """Attention over this rank's heads (n_head / tp query heads, n_kv_head / tp kv heads)."""
+
+    def forward(self, x, *args, **kwargs):
+        if self.training and self.dropout > 0:  # per-rank masks for per-rank heads
+            with tensor_parallel_rng(self.tp, x.device):
+                return super().forward(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+
+class SequenceParallelDropout(nn.Dropout):
+    """Dropout on this rank's chunk of the sequence (SP): per-rank masks."""
+
+    tp: TPInfo
+
+    def forward(self, x):
+        if self.training and self.p > 0:
+            with tensor_parallel_rng(self.tp, x.device):
+                return super().forward(x)
+        return super().forward(x)
 
 
 class ParallelGeluMLP(_EnterOnce, GeluMLP):
@@ -526,7 +572,7 @@ class SequenceParallelRMSNorm(RMSNorm):
 _PARALLEL = {Attention: ParallelAttention, GeluMLP: ParallelGeluMLP, SwiGLUMLP: ParallelSwiGLUMLP,
              LayerNorm: SequenceParallelLayerNorm, RMSNorm: SequenceParallelRMSNorm}
 _CONVERTED = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, SequenceParallelPositionEmbedding,
-              _EnterOnce, SequenceParallelLayerNorm, SequenceParallelRMSNorm)
+              _EnterOnce, SequenceParallelLayerNorm, SequenceParallelRMSNorm, SequenceParallelDropout)
 
 
 def _swap_class(m: nn.Module, base: type, tp: TPInfo) -> None:
@@ -657,6 +703,10 @@ def apply_tensor_parallel(module: nn.Module, tp_group=None, sequence_parallel: b
         elif last == "tok_emb" and isinstance(m, nn.Embedding):
             tied_source = (name, m.weight)  # the full table, before it is sliced
             VocabParallelEmbedding.convert(m, tp, memo)
+        elif type(m) is nn.Dropout:
+            if sequence_parallel:  # every dropout of an SP model acts on sequence chunks
+                m.__class__ = SequenceParallelDropout
+                m.tp = tp
         elif last == "pos_emb" and isinstance(m, nn.Embedding):
             if sequence_parallel:
                 m.__class__ = SequenceParallelPositionEmbedding

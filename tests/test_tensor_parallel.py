@@ -285,3 +285,66 @@ def _ce_meta_errors_worker(rank, world):
 @pytest.mark.dist
 def test_vocab_parallel_cross_entropy_meta_init_and_errors():
     spawn(_ce_meta_errors_worker, 2)
+
+
+# ------------------------------------------------------------------------------------ dropout RNG
+
+
+def _dropout_worker(rank, world, sp):
+    # Decorrelated per rank inside the region; the global stream stays identical across ranks.
+    tp = tpm.TPInfo(None, sp)
+    torch.manual_seed(3)
+    with tpm.tensor_parallel_rng(tp, torch.device("cpu")):
+        inside = torch.rand(16)
+    after = torch.rand(4)
+    gathered_in, gathered_after = _gather_dicts({"v": inside}, world), _gather_dicts({"v": after}, world)
+    assert not torch.equal(gathered_in[0]["v"], gathered_in[1]["v"]), "TP ranks drew the same dropout stream"
+    assert all(torch.equal(g["v"], after) for g in gathered_after), "the global RNG diverged across TP ranks"
+
+    # Attention dropout over each rank's heads: make the heads of rank 1 copies of rank 0's, so the
+    # attention outputs (o_proj's input) of the two ranks are equal unless the masks differ.
+    ref = build("gpt2", dropout=0.3).train()
+    hd, nh = ref.config.head_dim, ref.config.n_head
+    with torch.no_grad():
+        for blk in ref.blocks:
+            for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj):
+                lin.weight[nh // 2 * hd:] = lin.weight[:nh // 2 * hd]
+                lin.bias[nh // 2 * hd:] = lin.bias[:nh // 2 * hd]
+    model = apply_tensor_parallel(copy.deepcopy(ref), None, sequence_parallel=sp)
+    if sp:
+        assert isinstance(model.blocks[0].drop, tpm.SequenceParallelDropout)
+    else:
+        assert type(model.blocks[0].drop) is torch.nn.Dropout
+    seen = []
+    model.blocks[0].attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    x, y = _batch(torch.Generator().manual_seed(1))
+    for p in (0.0, 0.3):  # control: no dropout -> equal; dropout -> different masks per rank
+        for blk in model.blocks:
+            blk.attn.dropout = p
+        seen.clear()
+        torch.manual_seed(7)
+        model(x, targets=y)
+        outs = _gather_dicts({"y": seen[0]}, world)
+        same = torch.equal(outs[0]["y"], outs[1]["y"])
+        assert same == (p == 0.0), f"dropout {p}: rank outputs equal={same}"
+
+    # Activation recomputation regenerates exactly the forward's masks (region seeds come from the
+    # global state that checkpointing restores): equal loss and gradients with and without it.
+    grads = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(model)
+        m.config = copy.copy(m.config)
+        m.config.activation_checkpointing = ckpt
+        torch.manual_seed(11)
+        loss = m(x, targets=y)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for n, g in grads[0][1].items():
+        assert torch.equal(g, grads[1][1][n]), f"grad of {n} differs under recomputation"
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
+def test_tp2_dropout_masks_per_rank_and_recompute(sp):
+    spawn(_dropout_worker, 2, sp)
