@@ -44,18 +44,26 @@ bench-train: $(STAMP)
 kernels: $(STAMP)
 	$(PY) -m model.kernels.build
 
-# Kernel table (eager / torch.compile / fused), then the training step with each kernel mode.
+# Kernel table (eager / torch.compile / fused); the training step of ours (torch / fused kernels,
+# eager / torch.compile) against a plain PyTorch GPT, added to the same bench/results/<device>.md;
+# then our DeepSpeed loop against a plain loop (bench/results/train-cpu.md).
 bench: $(STAMP)
 	$(PY) bench/bench_kernels.py
+	$(PY) bench/bench_step.py
 	$(PY) bench/bench_train.py --steps 20 --rounds 3
 
 # One script for a lent H100/H200 (see bench/gpu_check.sh); its table lands in bench/results/.
 gpu-check:
 	bash bench/gpu_check.sh
 
-# Wheels that gpu-check installs on a machine without network (pytest, ninja and their deps).
+# Wheels that gpu-check installs on a machine without network (pytest, ninja and their deps), for
+# each Python the GPU machine may have (pytest's dependencies differ below 3.11).
+GPU_WHEEL_PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
 gpu-wheels: $(STAMP)
-	$(PY) -m pip download --quiet --only-binary=:all: -d build/gpu-wheels pytest ninja
+	for v in $(GPU_WHEEL_PYTHONS); do \
+	  $(PY) -m pip download --quiet --only-binary=:all: --python-version $$v -d build/gpu-wheels pytest ninja \
+	    || exit 1; \
+	done
 
 clean:
 	rm -rf build .cache .pytest_cache

@@ -1,25 +1,102 @@
 #!/usr/bin/env bash
-# `make gpu-check`: one script for a machine with one H100/H200, under 5 minutes.
-# Builds the CUDA kernels, runs the `gpu` tests, runs the kernel benchmark, prints its table last.
-# Works with the machine's own Python (torch >= 2.6, no network, none of our other pins): it
-# imports only torch, pytest and ninja, and installs the last two from wheels brought along in
-# build/gpu-wheels (made here by `make gpu-wheels`) when they are missing.
-set -euo pipefail
+# `make gpu-check`: one script for a machine with one H100/H200, about 5 minutes.
+#
+# Steps, each under its own `timeout` (expected time on an H200 / hard limit):
+#   1. check torch + GPU, install pytest/ninja from build/gpu-wheels when missing   ~10 s
+#   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 240 s
+#   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 120 s
+#   4. kernel table: bench/bench_kernels.py --device cuda --repeats 20            ~1 min / 150 s
+#   5. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
+#      eager/compile vs ours torch/fused/fused+compile; two torch.compile runs of ~1 min each)
+#                                              --budget $STEP_BUDGET_S (180) / that + 40 s
+#   Then a summary of each step's status and time, and both tables last (bench/results/<device>.md:
+#   the kernel table, then the marked bench_step section).  A failing step does not stop the later
+#   ones; the script exits non-zero at the end if any failed.
+#
+# Works with the machine's own Python (torch >= 2.6, no network, none of our other pins): it imports
+# only torch, pytest and ninja, and installs the last two from wheels brought along in
+# build/gpu-wheels (made here by `make gpu-wheels`; build/ is git-ignored, so carry it to the
+# machine) when they are missing.
+#
+# Environment:
+#   PYTHON=python3           the interpreter to use
+#   GPU_CHECK_STEPS="build tests kernels step"   run only these steps (e.g. "step" to rerun the
+#                            training-step benchmark after the kernels were built on this machine)
+#   STEP_BUDGET_S=180        soft time limit of bench_step.py (it skips a compile that would not fit
+#                            and stops timing at the limit; SIGTERM 40 s later writes what it has)
+#   GPU_CHECK_ALLOW_CPU=1    rehearsal without a GPU: CPU kernels only, the gpu tests skip, the
+#                            benchmarks run with --device cpu --quick
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+STEPS=" ${GPU_CHECK_STEPS:-build tests kernels step} "
+STEP_BUDGET_S=${STEP_BUDGET_S:-180}
+DEV=cuda
+BENCH_ARGS=()
+KERNEL_ARGS=(--repeats 20)
+T0=$SECONDS
+SUMMARY=()
+FAILED=0
+
 $PY - <<'PYEOF'
 import torch, sys
-print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device: "
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}, device: "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE'}")
 sys.exit(0 if torch.cuda.is_available() else 3)
 PYEOF
+rc=$?
+if [ "$rc" -ne 0 ]; then
+  if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ] && [ "$rc" -eq 3 ]; then
+    echo "no GPU: CPU rehearsal (GPU_CHECK_ALLOW_CPU=1)"
+    DEV=cpu
+    BENCH_ARGS=(--quick)
+    KERNEL_ARGS=()
+  else
+    echo "no usable torch with a CUDA GPU (set GPU_CHECK_ALLOW_CPU=1 to rehearse on CPU)" >&2
+    exit "$rc"
+  fi
+fi
+
 for mod in pytest ninja; do
-  $PY -c "import $mod" 2>/dev/null || $PY -m pip install --quiet --no-index --find-links build/gpu-wheels "$mod"
+  $PY -c "import $mod" 2>/dev/null ||
+    $PY -m pip install --quiet --no-index --find-links build/gpu-wheels "$mod" ||
+    { echo "cannot install $mod from build/gpu-wheels (run 'make gpu-wheels' and carry build/gpu-wheels)" >&2; exit 4; }
 done
-export PATH="$($PY -c 'import ninja, os; print(ninja.BIN_DIR)' 2>/dev/null || echo /usr/bin):$PATH"
-echo "== build (CUDA and CPU kernels)"
-time timeout 240 $PY -m model.kernels.build --cuda --cpu
-echo "== gpu tests"
-timeout 120 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider
-echo "== benchmark"
-timeout 150 $PY bench/bench_kernels.py --device cuda
+NINJA_BIN=$($PY -c 'import ninja, os; print(ninja.BIN_DIR)' 2>/dev/null || true)
+export PATH="${NINJA_BIN:+$NINJA_BIN:}$PATH"
+
+# step NAME TIMEOUT_S COMMAND...: runs it under timeout, records status and time, never exits.
+step() {
+  local name=$1 limit=$2 t=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout -k 20 "$limit" "$@"
+  rc=$?
+  local status="ok"
+  [ "$rc" -eq 0 ] || { status="FAILED rc=$rc"; [ "$rc" -eq 124 ] && status="TIMED OUT after ${limit}s"; FAILED=1; }
+  SUMMARY+=("$(printf '%-8s %-28s %4ss' "$name" "$status" "$((SECONDS - t))")")
+}
+
+if [ "$DEV" = cuda ]; then BUILD_FLAGS=(--cuda --cpu); else BUILD_FLAGS=(--cpu); fi
+case $STEPS in *" build "*) step build 240 $PY -m model.kernels.build "${BUILD_FLAGS[@]}" ;; esac
+case $STEPS in *" tests "*) step tests 120 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
+case $STEPS in *" kernels "*)
+  step kernels 150 $PY bench/bench_kernels.py --device "$DEV" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
+case $STEPS in *" step "*)
+  step step "$((STEP_BUDGET_S + 40))" $PY bench/bench_step.py --device "$DEV" --budget "$STEP_BUDGET_S" \
+    "${BENCH_ARGS[@]}" ;; esac
+
+RESULT=$($PY - "$DEV" "${BENCH_ARGS[@]}" <<'PYEOF'
+import sys
+sys.path.insert(0, "bench")
+from bench_kernels import device_slug
+print(f"bench/results/{device_slug(sys.argv[1])}{'-quick' if '--quick' in sys.argv else ''}.md")
+PYEOF
+)
+echo
+echo "================================ summary (total $((SECONDS - T0))s)"
+printf '%s\n' "${SUMMARY[@]}"
+echo
+echo "================================ tables ($RESULT)"
+if [ -f "$RESULT" ]; then cat "$RESULT"; else echo "(no table written)"; fi
+exit "$FAILED"
