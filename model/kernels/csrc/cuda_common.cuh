@@ -1,10 +1,21 @@
 // Device helpers shared by the CUDA kernels: storage-type conversions (float32 compute),
-// warp/block reductions and launch-size helpers.  Needs only the CUDA toolkit headers.
+// warp/block reductions and launch-size helpers.  Needs only the CUDA toolkit headers (or, with
+// -DLLMK_CUDA_EMULATION, the host-compiler emulator cuda_emu.h that the tests run them with).
 #pragma once
 
+#ifdef LLMK_CUDA_EMULATION
+#include "cuda_emu.h"  // defines LLMK_LAUNCH / LLMK_EXTERN_SHARED for the emulator
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// Kernel launch `kernel<<<grid, block, smem, stream>>>(args...)` written as
+// LLMK_LAUNCH(grid, block, smem, stream, kernel)(args...), and `extern __shared__ type name[]` as
+// LLMK_EXTERN_SHARED(type, name), so the same sources also compile with the emulator.
+#define LLMK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define LLMK_EXTERN_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 #include <cstdint>
 
@@ -134,7 +145,7 @@ __global__ void col_reduce_kernel(const float* partial, int64_t G, int64_t strid
 
 inline void col_reduce(const float* partial, int64_t G, int64_t stride, int64_t D, float* out, cudaStream_t s) {
   if (out == nullptr || D == 0) return;
-  col_reduce_kernel<<<static_cast<unsigned>((D + 255) / 256), 256, 0, s>>>(partial, G, stride, D, out);
+  LLMK_LAUNCH(static_cast<unsigned>((D + 255) / 256), 256, 0, s, col_reduce_kernel)(partial, G, stride, D, out);
 }
 
 #define LLMK_DISPATCH_CUDA(dt, ...)    \

@@ -70,7 +70,7 @@ cudaError_t ce_fwd(DType dt, const void* logits, int64_t sb, int64_t st, int64_t
                    const int64_t* targets, int64_t ignore_index, int64_t vocab_start, bool check_range, float* loss,
                    float* lse, float* target_logit, cudaStream_t s) {
   if (N == 0) return cudaSuccess;
-  LLMK_DISPATCH_CUDA(dt, ce_fwd_kernel<T><<<static_cast<unsigned>(N), kFwdThreads, 0, s>>>(
+  LLMK_DISPATCH_CUDA(dt, LLMK_LAUNCH(static_cast<unsigned>(N), kFwdThreads, 0, s, ce_fwd_kernel<T>)(
                              static_cast<const T*>(logits), sb, st, Tn, V, targets, ignore_index, vocab_start,
                              check_range, loss, lse, target_logit));
   return cudaGetLastError();
@@ -81,7 +81,7 @@ cudaError_t ce_bwd(DType dt, const void* logits, int64_t sb, int64_t st, int64_t
                    int64_t vocab_start, void* grad, int64_t gsb, int64_t gst, cudaStream_t s) {
   if (N == 0 || V == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((V + kBwdChunk - 1) / kBwdChunk));
-  LLMK_DISPATCH_CUDA(dt, ce_bwd_kernel<T><<<grid, kBwdThreads, 0, s>>>(
+  LLMK_DISPATCH_CUDA(dt, LLMK_LAUNCH(grid, kBwdThreads, 0, s, ce_bwd_kernel<T>)(
                              static_cast<const T*>(logits), sb, st, Tn, V, targets, lse, scale, ignore_index,
                              vocab_start, static_cast<T*>(grad), gsb, gst));
   return cudaGetLastError();

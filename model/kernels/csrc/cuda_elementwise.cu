@@ -125,7 +125,7 @@ int64_t bias_grad_grid_y(int64_t N) {
 cudaError_t bias_gelu_fwd(DType dt, const void* x, const float* bias, int64_t N, int64_t D, void* y, cudaStream_t s) {
   const int64_t n = N * D;
   if (n == 0) return cudaSuccess;
-  LLMK_DISPATCH_CUDA(dt, bias_gelu_fwd_kernel<T><<<grid_1d(n, kThreads), kThreads, 0, s>>>(
+  LLMK_DISPATCH_CUDA(dt, LLMK_LAUNCH(grid_1d(n, kThreads), kThreads, 0, s, bias_gelu_fwd_kernel<T>)(
                              static_cast<const T*>(x), bias, n, D, static_cast<T*>(y)));
   return cudaGetLastError();
 }
@@ -137,7 +137,7 @@ cudaError_t bias_gelu_bwd(DType dt, const void* dy, const void* x, const float* 
   const dim3 grid(static_cast<unsigned>((D + 31) / 32), static_cast<unsigned>(gy));
   const dim3 block(32, 8);
   float* part = db ? partial : nullptr;
-  LLMK_DISPATCH_CUDA(dt, bias_gelu_bwd_kernel<T><<<grid, block, 0, s>>>(
+  LLMK_DISPATCH_CUDA(dt, LLMK_LAUNCH(grid, block, 0, s, bias_gelu_bwd_kernel<T>)(
                              static_cast<const T*>(dy), static_cast<const T*>(x), bias, N, D, static_cast<T*>(dx),
                              part));
   if (db) col_reduce(partial, gy, D, D, db, s);
@@ -148,7 +148,7 @@ cudaError_t swiglu_fwd(DType dt, const void* gate, int64_t sg, const void* up, i
                        void* y, cudaStream_t s) {
   const int64_t n = N * D;
   if (n == 0) return cudaSuccess;
-  LLMK_DISPATCH_CUDA(dt, swiglu_fwd_kernel<T><<<grid_1d(n, kThreads), kThreads, 0, s>>>(
+  LLMK_DISPATCH_CUDA(dt, LLMK_LAUNCH(grid_1d(n, kThreads), kThreads, 0, s, swiglu_fwd_kernel<T>)(
                              static_cast<const T*>(gate), sg, static_cast<const T*>(up), su, n, D,
                              static_cast<T*>(y)));
   return cudaGetLastError();
@@ -158,7 +158,7 @@ cudaError_t swiglu_bwd(DType dt, const void* dy, const void* gate, int64_t sg, c
                        int64_t D, void* dg, void* du, cudaStream_t s) {
   const int64_t n = N * D;
   if (n == 0) return cudaSuccess;
-  LLMK_DISPATCH_CUDA(dt, swiglu_bwd_kernel<T><<<grid_1d(n, kThreads), kThreads, 0, s>>>(
+  LLMK_DISPATCH_CUDA(dt, LLMK_LAUNCH(grid_1d(n, kThreads), kThreads, 0, s, swiglu_bwd_kernel<T>)(
                              static_cast<const T*>(dy), static_cast<const T*>(gate), sg, static_cast<const T*>(up),
                              su, n, D, static_cast<T*>(dg), static_cast<T*>(du)));
   return cudaGetLastError();
@@ -168,7 +168,7 @@ cudaError_t rope(DType dt, const void* x, int64_t sb, int64_t sh, int64_t st, co
                  int64_t Bc, int64_t B, int64_t H, int64_t Tn, int64_t D, bool backward, void* y, cudaStream_t s) {
   const int64_t n_pairs = B * H * Tn * (D / 2);
   if (n_pairs == 0) return cudaSuccess;
-  LLMK_DISPATCH_CUDA(dt, rope_kernel<T><<<grid_1d(n_pairs, kThreads), kThreads, 0, s>>>(
+  LLMK_DISPATCH_CUDA(dt, LLMK_LAUNCH(grid_1d(n_pairs, kThreads), kThreads, 0, s, rope_kernel<T>)(
                              static_cast<const T*>(x), sb, sh, st, cos, sin, Bc, H, Tn, D, n_pairs, backward,
                              static_cast<T*>(y)));
   return cudaGetLastError();

@@ -5,7 +5,11 @@
 // Every launcher returns the launch status (cudaGetLastError()).
 #pragma once
 
+#ifdef LLMK_CUDA_EMULATION
+#include "cuda_emu.h"  // host-compiler emulation of the runtime and device (tests only)
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 

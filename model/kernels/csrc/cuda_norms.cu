@@ -67,7 +67,7 @@ __global__ void norm_fwd_kernel(const T* x, const T* r, const float* w, const fl
 template <typename T, typename O, bool RMS>
 __global__ void norm_bwd_kernel(const O* dy, const T* hx, const float* mean, const float* rstd, const float* w,
                                 const T* dres, int64_t N, int64_t D, T* dx, float* partial, bool use_smem) {
-  extern __shared__ float smem[];  // [32] reduction scratch, then (use_smem) the accumulators
+  LLMK_EXTERN_SHARED(float, smem);  // [32] reduction scratch, then (use_smem) the accumulators
   constexpr int kAcc = RMS ? 1 : 2;
   float* red = smem;
   float* acc = nullptr;
@@ -122,7 +122,7 @@ template <typename T, typename O, bool RMS>
 cudaError_t launch_fwd(const void* x, const void* r, const float* w, const float* b, float eps, int64_t N, int64_t D,
                        void* y, void* h, float* mean, float* rstd, cudaStream_t s) {
   if (N == 0 || D == 0) return cudaSuccess;
-  norm_fwd_kernel<T, O, RMS><<<static_cast<unsigned>(N), row_threads(D), 0, s>>>(
+  LLMK_LAUNCH(static_cast<unsigned>(N), row_threads(D), 0, s, norm_fwd_kernel<T, O, RMS>)(
       static_cast<const T*>(x), static_cast<const T*>(r), w, b, eps, D, static_cast<O*>(y), static_cast<T*>(h),
       mean, rstd);
   return cudaGetLastError();
@@ -152,7 +152,7 @@ cudaError_t launch_bwd(const void* dy, const void* h, const float* mean, const f
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<static_cast<unsigned>(G), row_threads(D), smem, s>>>(
+  LLMK_LAUNCH(static_cast<unsigned>(G), row_threads(D), smem, s, kernel)(
       static_cast<const O*>(dy), static_cast<const T*>(h), mean, rstd, w, static_cast<const T*>(dres), N, D,
       static_cast<T*>(dx), partial, use_smem);
   if (partial) {

@@ -1,11 +1,18 @@
 // Registration of the CUDA kernels as torch.ops.llmk_cuda.* : argument validation, device guard,
 // current stream, dtype mapping; the kernels themselves live in cuda_*.cu (see cuda_launch.h).
+// With -DLLMK_CUDA_EMULATION (tests only, see cuda_emu.h) the same code registers
+// torch.ops.llmk_cuda_emu.* for CPU tensors: the device checks accept CPU tensors, the device guard
+// and stream are no-ops, scratch buffers are NaN-filled (a GPU's are uninitialised); all
+// validation is identical.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#ifndef LLMK_CUDA_EMULATION
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 
 #include "cuda_launch.h"
@@ -20,6 +27,18 @@ using llmk_cuda::DType;
 namespace {
 
 bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+#ifdef LLMK_CUDA_EMULATION
+bool on_device(const Tensor& t) { return t.is_cpu(); }
+struct Guard {
+  explicit Guard(c10::Device) {}
+};
+cudaStream_t stream() { return nullptr; }
+#else
+bool on_device(const Tensor& t) { return t.is_cuda(); }
+using Guard = c10::cuda::CUDAGuard;
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 DType dtype_of(const Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -36,7 +55,7 @@ DType dtype_of(const Tensor& t, const char* name) {
 
 void check_dev(const Tensor& t, const Tensor& ref, const char* name) {
   TORCH_CHECK(t.defined(), name, ": undefined tensor");
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, ": expected a tensor on ", ref.device(), ", got ",
+  TORCH_CHECK(on_device(t) && t.device() == ref.device(), name, ": expected a tensor on ", ref.device(), ", got ",
               t.device());
 }
 
@@ -78,17 +97,19 @@ void ok(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, "llmk_cuda::", op, ": CUDA error: ", cudaGetErrorString(e));
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 Tensor f32_buffer(const Tensor& ref, int64_t n) {
-  return at::empty({n}, ref.options().dtype(at::kFloat));
+  Tensor t = at::empty({n}, ref.options().dtype(at::kFloat));
+#ifdef LLMK_CUDA_EMULATION
+  t.fill_(std::numeric_limits<float>::quiet_NaN());  // what a kernel reads before writing shows
+#endif
+  return t;
 }
 
 }  // namespace
 
 void layer_norm_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
                     double eps, const Tensor& y, const OptTensor& h, const Tensor& mean, const Tensor& rstd) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "layer_norm_fwd: x must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(x) && x.dim() == 2, "layer_norm_fwd: x must be a CUDA [N, D] tensor");
   const int64_t N = x.size(0), D = x.size(1);
   const auto dt = x.scalar_type();
   check_rows(x, x, N, D, dt, "x");
@@ -102,7 +123,7 @@ void layer_norm_fwd(const Tensor& x, const OptTensor& residual, const OptTensor&
   check_vec(bias, x, D, at::kFloat, "bias");
   check_vec(mean, x, N, at::kFloat, "mean");
   check_vec(rstd, x, N, at::kFloat, "rstd");
-  c10::cuda::CUDAGuard guard(x.device());
+  Guard guard(x.device());
   ok(llmk_cuda::layer_norm_fwd(dtype_of(x, "x"), x.const_data_ptr(), cv(residual), cp<float>(weight),
                                cp<float>(bias), static_cast<float>(eps), N, D, y.mutable_data_ptr(),
                                has(residual) ? mv(h) : nullptr, mp<float>(mean), mp<float>(rstd), stream()),
@@ -112,7 +133,7 @@ void layer_norm_fwd(const Tensor& x, const OptTensor& residual, const OptTensor&
 void layer_norm_bwd(const Tensor& dy, const Tensor& h, const Tensor& mean, const Tensor& rstd,
                     const OptTensor& weight, const OptTensor& dres, const Tensor& dx, const OptTensor& dweight,
                     const OptTensor& dbias) {
-  TORCH_CHECK(h.is_cuda() && h.dim() == 2, "layer_norm_bwd: h must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(h) && h.dim() == 2, "layer_norm_bwd: h must be a CUDA [N, D] tensor");
   const int64_t N = h.size(0), D = h.size(1);
   const auto dt = h.scalar_type();
   check_rows(h, h, N, D, dt, "h");
@@ -124,7 +145,7 @@ void layer_norm_bwd(const Tensor& dy, const Tensor& h, const Tensor& mean, const
   check_vec(weight, h, D, at::kFloat, "weight");
   check_vec(dweight, h, D, at::kFloat, "dweight");
   check_vec(dbias, h, D, at::kFloat, "dbias");
-  c10::cuda::CUDAGuard guard(h.device());
+  Guard guard(h.device());
   const bool need = has(dweight) || has(dbias);
   if (N == 0) {
     if (has(dweight)) dweight->zero_();
@@ -141,7 +162,7 @@ void layer_norm_bwd(const Tensor& dy, const Tensor& h, const Tensor& mean, const
 
 void rms_norm_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight, double eps, const Tensor& y,
                   const OptTensor& h, const Tensor& rstd) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "rms_norm_fwd: x must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(x) && x.dim() == 2, "rms_norm_fwd: x must be a CUDA [N, D] tensor");
   const int64_t N = x.size(0), D = x.size(1);
   const auto dt = x.scalar_type();
   const auto odt = y.scalar_type();
@@ -155,7 +176,7 @@ void rms_norm_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& w
   }
   check_vec(weight, x, D, at::kFloat, "weight");
   check_vec(rstd, x, N, at::kFloat, "rstd");
-  c10::cuda::CUDAGuard guard(x.device());
+  Guard guard(x.device());
   ok(llmk_cuda::rms_norm_fwd(dtype_of(x, "x"), odt != dt, x.const_data_ptr(), cv(residual), cp<float>(weight),
                              static_cast<float>(eps), N, D, y.mutable_data_ptr(), has(residual) ? mv(h) : nullptr,
                              mp<float>(rstd), stream()),
@@ -164,7 +185,7 @@ void rms_norm_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& w
 
 void rms_norm_bwd(const Tensor& dy, const Tensor& h, const Tensor& rstd, const OptTensor& weight,
                   const OptTensor& dres, const Tensor& dx, const OptTensor& dweight) {
-  TORCH_CHECK(h.is_cuda() && h.dim() == 2, "rms_norm_bwd: h must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(h) && h.dim() == 2, "rms_norm_bwd: h must be a CUDA [N, D] tensor");
   const int64_t N = h.size(0), D = h.size(1);
   const auto dt = h.scalar_type();
   const auto odt = dy.scalar_type();
@@ -176,7 +197,7 @@ void rms_norm_bwd(const Tensor& dy, const Tensor& h, const Tensor& rstd, const O
   check_vec(rstd, h, N, at::kFloat, "rstd");
   check_vec(weight, h, D, at::kFloat, "weight");
   check_vec(dweight, h, D, at::kFloat, "dweight");
-  c10::cuda::CUDAGuard guard(h.device());
+  Guard guard(h.device());
   if (N == 0) {
     if (has(dweight)) dweight->zero_();
     return;
@@ -190,13 +211,13 @@ void rms_norm_bwd(const Tensor& dy, const Tensor& h, const Tensor& rstd, const O
 }
 
 void bias_gelu_fwd(const Tensor& x, const OptTensor& bias, const Tensor& y) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "bias_gelu_fwd: x must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(x) && x.dim() == 2, "bias_gelu_fwd: x must be a CUDA [N, D] tensor");
   const int64_t N = x.size(0), D = x.size(1);
   const auto dt = x.scalar_type();
   check_rows(x, x, N, D, dt, "x");
   check_rows(y, x, N, D, dt, "y");
   check_vec(bias, x, D, at::kFloat, "bias");
-  c10::cuda::CUDAGuard guard(x.device());
+  Guard guard(x.device());
   ok(llmk_cuda::bias_gelu_fwd(dtype_of(x, "x"), x.const_data_ptr(), cp<float>(bias), N, D, y.mutable_data_ptr(),
                               stream()),
      "bias_gelu_fwd");
@@ -204,7 +225,7 @@ void bias_gelu_fwd(const Tensor& x, const OptTensor& bias, const Tensor& y) {
 
 void bias_gelu_bwd(const Tensor& dy, const Tensor& x, const OptTensor& bias, const Tensor& dx,
                    const OptTensor& dbias) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "bias_gelu_bwd: x must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(x) && x.dim() == 2, "bias_gelu_bwd: x must be a CUDA [N, D] tensor");
   const int64_t N = x.size(0), D = x.size(1);
   const auto dt = x.scalar_type();
   check_rows(x, x, N, D, dt, "x");
@@ -212,7 +233,7 @@ void bias_gelu_bwd(const Tensor& dy, const Tensor& x, const OptTensor& bias, con
   check_rows(dx, x, N, D, dt, "dx");
   check_vec(bias, x, D, at::kFloat, "bias");
   check_vec(dbias, x, D, at::kFloat, "dbias");
-  c10::cuda::CUDAGuard guard(x.device());
+  Guard guard(x.device());
   if (N == 0) {
     if (has(dbias)) dbias->zero_();
     return;
@@ -225,20 +246,20 @@ void bias_gelu_bwd(const Tensor& dy, const Tensor& x, const OptTensor& bias, con
 }
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& y) {
-  TORCH_CHECK(gate.is_cuda() && gate.dim() == 2, "swiglu_fwd: gate must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(gate) && gate.dim() == 2, "swiglu_fwd: gate must be a CUDA [N, D] tensor");
   const int64_t N = gate.size(0), D = gate.size(1);
   const auto dt = gate.scalar_type();
   check_strided_rows(gate, gate, N, D, dt, "gate");
   check_strided_rows(up, gate, N, D, dt, "up");
   check_rows(y, gate, N, D, dt, "y");
-  c10::cuda::CUDAGuard guard(gate.device());
+  Guard guard(gate.device());
   ok(llmk_cuda::swiglu_fwd(dtype_of(gate, "gate"), gate.const_data_ptr(), gate.stride(0), up.const_data_ptr(),
                            up.stride(0), N, D, y.mutable_data_ptr(), stream()),
      "swiglu_fwd");
 }
 
 void swiglu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up, const Tensor& dgate, const Tensor& dup) {
-  TORCH_CHECK(gate.is_cuda() && gate.dim() == 2, "swiglu_bwd: gate must be a CUDA [N, D] tensor");
+  TORCH_CHECK(on_device(gate) && gate.dim() == 2, "swiglu_bwd: gate must be a CUDA [N, D] tensor");
   const int64_t N = gate.size(0), D = gate.size(1);
   const auto dt = gate.scalar_type();
   check_strided_rows(gate, gate, N, D, dt, "gate");
@@ -246,7 +267,7 @@ void swiglu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up, const Te
   check_rows(dy, gate, N, D, dt, "dy");
   check_rows(dgate, gate, N, D, dt, "dgate");
   check_rows(dup, gate, N, D, dt, "dup");
-  c10::cuda::CUDAGuard guard(gate.device());
+  Guard guard(gate.device());
   ok(llmk_cuda::swiglu_bwd(dtype_of(gate, "gate"), dy.const_data_ptr(), gate.const_data_ptr(), gate.stride(0),
                            up.const_data_ptr(), up.stride(0), N, D, dgate.mutable_data_ptr(), dup.mutable_data_ptr(),
                            stream()),
@@ -254,7 +275,7 @@ void swiglu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up, const Te
 }
 
 void rope_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, bool backward, const Tensor& y) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "rope_fwd: x must be a CUDA [B, H, T, D] tensor");
+  TORCH_CHECK(on_device(x) && x.dim() == 4, "rope_fwd: x must be a CUDA [B, H, T, D] tensor");
   const int64_t B = x.size(0), H = x.size(1), Tn = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0, "rope_fwd: head dim must be even");
   TORCH_CHECK(D <= 1 || x.stride(3) == 1, "rope_fwd: x's last dimension must be contiguous");
@@ -268,7 +289,7 @@ void rope_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, bool backwa
   check_dev(y, x, "y");
   TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous() && y.scalar_type() == x.scalar_type(),
               "rope_fwd: y must be contiguous with x's shape and dtype");
-  c10::cuda::CUDAGuard guard(x.device());
+  Guard guard(x.device());
   ok(llmk_cuda::rope(dtype_of(x, "x"), x.const_data_ptr(), x.stride(0), x.stride(1), x.stride(2),
                      cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), cos.size(0), B, H, Tn, D, backward,
                      y.mutable_data_ptr(), stream()),
@@ -293,14 +314,14 @@ void check_targets(const Tensor& targets, const Tensor& ref, int64_t N) {
 
 void ce_fwd(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t vocab_start, bool check_range,
             const Tensor& loss, const Tensor& lse, const OptTensor& target_logit) {
-  TORCH_CHECK(logits.is_cuda(), "ce_fwd: logits must be a CUDA tensor");
+  TORCH_CHECK(on_device(logits), "ce_fwd: logits must be a CUDA tensor");
   const auto r = rows3(logits, "logits");
   TORCH_CHECK(r.V > 0, "cross_entropy: empty vocabulary");
   check_targets(targets, logits, r.N);
   check_vec(loss, logits, r.N, at::kFloat, "loss");
   check_vec(lse, logits, r.N, at::kFloat, "lse");
   check_vec(target_logit, logits, r.N, at::kFloat, "target_logit");
-  c10::cuda::CUDAGuard guard(logits.device());
+  Guard guard(logits.device());
   ok(llmk_cuda::ce_fwd(dtype_of(logits, "logits"), logits.const_data_ptr(), r.sb, r.st, r.Tn, r.N, r.V,
                        targets.const_data_ptr<int64_t>(), ignore_index, vocab_start, check_range,
                        loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), mp<float>(target_logit),
@@ -310,7 +331,7 @@ void ce_fwd(const Tensor& logits, const Tensor& targets, int64_t ignore_index, i
 
 void ce_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& scale,
             int64_t ignore_index, int64_t vocab_start, const Tensor& grad) {
-  TORCH_CHECK(logits.is_cuda(), "ce_bwd: logits must be a CUDA tensor");
+  TORCH_CHECK(on_device(logits), "ce_bwd: logits must be a CUDA tensor");
   const auto r = rows3(logits, "logits");
   const auto g = rows3(grad, "grad");
   check_dev(grad, logits, "grad");
@@ -319,7 +340,7 @@ void ce_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, cons
   check_targets(targets, logits, r.N);
   check_vec(lse, logits, r.N, at::kFloat, "lse");
   check_vec(scale, logits, 1, at::kFloat, "scale");
-  c10::cuda::CUDAGuard guard(logits.device());
+  Guard guard(logits.device());
   ok(llmk_cuda::ce_bwd(dtype_of(logits, "logits"), logits.const_data_ptr(), r.sb, r.st, r.Tn, r.N, r.V,
                        targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale.const_data_ptr<float>(),
                        ignore_index, vocab_start, grad.mutable_data_ptr(), g.sb, g.st, stream()),
@@ -328,6 +349,15 @@ void ce_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, cons
 
 }  // namespace llmk_cuda_ops
 
+#ifdef LLMK_CUDA_EMULATION
+TORCH_LIBRARY(llmk_cuda_emu, m) {
+  LLMK_SCHEMAS(m)
+}
+
+TORCH_LIBRARY_IMPL(llmk_cuda_emu, CPU, m) {
+  LLMK_IMPLS(m, llmk_cuda_ops)
+}
+#else
 TORCH_LIBRARY(llmk_cuda, m) {
   LLMK_SCHEMAS(m)
 }
@@ -335,3 +365,4 @@ TORCH_LIBRARY(llmk_cuda, m) {
 TORCH_LIBRARY_IMPL(llmk_cuda, CUDA, m) {
   LLMK_IMPLS(m, llmk_cuda_ops)
 }
+#endif
