@@ -12,7 +12,8 @@ Tolerances, elementwise |fused - oracle| <= atol * max|oracle| + rtol * |oracle|
     float32:  atol 2e-5, rtol 1e-4
     bfloat16: atol 1e-2, rtol 1.6e-2   (bf16 has an 8-bit mantissa: one rounding is 2^-9)
     float16 (CUDA): atol 2e-3, rtol 2e-3
-CUDA tests are marked `gpu` and skip without a GPU.
+CUDA tests are marked `gpu` and skip without a GPU; their checks (check_cuda_*) also run on CPU
+through the CUDA emulator in tests/test_kernels_cuda_emu.py.
 """
 
 from __future__ import annotations
@@ -518,6 +519,149 @@ def test_vocab_parallel_cross_entropy_two_ranks(fused, dtype_name, use_kernels, 
                  join=True)
 
 
+# ------------------------------------------------------------------- CUDA kernel checks (shared)
+# The checks of the CUDA kernels, parametrised by device: the `gpu` tests below run them on a GPU
+# with torch.ops.llmk_cuda, tests/test_kernels_cuda_emu.py runs the same checks on CPU tensors
+# with the emulated library torch.ops.llmk_cuda_emu (the same kernel sources, see cuda_emu.h).
+
+CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def check_cuda_norms(ops, dtype, device, shape, seed=60):
+    """LayerNorm and RMSNorm with and without residual / weight / bias, and RMSNorm with a float32
+    weight on low-precision activations (float32 output and float32 dy in backward)."""
+    D = shape[-1]
+    x = randn(*shape, dtype=dtype, device=device, seed=seed, scale=2.0) + 0.5
+    r = randn(*shape, dtype=dtype, device=device, seed=seed + 1)
+    w, b = randn(D, dtype=dtype, device=device, seed=seed + 2), randn(D, dtype=dtype, device=device, seed=seed + 3)
+    for weight, bias, residual in [(w, b, r), (w, b, None), (None, None, r), (None, None, None), (w, None, None)]:
+        inputs = dict(x=x, weight=weight, bias=bias, eps=1e-5, residual=residual)
+        grads = [k for k in ("x", "weight", "bias", "residual") if inputs[k] is not None]
+        check_against_oracle(ops.layer_norm, o_layer_norm, inputs, grads, dtype, ref_fn=reference.layer_norm)
+    for weight, residual in [(w, r), (w, None), (None, None), (None, r)]:
+        inputs = dict(x=x, weight=weight, eps=1e-6, residual=residual)
+        grads = [k for k in ("x", "weight", "residual") if inputs[k] is not None]
+        check_against_oracle(ops.rms_norm, o_rms_norm, inputs, grads, dtype, ref_fn=reference.rms_norm)
+    if dtype != torch.float32:
+        w32 = randn(D, device=device, seed=seed + 4)
+        check_against_oracle(ops.rms_norm, o_rms_norm, dict(x=x, weight=w32, eps=1e-6, residual=r),
+                             ["x", "weight", "residual"], dtype, ref_fn=reference.rms_norm)
+
+
+def check_cuda_pointwise(ops, dtype, device, shape, seed=64):
+    """bias-GELU with and without bias; SwiGLU on contiguous inputs and on the two row-strided
+    halves of one [.., 2D] tensor (a fused GEMM output)."""
+    x = randn(*shape, dtype=dtype, device=device, seed=seed, scale=2.0)
+    b = randn(shape[-1], dtype=dtype, device=device, seed=seed + 1)
+    u = randn(*shape, dtype=dtype, device=device, seed=seed + 2)
+    check_against_oracle(ops.bias_gelu, reference.bias_gelu, dict(x=x, bias=b), ["x", "bias"], dtype,
+                         ref_fn=reference.bias_gelu)
+    check_against_oracle(ops.bias_gelu, reference.bias_gelu, dict(x=x, bias=None), ["x"], dtype)
+    check_against_oracle(ops.swiglu, reference.swiglu, dict(gate=x, up=u), ["gate", "up"], dtype,
+                         ref_fn=reference.swiglu)
+
+    def halves(fn):
+        return lambda both: fn(*both.chunk(2, dim=-1))
+
+    both = randn(*shape[:-1], 2 * shape[-1], dtype=dtype, device=device, seed=seed + 3, scale=3.0)
+    check_against_oracle(halves(ops.swiglu), halves(reference.swiglu), dict(both=both), ["both"], dtype)
+
+
+def check_cuda_rope(ops, dtype, device, case, transposed, seed=67):
+    """case: (B, Hq, Hk, T, D, layout) with layout "td" (cos/sin [T, D]) or "b1td" ([B, 1, T, D],
+    per-sequence positions); transposed: q/k are [B, T, H, D] projections viewed as [B, H, T, D]."""
+    B, Hq, Hk, T, D, layout = case
+    if transposed:
+        q = randn(B, T, Hq, D, dtype=dtype, device=device, seed=seed).transpose(1, 2)
+        k = randn(B, T, Hk, D, dtype=dtype, device=device, seed=seed + 1).transpose(1, 2)
+    else:
+        q = randn(B, Hq, T, D, dtype=dtype, device=device, seed=seed)
+        k = randn(B, Hk, T, D, dtype=dtype, device=device, seed=seed + 1)
+    cos, sin = reference.rope_cache(T + 3, D, 10000.0, device=device)
+    if layout == "td":
+        cos, sin = cos[3:], sin[3:]
+    else:
+        pos = torch.randint(0, T + 3, (B, T), generator=torch.Generator().manual_seed(seed + 2)).to(device)
+        cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    check_against_oracle(lambda q, k, cos, sin: ops.rope(q, k, cos, sin), reference.rope,
+                         dict(q=q, k=k, cos=cos.to(dtype), sin=sin.to(dtype)), ["q", "k"], dtype,
+                         ref_fn=reference.rope)
+
+
+def check_cuda_cross_entropy(ops, dtype, device, shape, inplace, ignore_index=-100, seed=69):
+    """Mean CE with ignored rows (the second and the last; none with a single row, whose mean would
+    be 0/0), out-of-place or in-place backward."""
+    V = shape[-1]
+    logits = randn(*shape, dtype=dtype, device=device, seed=seed, scale=4.0)
+    targets = torch.randint(0, V, shape[:-1], generator=torch.Generator().manual_seed(seed + 1))
+    flat = targets.view(-1)
+    if flat.numel() > 1:
+        flat[1] = ignore_index
+        flat[-1] = ignore_index
+    targets = targets.to(device)
+
+    def fn(logits, targets):
+        # in-place writes the gradient into the buffer of `logits`: give it a private copy
+        return ops.cross_entropy(logits * 1 if inplace else logits, targets, ignore_index=ignore_index,
+                                 inplace_backward=inplace)
+
+    check_against_oracle(fn, lambda logits, targets: o_cross_entropy(logits, targets, ignore_index),
+                         dict(logits=logits, targets=targets), ["logits"], dtype)
+
+
+def check_cuda_cross_entropy_sliced(ops, device, seed=24):
+    """Logits rows with two-level strides (logits[:, :-1], no copy) and other ignore indices."""
+    logits = randn(3, 9, 101, device=device, seed=seed).requires_grad_()
+    targets = torch.randint(0, 101, (3, 8), generator=torch.Generator().manual_seed(seed + 1))
+    targets[0, 2] = 7
+    for ignore in (7, -1):
+        t = targets.clone()
+        t[1, :3] = ignore
+        t = t.to(device)
+        loss = ops.cross_entropy(logits[:, :-1], t, ignore_index=ignore)
+        x64 = logits.detach().double().requires_grad_()
+        ref = o_cross_entropy(x64[:, :-1], t, ignore_index=ignore)
+        assert_close(loss, ref, torch.float32, "loss")
+        (g,) = torch.autograd.grad(loss, logits)
+        (g64,) = torch.autograd.grad(ref, x64)
+        assert_close(g, g64, torch.float32, "grad")
+
+
+def check_cuda_ce_vocab_shards(lib, dtype, device, N=37, V=1001, bounds=(0, 501, 1001), seed=50):
+    """The vocabulary-parallel use of ce_fwd / ce_bwd (vocab_start, no range check), one call per
+    shard of a row-strided view of the full logits, combined as vocab_parallel.py does; against
+    float64 log-sum-exp, target logits and softmax gradients."""
+    full = randn(N, V, dtype=dtype, device=device, seed=seed, scale=3.0)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(seed + 1))
+    targets[[0, 5, N - 1]] = -100
+    targets[1], targets[2] = bounds[1] - 1, bounds[1]  # last id of shard 0, first of shard 1
+    targets = targets.to(device)
+    nan = float("nan")
+    shards = [(lo, hi, full[:, lo:hi].unsqueeze(0)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    lses, xts = [], []
+    for lo, _, x in shards:
+        loss, lse, xt = (torch.full((N,), nan, device=device) for _ in range(3))
+        lib.ce_fwd(x, targets, -100, lo, False, loss, lse, xt)
+        lses.append(lse)
+        xts.append(xt)
+    lse_local = torch.stack(lses)
+    m = lse_local.max(0).values
+    lse = m + torch.exp(lse_local - m).sum(0).log()
+    f64 = full.double()
+    valid = targets != -100
+    assert_close(lse, torch.logsumexp(f64, -1), dtype, "lse")
+    xt_ref = torch.where(valid, f64.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    assert_close(torch.stack(xts).sum(0), xt_ref, dtype, "target logit")
+    scale = torch.tensor([0.37], device=device)
+    p = torch.softmax(f64, -1)
+    p[valid.nonzero().squeeze(1), targets[valid]] -= 1.0
+    p = torch.where(valid.unsqueeze(1), p * 0.37, 0.0)
+    for lo, hi, x in shards:
+        grad = torch.full_like(x, nan)
+        lib.ce_bwd(x, targets, lse, scale, -100, lo, grad)
+        assert_close(grad[0], p[:, lo:hi], dtype, f"grad shard {lo}:{hi}")
+
+
 # -------------------------------------------------------------------------------------------- CUDA
 
 
@@ -529,39 +673,23 @@ def cuda_ops():
     return get_ops("fused")
 
 
-CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
 @gpu
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_norms(cuda_ops, dtype):
-    for shape in [(1, 7), (17, 1000), (5, 4099), (3, 12289)]:  # 12289: accumulators beyond 48 KiB smem
-        D = shape[-1]
-        x = randn(*shape, dtype=dtype, device="cuda", seed=60, scale=2.0)
-        r = randn(*shape, dtype=dtype, device="cuda", seed=61)
-        w, b = randn(D, dtype=dtype, device="cuda", seed=62), randn(D, dtype=dtype, device="cuda", seed=63)
-        check_against_oracle(cuda_ops.layer_norm, o_layer_norm, dict(x=x, weight=w, bias=b, eps=1e-5, residual=r),
-                             ["x", "weight", "bias", "residual"], dtype, ref_fn=reference.layer_norm)
-        check_against_oracle(cuda_ops.rms_norm, o_rms_norm, dict(x=x, weight=w, eps=1e-6, residual=r),
-                             ["x", "weight", "residual"], dtype, ref_fn=reference.rms_norm)
-        check_against_oracle(cuda_ops.rms_norm, o_rms_norm, dict(x=x, weight=None, eps=1e-6), ["x"], dtype)
+    for shape in [(1, 7), (17, 1000), (5, 4099), (300, 40), (3, 12289), (2, 30000)]:
+        # 300 rows: more than the backward's persistent grid; 12289: accumulators beyond 48 KiB of
+        # shared memory; 30000: LayerNorm accumulators beyond the opt-in limit (global partials)
+        check_cuda_norms(cuda_ops, dtype, "cuda", shape)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_pointwise_and_rope(cuda_ops, dtype):
     for shape in [(1, 5), (33, 1000), (2, 7, 130)]:
-        x = randn(*shape, dtype=dtype, device="cuda", seed=64, scale=2.0)
-        b = randn(shape[-1], dtype=dtype, device="cuda", seed=65)
-        u = randn(*shape, dtype=dtype, device="cuda", seed=66)
-        check_against_oracle(cuda_ops.bias_gelu, reference.bias_gelu, dict(x=x, bias=b), ["x", "bias"], dtype)
-        check_against_oracle(cuda_ops.swiglu, reference.swiglu, dict(gate=x, up=u), ["gate", "up"], dtype)
-    B, Hq, Hk, T, D = 2, 4, 2, 9, 64
-    q = randn(B, T, Hq, D, dtype=dtype, device="cuda", seed=67).transpose(1, 2)
-    k = randn(B, T, Hk, D, dtype=dtype, device="cuda", seed=68).transpose(1, 2)
-    cos, sin = reference.rope_cache(T, D, 10000.0, device="cuda", dtype=dtype)
-    check_against_oracle(lambda q, k, cos, sin: cuda_ops.rope(q, k, cos, sin), reference.rope,
-                         dict(q=q, k=k, cos=cos, sin=sin), ["q", "k"], dtype)
+        check_cuda_pointwise(cuda_ops, dtype, "cuda", shape)
+    for case in [(1, 1, 1, 1, 2, "td"), (2, 4, 2, 9, 64, "td"), (3, 2, 1, 5, 22, "b1td")]:
+        for transposed in (False, True):
+            check_cuda_rope(cuda_ops, dtype, "cuda", case, transposed)
 
 
 @gpu
@@ -569,15 +697,14 @@ def test_cuda_pointwise_and_rope(cuda_ops, dtype):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_cuda_cross_entropy(cuda_ops, dtype, inplace):
     for shape in [(1, 50257), (9, 50257), (2, 5, 333)]:
-        V = shape[-1]
-        logits = randn(*shape, dtype=dtype, device="cuda", seed=69, scale=4.0)
-        targets = torch.randint(0, V, shape[:-1], generator=torch.Generator().manual_seed(70)).cuda()
-        targets.view(-1)[-1] = -100
+        check_cuda_cross_entropy(cuda_ops, dtype, "cuda", shape, inplace)
+    check_cuda_cross_entropy_sliced(cuda_ops, "cuda")
 
-        def fn(logits, targets):
-            return cuda_ops.cross_entropy(logits * 1 if inplace else logits, targets, inplace_backward=inplace)
 
-        check_against_oracle(fn, o_cross_entropy, dict(logits=logits, targets=targets), ["logits"], dtype)
+@gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_ce_vocab_shards(cuda_ops, dtype):
+    check_cuda_ce_vocab_shards(build.load("cuda"), dtype, "cuda")
 
 
 @gpu

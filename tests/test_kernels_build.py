@@ -3,6 +3,8 @@
 * Every csrc/*.cu compiles to an object with plain `nvcc -c` (the same -gencode/-std flags the JIT
   build uses, torch's and Python's include dirs), so CUDA build breaks show on CPU-only CI.  The
   .cu files need only the CUDA toolkit; skipped with a reason when nvcc is missing.
+* Every csrc/*.cu also compiles as C++ for the CUDA emulator (csrc/cuda_emu.h) with its portable
+  ucontext coroutines (the x86-64 stack switch is what tests/test_kernels_cuda_emu.py runs).
 * The CUDA registration (csrc/cuda_ops.cpp, torch + c10/cuda headers) passes the host compiler.
   A CPU-only torch wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h; the test supplies
   a one-line stand-in for it.
@@ -69,6 +71,17 @@ def test_cu_compiles_with_nvcc(cu, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     assert obj.stat().st_size > 0
+
+
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+def test_cu_compiles_for_emulator_with_ucontext(cu):
+    cxx = os.environ.get("CXX", "c++")
+    if not shutil.which(cxx):
+        pytest.skip(f"no host C++ compiler ({cxx})")
+    cmd = [cxx, "-fsyntax-only", build.cxx_std_flag(), "-x", "c++", "-DLLMK_CUDA_EMULATION", "-DLLMK_EMU_UCONTEXT",
+           f"-I{build.CSRC}", str(cu)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-6000:]}"
 
 
 def _cuda_include() -> Path | None:
