@@ -57,12 +57,13 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 # Wheels that gpu-check installs on a machine without network (pytest, ninja and their deps), for
-# each Python the GPU machine may have (pytest's dependencies differ below 3.11).
+# each Python the GPU machine may have.  pip evaluates dependency markers with this interpreter even
+# with --python-version, so pytest's extra dependencies below Python 3.11 are named explicitly.
 GPU_WHEEL_PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
 gpu-wheels: $(STAMP)
 	for v in $(GPU_WHEEL_PYTHONS); do \
-	  $(PY) -m pip download --quiet --only-binary=:all: --python-version $$v -d build/gpu-wheels pytest ninja \
-	    || exit 1; \
+	  $(PY) -m pip download --quiet --only-binary=:all: --python-version $$v -d build/gpu-wheels \
+	    pytest ninja exceptiongroup tomli typing_extensions || exit 1; \
 	done
 
 clean:

@@ -303,7 +303,7 @@ def parse_args(argv):
     if args.warmup is None:
         args.warmup = 2 if args.quick else 3
     if args.repeats is None:
-        args.repeats = 3 if args.quick else (5 if args.device == "cpu" else 10)
+        args.repeats = 3 if args.quick else (7 if args.device == "cpu" else 10)
     if args.batch % args.accum:
         p.error("--batch must be a multiple of --accum")
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -25,12 +25,14 @@
 #   STEP_BUDGET_S=180        soft time limit of bench_step.py (it skips a compile that would not fit
 #                            and stops timing at the limit; SIGTERM 40 s later writes what it has)
 #   GPU_CHECK_ALLOW_CPU=1    rehearsal without a GPU: CPU kernels only, the gpu tests skip, the
-#                            benchmarks run with --device cpu --quick
+#                            benchmarks run with --device cpu --quick and write to build/gpu-check/
+#   GPU_CHECK_OUT=dir        where the benchmarks write their tables (default bench/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=" ${GPU_CHECK_STEPS:-build tests kernels step} "
 STEP_BUDGET_S=${STEP_BUDGET_S:-180}
+OUT=${GPU_CHECK_OUT:-bench/results}
 DEV=cuda
 BENCH_ARGS=()
 KERNEL_ARGS=(--repeats 20)
@@ -51,6 +53,7 @@ if [ "$rc" -ne 0 ]; then
     DEV=cpu
     BENCH_ARGS=(--quick)
     KERNEL_ARGS=()
+    OUT=${GPU_CHECK_OUT:-build/gpu-check}
   else
     echo "no usable torch with a CUDA GPU (set GPU_CHECK_ALLOW_CPU=1 to rehearse on CPU)" >&2
     exit "$rc"
@@ -81,16 +84,16 @@ if [ "$DEV" = cuda ]; then BUILD_FLAGS=(--cuda --cpu); else BUILD_FLAGS=(--cpu);
 case $STEPS in *" build "*) step build 240 $PY -m model.kernels.build "${BUILD_FLAGS[@]}" ;; esac
 case $STEPS in *" tests "*) step tests 120 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
 case $STEPS in *" kernels "*)
-  step kernels 150 $PY bench/bench_kernels.py --device "$DEV" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
+  step kernels 150 $PY bench/bench_kernels.py --device "$DEV" --out "$OUT" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
 case $STEPS in *" step "*)
-  step step "$((STEP_BUDGET_S + 40))" $PY bench/bench_step.py --device "$DEV" --budget "$STEP_BUDGET_S" \
+  step step "$((STEP_BUDGET_S + 40))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
     "${BENCH_ARGS[@]}" ;; esac
 
-RESULT=$($PY - "$DEV" "${BENCH_ARGS[@]}" <<'PYEOF'
+RESULT=$($PY - "$OUT" "$DEV" "${BENCH_ARGS[@]}" <<'PYEOF' 2>/dev/null
 import sys
 sys.path.insert(0, "bench")
 from bench_kernels import device_slug
-print(f"bench/results/{device_slug(sys.argv[1])}{'-quick' if '--quick' in sys.argv else ''}.md")
+print(f"{sys.argv[1]}/{device_slug(sys.argv[2])}{'-quick' if '--quick' in sys.argv else ''}.md")
 PYEOF
 )
 echo
