@@ -180,4 +180,4 @@ def test_gpu_check_references_existing_files_and_marker():
     assert "-m gpu" in body and '"gpu:' in (REPO / "pyproject.toml").read_text()
     # The wheels it installs offline are the ones `make gpu-wheels` downloads.
     make = (REPO / "Makefile").read_text()
-    assert "build/gpu-wheels" in body and re.search(r"-d build/gpu-wheels[ \\\n]+pytest ninja", make)
+    assert "build/gpu-wheels" in body and re.search(r"-d build/gpu-wheels[\s\\]+pytest ninja", make)
