@@ -9,6 +9,13 @@ Inputs the kernels do not cover go to the PyTorch reference (same semantics), ne
 result: other devices or dtypes (float64, float16 on CPU), mixed dtypes that change the result
 type, broadcasting shapes, cos/sin that require grad.  Such a fallback is logged once per
 (op, reason) at INFO level ("auto") or warned once ("fused").
+
+torch.compile: every op traces with fullgraph=True (CPU and CUDA).  Each kernel library gets fake
+(meta) implementations as soon as it is loaded (`register_fake_impls`: every op writes only its
+caller-provided outputs and returns nothing, which AOTAutograd functionalises); under tracing the
+library lookup and the fallback decision run once, for real, at trace time (dynamo cannot enter
+the build lock), and the autograd Functions receive the library as its `torch.ops` namespace
+name, which dynamo resolves to the ops.  See `_traced_lib` and `CrossEntropyFn`.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ def kernel_lib(device: torch.device, mode: str):
         _fallback_note(mode, "*", f"no fused kernels for device type {dev!r}")
         return None
     try:
-        return build.load(dev)
+        lib = build.load(dev)
     except build.KernelBuildError as e:
         if mode == "fused":
             raise RuntimeError(
@@ -68,6 +75,8 @@ def kernel_lib(device: torch.device, mode: str):
                 stacklevel=3,
             )
         return None
+    register_fake_impls(lib)  # once per library, for torch.compile
+    return lib
 
 
 def _fallback_note(mode: str, op: str, reason: str) -> None:
@@ -80,14 +89,98 @@ def _fallback_note(mode: str, op: str, reason: str) -> None:
         log.info(msg)
 
 
+# ------------------------------------------------------------------------------- torch.compile
+
+# The ops of each kernel library (model/kernels/csrc/ops_schema.h; a test checks this list against
+# the loaded libraries' schemas).
+KERNEL_OPS = ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "bias_gelu_fwd",
+              "bias_gelu_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "ce_fwd", "ce_bwd")
+
+_fakes_lock = threading.Lock()
+_fake_libs: dict[str, torch.library.Library] = {}  # namespace -> the FRAGMENT holding its fakes
+
+
+def _fake_kernel(*args, **kwargs) -> None:
+    # Every op writes only its caller-provided `(a!)` outputs, which a fake tensor already
+    # describes (shape, dtype, device, strides), and returns nothing.
+    return None
+
+
+def register_fake_impls(lib) -> None:
+    """Fake (and meta) implementations of every op of `lib`, a `torch.ops` namespace such as
+    `torch.ops.llmk_cpu`, so torch.compile / FakeTensor / meta tensors can trace the ops.
+    Idempotent; kernel_lib() calls it right after a library is loaded."""
+    ns = getattr(lib, "name", None)
+    if ns in _fake_libs:  # the per-call fast path (a dict lookup)
+        return
+    if not isinstance(lib, torch._ops._OpNamespace) or not ns:
+        raise TypeError(f"register_fake_impls needs a torch.ops namespace, got {type(lib).__name__}")
+    with _fakes_lock:
+        if ns in _fake_libs:
+            return
+        frag = torch.library.Library(ns, "FRAGMENT")
+        for op in KERNEL_OPS:
+            torch.library.register_fake(f"{ns}::{op}", _fake_kernel, lib=frag)
+        _fake_libs[ns] = frag
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _traced_lib_impl(op: str, device_type: str, dtype: torch.dtype, mode: str) -> str | None:
+    if not _dtype_supported(device_type, dtype):
+        _fallback_note(mode, op, f"dtype {dtype} on {device_type}")
+        return None
+    lib = kernel_lib(torch.device(device_type), mode)
+    if lib is None:
+        return None
+    if not isinstance(lib, torch._ops._OpNamespace):
+        raise TypeError(f"model.kernels: torch.compile can only trace kernel libraries that are torch.ops "
+                        f"namespaces; kernel_lib() returned {type(lib).__name__}")
+    register_fake_impls(lib)  # (a no-op unless kernel_lib was replaced, e.g. by a test)
+    return lib.name
+
+
+# Under dynamo the lookup (build lock, one-time notes, a possible first build) cannot be traced;
+# it runs for real once per trace and its result, the library's torch.ops namespace name (or None:
+# use the reference), is baked into the graph.  That is sound: a process keeps its library.
+_traced_lib = torch.compiler.assume_constant_result(_traced_lib_impl)
+
+
+def _resolve(lib):
+    """A library passed to the autograd Functions: the namespace itself (eager) or, when traced,
+    its name in torch.ops (a constant dynamo can carry through ctx and resolve to the ops)."""
+    return getattr(torch.ops, lib) if isinstance(lib, str) else lib
+
+
+def _note(mode: str, op: str, reason: str) -> None:
+    if _compiling():
+        _traced_note(mode, op, reason)
+    else:
+        _fallback_note(mode, op, reason)
+
+
+def _traced_note_impl(mode: str, op: str, reason: str) -> bool:
+    _fallback_note(mode, op, reason)
+    return True
+
+
+_traced_note = torch.compiler.assume_constant_result(_traced_note_impl)
+
+
 def new_out(shape, dtype, device) -> torch.Tensor:
     """Allocates every kernel output (uninitialised; the kernels write all of it).  The tests
     replace this with a NaN-filling version so an element a kernel forgets to write fails."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _dtype_supported(device_type: str, dtype: torch.dtype) -> bool:
+    return dtype in (CUDA_DTYPES if device_type == "cuda" else CPU_DTYPES)
+
+
 def _dtype_ok(t: torch.Tensor) -> bool:
-    return t.dtype in (CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES)
+    return _dtype_supported(t.device.type, t.dtype)
 
 
 def _vec32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,12 +203,13 @@ class LayerNormFn(torch.autograd.Function):
         h = new_out(x.shape, x.dtype, x.device) if residual is not None else None
         mean = new_out(N, torch.float32, x.device)
         rstd = new_out(N, torch.float32, x.device)
-        lib.layer_norm_fwd(x, residual, w32, b32, eps, y, h, mean, rstd)
+        _resolve(lib).layer_norm_fwd(x, residual, w32, b32, eps, y, h, mean, rstd)
         ctx.save_for_backward(h if h is not None else x, mean, rstd, w32)
         ctx.lib, ctx.has_res = lib, residual is not None
         ctx.wdtype = weight.dtype if weight is not None else None
         ctx.bdtype = bias.dtype if bias is not None else None
-        ctx.set_materialize_grads(False)
+        if not _compiling():  # dynamo cannot trace this call; backward handles zeros too
+            ctx.set_materialize_grads(False)
         if h is not None:
             return y, h
         return y
@@ -130,7 +224,7 @@ class LayerNormFn(torch.autograd.Function):
         dx = new_out(h.shape, h.dtype, h.device)
         dw = new_out(D, torch.float32, h.device) if need_w else None
         db = new_out(D, torch.float32, h.device) if need_b else None
-        ctx.lib.layer_norm_bwd(dy, h, mean, rstd, w32, dres, dx, dw, db)
+        _resolve(ctx.lib).layer_norm_bwd(dy, h, mean, rstd, w32, dres, dx, dw, db)
         return (
             dx if need_x else None,
             dx if need_r else None,
@@ -149,11 +243,12 @@ class RMSNormFn(torch.autograd.Function):
         y = new_out((N, D), out_dtype, x.device)
         h = new_out(x.shape, x.dtype, x.device) if residual is not None else None
         rstd = new_out(N, torch.float32, x.device)
-        lib.rms_norm_fwd(x, residual, w32, eps, y, h, rstd)
+        _resolve(lib).rms_norm_fwd(x, residual, w32, eps, y, h, rstd)
         ctx.save_for_backward(h if h is not None else x, rstd, w32)
         ctx.lib, ctx.has_res, ctx.out_dtype = lib, residual is not None, out_dtype
         ctx.wdtype = weight.dtype if weight is not None else None
-        ctx.set_materialize_grads(False)
+        if not _compiling():  # dynamo cannot trace this call; backward handles zeros too
+            ctx.set_materialize_grads(False)
         if h is not None:
             return y, h
         return y
@@ -169,7 +264,7 @@ class RMSNormFn(torch.autograd.Function):
         dres = dh.contiguous() if (ctx.has_res and dh is not None) else None
         dx = new_out(h.shape, h.dtype, h.device)
         dw = new_out(D, torch.float32, h.device) if need_w else None
-        ctx.lib.rms_norm_bwd(dy, h, rstd, w32, dres, dx, dw)
+        _resolve(ctx.lib).rms_norm_bwd(dy, h, rstd, w32, dres, dx, dw)
         return dx if need_x else None, dx if need_r else None, dw.to(ctx.wdtype) if need_w else None, None, None, None
 
 
@@ -181,7 +276,7 @@ class BiasGeluFn(torch.autograd.Function):
     def forward(ctx, x, bias, lib):
         b32 = _vec32(bias)
         y = new_out(x.shape, x.dtype, x.device)
-        lib.bias_gelu_fwd(x, b32, y)
+        _resolve(lib).bias_gelu_fwd(x, b32, y)
         ctx.save_for_backward(x, b32)
         ctx.lib = lib
         ctx.bdtype = bias.dtype if bias is not None else None
@@ -193,7 +288,7 @@ class BiasGeluFn(torch.autograd.Function):
         need_b = ctx.needs_input_grad[1]
         dx = new_out(x.shape, x.dtype, x.device)
         db = new_out(x.shape[1], torch.float32, x.device) if need_b else None
-        ctx.lib.bias_gelu_bwd(dy.contiguous(), x, b32, dx, db)
+        _resolve(ctx.lib).bias_gelu_bwd(dy.contiguous(), x, b32, dx, db)
         return dx, db.to(ctx.bdtype) if need_b else None, None
 
 
@@ -201,7 +296,7 @@ class SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, lib):
         y = new_out(gate.shape, gate.dtype, gate.device)
-        lib.swiglu_fwd(gate, up, y)
+        _resolve(lib).swiglu_fwd(gate, up, y)
         ctx.save_for_backward(gate, up)
         ctx.lib = lib
         return y
@@ -211,7 +306,7 @@ class SwiGLUFn(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dg = new_out(gate.shape, gate.dtype, gate.device)
         du = new_out(dg.shape, dg.dtype, dg.device)
-        ctx.lib.swiglu_bwd(dy.contiguous(), gate, up, dg, du)
+        _resolve(ctx.lib).swiglu_bwd(dy.contiguous(), gate, up, dg, du)
         return dg, du, None
 
 
@@ -222,11 +317,13 @@ class RopeFn(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin, lib):
         qo = new_out(q.shape, q.dtype, q.device)
         ko = new_out(k.shape, k.dtype, k.device)
-        lib.rope_fwd(q, cos, sin, False, qo)
-        lib.rope_fwd(k, cos, sin, False, ko)
+        kernels = _resolve(lib)
+        kernels.rope_fwd(q, cos, sin, False, qo)
+        kernels.rope_fwd(k, cos, sin, False, ko)
         ctx.save_for_backward(cos, sin)
         ctx.lib = lib
-        ctx.set_materialize_grads(False)
+        if not _compiling():  # dynamo cannot trace this call; backward handles zeros too
+            ctx.set_materialize_grads(False)
         return qo, ko
 
     @staticmethod
@@ -238,7 +335,8 @@ class RopeFn(torch.autograd.Function):
                 grads.append(None)
                 continue
             out = new_out(g.shape, g.dtype, g.device)
-            ctx.lib.rope_fwd(_head_view(g), cos, sin, True, out)
+            # (a traced backward may not read strides in torch 2.6: contiguous() there)
+            _resolve(ctx.lib).rope_fwd(g.contiguous() if _compiling() else _head_view(g), cos, sin, True, out)
             grads.append(out)
         return grads[0], grads[1], None, None, None
 
@@ -276,7 +374,7 @@ class CrossEntropyFn(torch.autograd.Function):
         N = targets.numel()
         loss_rows = new_out(N, torch.float32, logits.device)
         lse = new_out(N, torch.float32, logits.device)
-        lib.ce_fwd(logits, targets, ignore_index, 0, True, loss_rows, lse, None)
+        _resolve(lib).ce_fwd(logits, targets, ignore_index, 0, True, loss_rows, lse, None)
         count = (targets != ignore_index).sum()
         ctx.save_for_backward(logits, targets, lse, count)
         ctx.lib, ctx.ignore_index, ctx.inplace = lib, ignore_index, inplace
@@ -290,7 +388,7 @@ class CrossEntropyFn(torch.autograd.Function):
             grad = logits
         else:
             grad = new_out(logits.shape, logits.dtype, logits.device)
-        ctx.lib.ce_bwd(logits, targets, lse, scale, ctx.ignore_index, 0, grad)
+        _resolve(ctx.lib).ce_bwd(logits, targets, lse, scale, ctx.ignore_index, 0, grad)
         if ctx.inplace:
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None
@@ -299,10 +397,12 @@ class CrossEntropyFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------- op entries
 
 
-
 def _kernel_for(x: torch.Tensor, op: str, mode: str):
     """The compiled library for `x`'s device, or None when the reference must run instead: an
-    unsupported dtype (noted once) or a library that did not build (`kernel_lib` decides)."""
+    unsupported dtype (noted once) or a library that did not build (`kernel_lib` decides).
+    Under torch.compile: the library's torch.ops namespace name (see `_traced_lib`)."""
+    if _compiling():
+        return _traced_lib(op, x.device.type, x.dtype, mode)
     if not _dtype_ok(x):
         _fallback_note(mode, op, f"dtype {x.dtype} on {x.device.type}")
         return None
@@ -324,7 +424,7 @@ def layer_norm(x, weight, bias, eps: float, residual=None, *, mode: str = "fused
         if p is not None and (p.shape != (D,) or not p.is_floating_point() or p.device != x.device):
             reason = f"{name} is not a [D] float tensor on x's device"
     if reason:
-        _fallback_note(mode, "layer_norm", reason)
+        _note(mode, "layer_norm", reason)
         return ref()
     res = _rows(residual) if residual is not None else None
     out = LayerNormFn.apply(_rows(x), res, weight, bias, float(eps), lib)
@@ -342,7 +442,9 @@ def rms_norm(x, weight, eps: float, residual=None, *, mode: str = "fused"):
     if lib is None:
         return ref()
     D = x.shape[-1]
-    out_dtype = torch.result_type(x, weight) if weight is not None else x.dtype
+    # promote_types == result_type for a [D] weight (anything else falls back below); unlike
+    # result_type it traces under torch.compile.
+    out_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
     reason = None
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         reason = "residual shape/dtype differs from x"
@@ -351,7 +453,7 @@ def rms_norm(x, weight, eps: float, residual=None, *, mode: str = "fused"):
     elif out_dtype not in (x.dtype, torch.float32):
         reason = f"result dtype {out_dtype}"
     if reason:
-        _fallback_note(mode, "rms_norm", reason)
+        _note(mode, "rms_norm", reason)
         return ref()
     res = _rows(residual) if residual is not None else None
     out = RMSNormFn.apply(_rows(x), res, weight, float(eps), out_dtype, lib)
@@ -369,7 +471,7 @@ def bias_gelu(x, bias, *, mode: str = "fused"):
     if lib is None:
         return ref()
     if bias is not None and (bias.shape != (x.shape[-1],) or bias.dtype != x.dtype or bias.device != x.device):
-        _fallback_note(mode, "bias_gelu", "bias is not a [D] tensor of x's dtype")
+        _note(mode, "bias_gelu", "bias is not a [D] tensor of x's dtype")
         return ref()
     return BiasGeluFn.apply(_rows(x), bias, lib).view(x.shape)
 
@@ -390,7 +492,7 @@ def swiglu(gate, up, *, mode: str = "fused"):
     if lib is None:
         return ref()
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        _fallback_note(mode, "swiglu", "gate and up differ in shape/dtype")
+        _note(mode, "swiglu", "gate and up differ in shape/dtype")
         return ref()
     return SwiGLUFn.apply(_rows_strided(gate), _rows_strided(up), lib).view(gate.shape)
 
@@ -434,7 +536,7 @@ def rope(q, k, cos, sin, *, mode: str = "fused"):
         if c is None or s is None or c.shape[0] != s.shape[0]:
             reason = "cos/sin shape is not [T, D] or [B|1, 1, T, D]"
     if reason:
-        _fallback_note(mode, "rope", reason)
+        _note(mode, "rope", reason)
         return ref()
     return RopeFn.apply(_head_view(q), _head_view(k), c, s, lib)
 
@@ -450,7 +552,12 @@ def cross_entropy(logits, targets, ignore_index: int = -100, *, inplace_backward
     x = logits_3d(logits)
     t = targets.reshape(-1)
     if t.numel() != x.shape[0] * x.shape[1] or t.is_floating_point() or t.device != logits.device:
-        _fallback_note(mode, "cross_entropy", "targets do not match the logits rows")
+        _note(mode, "cross_entropy", "targets do not match the logits rows")
         return ref()
     t = t.to(torch.int64).contiguous()
-    return CrossEntropyFn.apply(x, t, int(ignore_index), bool(inplace_backward), lib)
+    # Under torch.compile the gradient is always written out of place: the in-place path writes
+    # into a tensor saved by the forward and bumps its version counter, which a traced backward
+    # cannot express (AOTAutograd would copy the result back, saving nothing).  The compiled
+    # graph owns its intermediates, and the result is the same gradient.
+    inplace = bool(inplace_backward) and not _compiling()
+    return CrossEntropyFn.apply(x, t, int(ignore_index), inplace, lib)

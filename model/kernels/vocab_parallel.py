@@ -12,6 +12,10 @@ i.e. two all-reduces of [2, N] floats at most; nothing of size V crosses ranks. 
 mean over non-ignored rows (all ranks must hold the same `targets`).  Backward needs no
 communication: d loss / d logits_shard = (exp(x - lse) - onehot_local) * grad / count, written by
 `ce_bwd` into a new shard-sized tensor or, with `inplace_backward=True`, into the shard itself.
+
+Under torch.compile the library is looked up once at trace time (as in `ops`) and the gradient is
+always written out of place (see `ops.cross_entropy`); the all-reduces are traced by dynamo as
+functional collectives.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import build, ops
-from .ops import _dtype_ok, logits_3d
+from .ops import _compiling, _resolve, logits_3d
 
 
 def _local_stats_torch(logits, targets, ignore_index, vocab_start):
@@ -39,10 +43,10 @@ def _grad_torch(logits, targets, lse, scale, ignore_index, vocab_start):
     p = torch.exp(x - lse.unsqueeze(1))
     local = targets - vocab_start
     in_shard = (targets != ignore_index) & (local >= 0) & (local < V)
-    rows = in_shard.nonzero().squeeze(1)
-    p[rows, local[rows]] -= 1.0
+    # (scatter/masked_fill rather than boolean indexing: no data-dependent shapes under compile)
+    p.scatter_add_(1, local.clamp(0, V - 1).unsqueeze(1), -in_shard.to(p.dtype).unsqueeze(1))
     p.mul_(scale)
-    p[targets == ignore_index] = 0.0
+    p.masked_fill_((targets == ignore_index).unsqueeze(1), 0.0)
     return p.to(logits.dtype).view(logits.shape)
 
 
@@ -51,10 +55,11 @@ class VocabParallelCrossEntropyFn(torch.autograd.Function):
     def forward(ctx, logits, targets, vocab_start, group, ignore_index, inplace, lib):
         N = targets.numel()
         if lib is not None:
+            kernels = _resolve(lib)
             loss_local = ops.new_out(N, torch.float32, logits.device)
             lse_local = ops.new_out(N, torch.float32, logits.device)
             xt = ops.new_out(N, torch.float32, logits.device)
-            lib.ce_fwd(logits, targets, ignore_index, vocab_start, False, loss_local, lse_local, xt)
+            kernels.ce_fwd(logits, targets, ignore_index, vocab_start, False, loss_local, lse_local, xt)
         else:
             lse_local, xt = _local_stats_torch(logits, targets, ignore_index, vocab_start)
         m = lse_local.clone()
@@ -81,7 +86,7 @@ class VocabParallelCrossEntropyFn(torch.autograd.Function):
                 grad = logits
             return grad, None, None, None, None, None, None
         grad = logits if ctx.inplace else ops.new_out(logits.shape, logits.dtype, logits.device)
-        ctx.lib.ce_bwd(logits, targets, lse, scale, ctx.ignore_index, ctx.vocab_start, grad)
+        _resolve(ctx.lib).ce_bwd(logits, targets, lse, scale, ctx.ignore_index, ctx.vocab_start, grad)
         if ctx.inplace:
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None, None
@@ -99,14 +104,35 @@ def vocab_parallel_cross_entropy(logits_shard, targets, vocab_start: int, group=
     t = targets.reshape(-1).to(torch.int64).contiguous()
     if t.numel() != x.shape[0] * x.shape[1]:
         raise ValueError(f"targets have {t.numel()} entries for {x.shape[0] * x.shape[1]} logits rows")
-    lib = None
-    if use_kernels is not False and _dtype_ok(x):
+    if _compiling():
+        lib = _traced_kernel_lib(x.device.type, x.dtype, use_kernels)
+    else:
+        lib = _kernel_lib(x.device, x.dtype, use_kernels)
+    # Out of place under torch.compile, as in ops.cross_entropy.
+    inplace = bool(inplace_backward) and not _compiling()
+    return VocabParallelCrossEntropyFn.apply(x, t, int(vocab_start), group, int(ignore_index), inplace, lib)
+
+
+def _kernel_lib(device: torch.device, dtype: torch.dtype, use_kernels: bool | None):
+    """The kernel library for `device` (None: plain torch); see `use_kernels`."""
+    if use_kernels is not False and ops._dtype_supported(device.type, dtype):
         try:
-            lib = build.load(x.device.type)
+            lib = build.load(device.type)
         except build.KernelBuildError:
             if use_kernels:
                 raise
-    elif use_kernels:
-        raise RuntimeError(f"no fused cross-entropy kernel for {x.dtype} on {x.device.type}")
-    return VocabParallelCrossEntropyFn.apply(x, t, int(vocab_start), group, int(ignore_index),
-                                             bool(inplace_backward), lib)
+            return None
+        ops.register_fake_impls(lib)
+        return lib
+    if use_kernels:
+        raise RuntimeError(f"no fused cross-entropy kernel for {dtype} on {device.type}")
+    return None
+
+
+def _traced_kernel_lib_impl(device_type: str, dtype: torch.dtype, use_kernels: bool | None) -> str | None:
+    lib = _kernel_lib(torch.device(device_type), dtype, use_kernels)
+    return None if lib is None else lib.name
+
+
+# Runs for real at trace time (the build lock cannot be traced); see ops._traced_lib.
+_traced_kernel_lib = torch.compiler.assume_constant_result(_traced_kernel_lib_impl)
