@@ -27,6 +27,7 @@ from model.kernels import build, get_ops
 from model.kernels import ops as kops
 from tests.test_kernels import (  # noqa: F401  (poison_outputs: autouse fixture, applies here too)
     CUDA_DTYPES,
+    assert_close,
     check_cuda_ce_vocab_shards,
     check_cuda_cross_entropy,
     check_cuda_cross_entropy_sliced,
@@ -68,11 +69,47 @@ def test_norms(emu_ops, dtype, shape):
 
 
 @dtypes
-def test_norms_large_rows(emu_ops, dtype, monkeypatch):
-    # 12289: accumulators beyond 48 KiB of shared memory (needs the opt-in attribute)
+def test_norms_large_rows(emu_ops, dtype):
+    """Scalar kernels (D not a multiple of the vector width): 12289, accumulators beyond 48 KiB of
+    shared memory (needs the opt-in attribute); 29041, LayerNorm accumulators (2 x D floats)
+    beyond the 227 KiB opt-in limit (global partials)."""
     check_cuda_norms(emu_ops, dtype, "cpu", (3, 12289))
-    # 29041: LayerNorm accumulators (2 x D floats) beyond the 227 KiB opt-in limit: global partials
-    check_cuda_norms(emu_ops, dtype, "cpu", (2, 29041))
+    check_cuda_norms(emu_ops, dtype, "cpu", (2, 29041), full=False)
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 8192), (torch.bfloat16, 32768), (torch.float32, 4096),
+                                     (torch.float32, 16384), (torch.float16, 40000)],
+                         ids=["bf16-8192", "bf16-32768", "f32-4096", "f32-16384", "f16-40000"])
+def test_norms_wide_vector_rows(emu_ops, dtype, D):
+    """Vectorised kernels with 2 vectors per thread (bf16 8192, f32 4096) and 1024 threads x 4
+    vectors (bf16 32768, f32 16384); 40000 16-bit elements are too wide for them (scalar)."""
+    check_cuda_norms(emu_ops, dtype, "cpu", (2, D), full=False)
+
+
+@dtypes
+def test_norms_misaligned_rows(emu_lib, dtype):
+    """Rows that start off a 16-byte boundary (a contiguous view at an odd offset) take the scalar
+    kernels; aligned ones the vectorised kernels: both match the float64 oracle."""
+    N, D = 5, 1000
+    nan = float("nan")
+    buf = randn(N * D + 1, dtype=dtype, seed=90, scale=2.0)
+    for x in (buf[1:].view(N, D), buf[:-1].view(N, D).clone()):
+        w, b = randn(D, seed=91), randn(D, seed=92)
+        y = torch.full_like(x, nan)
+        mean, rstd = torch.full((N,), nan), torch.full((N,), nan)
+        emu_lib.layer_norm_fwd(x, None, w, b, 1e-5, y, None, mean, rstd)
+        ref = torch.nn.functional.layer_norm(x.double(), (D,), w.double(), b.double(), 1e-5)
+        assert_close(y, ref, dtype, "layer_norm y")
+        dy = randn(N, D, dtype=dtype, seed=93)
+        dx, dw = torch.full_like(x, nan), torch.full((D,), nan)
+        emu_lib.rms_norm_fwd(x, None, w, 1e-5, torch.full((N, D), nan), None, rstd)
+        emu_lib.rms_norm_bwd(dy.float(), x, rstd, w, None, dx, dw)
+        x64 = x.double().requires_grad_()
+        w64 = w.double().requires_grad_()
+        yr = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+        gx, gw = torch.autograd.grad(yr, (x64, w64), dy.double())
+        assert_close(dx, gx, dtype, "rms_norm dx")
+        assert_close(dw, gw, dtype, "rms_norm dweight")
 
 
 @dtypes

@@ -65,6 +65,68 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
   return sh[0];
 }
 
+// One-barrier block sum for kernels that reduce repeatedly: every warp reduces the per-warp
+// partials itself, so no second barrier is needed; consecutive calls must alternate between two
+// `sh` buffers of >= 32 floats (a buffer is rewritten only after every thread has passed the
+// barrier of the call in between, i.e. has finished reading it).  blockDim.x % 32 == 0.
+__device__ __forceinline__ float block_sum_db(float v, float* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  return warp_sum(lane < nw ? sh[lane] : 0.f);
+}
+// Two sums in one barrier; `sh` holds >= 64 floats (alternate two such buffers, as above).
+__device__ __forceinline__ void block_sum2_db(float& a, float& b, float* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) {
+    sh[wid] = a;
+    sh[32 + wid] = b;
+  }
+  __syncthreads();
+  a = warp_sum(lane < nw ? sh[lane] : 0.f);
+  b = warp_sum(lane < nw ? sh[32 + lane] : 0.f);
+}
+
+// 128-bit vector access: N elements of T (N * sizeof(T) a multiple of 16) at a 16-byte aligned p,
+// converted to / from float32.  Accessed as Pack<T> (an aligned array of T, so no type punning).
+template <typename T>
+struct alignas(16) Pack {
+  T v[16 / sizeof(T)];
+};
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
+  static_assert((N * sizeof(T)) % 16 == 0, "whole 16-byte vectors only");
+  constexpr int kPer = 16 / sizeof(T);
+#ifdef LLMK_CUDA_EMULATION
+  llmk_emu::check_aligned(p, 16);
+#endif
+#pragma unroll
+  for (int c = 0; c < N / kPer; ++c) {
+    const Pack<T> u = reinterpret_cast<const Pack<T>*>(p)[c];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) out[c * kPer + k] = to_f(u.v[k]);
+  }
+}
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
+  static_assert((N * sizeof(T)) % 16 == 0, "whole 16-byte vectors only");
+  constexpr int kPer = 16 / sizeof(T);
+#ifdef LLMK_CUDA_EMULATION
+  llmk_emu::check_aligned(p, 16);
+#endif
+#pragma unroll
+  for (int c = 0; c < N / kPer; ++c) {
+    Pack<T> u;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) u.v[k] = from_f<T>(in[c * kPer + k]);
+    reinterpret_cast<Pack<T>*>(p)[c] = u;
+  }
+}
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 // Online softmax state (running max m, sum of exp(x - m)); NaN inputs propagate through s.
 __device__ __forceinline__ void lse_push(float& m, float& s, float x) {
   if (x > m) {
@@ -133,19 +195,29 @@ inline int sm_count() {
 }
 
 namespace {
-// out[c] = sum_g partial[g * stride + c], c < D  (column sums of per-block partial gradients)
+// out[c] = sum_g partial[g * stride + c], c < D  (column sums of per-block partial gradients).
+// Block (32, 32): 32 columns, the G rows split over threadIdx.y, then summed in shared memory.
 __global__ void col_reduce_kernel(const float* partial, int64_t G, int64_t stride, int64_t D, float* out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= D) return;
+  __shared__ float sm[32][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float s = 0.f;
-  for (int64_t g = 0; g < G; ++g) s += partial[g * stride + c];
-  out[c] = s;
+  if (c < D) {
+    for (int64_t g = threadIdx.y; g < G; g += 32) s += partial[g * stride + c];
+  }
+  sm[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < D) {
+    float t = 0.f;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) t += sm[j][threadIdx.x];
+    out[c] = t;
+  }
 }
 }  // namespace
 
 inline void col_reduce(const float* partial, int64_t G, int64_t stride, int64_t D, float* out, cudaStream_t s) {
   if (out == nullptr || D == 0) return;
-  LLMK_LAUNCH(static_cast<unsigned>((D + 255) / 256), 256, 0, s, col_reduce_kernel)(partial, G, stride, D, out);
+  LLMK_LAUNCH(static_cast<unsigned>((D + 31) / 32), dim3(32, 32), 0, s, col_reduce_kernel)(partial, G, stride, D, out);
 }
 
 #define LLMK_DISPATCH_CUDA(dt, ...)    \
