@@ -186,6 +186,40 @@ def test_fused_and_torch_kernels_train_alike_and_share_checkpoints(root):
         assert c[step] == pytest.approx(a[step], rel=1e-4), step
 
 
+def test_compile_trains_like_eager_and_its_checkpoint_loads_without_compile(root):
+    """train.compile=true: the same losses as eager (float32, fused kernels), a checkpoint with the
+    same keys that an eager run resumes from."""
+    eager = run_train(root, "c-eager", "train.max_steps=4", "model.kernels=fused", "train.checkpoint_every=2")
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    comp = run_train(root, "c-comp", "train.max_steps=4", "model.kernels=fused", "train.checkpoint_every=2",
+                     "train.compile=true")
+    assert comp.returncode == 0, comp.stderr[-3000:]
+    assert "compile: the model's forward runs under torch.compile" in comp.stdout
+    a, b = train_losses(root, "c-eager"), train_losses(root, "c-comp")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert abs(b[step] - a[step]) <= 1e-4, (step, a[step], b[step])
+    ck = root / "runs" / "c-comp" / "checkpoints" / "step_00000002"
+    keys = [set(torch.load(next((root / "runs" / n / "checkpoints" / "step_00000002").glob(
+        "mp_rank_00_model_states.pt")), weights_only=False)["module"]) for n in ("c-eager", "c-comp")]
+    assert keys[0] == keys[1]
+    resumed = run_train(root, "c-resumed", "train.max_steps=4", "model.kernels=fused", f"train.resume={ck}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = train_losses(root, "c-resumed")
+    for step in (3, 4):
+        assert abs(c[step] - b[step]) <= 1e-4, (step, b[step], c[step])
+
+
+@pytest.mark.parametrize("override, fragment", [("parallel.pp=2", "parallel.pp=2"),
+                                                ("parallel.zero_stage=3", "parallel.zero_stage=3")])
+def test_compile_refuses_pipeline_and_zero3(override, fragment):
+    from trainer.recipe import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=f"train.compile=true cannot be combined with {fragment}"):
+        load_recipe("gpt-tiny", ["train.compile=true", override])
+    load_recipe("gpt-tiny", [override])  # fine without compile
+
+
 @pytest.mark.parametrize("make_path, fragment", [
     (lambda tmp: tmp / "does-not-exist", "does-not-exist"),
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "empty"),

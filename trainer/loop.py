@@ -7,6 +7,7 @@ data parallelism) -> resume -> train/evaluate/checkpoint -> final evaluation and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -268,6 +269,10 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
     del full_model
     if not layout.is_pipeline:
         model.to(dist.device)  # DeepSpeed's pipeline engine places its own stage
+    if recipe.train.compile:
+        # In place (nn.Module.compile): the same module, parameters and state_dict keys, so
+        # checkpoints load with or without compile; only the module's call goes through dynamo.
+        model.compile()
     ds_cfg = deepspeed_config(recipe, dist.world_size, dist.device.type)
     if is_main:
         atomic_write_text(paths.run_dir / "ds_config.json", json.dumps(ds_cfg, indent=1))
@@ -319,6 +324,9 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
               f"precision: {precision}  kernels: {module.ops.mode}  "
               f"train tokens: {len(data.train_tokens):,}  val tokens: {len(data.val_tokens):,}"
               + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
+        if recipe.train.compile:
+            print("compile: the model's forward runs under torch.compile (the first steps, and the first "
+                  "evaluation, are slower while it compiles)", flush=True)
 
     nan_steps = faults.nan_steps()
     signal_state: dict = {}
@@ -478,8 +486,10 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
         del full_sd
     sample = ""
     if sample_module is not None:
-        sample = sample_text(sample_module, data.tokenizer, recipe.train.sample_prompt, recipe.train.sample_tokens,
-                             dist.device, recipe.train.seed, data.eos_id)
+        # Generation (a growing key/value cache, one new shape per token) stays eager.
+        with torch.compiler.set_stance("force_eager") if recipe.train.compile else contextlib.nullcontext():
+            sample = sample_text(sample_module, data.tokenizer, recipe.train.sample_prompt, recipe.train.sample_tokens,
+                                 dist.device, recipe.train.seed, data.eos_id)
     summary = {
         "run_dir": str(paths.run_dir), "steps": step, "params": n_params,
         "final_train_loss": last_loss, "final_val_loss": final["val_loss"], "val_bpb": final["val_bpb"],

@@ -97,6 +97,8 @@ class TrainSection(Section):
     peak_tflops: float | None = _f(None, "device peak for MFU; null = known GPU table, or the CPU's theoretical fp32 FMA peak "
                                    "(threads x clock x FLOP per cycle)", gt=0.0)
     progress: bool = _f(True, "show progress bars on rank 0")
+    compile: bool = _f(False, "compile the model's forward (fused kernels included) with torch.compile: the first "
+                       "steps are slower while it compiles; generation stays eager; not with parallel.pp > 1 or ZeRO-3")
 
 
 class ParallelSection(Section):
@@ -188,6 +190,13 @@ class Recipe(Section):
             if m.n_head % p.tp or (m.n_kv_head or m.n_head) % p.tp:
                 raise ValueError(f"model.n_head={m.n_head} and model.n_kv_head={m.n_kv_head or m.n_head} "
                                  f"must be divisible by parallel.tp={p.tp}")
+        if self.train.compile and p.pp > 1:
+            raise ValueError(f"train.compile=true cannot be combined with parallel.pp={p.pp} (DeepSpeed's pipeline "
+                             "engine runs the stages' layers itself); set train.compile=false or parallel.pp=1")
+        if self.train.compile and p.zero_stage == 3:
+            raise ValueError("train.compile=true cannot be combined with parallel.zero_stage=3 (ZeRO-3 gathers each "
+                             "layer's partitioned parameters in hooks that torch.compile cannot trace); use ZeRO 0-2 "
+                             "or train.compile=false")
         if self.train.resume not in ("none", "auto") and not self.train.resume.strip():
             raise ValueError("train.resume must be none, auto or a checkpoint path")
         return self
