@@ -16,7 +16,7 @@
 # Works with the machine's own Python (torch >= 2.6, no network, none of our other pins): it imports
 # only torch, pytest and ninja, and installs the last two from wheels brought along in
 # build/gpu-wheels (made here by `make gpu-wheels`; build/ is git-ignored, so carry it to the
-# machine) when they are missing.
+# machine) into build/gpu-pylib when they are missing.
 #
 # Environment:
 #   PYTHON=python3           the interpreter to use
@@ -60,13 +60,28 @@ if [ "$rc" -ne 0 ]; then
   fi
 fi
 
-for mod in pytest ninja; do
-  $PY -c "import $mod" 2>/dev/null ||
-    $PY -m pip install --quiet --no-index --find-links build/gpu-wheels "$mod" ||
-    { echo "cannot install $mod from build/gpu-wheels (run 'make gpu-wheels' and carry build/gpu-wheels)" >&2; exit 4; }
-done
-NINJA_BIN=$($PY -c 'import ninja, os; print(ninja.BIN_DIR)' 2>/dev/null || true)
-export PATH="${NINJA_BIN:+$NINJA_BIN:}$PATH"
+# Missing pytest/ninja go into build/gpu-pylib (on PYTHONPATH, its bin/ on PATH), not into the
+# machine's Python: --target also works where that Python is "externally managed" (PEP 668) or
+# read-only.  One pip call for both: a second --target install into the same folder would skip
+# bin/ (already there) and lose the ninja binary.  ninja counts as present only as an executable.
+PYLIB=$PWD/build/gpu-pylib
+export PYTHONPATH="$PYLIB${PYTHONPATH:+:$PYTHONPATH}"
+add_ninja_path() {
+  local bin_dir
+  bin_dir=$($PY -c 'import ninja; print(ninja.BIN_DIR)' 2>/dev/null || true)
+  export PATH="$PYLIB/bin${bin_dir:+:$bin_dir}:$PATH"
+}
+add_ninja_path
+MISSING=()
+$PY -c "import pytest" 2>/dev/null || MISSING+=(pytest)
+command -v ninja >/dev/null || MISSING+=(ninja)
+if [ "${#MISSING[@]}" -gt 0 ]; then
+  $PY -m pip install --quiet --upgrade --no-index --find-links build/gpu-wheels --target "$PYLIB" "${MISSING[@]}" ||
+    { echo "cannot install ${MISSING[*]} from build/gpu-wheels (run 'make gpu-wheels' and carry build/gpu-wheels)" >&2
+      exit 4; }
+  add_ninja_path
+fi
+echo "ninja: $(command -v ninja || echo MISSING); pytest: $($PY -c 'import pytest; print(pytest.__version__, pytest.__file__)' 2>&1 | tail -1)"
 
 # step NAME TIMEOUT_S COMMAND...: runs it under timeout, records status and time, never exits.
 step() {
