@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make gpu-check`: one script for a machine with one H100/H200, about 5 minutes.
 #
-# Steps, each under its own `timeout` (expected time on an H200 / hard limit):
+# Steps, each under its own `timeout` (expected time on an H200, estimated, not yet measured /
+# hard limit; the limits add up to about 12 minutes in the worst case):
 #   1. check torch + GPU, install pytest/ninja from build/gpu-wheels when missing   ~10 s
 #   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 240 s
 #   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 120 s
@@ -16,7 +17,8 @@
 # Works with the machine's own Python (torch >= 2.6, no network, none of our other pins): it imports
 # only torch, pytest and ninja, and installs the last two from wheels brought along in
 # build/gpu-wheels (made here by `make gpu-wheels`; build/ is git-ignored, so carry it to the
-# machine) into build/gpu-pylib when they are missing.
+# machine, e.g. the device tool's carry: ["build/gpu-wheels"]) into build/gpu-pylib when they are
+# missing.
 #
 # Environment:
 #   PYTHON=python3           the interpreter to use
