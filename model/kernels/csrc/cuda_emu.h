@@ -333,6 +333,7 @@ struct Machine {
   const char* bar_file = nullptr;
   int bar_line = 0;
   bool failed = false;
+  bool restart = false;  // a barrier was released: the scheduler restarts its pass at the first warp
   cudaError_t fail_code = cudaSuccess;
   std::string fail_msg;
   cudaError_t last_error = cudaSuccess;
@@ -411,11 +412,17 @@ inline void sync_threads(const char* file, int line) {
                                      std::to_string(m.bar_line));
   }
   m.bar_count++;
+  Thread& t = *m.cur;
   if (static_cast<int>(m.bar_count) == m.live) {
+    // Released: let the scheduler start over at the first warp in its order (not the warp that
+    // arrived last), so warps that arrived early run ahead while later ones still read.
     release_barrier();
+    t.file = file;
+    t.line = line;
+    m.restart = true;
+    yield_to_scheduler();
     return;
   }
-  Thread& t = *m.cur;
   t.state = kBar;
   t.gen = m.bar_gen;
   t.file = file;
@@ -695,6 +702,7 @@ inline bool run_block(int mode) {
   std::memset(m.smem.data(), 0xff, m.smem_bytes);
   std::memset(m.smem.data() + m.smem_bytes, 0xa5, kSmemCanary);
   m.live = n;
+  m.restart = false;
   m.bar_count = 0;
   m.bar_file = nullptr;
   m.failed = false;
@@ -733,7 +741,13 @@ inline bool run_block(int mode) {
           ctx_switch(m.sched, t.ctx);
           progressed = again = true;
           if (m.failed) return false;
+          if (m.restart) break;
         }
+        if (m.restart) break;
+      }
+      if (m.restart) {
+        m.restart = false;
+        break;
       }
     }
     if (!progressed) {
