@@ -139,6 +139,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cos is not None:
+            if cos.dtype != q.dtype:  # autocast: tables in the activations' dtype, as under bf16 weights
+                cos, sin = cos.to(q.dtype), sin.to(q.dtype)
             q, k = self.ops.rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
@@ -168,7 +170,10 @@ class GeluMLP(nn.Module):
 
     def forward(self, x):
         # The bias add is left to the op so a fused kernel does bias + GELU in one pass.
-        return self.proj(self.ops.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias))
+        h, bias = F.linear(x, self.fc.weight), self.fc.bias
+        if bias is not None and bias.dtype != h.dtype and torch.is_autocast_enabled(h.device.type):
+            bias = bias.to(h.dtype)  # what nn.Linear does with its bias under autocast
+        return self.proj(self.ops.bias_gelu(h, bias))
 
 
 class SwiGLUMLP(nn.Module):

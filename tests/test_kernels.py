@@ -469,6 +469,38 @@ def test_gpt_fused_matches_torch(fused, style, dtype):
         assert err <= (1e-4 if dtype == torch.float32 else 5e-2), f"{n}: relative grad error {err:.3g}"
 
 
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_gpt_fused_under_autocast_uses_every_kernel(fused, style):
+    """bf16 autocast over float32 weights (the usual mixed-precision step): no op falls back to the
+    reference (a fused-mode fallback warns: the float32 residual stream meets bf16 block outputs,
+    the float32 bias/rope tables meet bf16 activations), and the fused model is as close to the
+    float64 model as the reference ops are."""
+    from model import GPT, GPTConfig
+
+    cfg = dict(style=style, vocab_size=257, n_layer=2, n_head=4, d_model=64, max_seq_len=32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg))
+    exact = GPT(GPTConfig(**cfg, kernels="torch")).double()
+    exact.load_state_dict(model.state_dict())
+    x = torch.randint(0, 257, (3, 17), generator=torch.Generator().manual_seed(81))
+    y = x.roll(-1, dims=1)
+    exact.loss(x, y).backward()
+    g_exact = {n: p.grad for n, p in exact.named_parameters()}
+    floor = 0.01 * torch.stack([g.norm() for g in g_exact.values()]).median()
+    errors = {}
+    for mode in ("torch", "fused"):
+        model.set_kernels(mode)
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any fallback of the fused ops fails the test
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model.loss(x, y)
+            loss.backward()
+        errors[mode] = max(((p.grad.double() - g_exact[n]).norm() / torch.maximum(g_exact[n].norm(), floor)).item()
+                           for n, p in model.named_parameters())
+    assert errors["fused"] <= 1.5 * errors["torch"] + 1e-3, errors
+
+
 # ------------------------------------------------------------------- vocabulary-parallel (2 ranks)
 
 

@@ -409,17 +409,28 @@ def _kernel_for(x: torch.Tensor, op: str, mode: str):
     return kernel_lib(x.device, mode)
 
 
+def _promote_residual(x, residual):
+    """x and residual in their common dtype: h = x + residual has that dtype in the reference too.
+    Under autocast the block output (bf16) meets the float32 residual stream; one up-cast of the
+    smaller tensor keeps the norm fused instead of falling back to the reference."""
+    if residual is None or residual.dtype == x.dtype:
+        return x, residual
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype)
+
+
 def layer_norm(x, weight, bias, eps: float, residual=None, *, mode: str = "fused"):
     def ref():
         return reference.layer_norm(x, weight, bias, eps, residual=residual)
 
+    x, residual = _promote_residual(x, residual)
     lib = _kernel_for(x, "layer_norm", mode)
     if lib is None:
         return ref()
     D = x.shape[-1]
     reason = None
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        reason = "residual shape/dtype differs from x"
+    if residual is not None and residual.shape != x.shape:
+        reason = "residual shape differs from x"
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (D,) or not p.is_floating_point() or p.device != x.device):
             reason = f"{name} is not a [D] float tensor on x's device"
@@ -438,6 +449,7 @@ def rms_norm(x, weight, eps: float, residual=None, *, mode: str = "fused"):
     def ref():
         return reference.rms_norm(x, weight, eps, residual=residual)
 
+    x, residual = _promote_residual(x, residual)
     lib = _kernel_for(x, "rms_norm", mode)
     if lib is None:
         return ref()
@@ -446,8 +458,8 @@ def rms_norm(x, weight, eps: float, residual=None, *, mode: str = "fused"):
     # result_type it traces under torch.compile.
     out_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
     reason = None
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        reason = "residual shape/dtype differs from x"
+    if residual is not None and residual.shape != x.shape:
+        reason = "residual shape differs from x"
     if weight is not None and (weight.shape != (D,) or not weight.is_floating_point() or weight.device != x.device):
         reason = "weight is not a [D] float tensor on x's device"
     elif out_dtype not in (x.dtype, torch.float32):
