@@ -298,7 +298,10 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{slug}.md"
-    path.write_text(table)
+    # Keep the training-step section that bench_step.py writes into the same file.
+    old = path.read_text() if path.exists() else ""
+    step = re.search(r"<!-- bench_step:begin -->.*?<!-- bench_step:end -->\n?", old, re.S)
+    path.write_text(table + ("\n" + step.group(0) if step else ""))
     print(table)
     print(f"written to {path}", file=sys.stderr)
     return 0

@@ -6,10 +6,10 @@
 #   1. check torch + GPU, install pytest/ninja from build/gpu-wheels when missing   ~10 s
 #   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 240 s
 #   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 120 s
-#   4. kernel table: bench/bench_kernels.py --device cuda --repeats 20            ~1 min / 150 s
+#   4. kernel table: bench/bench_kernels.py --device cuda --repeats 10            ~1 min / 150 s
 #   5. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
 #      eager/compile vs ours torch/fused/fused+compile; two torch.compile runs of ~1 min each)
-#                                              --budget $STEP_BUDGET_S (180) / that + 40 s
+#                                              --budget $STEP_BUDGET_S (150) / that + 40 s
 #   Then a summary of each step's status and time, and both tables last (bench/results/<device>.md:
 #   the kernel table, then the marked bench_step section).  A failing step does not stop the later
 #   ones; the script exits non-zero at the end if any failed.
@@ -24,7 +24,7 @@
 #   PYTHON=python3           the interpreter to use
 #   GPU_CHECK_STEPS="build tests kernels step"   run only these steps (e.g. "step" to rerun the
 #                            training-step benchmark after the kernels were built on this machine)
-#   STEP_BUDGET_S=180        soft time limit of bench_step.py (it skips a compile that would not fit
+#   STEP_BUDGET_S=150        soft time limit of bench_step.py (it skips a compile that would not fit
 #                            and stops timing at the limit; SIGTERM 40 s later writes what it has)
 #   GPU_CHECK_ALLOW_CPU=1    rehearsal without a GPU: CPU kernels only, the gpu tests skip, the
 #                            benchmarks run with --device cpu --quick and write to build/gpu-check/
@@ -33,11 +33,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=" ${GPU_CHECK_STEPS:-build tests kernels step} "
-STEP_BUDGET_S=${STEP_BUDGET_S:-180}
+STEP_BUDGET_S=${STEP_BUDGET_S:-150}
 OUT=${GPU_CHECK_OUT:-bench/results}
 DEV=cuda
 BENCH_ARGS=()
-KERNEL_ARGS=(--repeats 20)
+KERNEL_ARGS=(--repeats 10)
 T0=$SECONDS
 SUMMARY=()
 FAILED=0
