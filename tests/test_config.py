@@ -63,6 +63,8 @@ def test_recipe_by_path(tmp_path):
     (["model.n_head=5"], "divisible by model.n_head=5"),
     (["data.seq_len=4096"], "exceeds model.max_seq_len"),
     (["parallel.zero_stage=2", "parallel.pp=2"], "cannot be combined"),
+    (["parallel.zero_stage=3", "parallel.tp=2", "parallel.pp=2", "launch.procs_per_node=4"],
+     "ZeRO 2 and 3 need parallel.pp=1"),
     (["parallel.tp=3"], "divisible by parallel.tp=3"),
     (["train.max_steps"], "must look like section.key=value"),
     (["train.max_steps.x=1"], "is a value, not a section"),
@@ -73,6 +75,11 @@ def test_bad_values_name_the_key(overrides, fragment):
         load_recipe("gpt-tiny", overrides)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_zero3_combines_with_tensor_parallelism():
+    r = load_recipe("gpt-tiny-tp2-dp2-zero3", ["parallel.offload_params=true", "parallel.offload_optimizer=true"])
+    assert (r.parallel.zero_stage, r.parallel.tp, r.parallel.pp, r.dp_degree()) == (3, 2, 1, 2)
 
 
 def test_strict_types_do_not_coerce():

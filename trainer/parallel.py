@@ -103,15 +103,15 @@ def mark_for_grad_norm(module, layout: Layout) -> None:
 def gather_full_state_dict(module, layout: Layout) -> dict[str, torch.Tensor]:
     """Collective over the whole world: the full single-process GPT state dict (float32, CPU) on
     every rank, whatever the layout (used for samples and layout-neutral checkpoints).
-    Pipeline stages are gathered first (within each tensor-parallel slice), then the
-    tensor-parallel shards are merged."""
+    Pipeline stages (or ZeRO-3 partitions, within each data-parallel group) are gathered first,
+    then the tensor-parallel shards are merged."""
     if layout.is_pipeline:
         from model.pipeline import gather_gpt_state_dict
 
-        sd = gather_gpt_state_dict(module)
+        sd = {k: v.detach().float().cpu() for k, v in gather_gpt_state_dict(module).items()}
     else:
-        sd = module.state_dict()
-    sd = {k: v.detach().float().cpu() for k, v in sd.items()}
+        with gathered_zero3_params(module):
+            sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     if layout.tp > 1:
         from model.tensor_parallel import merge_state_dicts
 
@@ -119,3 +119,16 @@ def gather_full_state_dict(module, layout: Layout) -> dict[str, torch.Tensor]:
         tdist.all_gather_object(shards, sd, group=layout.tp_group())
         sd = merge_state_dicts(shards, module.config)
     return sd
+
+
+def gathered_zero3_params(module):
+    """Context in which ZeRO-3's partitioned parameters of `module` are whole (collective over
+    each parameter's partition group: the data-parallel group); a no-op without ZeRO-3."""
+    import contextlib
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

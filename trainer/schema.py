@@ -180,12 +180,10 @@ class Recipe(Section):
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
         if p.pp > 1 and p.zero_stage >= 2:
             raise ValueError(f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pp={p.pp} "
-                             "(DeepSpeed's pipeline engine supports ZeRO 0 and 1 only)")
+                             "(DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; ZeRO 2 and 3 need "
+                             "parallel.pp=1, with any parallel.tp)")
         if p.pp > m.n_layer:
             raise ValueError(f"parallel.pp={p.pp} pipeline stages need at least as many layers (model.n_layer={m.n_layer})")
-        if p.tp > 1 and p.zero_stage == 3:
-            raise ValueError("parallel.zero_stage=3 cannot be combined with parallel.tp>1 in this version "
-                             "(use ZeRO 0-2 with tensor parallelism)")
         if p.tp > 1:
             if m.n_head % p.tp or (m.n_kv_head or m.n_head) % p.tp:
                 raise ValueError(f"model.n_head={m.n_head} and model.n_kv_head={m.n_kv_head or m.n_head} "
