@@ -16,6 +16,7 @@ COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tok
 SINGLE = ["parallel.micro_batch=8"]
 TP2_PP2 = ["parallel.tp=2", "parallel.pp=2", "launch.procs_per_node=4", "parallel.micro_batch=4"]
 ZERO2 = ["parallel.zero_stage=2", "launch.procs_per_node=2", "parallel.micro_batch=4"]
+TP2_DP2_ZERO3 = ["parallel.zero_stage=3", "parallel.tp=2", "launch.procs_per_node=4", "parallel.micro_batch=4"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def _move(root, name, first, second):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("first, second, name", [(TP2_PP2, ZERO2, "tp2pp2-to-zero2"),
-                                                 (ZERO2, TP2_PP2, "zero2-to-tp2pp2")])
+                                                 (ZERO2, TP2_PP2, "zero2-to-tp2pp2"),
+                                                 (TP2_DP2_ZERO3, SINGLE, "tp2dp2zero3-to-single")])
 def test_move_between_tp_pp_and_zero(root, reference, first, second, name):
     out, losses = _move(root, name, first, second)
     assert "optimizer state RESET" in out.stdout
