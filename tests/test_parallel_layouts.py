@@ -122,6 +122,9 @@ def test_tp2_dp2_zero3_resumes_exactly_exports_and_samples(root, reference):
     assert sorted(b) == list(range(1, STEPS + 1))
     for step in range(5, STEPS + 1):
         assert a[step] == b[step], f"step {step}: {a[step]!r} != {b[step]!r} (must be bit-identical)"
+    # the final evaluation (ZeRO-3 forward over the tp x dp ranks) agrees too, and with one process
+    vals = [[r["val_loss"] for r in metrics(root, n) if "val_loss" in r] for n in (layout, name, "single")]
+    assert vals[0] == vals[1] and vals[0][-1] == pytest.approx(vals[2][-1], rel=1e-4)
 
     run = root / "runs" / name
     from launch.export import export_run
