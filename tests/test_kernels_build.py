@@ -169,3 +169,46 @@ def test_cpu_build_from_scratch_concurrent_generic_isa(tmp_path, monkeypatch):
                         "not dist and not gpu", "-k", "not memory", str(REPO / "tests" / "test_kernels.py")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:]
+
+
+def _block_limit(kernel: str, norms_src: str) -> int:
+    """The largest block the launchers may give `kernel` (a mangled name): the vectorised norm
+    kernels' caps are read from cuda_norms.cu; every other kernel is checked at 1024 threads."""
+    import re
+
+    for name, const in (("norm_fwd_vec_kernel", "kVecFwdMaxThreads"), ("norm_bwd_vec_kernel", "kVecBwdMaxThreads")):
+        if name in kernel:
+            return int(re.search(rf"constexpr int {const} = (\d+);", norms_src).group(1))
+    return 1024
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit): register use not checked")
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+def test_cuda_kernels_fit_the_register_file(cu, tmp_path):
+    """ptxas's register count x the largest block a launcher may use <= 65536 (a block's register
+    file on sm_80/sm_90); otherwise that launch fails on a GPU with "too many resources requested"
+    (the emulator cannot see registers).  Also: the vectorised norm kernels spill (almost) nothing."""
+    import re
+
+    cmd = [NVCC, "-c", str(cu), "-o", str(tmp_path / "k.o"), build.cxx_std_flag(), *build.cuda_cflags(_check_archs()),
+           *TORCH_NVCC_DEFINES, "-Xcompiler", "-fPIC", *_include_flags(), "--resource-usage"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    norms_src = (build.CSRC / "cuda_norms.cu").read_text()
+    seen, problems, current = 0, [], None
+    for line in (r.stdout + r.stderr).splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?(\w+)'?", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and current and "_vec_kernel" in current and int(m.group(1)) > 64:
+            problems.append(f"{current}: {line.strip()}")
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            seen += 1
+            regs = -(-int(m.group(1)) // 8) * 8  # allocated per thread in units of 8
+            limit = _block_limit(current, norms_src)
+            if regs * limit > 65536:
+                problems.append(f"{current}: {regs} registers x {limit} threads > 65536")
+    assert seen > 0, "no ptxas resource usage lines parsed:\n" + (r.stdout + r.stderr)[-2000:]
+    assert not problems, "\n".join(problems)

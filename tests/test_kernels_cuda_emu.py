@@ -77,12 +77,40 @@ def test_norms_large_rows(emu_ops, dtype):
     check_cuda_norms(emu_ops, dtype, "cpu", (2, 29041), full=False)
 
 
-@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 8192), (torch.bfloat16, 32768), (torch.float32, 4096),
-                                     (torch.float32, 16384), (torch.float16, 40000)],
-                         ids=["bf16-8192", "bf16-32768", "f32-4096", "f32-16384", "f16-40000"])
-def test_norms_wide_vector_rows(emu_ops, dtype, D):
-    """Vectorised kernels with 2 vectors per thread (bf16 8192, f32 4096) and 1024 threads x 4
-    vectors (bf16 32768, f32 16384); 40000 16-bit elements are too wide for them (scalar)."""
+def _norm_launches(emu_lib) -> set[str]:
+    """The norm kernels launched since the last call, as '<kernel> <threads>' (from the emulator's
+    launch log; the column reduction of the weight gradients is left out)."""
+    log = emu_lib._emu_launch_log()
+    return {line for line in log.splitlines() if "norm_" in line}
+
+
+# (dtype, D) -> the forward and backward kernels that must run: vectorised with NV vectors per
+# thread and the block size, or the scalar kernels.  The backward's vectorised kernel is limited
+# to 512 threads x 2 vectors (its register use; see cuda_norms.cu), the forward's to 1024 x 4.
+WIDE_ROWS = {
+    (torch.bfloat16, 8192): ("norm_fwd_vec_kernel<T, O, RMS, 2> 512", "norm_bwd_vec_kernel<T, O, RMS, 2> 512"),
+    (torch.bfloat16, 32768): ("norm_fwd_vec_kernel<T, O, RMS, 4> 1024", "norm_bwd_kernel<T, O, RMS> 512"),
+    (torch.float32, 4096): ("norm_fwd_vec_kernel<T, O, RMS, 2> 512", "norm_bwd_vec_kernel<T, O, RMS, 2> 512"),
+    (torch.float32, 16384): ("norm_fwd_vec_kernel<T, O, RMS, 4> 1024", "norm_bwd_kernel<T, O, RMS> 512"),
+    (torch.float16, 40000): ("norm_fwd_kernel<T, O, RMS> 512", "norm_bwd_kernel<T, O, RMS> 512"),
+}
+
+
+@pytest.mark.parametrize("dtype,D", list(WIDE_ROWS), ids=["bf16-8192", "bf16-32768", "f32-4096", "f32-16384",
+                                                           "f16-40000"])
+def test_norms_wide_vector_rows(emu_lib, emu_ops, dtype, D):
+    """Wide rows take the planned kernels (checked in the launch log) and match the oracle:
+    2 vectors per thread at 512 threads (bf16 8192, f32 4096), the forward at 1024 threads x 4
+    vectors with the scalar backward (bf16 32768, f32 16384), and 40000 16-bit elements too wide
+    for any vectorised kernel."""
+    fwd, bwd = WIDE_ROWS[(dtype, D)]
+    x = randn(2, D, dtype=dtype, seed=94, scale=2.0)
+    w = randn(D, dtype=dtype, seed=95)
+    _norm_launches(emu_lib)
+    y = emu_ops.rms_norm(x.requires_grad_(), w.requires_grad_(), 1e-6)
+    assert _norm_launches(emu_lib) == {fwd}
+    y.backward(torch.ones_like(y))
+    assert _norm_launches(emu_lib) == {bwd}
     check_cuda_norms(emu_ops, dtype, "cpu", (2, D), full=False)
 
 

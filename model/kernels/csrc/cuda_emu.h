@@ -346,6 +346,7 @@ struct Machine {
   size_t static_smem_bytes = 0;
   bool static_scanned = false;
   std::mt19937 rng{12345};
+  std::string launch_log;  // "<kernel expression> <blockDim.x>\n" per launch (tests read it)
 };
 inline Machine g_machine;
 
@@ -773,9 +774,11 @@ inline bool run_block(int mode) {
   return true;
 }
 
-inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* arg) {
+inline void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem, void (*body)(void*),
+                   void* arg) {
   Machine& m = g_machine;
   std::lock_guard<std::mutex> lock(m.mu);
+  if (m.launch_log.size() < (1u << 20)) m.launch_log += std::string(name) + " " + std::to_string(block.x) + "\n";
   if (!m.static_scanned) scan_static_smem();
   const uint64_t nthreads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
@@ -843,6 +846,7 @@ template <typename... P>
 struct Launch {
   dim3 grid, block;
   size_t smem;
+  const char* name;
   void (*kernel)(P...);
 
   template <typename Tuple>
@@ -857,13 +861,21 @@ struct Launch {
     using Tuple = std::tuple<std::decay_t<P>...>;
     Tuple args(static_cast<std::decay_t<P>>(std::forward<A>(a))...);
     std::pair<void (*)(P...), Tuple*> c(kernel, &args);
-    launch(reinterpret_cast<const void*>(kernel), grid, block, smem, &Launch::call<Tuple>, &c);
+    launch(reinterpret_cast<const void*>(kernel), name, grid, block, smem, &Launch::call<Tuple>, &c);
   }
 };
 
 template <typename... P>
-Launch<P...> make_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P...)) {
-  return Launch<P...>{grid, block, smem, kernel};
+Launch<P...> make_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, const char* name, void (*kernel)(P...)) {
+  return Launch<P...>{grid, block, smem, name, kernel};
+}
+
+// The launches since the last call ("<kernel expression as written> <blockDim.x>" per line).
+inline std::string take_launch_log() {
+  std::lock_guard<std::mutex> lock(g_machine.mu);
+  std::string out;
+  out.swap(g_machine.launch_log);
+  return out;
 }
 
 }  // namespace llmk_emu
@@ -959,6 +971,21 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
   }
   return cudaErrorInvalidValue;
 }
+// Registers are not modelled: every kernel reports the 1024-thread block limit.
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes, constSizeBytes, localSizeBytes;
+  int maxThreadsPerBlock, numRegs, ptxVersion, binaryVersion, cacheModeCA, maxDynamicSharedSizeBytes;
+};
+template <typename F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* kernel) {
+  llmk_emu::Machine& m = llmk_emu::g_machine;
+  std::lock_guard<std::mutex> lock(m.mu);
+  *attr = cudaFuncAttributes{};
+  attr->maxThreadsPerBlock = llmk_emu::kMaxThreads;
+  const auto it = m.max_dyn_smem.find(reinterpret_cast<const void*>(kernel));
+  attr->maxDynamicSharedSizeBytes = it == m.max_dyn_smem.end() ? llmk_emu::kDefaultSmem : it->second;
+  return cudaSuccess;
+}
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   llmk_emu::Machine& m = llmk_emu::g_machine;
@@ -974,5 +1001,6 @@ inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int v
 }
 
 // Launch syntax (see cuda_common.cuh): LLMK_LAUNCH(grid, block, smem, stream, kernel)(args...)
-#define LLMK_LAUNCH(grid, block, smem, stream, ...) ::llmk_emu::make_launch(grid, block, smem, stream, __VA_ARGS__)
+#define LLMK_LAUNCH(grid, block, smem, stream, ...) \
+  ::llmk_emu::make_launch(grid, block, smem, stream, #__VA_ARGS__, __VA_ARGS__)
 #define LLMK_EXTERN_SHARED(type, name) type* const name = static_cast<type*>(::llmk_emu::dynamic_smem())

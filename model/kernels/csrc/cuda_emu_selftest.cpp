@@ -165,9 +165,12 @@ void emu_convert(const at::Tensor& x, const at::Tensor& h, const at::Tensor& b, 
   }
 }
 
+std::string emu_launch_log() { return llmk_emu::take_launch_log(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmk_cuda_emu, m) {
+  m.def("_emu_launch_log() -> str", &emu_launch_log);  // no tensor arguments: a catch-all kernel
   m.def("_emu_selftest(str name, Tensor(a!) out) -> ()");
   m.def("_emu_convert(Tensor x, Tensor(a!) half_bits, Tensor(b!) bf16_bits, Tensor(c!) half_f32, "
         "Tensor(d!) bf16_f32) -> ()");

@@ -128,9 +128,20 @@ __global__ void norm_bwd_kernel(const O* dy, const T* hx, const float* mean, con
 
 
 // ------------------------------------------------------------------ vectorised, row in registers
+//
+// Register budget: a block has 65536 registers.  Unbounded, the backward kernel with NV = 4 16-bit
+// vectors per thread needs ~204 registers (ptxas, sm_80/sm_90), so 512 threads could never launch
+// ("too many resources requested").  Hence __launch_bounds__ with the largest block the planner
+// may pick (the compiler then fits the registers, spilling if it must), backward limited to NV <= 2
+// (NV = 4 at <= 256 threads covers no wider row than NV = 2 at 512), a launch-time check of the
+// kernel's real limit (cudaFuncGetAttributes) that falls back to the scalar kernels, and a test
+// that reads ptxas's register counts (tests/test_kernels_build.py).
+constexpr int kVecFwdMaxThreads = 1024;
+constexpr int kVecBwdMaxThreads = 512;
+constexpr int kVecBwdMaxNV = 2;
 
 template <typename T, typename O, bool RMS, int NV>
-__global__ void norm_fwd_vec_kernel(const T* x, const T* r, const float* w, const float* b, float eps, int64_t D,
+__global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T* x, const T* r, const float* w, const float* b, float eps, int64_t D,
                                     O* y, T* h, float* mean_out, float* rstd_out) {
   constexpr int V = 16 / sizeof(T);
   __shared__ float sh[2][32];
@@ -204,7 +215,7 @@ __global__ void norm_fwd_vec_kernel(const T* x, const T* r, const float* w, cons
 }
 
 template <typename T, typename O, bool RMS, int NV>
-__global__ void norm_bwd_vec_kernel(const O* dy, const T* hx, const float* mean, const float* rstd, const float* w,
+__global__ void __launch_bounds__(kVecBwdMaxThreads) norm_bwd_vec_kernel(const O* dy, const T* hx, const float* mean, const float* rstd, const float* w,
                                     const T* dres, int64_t N, int64_t D, T* dx, float* partial) {
   constexpr int V = 16 / sizeof(T);
   constexpr int kAcc = RMS ? 1 : 2;
@@ -287,20 +298,34 @@ __global__ void norm_bwd_vec_kernel(const O* dy, const T* hx, const float* mean,
   }
 }
 
-// Threads and vectors per thread (NV in {1, 2, 4}) of the vectorised kernels for a row of D
-// elements of T, or 0 when they do not apply (then the scalar kernels run).
+// Threads and vectors per thread (NV in {1, 2, 4}, at most max_nv) of the vectorised kernels for
+// a row of D elements of T with at most max_threads threads, or 0 when they do not apply (then the
+// scalar kernels run).
 template <typename T>
-int vec_plan(int64_t D, std::initializer_list<const void*> ptrs, int& threads) {
+int vec_plan(int64_t D, std::initializer_list<const void*> ptrs, int max_threads, int max_nv, int& threads) {
   constexpr int V = 16 / sizeof(T);
   if (D % V != 0) return 0;
   for (const void* p : ptrs) {
     if (p && !aligned16(p)) return 0;
   }
   const int64_t nvec = D / V;
-  threads = row_threads(D);
-  while (nvec > 4LL * threads && threads < 1024) threads *= 2;
+  threads = row_threads(D) < max_threads ? row_threads(D) : max_threads;
+  while (nvec > static_cast<int64_t>(max_nv) * threads && threads < max_threads) threads *= 2;
   const int64_t nv = (nvec + threads - 1) / threads;
-  return nv <= 1 ? 1 : nv == 2 ? 2 : nv <= 4 ? 4 : 0;
+  const int plan = nv <= 1 ? 1 : nv == 2 ? 2 : nv <= 4 ? 4 : 0;
+  return plan <= max_nv ? plan : 0;
+}
+
+// Whether `kernel` can launch with `threads` threads on the current device (its register use may
+// allow fewer than 1024; __launch_bounds__ should already guarantee it).
+template <typename F>
+bool launchable(F* kernel, int threads) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return threads <= attr.maxThreadsPerBlock;
 }
 
 template <typename T, typename O, bool RMS>
@@ -308,23 +333,21 @@ cudaError_t launch_fwd(const void* x, const void* r, const float* w, const float
                        void* y, void* h, float* mean, float* rstd, cudaStream_t s) {
   if (N == 0 || D == 0) return cudaSuccess;
   int threads = 0;
-  const int nv = vec_plan<T>(D, {x, r, w, b, y, h}, threads);
+  const int nv = vec_plan<T>(D, {x, r, w, b, y, h}, kVecFwdMaxThreads, 4, threads);
   const unsigned grid = static_cast<unsigned>(N);
 #define LLMK_NORM_FWD_VEC(NV)                                                                             \
-  LLMK_LAUNCH(grid, threads, 0, s, norm_fwd_vec_kernel<T, O, RMS, NV>)(                                  \
-      static_cast<const T*>(x), static_cast<const T*>(r), w, b, eps, D, static_cast<O*>(y), static_cast<T*>(h), \
-      mean, rstd)
+  if (launchable(norm_fwd_vec_kernel<T, O, RMS, NV>, threads)) {                                         \
+    LLMK_LAUNCH(grid, threads, 0, s, norm_fwd_vec_kernel<T, O, RMS, NV>)(                                \
+        static_cast<const T*>(x), static_cast<const T*>(r), w, b, eps, D, static_cast<O*>(y),               \
+        static_cast<T*>(h), mean, rstd);                                                                    \
+    return cudaGetLastError();                                                                            \
+  }
   if (nv == 1) {
-    LLMK_NORM_FWD_VEC(1);
-    return cudaGetLastError();
-  }
-  if (nv == 2) {
-    LLMK_NORM_FWD_VEC(2);
-    return cudaGetLastError();
-  }
-  if (nv == 4) {
-    LLMK_NORM_FWD_VEC(4);
-    return cudaGetLastError();
+    LLMK_NORM_FWD_VEC(1)
+  } else if (nv == 2) {
+    LLMK_NORM_FWD_VEC(2)
+  } else if (nv == 4) {
+    LLMK_NORM_FWD_VEC(4)
   }
 #undef LLMK_NORM_FWD_VEC
   LLMK_LAUNCH(grid, row_threads(D), 0, s, norm_fwd_kernel<T, O, RMS>)(
@@ -341,7 +364,9 @@ cudaError_t launch_bwd(const void* dy, const void* h, const float* mean, const f
   constexpr int kAcc = RMS ? 1 : 2;
   const int64_t G = norm_bwd_grid(N);
   int threads = 0;
-  const int nv = vec_plan<T>(D, {dy, h, w, dres, dx, partial}, threads);
+  int nv = vec_plan<T>(D, {dy, h, w, dres, dx, partial}, kVecBwdMaxThreads, kVecBwdMaxNV, threads);
+  if (nv == 1 && !launchable(norm_bwd_vec_kernel<T, O, RMS, 1>, threads)) nv = 0;
+  if (nv == 2 && !launchable(norm_bwd_vec_kernel<T, O, RMS, 2>, threads)) nv = 0;
   if (nv) {
 #define LLMK_NORM_BWD_VEC(NV)                                                                              \
   LLMK_LAUNCH(static_cast<unsigned>(G), threads, 0, s, norm_bwd_vec_kernel<T, O, RMS, NV>)(               \
@@ -349,10 +374,8 @@ cudaError_t launch_bwd(const void* dy, const void* h, const float* mean, const f
       static_cast<T*>(dx), partial)
     if (nv == 1) {
       LLMK_NORM_BWD_VEC(1);
-    } else if (nv == 2) {
-      LLMK_NORM_BWD_VEC(2);
     } else {
-      LLMK_NORM_BWD_VEC(4);
+      LLMK_NORM_BWD_VEC(2);
     }
 #undef LLMK_NORM_BWD_VEC
     if (partial) {
@@ -378,7 +401,7 @@ cudaError_t launch_bwd(const void* dy, const void* h, const float* mean, const f
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  LLMK_LAUNCH(static_cast<unsigned>(G), row_threads(D), smem, s, kernel)(
+  LLMK_LAUNCH(static_cast<unsigned>(G), row_threads(D), smem, s, norm_bwd_kernel<T, O, RMS>)(
       static_cast<const O*>(dy), static_cast<const T*>(h), mean, rstd, w, static_cast<const T*>(dres), N, D,
       static_cast<T*>(dx), partial, use_smem);
   if (partial) {
