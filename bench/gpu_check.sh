@@ -2,14 +2,14 @@
 # `make gpu-check`: one script for a machine with one H100/H200, about 5 minutes.
 #
 # Steps, each under its own `timeout` (expected time on an H200, estimated, not yet measured /
-# hard limit; the limits add up to about 12 minutes in the worst case):
+# hard limit; the limits add up to 9 minutes, so one 10-minute device command always gets the summary):
 #   1. check torch + GPU, install pytest/ninja from build/gpu-wheels when missing   ~10 s
-#   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 240 s
-#   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 120 s
-#   4. kernel table: bench/bench_kernels.py --device cuda --repeats 10            ~1 min / 150 s
+#   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 180 s
+#   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 60 s
+#   4. kernel table: bench/bench_kernels.py --device cuda --repeats 10            ~45 s / 90 s
 #   5. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
 #      eager/compile vs ours torch/fused/fused+compile; two torch.compile runs of ~1 min each)
-#                                              --budget $STEP_BUDGET_S (150) / that + 40 s
+#                                              --budget $STEP_BUDGET_S (180) / that + 30 s
 #   Then a summary of each step's status and time, and both tables last (bench/results/<device>.md:
 #   the kernel table, then the marked bench_step section).  A failing step does not stop the later
 #   ones; the script exits non-zero at the end if any failed.
@@ -24,16 +24,18 @@
 #   PYTHON=python3           the interpreter to use
 #   GPU_CHECK_STEPS="build tests kernels step"   run only these steps (e.g. "step" to rerun the
 #                            training-step benchmark after the kernels were built on this machine)
-#   STEP_BUDGET_S=150        soft time limit of bench_step.py (it skips a compile that would not fit
-#                            and stops timing at the limit; SIGTERM 40 s later writes what it has)
+#   STEP_BUDGET_S=180        soft time limit of bench_step.py (it skips a compile that would not fit
+#                            and stops timing at the limit; SIGTERM 30 s later writes what it has)
 #   GPU_CHECK_ALLOW_CPU=1    rehearsal without a GPU: CPU kernels only, the gpu tests skip, the
 #                            benchmarks run with --device cpu --quick and write to build/gpu-check/
-#   GPU_CHECK_OUT=dir        where the benchmarks write their tables (default bench/results)
+#   GPU_CHECK_OUT=dir        where the benchmarks write their tables (default bench/results; through
+#                            the device tool use GPU_CHECK_OUT=$OUT so the tables come back even
+#                            if the command is cut short, then copy them to bench/results/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=" ${GPU_CHECK_STEPS:-build tests kernels step} "
-STEP_BUDGET_S=${STEP_BUDGET_S:-150}
+STEP_BUDGET_S=${STEP_BUDGET_S:-180}
 OUT=${GPU_CHECK_OUT:-bench/results}
 DEV=cuda
 BENCH_ARGS=()
@@ -90,7 +92,7 @@ step() {
   local name=$1 limit=$2 t=$SECONDS rc
   shift 2
   echo "== $name (limit ${limit}s)"
-  timeout -k 20 "$limit" "$@"
+  timeout -k 10 "$limit" "$@"
   rc=$?
   local status="ok"
   [ "$rc" -eq 0 ] || { status="FAILED rc=$rc"; [ "$rc" -eq 124 ] && status="TIMED OUT after ${limit}s"; FAILED=1; }
@@ -98,12 +100,12 @@ step() {
 }
 
 if [ "$DEV" = cuda ]; then BUILD_FLAGS=(--cuda --cpu); else BUILD_FLAGS=(--cpu); fi
-case $STEPS in *" build "*) step build 240 $PY -m model.kernels.build "${BUILD_FLAGS[@]}" ;; esac
-case $STEPS in *" tests "*) step tests 120 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
+case $STEPS in *" build "*) step build 180 $PY -m model.kernels.build "${BUILD_FLAGS[@]}" ;; esac
+case $STEPS in *" tests "*) step tests 60 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
 case $STEPS in *" kernels "*)
-  step kernels 150 $PY bench/bench_kernels.py --device "$DEV" --out "$OUT" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
+  step kernels 90 $PY bench/bench_kernels.py --device "$DEV" --out "$OUT" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
 case $STEPS in *" step "*)
-  step step "$((STEP_BUDGET_S + 40))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
+  step step "$((STEP_BUDGET_S + 30))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
     "${BENCH_ARGS[@]}" ;; esac
 
 RESULT=$($PY - "$OUT" "$DEV" "${BENCH_ARGS[@]}" <<'PYEOF' 2>/dev/null

@@ -10,7 +10,7 @@ import torch
 from .data import TokenBlocks, iterate_eval
 
 # Dense bf16 peak (TFLOP/s) of GPUs we know; used for MFU unless train.peak_tflops is set.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 @torch.no_grad()

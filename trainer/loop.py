@@ -327,6 +327,9 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
         if recipe.train.compile:
             print("compile: the model's forward runs under torch.compile (the first steps, and the first "
                   "evaluation, are slower while it compiles)", flush=True)
+            if layout.tp > 1 and recipe.model.dropout > 0:
+                print("compile: with tensor parallelism and dropout > 0 the graph breaks at every attention layer "
+                      "(and sequence-parallel dropout): the per-rank dropout RNG cannot be traced", flush=True)
 
     nan_steps = faults.nan_steps()
     signal_state: dict = {}
