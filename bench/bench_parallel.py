@@ -310,8 +310,9 @@ def worker(args) -> None:
 
     from trainer.distributed import init_distributed
     from trainer.ds_config import deepspeed_config, lr_lambda, resolve_precision
-    from trainer.loop import StepSkipper, build_model, param_groups
+    from trainer.model_setup import build_model, param_groups
     from trainer.recipe import load_recipe
+    from trainer.step import StepSkipper
 
     world = int(os.environ["WORLD_SIZE"])
     overrides = [f"parallel.zero_stage={args.stage}", f"train.precision={args.precision}",

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.ds_config import deepspeed_config, lr_lambda  # noqa: E402
-from trainer.loop import StepSkipper, build_model, param_groups  # noqa: E402
+from trainer.model_setup import build_model, param_groups  # noqa: E402
 from trainer.recipe import load_recipe  # noqa: E402
+from trainer.step import StepSkipper  # noqa: E402
 
 
 def batches(recipe, vocab, steps, seed=0):

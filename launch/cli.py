@@ -28,7 +28,7 @@ def _fail(msg: str, code: int = EXIT_USAGE) -> int:
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
-    from trainer.loop import UsageError
+    from trainer.errors import UsageError
     from trainer.recipe import ConfigError
 
     return ConfigError, DataError, CheckpointError, UsageError

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.loop import UsageError
+from trainer.errors import UsageError
 
 
 def consolidated_state_dict(folder: Path, meta: dict) -> dict[str, torch.Tensor]:

@@ -624,7 +624,7 @@ class TensorParallelOps:
 def _check_vocab(n: int, tp: int, what: str) -> None:
     if n % tp:
         raise ValueError(f"tensor parallelism: the vocabulary ({what}: {n} rows) is not divisible by tp={tp}; "
-                         f"pad it to a multiple of 64*tp (trainer.loop.padded_vocab)")
+                         f"pad it to a multiple of 64*tp (trainer.model_setup.padded_vocab)")
 
 
 def _check_heads(n_head: int, n_kv_head: int, tp: int) -> None:

@@ -169,7 +169,7 @@ def test_pipeline_batches_forms():
 
 @functools.cache
 def reference_run(style: str) -> dict:
-    from trainer.loop import param_groups
+    from trainer.model_setup import param_groups
 
     cfg = config(style)
     torch.manual_seed(SEED)
@@ -306,7 +306,7 @@ def _worker(out: Path) -> None:
         pipeline_eval,
     )
     from trainer.distributed import init_distributed
-    from trainer.loop import param_groups
+    from trainer.model_setup import param_groups
 
     dist = init_distributed("gloo")
     data = train_data((STEPS + 1) * GAS)

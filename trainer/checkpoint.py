@@ -46,6 +46,13 @@ def _manifest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     state = {
         "python": random.getstate(),

@@ -1,32 +1,32 @@
 """The one training loop every recipe runs, on the DeepSpeed engine (even for one process).
 
 Order of work: set up the run directory -> prepare data (rank 0 first, the others reuse its
-cache) -> build the model -> apply parallelism from outside the model (DeepSpeed engine: ZeRO and
-data parallelism) -> resume -> train/evaluate/checkpoint -> final evaluation and summary.
+cache) -> build the full model (`model_setup`) -> apply parallelism from outside the model
+(`parallel`: pipeline, tensor parallel, then the DeepSpeed engine with ZeRO and data
+parallelism) -> resume (`resume`) -> steps (`step`) with logging, evaluation and checkpoints ->
+final checkpoint, full evaluation, sample and summary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
-import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from . import checkpoint as ckpt
 from . import faults, optim_state
 from .data import DataSpec, ShardedSampler, TokenBlocks, prepare_data
-from .distributed import DistInfo, all_true, barrier, max_int
+from .distributed import DistInfo, barrier, max_int
 from .ds_config import deepspeed_config, lr_lambda, resolve_precision
+from .errors import TrainingStopped, UsageError
 from .evaluation import (
     bits_per_byte,
     evaluate,
@@ -36,22 +36,15 @@ from .evaluation import (
     sample_text,
 )
 from .files import atomic_write_text
+from .model_setup import build_model, param_groups
 from .parallel import build_parallel_model, gather_full_state_dict, make_layout
 from .recipe import recipe_to_dict
+from .resume import layout_change, resolve_resume, restore
 from .schema import Recipe
+from .step import StepRunner
 from .tracking import NullTracker, Tracker
 
-
-class TrainingStopped(Exception):
-    """The run stopped early on purpose; `exit_code` and the message are for the launcher."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class UsageError(ValueError):
-    """Bad input found at run time (e.g. a resume that does not fit this run)."""
+__all__ = ["TrainingStopped", "UsageError", "train"]
 
 
 @dataclass
@@ -61,130 +54,6 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def padded_vocab(n: int, tp: int) -> int:
-    """Round the embedding rows up to a multiple of 64*tp (Megatron's padding): faster matmuls and a
-    vocabulary that splits evenly over tensor-parallel ranks."""
-    m = 64 * tp
-    return ((n + m - 1) // m) * m
-
-
-def build_model(recipe: Recipe, vocab_size: int):
-    from model import GPT, GPTConfig
-
-    m = recipe.model
-    if m.init_from:
-        from model.hf import load_hf
-
-        model = load_hf(m.init_from, kernels=m.kernels)
-        if model.config.vocab_size < vocab_size:
-            raise UsageError(f"model.init_from={m.init_from} has {model.config.vocab_size} embedding rows but the "
-                             f"tokenizer has {vocab_size} tokens; set data.tokenizer to the model's tokenizer.json")
-        model.config.activation_checkpointing = recipe.parallel.activation_checkpointing
-        return model
-    cfg = GPTConfig(
-        style=m.style, vocab_size=m.vocab_size or padded_vocab(vocab_size, recipe.parallel.tp),
-        n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff,
-        max_seq_len=m.max_seq_len, dropout=m.dropout, bias=m.bias, norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, init_std=m.init_std,
-        activation_checkpointing=recipe.parallel.activation_checkpointing, kernels=m.kernels,
-    )
-    return GPT(cfg)
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on biases, norm gains or embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class StepSkipper:
-    """Lets the loop veto one optimizer update (non-finite loss) under any ZeRO stage.
-
-    DeepSpeed wraps the torch optimizer (ZeRO, bf16); every wrapper ends in the base optimizer's
-    step(), so skipping there leaves weights and Adam moments untouched while DeepSpeed's own
-    bookkeeping (gradient reset, micro-step counters) proceeds as usual.
-
-    With `check_grads` (the pipeline engine, which steps before the loop sees the loss) the
-    decision is made inside step(): skip when any rank holds a non-finite gradient.
-    `poison_next` is the test suite's fault injection for that path (gradients set to NaN)."""
-
-    def __init__(self, engine, check_grads: bool = False):
-        opt = self.base = optim_state.base_optimizer(engine)
-        self.skip_next = False
-        self.poison_next = False
-        self.last_skipped = False
-        original = opt.step
-
-        # functools.wraps keeps the marker torch's LR scheduler put on step(), so it does not warn.
-        @functools.wraps(original)
-        def step(*args, **kwargs):
-            skip = self.skip_next
-            if check_grads:
-                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-                if self.poison_next and grads:
-                    grads[0].fill_(float("nan"))
-                local_ok = all(bool(torch.isfinite(g).all()) for g in grads)
-                skip = skip or not all_true(local_ok)
-            self.skip_next = self.poison_next = False
-            self.last_skipped = skip
-            if skip:
-                return None
-            return original(*args, **kwargs)
-
-        opt.step = step
-
-
-@dataclass
-class LayoutChange:
-    """How the checkpoint's layout differs from this run's."""
-
-    before: dict
-    after: dict
-    adam_file: Path | None = None
-
-    @property
-    def optimizer_portable(self) -> bool:
-        """Adam moments move with the run when neither side uses tensor or pipeline parallelism
-        (the checkpoint then holds them by parameter name, see `optim_state`). DeepSpeed's own
-        ZeRO-1/2 "elastic" checkpoints cannot restore torch's AdamW in 0.19.8."""
-        b, a = self.before, self.after
-        return (b["tp"] == b["pp"] == a["tp"] == a["pp"] == 1 and self.adam_file is not None
-                and self.adam_file.exists())
-
-    def describe(self) -> str:
-        f = "tp={tp} pp={pp} zero={zero_stage} world={world_size}"
-        return f"{f.format(**self.before)} -> {f.format(**self.after)}"
-
-
-def layout_change(meta: dict, recipe: Recipe, world_size: int) -> LayoutChange | None:
-    keys = ("tp", "pp", "zero_stage", "world_size")
-    before = {k: meta.get(k) for k in keys}
-    after = {"tp": recipe.parallel.tp, "pp": recipe.parallel.pp, "zero_stage": recipe.parallel.zero_stage,
-             "world_size": world_size}
-    return None if before == after else LayoutChange(before, after)
-
-
-def set_schedule_position(engine, step: int) -> None:
-    """Continue the learning-rate schedule at `step` (optimizer state itself starts fresh)."""
-    sched = engine.lr_scheduler
-    sched.last_epoch = step
-    lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-    for group, lr in zip(sched.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    sched._last_lr = lrs
-    engine.global_steps = step
 
 
 def _tokenizer_hash(path: str) -> str:
@@ -200,25 +69,13 @@ def _install_signal_handlers(state: dict) -> None:
         signal.signal(sig, handler)
 
 
-def _resolve_resume(recipe: Recipe, paths: RunPaths) -> Path | None:
-    r = recipe.train.resume
-    if r == "none":
-        return None
-    if r == "auto":
-        return ckpt.latest_checkpoint(paths.checkpoints)
-    p = Path(r)
-    if not p.is_dir():
-        raise UsageError(f"train.resume={r}: no such checkpoint folder")
-    return p
-
-
 def train(recipe: Recipe, dist: DistInfo) -> dict:
     import deepspeed
 
     cfg_dict = recipe_to_dict(recipe)
     paths = RunPaths(Path(recipe.run.output_dir) / recipe.run.name)
     is_main = dist.is_main
-    resume_from = _resolve_resume(recipe, paths)
+    resume_from = resolve_resume(recipe, paths.checkpoints)
     resume_meta = ckpt.verify(resume_from) if resume_from is not None else None
 
     layout = make_layout(recipe, dist.rank, dist.world_size)
@@ -252,7 +109,7 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
     val_blocks = TokenBlocks(data.val_tokens, seq_len)
 
     # ---- model and engine ----------------------------------------------------------------------
-    _seed_all(recipe.train.seed)
+    ckpt.seed_all(recipe.train.seed)
     full_model = build_model(recipe, data.vocab_size)
     move = layout_change(resume_meta, recipe, dist.world_size) if resume_meta is not None else None
     if move is not None:
@@ -283,32 +140,10 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
         mpu=layout.grid if layout.tp > 1 and not layout.is_pipeline else None,
     )
     module = engine.module
-    # The pipeline engine steps inside train_batch, before the loop sees the loss: there the
-    # skipper checks the gradients themselves.
-    skipper = StepSkipper(engine, check_grads=layout.is_pipeline)
     sampler = ShardedSampler(len(train_blocks), recipe.parallel.micro_batch, dp_rank, dp_world, recipe.train.seed)
-
     start_step = 0
-    if resume_from is not None and move is None:
-        loop_state = ckpt.load(engine, resume_from, dist.rank)
-        sampler.load_state_dict(loop_state["sampler"])
-        ckpt.set_rng_state(loop_state["rng"])
-        start_step = loop_state["step"]
-    elif resume_from is not None:
-        loop_state = torch.load(resume_from / "loop_rank0.pt", weights_only=False)
-        start_step = loop_state["step"]
-        sampler.load_state_dict(loop_state["sampler"])  # a global position: valid for any dp degree
-        _seed_all(recipe.train.seed + start_step)
-        set_schedule_position(engine, start_step)
-        if move.optimizer_portable:
-            optim_state.restore(engine, module, recipe.parallel.zero_stage,
-                                torch.load(move.adam_file, weights_only=False))
-    if move is not None and is_main:
-        print(f"resuming {resume_from} in another layout ({move.describe()}): weights resharded exactly; "
-              + ("Adam state carried over" if move.optimizer_portable else
-                 "optimizer state RESET (Adam moments start from zero: the checkpoint holds no "
-                 "layout-independent Adam state, as with tensor/pipeline layouts)")
-              + "; learning-rate schedule and data position carried over", flush=True)
+    if resume_from is not None:
+        start_step = restore(engine, recipe, resume_from, move, sampler, dist.rank, is_main)
 
     tracker = (Tracker(paths.run_dir, cfg_dict, recipe.tracking.wandb, recipe.tracking.project,
                        recipe.tracking.entity, recipe.tracking.group, recipe.tracking.tags,
@@ -373,7 +208,7 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
     # With ZeRO-0 in fp32 the gradients live on the parameters until step(); otherwise DeepSpeed
     # reports the global norm itself.
     plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32" and layout.tp == layout.pp == 1
-    grad_norm = None
+    runner = StepRunner(engine, layout, train_blocks, sampler, gas, dist.device, plain_grads)
     consecutive_nan = skipped_total = 0
     last_loss = float("nan")
     ema_tps = None
@@ -384,38 +219,9 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
         while step < recipe.train.max_steps:
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves on in step())
-            if layout.is_pipeline:
-                # DeepSpeed's pipeline engine runs the 1F1B schedule over `gas` micro-batches and
-                # steps the optimizer itself; its loss is already averaged over data-parallel ranks.
-                batches = [train_blocks.get(sampler.next_indices()) for _ in range(gas)]
-                skipper.poison_next = step + 1 in nan_steps
-                step_loss = engine.train_batch(iter(batches)).detach().double().cpu()
-                finite = not skipper.last_skipped and bool(torch.isfinite(step_loss).item())
-            else:
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                finite = True
-                for micro in range(gas):
-                    x, y = train_blocks.get(sampler.next_indices())
-                    x, y = x.to(dist.device), y.to(dist.device)
-                    loss = engine(x, targets=y)
-                    if step + 1 in nan_steps:
-                        loss = loss * float("nan")
-                    finite &= bool(torch.isfinite(loss.detach()).item())
-                    engine.backward(loss)
-                    if micro == gas - 1:
-                        finite = all_true(finite)
-                        skipper.skip_next = not finite
-                        if plain_grads and finite and (step + 1) % recipe.train.log_every == 0:
-                            # ZeRO-0 in fp32 does not keep the norm it clips with; measure it here.
-                            grad_norm = torch.nn.utils.get_total_norm(
-                                [p.grad for p in module.parameters() if p.grad is not None]).item()
-                    engine.step()
-                    loss_sum += loss.detach().double().cpu()
-                step_loss = loss_sum / gas
-                if dp_world > 1 and finite:
-                    t = step_loss.to(dist.device)
-                    torch.distributed.all_reduce(t, group=layout.dp_group())
-                    step_loss = t.cpu() / dp_world
+            logged = (step + 1) % recipe.train.log_every == 0 or step + 1 == recipe.train.max_steps
+            result = runner.run(poison=step + 1 in nan_steps, want_grad_norm=logged)
+            step_loss, finite = result.loss, result.finite
             step += 1
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
@@ -430,7 +236,7 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
                     msg = f"step {step}: non-finite loss, update skipped ({consecutive_nan} in a row)"
                     (bar.write if bar else print)(msg)
             if step % recipe.train.log_every == 0 or step == recipe.train.max_steps or not finite:
-                gn = grad_norm if plain_grads else engine.get_global_grad_norm()
+                gn = result.grad_norm if plain_grads else engine.get_global_grad_norm()
                 tracker.log({"step": step, "loss": float(step_loss) if finite else None, "lr": lr,
                              "grad_norm": float(gn) if gn is not None and finite else None,
                              "tokens_per_s": tps, "mfu": flops_per_token * tps / peak if peak else None,

@@ -1,0 +1,101 @@
+"""Continuing a run from a checkpoint: in the same layout (exact) or in another one (resharded).
+
+Same layout: DeepSpeed's engine state (weights, optimizer, scheduler) plus our loop state (step,
+data position, every RNG) come back as saved, so the continuation is bit-identical on CPU.
+Another layout (tp / pp / ZeRO stage / world size changed): the weights come from the consolidated
+checkpoint (resharded by the caller when it builds the model), the step, learning-rate schedule
+and global data position carry over, Adam moments carry over when neither side uses tensor or
+pipeline parallelism (see `optim_state`), and the RNGs restart from seed + step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import optim_state
+from .errors import UsageError
+from .schema import Recipe
+
+
+def resolve_resume(recipe: Recipe, checkpoints: Path) -> Path | None:
+    """The checkpoint folder `train.resume` names (none / auto / a path), or None."""
+    r = recipe.train.resume
+    if r == "none":
+        return None
+    if r == "auto":
+        return ckpt.latest_checkpoint(checkpoints)
+    p = Path(r)
+    if not p.is_dir():
+        raise UsageError(f"train.resume={r}: no such checkpoint folder")
+    return p
+
+
+@dataclass
+class LayoutChange:
+    """How the checkpoint's layout differs from this run's."""
+
+    before: dict
+    after: dict
+    adam_file: Path | None = None
+
+    @property
+    def optimizer_portable(self) -> bool:
+        """Adam moments move with the run when neither side uses tensor or pipeline parallelism
+        (the checkpoint then holds them by parameter name, see `optim_state`). DeepSpeed's own
+        ZeRO-1/2 "elastic" checkpoints cannot restore torch's AdamW in 0.19.8."""
+        b, a = self.before, self.after
+        return (b["tp"] == b["pp"] == a["tp"] == a["pp"] == 1 and self.adam_file is not None
+                and self.adam_file.exists())
+
+    def describe(self) -> str:
+        f = "tp={tp} pp={pp} zero={zero_stage} world={world_size}"
+        return f"{f.format(**self.before)} -> {f.format(**self.after)}"
+
+
+def layout_change(meta: dict, recipe: Recipe, world_size: int) -> LayoutChange | None:
+    keys = ("tp", "pp", "zero_stage", "world_size")
+    before = {k: meta.get(k) for k in keys}
+    after = {"tp": recipe.parallel.tp, "pp": recipe.parallel.pp, "zero_stage": recipe.parallel.zero_stage,
+             "world_size": world_size}
+    return None if before == after else LayoutChange(before, after)
+
+
+def set_schedule_position(engine, step: int) -> None:
+    """Continue the learning-rate schedule at `step` (optimizer state itself starts fresh)."""
+    sched = engine.lr_scheduler
+    sched.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+    engine.global_steps = step
+
+
+def restore(engine, recipe: Recipe, folder: Path, move: LayoutChange | None, sampler, rank: int,
+            is_main: bool) -> int:
+    """Load `folder`'s training state into the engine and the sampler; returns the step to
+    continue from. With `move` the weights were already loaded into the model (resharded)."""
+    if move is None:
+        loop_state = ckpt.load(engine, folder, rank)
+        sampler.load_state_dict(loop_state["sampler"])
+        ckpt.set_rng_state(loop_state["rng"])
+        return loop_state["step"]
+    loop_state = torch.load(folder / "loop_rank0.pt", weights_only=False)
+    step = loop_state["step"]
+    sampler.load_state_dict(loop_state["sampler"])  # a global position: valid for any dp degree
+    ckpt.seed_all(recipe.train.seed + step)
+    set_schedule_position(engine, step)
+    if move.optimizer_portable:
+        optim_state.restore(engine, engine.module, recipe.parallel.zero_stage,
+                            torch.load(move.adam_file, weights_only=False))
+    if is_main:
+        print(f"resuming {folder} in another layout ({move.describe()}): weights resharded exactly; "
+              + ("Adam state carried over" if move.optimizer_portable else
+                 "optimizer state RESET (Adam moments start from zero: the checkpoint holds no "
+                 "layout-independent Adam state, as with tensor/pipeline layouts)")
+              + "; learning-rate schedule and data position carried over", flush=True)
+    return step
