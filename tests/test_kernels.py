@@ -644,21 +644,24 @@ def check_cuda_cross_entropy(ops, dtype, device, shape, inplace, ignore_index=-1
 
 
 def check_cuda_cross_entropy_sliced(ops, device, seed=24):
-    """Logits rows with two-level strides (logits[:, :-1], no copy) and other ignore indices."""
-    logits = randn(3, 9, 101, device=device, seed=seed).requires_grad_()
-    targets = torch.randint(0, 101, (3, 8), generator=torch.Generator().manual_seed(seed + 1))
-    targets[0, 2] = 7
-    for ignore in (7, -1):
-        t = targets.clone()
-        t[1, :3] = ignore
-        t = t.to(device)
-        loss = ops.cross_entropy(logits[:, :-1], t, ignore_index=ignore)
-        x64 = logits.detach().double().requires_grad_()
-        ref = o_cross_entropy(x64[:, :-1], t, ignore_index=ignore)
-        assert_close(loss, ref, torch.float32, "loss")
-        (g,) = torch.autograd.grad(loss, logits)
-        (g64,) = torch.autograd.grad(ref, x64)
-        assert_close(g, g64, torch.float32, "grad")
+    """Logits rows with two-level strides (logits[:, :-1], no copy) and other ignore indices;
+    V = 101 (scalar kernels) and V = 1000 (rows stay 16-byte aligned: the vectorised kernels)."""
+    for V in (101, 1000):
+        logits = randn(3, 9, V, device=device, seed=seed).requires_grad_()
+        targets = torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(seed + 1))
+        targets[0, 2] = 7
+        targets[2, 5] = V - 1
+        for ignore in (7, -1):
+            t = targets.clone()
+            t[1, :3] = ignore
+            t = t.to(device)
+            loss = ops.cross_entropy(logits[:, :-1], t, ignore_index=ignore)
+            x64 = logits.detach().double().requires_grad_()
+            ref = o_cross_entropy(x64[:, :-1], t, ignore_index=ignore)
+            assert_close(loss, ref, torch.float32, "loss")
+            (g,) = torch.autograd.grad(loss, logits)
+            (g64,) = torch.autograd.grad(ref, x64)
+            assert_close(g, g64, torch.float32, "grad")
 
 
 def check_cuda_ce_vocab_shards(lib, dtype, device, N=37, V=1001, bounds=(0, 501, 1001), seed=50):

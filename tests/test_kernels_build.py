@@ -172,13 +172,22 @@ def test_cpu_build_from_scratch_concurrent_generic_isa(tmp_path, monkeypatch):
 
 
 def _block_limit(kernel: str, norms_src: str) -> int:
-    """The largest block the launchers may give `kernel` (a mangled name): the vectorised norm
-    kernels' caps are read from cuda_norms.cu; every other kernel is checked at 1024 threads."""
+    """The largest block the launchers may give `kernel` (a mangled name): the vectorised kernels'
+    caps (their __launch_bounds__ constants) are read from their sources; every other kernel is
+    checked at 1024 threads."""
     import re
 
-    for name, const in (("norm_fwd_vec_kernel", "kVecFwdMaxThreads"), ("norm_bwd_vec_kernel", "kVecBwdMaxThreads")):
+    caps = (("norm_fwd_vec_kernel", "kVecFwdMaxThreads", None), ("norm_bwd_vec_kernel", "kVecBwdMaxThreads", None),
+            ("ce_fwd_vec_kernel", "kCeVecFwdThreads", "cuda_cross_entropy.cu"),
+            ("ce_bwd_vec_kernel", "kCeVecBwdThreads", "cuda_cross_entropy.cu"),
+            ("bias_gelu_fwd_vec_kernel", "kVecThreads", "cuda_elementwise.cu"),
+            ("bias_gelu_bwd_vec_kernel", "kVecThreads", "cuda_elementwise.cu"),
+            ("swiglu_fwd_vec_kernel", "kVecThreads", "cuda_elementwise.cu"),
+            ("swiglu_bwd_vec_kernel", "kVecThreads", "cuda_elementwise.cu"))
+    for name, const, src in caps:
         if name in kernel:
-            return int(re.search(rf"constexpr int {const} = (\d+);", norms_src).group(1))
+            text = norms_src if src is None else (build.CSRC / src).read_text()
+            return int(re.search(rf"constexpr int {const} = (\d+);", text).group(1))
     return 1024
 
 

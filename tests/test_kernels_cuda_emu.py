@@ -13,7 +13,10 @@ Shapes are picked to reach every kernel path: one row, widths below / not a mult
 of the block, widths larger than the block (loops wrap), more rows than the norm backward's
 persistent grid, norm-backward accumulators in shared memory (<= 48 KiB, and > 48 KiB with the
 opt-in attribute) and in global memory (beyond the opt-in limit, also forced with a smaller
-emulated limit), cross-entropy over a 50257 vocabulary (several backward column chunks).
+emulated limit), cross-entropy over a 50257 vocabulary (several backward column chunks); the
+vectorised (128-bit) and scalar kernels of the norms, bias-GELU / SwiGLU and cross-entropy (aligned
+rows with widths a multiple of the vector width, odd-offset views, odd widths, strided rows,
+vocabulary shards), the kernel that ran asserted through the emulator's launch log.
 What the emulator cannot catch (timing, inter-block races, out-of-bounds global accesses, ...):
 see cuda_emu.h.
 """
@@ -23,11 +26,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels import build, get_ops
+from model.kernels import build, get_ops, reference
 from model.kernels import ops as kops
 from tests.test_kernels import (  # noqa: F401  (poison_outputs: autouse fixture, applies here too)
     CUDA_DTYPES,
     assert_close,
+    check_against_oracle,
     check_cuda_ce_vocab_shards,
     check_cuda_cross_entropy,
     check_cuda_cross_entropy_sliced,
@@ -160,6 +164,56 @@ def test_pointwise(emu_ops, dtype, shape):
     check_cuda_pointwise(emu_ops, dtype, "cpu", shape)
 
 
+def _launches(emu_lib, *names: str) -> set[str]:
+    """The kernels among `names` launched since the last read of the launch log, as
+    '<kernel> <blockDim.x>' (other kernels, e.g. the column reduction, are left out)."""
+    log = emu_lib._emu_launch_log()
+    return {line for line in log.splitlines() if line.split("<")[0].split(" ")[0] in names}
+
+
+POINTWISE = ("bias_gelu_fwd_kernel", "bias_gelu_bwd_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel",
+             "bias_gelu_fwd_vec_kernel", "bias_gelu_bwd_vec_kernel", "swiglu_fwd_vec_kernel", "swiglu_bwd_vec_kernel")
+POINTWISE_VEC = {"bias_gelu_fwd_vec_kernel<T> 256", "bias_gelu_bwd_vec_kernel<T> 32", "swiglu_fwd_vec_kernel<T> 256",
+                 "swiglu_bwd_vec_kernel<T> 256"}
+POINTWISE_SCALAR = {"bias_gelu_fwd_kernel<T> 256", "bias_gelu_bwd_kernel<T> 32", "swiglu_fwd_kernel<T> 256",
+                    "swiglu_bwd_kernel<T> 256"}
+
+
+@dtypes
+@pytest.mark.parametrize("shape", [(33, 1000), (5, 1004), (3, 37), (2100, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_pointwise_vector_paths(emu_lib, emu_ops, dtype, shape):
+    """bias-GELU / SwiGLU take the 128-bit kernels when D is a multiple of the vector width (8
+    16-bit or 4 float32 elements) and every row is 16-byte aligned, also SwiGLU on the two halves
+    of one [N, 2D] tensor (row stride 2D); the scalar kernels otherwise (1004: float32 only; 37:
+    none).  1000: 125 / 250 column vectors (a partly idle tile); 2100 rows: more than the bias
+    gradient's 256 x 8 row tiles (rows wrap, partials summed over 256 blocks)."""
+    W = 16 // dtype.itemsize
+    _launches(emu_lib)
+    check_cuda_pointwise(emu_ops, dtype, "cpu", shape)
+    assert _launches(emu_lib, *POINTWISE) == (POINTWISE_VEC if shape[-1] % W == 0 else POINTWISE_SCALAR)
+
+
+@dtypes
+def test_pointwise_misaligned_rows(emu_lib, emu_ops, dtype):
+    """Rows off a 16-byte boundary (an odd-offset view; SwiGLU's up half at an odd column offset,
+    gate and up row stride 2D + 1) take the scalar kernels, and match the oracle."""
+    N, D = 6, 1000
+    buf = randn(N * D + 1, dtype=dtype, seed=80, scale=2.0)
+    b = randn(D, dtype=dtype, seed=81)
+    _launches(emu_lib)
+    check_against_oracle(lambda buf, bias: emu_ops.bias_gelu(buf[1:].view(N, D), bias),
+                         lambda buf, bias: reference.bias_gelu(buf[1:].view(N, D), bias),
+                         dict(buf=buf, bias=b), ["buf", "bias"], dtype)
+    assert _launches(emu_lib, *POINTWISE) == {"bias_gelu_fwd_kernel<T> 256", "bias_gelu_bwd_kernel<T> 32"}
+
+    def halves(fn):
+        return lambda both: fn(both[:, :D], both[:, D + 1:])
+
+    both = randn(N, 2 * D + 1, dtype=dtype, seed=82, scale=3.0)
+    check_against_oracle(halves(emu_ops.swiglu), halves(reference.swiglu), dict(both=both), ["both"], dtype)
+    assert _launches(emu_lib, *POINTWISE) == {"swiglu_fwd_kernel<T> 256", "swiglu_bwd_kernel<T> 256"}
+
+
 ROPE_CASES = [  # B, Hq, Hk, T, D, cos layout
     (1, 1, 1, 1, 2, "td"),
     (2, 3, 3, 7, 10, "td"),
@@ -198,6 +252,120 @@ def test_cross_entropy_out_of_range_target_is_nan(emu_ops):
 @dtypes
 def test_cross_entropy_vocab_parallel_shards(emu_lib, dtype):
     check_cuda_ce_vocab_shards(emu_lib, dtype, "cpu")
+
+
+CE = ("ce_fwd_kernel", "ce_bwd_kernel", "ce_fwd_vec_kernel", "ce_bwd_vec_kernel")
+CE_VEC = ["ce_fwd_vec_kernel<T> 512", "ce_bwd_vec_kernel<T> 256"]
+CE_SCALAR = ["ce_fwd_kernel<T> 512", "ce_bwd_kernel<T> 256"]
+
+
+def _ce_launches(emu_lib) -> list[str]:
+    log = emu_lib._emu_launch_log()
+    return [line for line in log.splitlines() if line.split("<")[0] in CE]
+
+
+@dtypes
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_cross_entropy_vector_paths(emu_lib, emu_ops, dtype, inplace):
+    """The 128-bit kernels run when V is a multiple of the vector width and every row starts
+    16-byte aligned, the scalar kernels otherwise; both match the float64 oracle, with the
+    gradient out of place or written into the logits.  50304 (the padded GPT-2 vocabulary): the
+    forward's two-vector loop plus a partial last pass, 13 / 25 backward column chunks; 1004: a
+    multiple of 4 (float32 vectors) but not of 8; 1001: no vectors."""
+    W = 16 // dtype.itemsize
+    for shape in [(3, 50304), (2, 3, 1004), (2, 1001)]:
+        _ce_launches(emu_lib)
+        check_cuda_cross_entropy(emu_ops, dtype, "cpu", shape, inplace)
+        assert _ce_launches(emu_lib) == (CE_VEC if shape[-1] % W == 0 else CE_SCALAR), shape
+
+
+@dtypes
+def test_cross_entropy_misaligned_and_sliced_rows(emu_lib, emu_ops, dtype):
+    """Rows with two-level strides (logits[:, :-1] of [B, T + 1, V], no copy) stay on the vector
+    path when V keeps them aligned (V = 1000); an odd-offset view of aligned width (rows start 2 or
+    4 bytes off a 16-byte boundary) and sliced rows of odd stride (V = 1001 -> rows of 1000 at
+    stride 1001) take the scalar kernels."""
+    g = torch.Generator().manual_seed(84)
+    cases = [  # (buffer shape, view, expected kernels)
+        ((2, 5, 1000), lambda x: x[:, :-1], CE_VEC),
+        ((4 * 1000 + 1,), lambda x: x[1:].view(4, 1000), CE_SCALAR),
+        ((2, 4, 1001), lambda x: x[:, :, :-1], CE_SCALAR),
+    ]
+    for shape, view, expected in cases:
+        buf = randn(*shape, dtype=dtype, seed=85, scale=4.0)
+        x = view(buf)
+        V = x.shape[-1]
+        t = torch.randint(0, V, x.shape[:-1], generator=g)
+        t.view(-1)[1] = -100
+        t.view(-1)[-2] = V - 1
+
+        def fn(buf, t, view=view):
+            return emu_ops.cross_entropy(view(buf), t)
+
+        def oracle(buf, t, view=view, V=V):
+            return torch.nn.functional.cross_entropy(view(buf).reshape(-1, V), t.reshape(-1))
+
+        _ce_launches(emu_lib)
+        check_against_oracle(fn, oracle, dict(buf=buf, t=t), ["buf"], dtype)
+        assert _ce_launches(emu_lib) == expected, shape
+
+
+@dtypes
+def test_cross_entropy_vector_path_visits_every_column(emu_lib, dtype):
+    """Row r of a 50304-wide row holds a spike (+30: it dominates the row's log-sum-exp, so a
+    column skipped or counted twice moves lse by ~log 2 or more) at column SPIKES[r]: the row's
+    ends, vector edges, the forward's two-vector loop steps (4096 float32 / 8192 16-bit columns)
+    and its last partial pass (from 49152), the backward's column chunks (2048 / 4096); the
+    target is the spike, another column or ignored.  lse, loss, target logit and the gradient
+    against float64."""
+    spikes = [0, 3, 4, 7, 8, 2047, 2048, 4095, 4096, 8191, 8192, 12288, 49151, 49152, 50295, 50296, 50303]
+    N, V = len(spikes), 50304
+    x = randn(N, V, dtype=dtype, seed=86)
+    x[torch.arange(N), torch.tensor(spikes)] = 30.0
+    t = torch.tensor(spikes)
+    t[1::3] = -100
+    t[2::3] = torch.tensor(spikes[::-1])[2::3]
+    nan = float("nan")
+    loss, lse, xt = (torch.full((N,), nan) for _ in range(3))
+    _ce_launches(emu_lib)
+    emu_lib.ce_fwd(x.unsqueeze(0), t, -100, 0, True, loss, lse, xt)
+    x64 = x.double()
+    valid = t != -100
+    ref_lse = torch.logsumexp(x64, -1)
+    ref_xt = torch.where(valid, x64.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    assert_close(lse, ref_lse, dtype, "lse")
+    assert_close(xt, ref_xt, dtype, "target logit")
+    assert_close(loss, torch.where(valid, ref_lse - ref_xt, 0.0), dtype, "loss")
+    grad = torch.full_like(x, nan).unsqueeze(0)
+    emu_lib.ce_bwd(x.unsqueeze(0), t, lse, torch.tensor([0.5]), -100, 0, grad)
+    p = torch.softmax(x64, -1)
+    p[valid.nonzero().squeeze(1), t[valid]] -= 1.0
+    assert_close(grad[0], torch.where(valid.unsqueeze(1), p * 0.5, 0.0), dtype, "grad")
+    assert _ce_launches(emu_lib) == CE_VEC
+
+
+@dtypes
+def test_cross_entropy_vocab_shards_vector_paths(emu_lib, dtype):
+    """Vocabulary shards of an aligned 1024-wide row: [0, 512) on the vector path, [512, 1019)
+    (507 wide) and [1019, 1024) (misaligned start) on the scalar one; targets on shard edges."""
+    _ce_launches(emu_lib)
+    check_cuda_ce_vocab_shards(emu_lib, dtype, "cpu", N=21, V=1024, bounds=(0, 512, 1019, 1024))
+    fwd, bwd = ["ce_fwd_vec_kernel<T> 512", "ce_fwd_kernel<T> 512", "ce_fwd_kernel<T> 512"], \
+        ["ce_bwd_vec_kernel<T> 256", "ce_bwd_kernel<T> 256", "ce_bwd_kernel<T> 256"]
+    assert _ce_launches(emu_lib) == fwd + bwd
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random:11"])
+def test_vector_paths_other_schedules(emu_lib, emu_ops, schedule, monkeypatch):
+    """The vectorised cross-entropy (in place; 9000 bf16: the two-vector loop and a partial pass)
+    and pointwise kernels (the bias-gradient tile reduction has a barrier) with threads and
+    blocks in another order."""
+    monkeypatch.setenv("LLMK_EMU_SCHEDULE", schedule)
+    _launches(emu_lib)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_cuda_cross_entropy(emu_ops, dtype, "cpu", (2, 9000), inplace=True)
+        check_cuda_pointwise(emu_ops, dtype, "cpu", (40, 96))
+    assert _launches(emu_lib, *CE, *POINTWISE) == set(CE_VEC) | POINTWISE_VEC
 
 
 @pytest.mark.parametrize("schedule", ["reverse", "random:7"])

@@ -181,6 +181,18 @@ inline int row_threads(int64_t D) {
   return D >= 4096 ? 512 : D >= 1024 ? 256 : D >= 256 ? 128 : 64;
 }
 
+// Whether `kernel` can launch with `threads` threads on the current device (its register use may
+// allow fewer than 1024; the kernels' __launch_bounds__ should already guarantee it).
+template <typename F>
+bool can_launch(F* kernel, int threads) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return threads <= attr.maxThreadsPerBlock;
+}
+
 inline unsigned grid_1d(int64_t n, int threads) {
   int64_t blocks = (n + threads - 1) / threads;
   if (blocks > 65536) blocks = 65536;  // grid-stride loops cover the rest
