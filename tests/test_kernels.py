@@ -733,7 +733,7 @@ def test_cuda_pointwise_and_rope(cuda_ops, dtype):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_cuda_cross_entropy(cuda_ops, dtype, inplace):
-    for shape in [(1, 50257), (9, 50257), (2, 5, 333)]:
+    for shape in [(1, 50257), (9, 50257), (9, 50304), (2, 5, 333)]:  # 50304: the vectorised kernels
         check_cuda_cross_entropy(cuda_ops, dtype, "cuda", shape, inplace)
     check_cuda_cross_entropy_sliced(cuda_ops, "cuda")
 
