@@ -316,17 +316,6 @@ int vec_plan(int64_t D, std::initializer_list<const void*> ptrs, int max_threads
   return plan <= max_nv ? plan : 0;
 }
 
-// Whether `kernel` can launch with `threads` threads on the current device (its register use may
-// allow fewer than 1024; __launch_bounds__ should already guarantee it).
-template <typename F>
-bool launchable(F* kernel, int threads) {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return threads <= attr.maxThreadsPerBlock;
-}
 
 template <typename T, typename O, bool RMS>
 cudaError_t launch_fwd(const void* x, const void* r, const float* w, const float* b, float eps, int64_t N, int64_t D,
@@ -336,7 +325,7 @@ cudaError_t launch_fwd(const void* x, const void* r, const float* w, const float
   const int nv = vec_plan<T>(D, {x, r, w, b, y, h}, kVecFwdMaxThreads, 4, threads);
   const unsigned grid = static_cast<unsigned>(N);
 #define LLMK_NORM_FWD_VEC(NV)                                                                             \
-  if (launchable(norm_fwd_vec_kernel<T, O, RMS, NV>, threads)) {                                         \
+  if (can_launch(norm_fwd_vec_kernel<T, O, RMS, NV>, threads)) {                                         \
     LLMK_LAUNCH(grid, threads, 0, s, norm_fwd_vec_kernel<T, O, RMS, NV>)(                                \
         static_cast<const T*>(x), static_cast<const T*>(r), w, b, eps, D, static_cast<O*>(y),               \
         static_cast<T*>(h), mean, rstd);                                                                    \
@@ -365,8 +354,8 @@ cudaError_t launch_bwd(const void* dy, const void* h, const float* mean, const f
   const int64_t G = norm_bwd_grid(N);
   int threads = 0;
   int nv = vec_plan<T>(D, {dy, h, w, dres, dx, partial}, kVecBwdMaxThreads, kVecBwdMaxNV, threads);
-  if (nv == 1 && !launchable(norm_bwd_vec_kernel<T, O, RMS, 1>, threads)) nv = 0;
-  if (nv == 2 && !launchable(norm_bwd_vec_kernel<T, O, RMS, 2>, threads)) nv = 0;
+  if (nv == 1 && !can_launch(norm_bwd_vec_kernel<T, O, RMS, 1>, threads)) nv = 0;
+  if (nv == 2 && !can_launch(norm_bwd_vec_kernel<T, O, RMS, 2>, threads)) nv = 0;
   if (nv) {
 #define LLMK_NORM_BWD_VEC(NV)                                                                              \
   LLMK_LAUNCH(static_cast<unsigned>(G), threads, 0, s, norm_bwd_vec_kernel<T, O, RMS, NV>)(               \
