@@ -500,6 +500,19 @@ def local_layer_state_dicts(module: PipelineModule) -> dict[int, dict]:
     return out
 
 
+def local_layer_param_names(module: PipelineModule) -> dict[str, tuple[int, str]]:
+    """This stage's parameters by their name in `module` -> (layer index, name within that layer), for
+    the layers the stage runs as modules (those of `local_layer_state_dicts`). A stage that holds
+    only a copy of the tied embedding (the last one, computing tied logits) leaves that copy out;
+    its owner, the first stage, maps it."""
+    owner = {}
+    for local, f in enumerate(module.forward_funcs):
+        if isinstance(f, nn.Module):
+            for name, p in f.named_parameters():
+                owner[id(p)] = (module._local_start + local, name)
+    return {name: owner[id(p)] for name, p in module.named_parameters() if id(p) in owner}
+
+
 def gather_gpt_state_dict(module: GPTPipelineModule) -> dict:
     """Collective over the pipeline group (every stage of this pipeline must call it): the full GPT
     state dict (CPU) on every rank of the pipeline. Costs the whole model in CPU RAM per rank."""

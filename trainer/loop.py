@@ -178,11 +178,9 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
 
     def save(step: int) -> Path:
         state = {"step": step, "sampler": sampler.state_dict(), "rng": ckpt.rng_state()}
-        extra = None
-        if layout.tp == layout.pp == 1:
-            # Layout-independent Adam moments: let a resume change the ZeRO stage or dp degree.
-            adam = optim_state.gather(engine, module, recipe.parallel.zero_stage)
-            extra = {optim_state.FILE: adam} if adam is not None and is_main else None
+        # Layout-independent Adam moments (every layout; collective): let a resume change the layout.
+        adam = optim_state.gather(engine, module, recipe.parallel.zero_stage)
+        extra = {optim_state.FILE: adam} if adam is not None and is_main else None
         return ckpt.save(engine, paths.checkpoints, step, state, meta(step), dist.rank,
                          recipe.train.keep_checkpoints, extra)
 

@@ -4,8 +4,9 @@ Same layout: DeepSpeed's engine state (weights, optimizer, scheduler) plus our l
 data position, every RNG) come back as saved, so the continuation is bit-identical on CPU.
 Another layout (tp / pp / ZeRO stage / world size changed): the weights come from the consolidated
 checkpoint (resharded by the caller when it builds the model), the step, learning-rate schedule
-and global data position carry over, Adam moments carry over when neither side uses tensor or
-pipeline parallelism (see `optim_state`), and the RNGs restart from seed + step.
+and global data position carry over, Adam moments and step count carry over by parameter name
+(see `optim_state`; not to or from ZeRO-0 in bf16, whose moments DeepSpeed keeps out of reach),
+and the RNGs restart from seed + step.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ class LayoutChange:
 
     @property
     def optimizer_portable(self) -> bool:
-        """Adam moments move with the run when neither side uses tensor or pipeline parallelism
-        (the checkpoint then holds them by parameter name, see `optim_state`). DeepSpeed's own
+        """Adam moments can move with the run: the checkpoint holds them by full parameter name
+        (`optim_state`, written for every layout but ZeRO-0 in bf16), whatever the tensor,
+        pipeline, ZeRO or data-parallel layout on either side. (This run's own layout may still
+        refuse them: `optim_state.restore` returns False for ZeRO-0 in bf16.) DeepSpeed's own
         ZeRO-1/2 "elastic" checkpoints cannot restore torch's AdamW in 0.19.8."""
-        b, a = self.before, self.after
-        return (b["tp"] == b["pp"] == a["tp"] == a["pp"] == 1 and self.adam_file is not None
-                and self.adam_file.exists())
+        return self.adam_file is not None and self.adam_file.exists()
 
     def describe(self) -> str:
         f = "tp={tp} pp={pp} zero={zero_stage} world={world_size}"
@@ -89,13 +90,17 @@ def restore(engine, recipe: Recipe, folder: Path, move: LayoutChange | None, sam
     sampler.load_state_dict(loop_state["sampler"])  # a global position: valid for any dp degree
     ckpt.seed_all(recipe.train.seed + step)
     set_schedule_position(engine, step)
+    carried, why = False, (f"the checkpoint holds no {optim_state.FILE} (ZeRO-0 in bf16 keeps its fp32 Adam moments "
+                           "out of reach of DeepSpeed's fragment API, and checkpoints of older versions of these "
+                           "recipes with tensor/pipeline parallelism did not save them)")
     if move.optimizer_portable:
-        optim_state.restore(engine, engine.module, recipe.parallel.zero_stage,
-                            torch.load(move.adam_file, weights_only=False))
+        carried = optim_state.restore(engine, engine.module, recipe.parallel.zero_stage,
+                                      torch.load(move.adam_file, weights_only=False))
+        why = ("this layout (ZeRO-0 in bf16) keeps its fp32 Adam moments out of reach of DeepSpeed's "
+               "fragment API; use ZeRO >= 1 or fp32 to carry them")
     if is_main:
         print(f"resuming {folder} in another layout ({move.describe()}): weights resharded exactly; "
-              + ("Adam state carried over" if move.optimizer_portable else
-                 "optimizer state RESET (Adam moments start from zero: the checkpoint holds no "
-                 "layout-independent Adam state, as with tensor/pipeline layouts)")
+              + ("Adam state carried over (moments and step count)" if carried else
+                 f"optimizer state RESET (Adam moments start from zero: {why})")
               + "; learning-rate schedule and data position carried over", flush=True)
     return step
