@@ -23,8 +23,10 @@ ZERO1 = ["parallel.zero_stage=1", "launch.procs_per_node=2", "parallel.micro_bat
 ZERO2 = ["parallel.zero_stage=2", "launch.procs_per_node=2", "parallel.micro_batch=4"]
 ZERO3 = ["parallel.zero_stage=3", "launch.procs_per_node=2", "parallel.micro_batch=4"]
 TP2_DP2_ZERO3 = ["parallel.zero_stage=3", "parallel.tp=2", "launch.procs_per_node=4", "parallel.micro_batch=4"]
+BF16 = ["train.precision=bf16"]
 LAYOUTS = {"single": SINGLE, "tp2pp2": TP2_PP2, "zero1": ZERO1, "zero2": ZERO2, "zero3": ZERO3,
-           "tp2dp2zero3": TP2_DP2_ZERO3}
+           "tp2dp2zero3": TP2_DP2_ZERO3, "pp2-bf16": ["parallel.pp=2", "launch.procs_per_node=2", *BF16],
+           "single-bf16": [*SINGLE, *BF16]}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +142,21 @@ def test_move_without_adam_state_resets(root, reference, cut):
     assert max(rel) < 0.01, rel
     assert losses[STEPS] < losses[CUT]
     shutil.rmtree(root / "runs" / "tp2pp2-to-zero2-reset")
+
+
+@pytest.mark.dist
+def test_bf16_zero0_takes_no_adam_state(root, cut):
+    """In bf16 a pipeline's ZeRO-0 optimizer (DeepSpeed's BF16_Optimizer) reaches its moments by
+    parameter and saves them; ZeRO-0 without a pipeline (FP16_Optimizer in bf16) cannot take them:
+    the move resets the optimizer and says why."""
+    src = cut("pp2-bf16") / "checkpoints" / step_dir_name(CUT)
+    saved = _adam(src)
+    assert saved["step"] == CUT and "blocks.1.mlp.fc.weight" in saved["moments"]
+    assert all(float(v[1].abs().max()) > 0 for k, v in saved["moments"].items() if "k_proj.bias" not in k)
+    out, losses = _move(root, cut, "pp2bf16-to-single-bf16", "pp2-bf16", "single-bf16")
+    assert "optimizer state RESET" in out.stdout and "this layout (ZeRO-0 in bf16)" in out.stdout
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    shutil.rmtree(root / "runs" / "pp2bf16-to-single-bf16")
 
 
 @pytest.mark.dist
