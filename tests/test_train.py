@@ -67,6 +67,11 @@ def test_exact_resume_after_sigkill(root):
     va = [r["val_loss"] for r in metrics(root, "ref") if "val_loss" in r]
     vb = [r["val_loss"] for r in metrics(root, "killed") if "val_loss" in r]
     assert va == vb
+    # Resuming a finished run at its own max_steps trains nothing: it evaluates, samples, and says so.
+    again = run_train(root, "ref", "train.max_steps=12", "train.checkpoint_every=4", "model.dropout=0.1",
+                      "train.resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "no training step in this run" in again.stdout and "Traceback" not in again.stderr
 
 
 def test_kill_during_save_keeps_previous_checkpoint(root):

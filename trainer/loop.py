@@ -301,7 +301,9 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
         "run_dir": str(paths.run_dir), "steps": step, "params": n_params,
         "final_train_loss": last_loss, "final_val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
         "gzip_bpb": gzip_bits_per_byte(data.val_text()), "ln_vocab": math.log(data.vocab_size),
-        "tokens_per_s": ema_tps, "mfu": flops_per_token * (ema_tps or 0) / peak if peak else None, "peak_flops_source": peak_source,
+        # None when no step ran (a resume at train.max_steps only evaluates and samples)
+        "tokens_per_s": ema_tps, "mfu": flops_per_token * ema_tps / peak if peak and ema_tps else None,
+        "peak_flops_source": peak_source,
         "skipped_steps": skipped_total, "checkpoint": str(folder), "sample": sample,
     }
     if is_main:
@@ -331,7 +333,8 @@ def _print_summary(s: dict) -> None:
         f"final loss:      train {s['final_train_loss']:.4f}   val {s['final_val_loss']:.4f} "
         f"({ratio:.0%} of ln(vocab) = {s['ln_vocab']:.3f})\n"
         f"bits per byte:   model {s['val_bpb']:.3f}   gzip -9 {s['gzip_bpb']:.3f}\n"
-        f"throughput:      {s['tokens_per_s']:,.0f} tokens/s   MFU {s['mfu'] or 0:.1%} ({s['peak_flops_source']})\n"
-        f"sample:\n{s['sample']}\n",
+        + (f"throughput:      {s['tokens_per_s']:,.0f} tokens/s   MFU {s['mfu'] or 0:.1%} ({s['peak_flops_source']})\n"
+           if s["tokens_per_s"] else "throughput:      no training step in this run\n")
+        + f"sample:\n{s['sample']}\n",
         flush=True,
     )
