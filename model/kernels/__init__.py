@@ -11,7 +11,8 @@ signatures and semantics are those of the PyTorch references in `reference.py`:
     rope(q, k, cos, sin)                             -> (q_rot, k_rot)   rotate-half convention
 
 What each kernel fuses (forward and backward are both hand-written, CPU: C++ with
-`at::parallel_for` + AVX2, CUDA: warp/block reductions; float32 accumulation everywhere)
+`at::parallel_for` + AVX2, CUDA: 128-bit vectorised fast paths with scalar fallbacks, warp/block
+reductions; float32 accumulation everywhere)
 ------------------------------------------------------------------------------------------------
 * layer_norm / rms_norm: the residual add, the row statistics and the affine transform in one
   pass over the row (writes y and, with `residual`, the new residual stream h); backward computes
