@@ -8,7 +8,7 @@ All variants train the same model (the default recipe's) on the same batches wit
 The variants alternate in rounds so machine noise hits all of them equally; medians and the
 ratios to the plain loop are printed, with MFU against the measured matmul peak.
 
-    python bench/bench_train.py [--steps 30] [--rounds 3] [--recipe gpt-tiny] [key=value overrides...]
+    python bench/bench_train.py [--steps 30] [--rounds 3] [--recipe gpt-tiny] [--out bench/results] [key=value overrides...]
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--recipe", default="gpt-tiny")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                    help="folder for train-<device>.md")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
@@ -127,8 +129,8 @@ def main() -> None:
     lines += ["", f"ratio ours / plain (same ops): {ours / base:.3f}  (goal >= 0.90)"]
     text = "\n".join(lines) + "\n"
     print("\n" + text, end="")
-    out = Path(__file__).resolve().parent / "results" / f"train-{dist.device.type}.md"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out) / f"train-{dist.device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("# Training step: our loop vs a plain PyTorch loop (`make bench-train`)\n\n" + text)
 
 if __name__ == "__main__":

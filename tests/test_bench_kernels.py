@@ -37,3 +37,19 @@ def test_quick_kernel_table(tmp_path):
     for r in rows:
         for name in ("fwd ms", "fwd+bwd ms"):
             assert re.fullmatch(r"\d+\.\d+", r[col[name]]) and float(r[col[name]]) > 0, r
+
+
+def test_quick_training_step_benchmark(tmp_path):
+    """`make bench-train` (bench/bench_train.py) on a tiny model: the three loops run and the
+    table with their tokens/s and the ratio lands in --out."""
+    from tests.trainutil import env
+
+    tiny = ["model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.max_seq_len=64", "data.seq_len=64",
+            "data.vocab_size=512", "parallel.micro_batch=4"]
+    out = subprocess.run([sys.executable, "bench/bench_train.py", "--steps", "4", "--rounds", "1", "--out",
+                          str(tmp_path), *tiny], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "train-cpu.md").read_text()
+    for row in ("plain PyTorch loop", "ours, DeepSpeed engine, torch ops", "ours, DeepSpeed engine, fused kernels"):
+        assert row in text, text
+    assert re.search(r"ratio ours / plain \(same ops\): \d+\.\d+", text), text
