@@ -281,8 +281,10 @@ def train(recipe: Recipe, dist: DistInfo) -> dict:
     folder = save(step)
     final = run_eval(step, full=True)
     sample_module = module
-    if layout.tp > 1 or layout.is_pipeline:
-        # Generation runs on one rank with the gathered full model.
+    if layout.is_pipeline or (layout.tp > 1 and recipe.parallel.sequence_parallel):
+        # Decoding one token at a time cannot be split over pipeline stages or sequence chunks:
+        # generation runs on one rank with the gathered full model. Tensor parallelism without
+        # SP generates in place on every rank (same generator seed, gathered logits: same tokens).
         from model import GPT
 
         full_sd = gather_full_state_dict(module, layout)
