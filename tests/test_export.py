@@ -26,9 +26,9 @@ def test_export_loads_in_transformers_with_same_logits(trained):
     assert res.returncode == 0, res.stderr[-3000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launch.export import consolidated_state_dict
     from model import GPT, GPTConfig
     from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
 
     hf = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     tok = AutoTokenizer.from_pretrained(out_dir)

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from launch.export import consolidated_state_dict
 from tests.trainutil import metrics, run_train, train_losses
 from trainer import checkpoint as ckpt
+from trainer.consolidate import consolidated_state_dict
 
 STEPS = 10
 # Single process: 8 sequences per step. Each layout keeps the global batch at 8.

@@ -58,8 +58,11 @@ def cut(root):
     return get
 
 
+ADAM = f"model/{optim_state.FILE}"  # the model component's layout-independent moments
+
+
 def _adam(folder):
-    return torch.load(folder / optim_state.FILE, weights_only=False)
+    return torch.load(folder / ADAM, weights_only=False)
 
 
 def _assert_same_moments(a: dict, b: dict, rel: float = 1e-5) -> None:
@@ -122,9 +125,9 @@ def test_restored_moments_regather_exactly(root, cut):
 
 
 def _drop_adam_file(folder):
-    (folder / optim_state.FILE).unlink()
+    (folder / ADAM).unlink()
     manifest = json.loads((folder / "manifest.json").read_text())
-    del manifest[optim_state.FILE]
+    del manifest[ADAM]
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 

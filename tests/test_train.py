@@ -92,7 +92,7 @@ def test_corrupted_checkpoint_is_refused_and_older_one_still_loads(root):
     out = run_train(root, "corrupt", "train.max_steps=8", "train.checkpoint_every=4")
     assert out.returncode == 0, out.stderr[-3000:]
     ck = root / "runs" / "corrupt" / "checkpoints"
-    target = next((ck / "step_00000008").glob("mp_rank_00_model_states.pt"))
+    target = ck / "step_00000008" / "model" / "mp_rank_00_model_states.pt"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
@@ -131,7 +131,7 @@ def test_nan_loss_is_skipped_and_counted(root):
 
 
 def _model_and_optimizer(folder):
-    states = torch.load(next(folder.glob("mp_rank_00_model_states.pt")), weights_only=False)
+    states = torch.load(folder / "model" / "mp_rank_00_model_states.pt", weights_only=False)
     tensors = list(states["module"].values())
     for st in states["optimizer"]["state"].values():
         tensors += [st["exp_avg"], st["exp_avg_sq"]]
@@ -205,8 +205,8 @@ def test_compile_trains_like_eager_and_its_checkpoint_loads_without_compile(root
     for step in range(1, 5):
         assert abs(b[step] - a[step]) <= 1e-4, (step, a[step], b[step])
     ck = root / "runs" / "c-comp" / "checkpoints" / "step_00000002"
-    keys = [set(torch.load(next((root / "runs" / n / "checkpoints" / "step_00000002").glob(
-        "mp_rank_00_model_states.pt")), weights_only=False)["module"]) for n in ("c-eager", "c-comp")]
+    keys = [set(torch.load(root / "runs" / n / "checkpoints" / "step_00000002" / "model" / "mp_rank_00_model_states.pt",
+                           weights_only=False)["module"]) for n in ("c-eager", "c-comp")]
     assert keys[0] == keys[1]
     resumed = run_train(root, "c-resumed", "train.max_steps=4", "model.kernels=fused", f"train.resume={ck}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,34 +1,43 @@
-"""Atomic, verifiable checkpoints around DeepSpeed's own sharded save.
+"""Atomic, verifiable checkpoints of named components around DeepSpeed's own sharded save.
 
 Layout of `<run>/checkpoints/`:
-    step_00000200/            one finished checkpoint
-        <DeepSpeed files>     model/optimizer/scheduler shards, one set per rank
-        loop_rank<r>.pt       the loop's own state of rank r: RNG states, data sampler position
-        meta.json             step, resolved config, tokenizer hash, layout
+    step_00000200/            one finished checkpoint (one commit for all its components)
+        <component>/          one per model / agent / adapter (the pre-training loop: `model`)
+            <DeepSpeed files> its engine's model/optimizer/scheduler shards, one set per rank
+            rng_rank<r>.pt    its own random-number stream on rank r (`trainer.rng`)
+        loop_rank<r>.pt       the loop's shared state of rank r: step, data position, global RNGs
+        meta.json             format, component names, step, resolved config, tokenizer hash, layout
         manifest.json         size and sha256 of every file above (written last)
     latest                    name of the newest finished checkpoint (replaced atomically)
 
-A save writes into `step_N.partial/`, renames it to `step_N/` once every rank has finished and the
-manifest is on disk, and only then points `latest` at it. A crash at any moment therefore leaves
-`latest` on the previous complete checkpoint; a leftover `.partial` folder is removed by the next
-save. Loading verifies the manifest, so a truncated or altered file is refused with a message.
+A save writes into `step_N.partial/`, renames it to `step_N/` once every rank of the group has
+finished and the manifest is on disk, and only then points `latest` at it. A crash at any moment
+therefore leaves `latest` on the previous complete checkpoint; a leftover `.partial` folder is
+removed by the next save. Loading verifies the manifest, so a truncated or altered file is refused
+with a message. Checkpoints written before components existed (format 1: DeepSpeed's files at the
+top of `step_N/`, no `format` in meta.json) load as a single component `model`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import faults
 from .distributed import barrier
 from .files import atomic_write_text, fsync_dir, sha256_file
+from .rng import RngStream, rng_state, seed_all, set_rng_state
+
+__all__ = ["FORMAT", "CheckpointError", "Component", "component_files", "latest_checkpoint", "list_checkpoints",
+           "load", "rng_state", "save", "seed_all", "set_rng_state", "step_dir_name", "verify"]
+
+FORMAT = 2
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -46,30 +55,24 @@ def _manifest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (every device)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class Component:
+    """One model of a checkpoint: its DeepSpeed engine and its own random-number stream."""
+
+    name: str
+    engine: object
+    rng: RngStream
 
 
-def rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def component_files(folder: Path, meta: dict, name: str = "model") -> Path:
+    """The folder holding component `name`'s DeepSpeed files in checkpoint `folder`."""
+    if meta.get("format", 1) < 2:
+        if name != "model":
+            raise CheckpointError(f"checkpoint {folder} predates named components: it holds only the model")
+        return folder
+    if name not in meta.get("components", []):
+        raise CheckpointError(f"checkpoint {folder} has no component {name!r} (it has {meta.get('components')})")
+    return folder / name
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -90,30 +93,31 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def save(engine, root: Path, step: int, loop_state: dict, meta: dict, rank: int, keep: int,
-         extra: dict[str, object] | None = None) -> Path:
-    """Collective: every rank must call it. Returns the finished checkpoint folder. `extra`:
-    {file name: object} that rank 0 adds with torch.save (covered by the manifest like the rest)."""
+def save(components: list[Component], root: Path, step: int, loop_state: dict, meta: dict, rank: int,
+         is_main: bool, keep: int, extra: dict[str, object] | None = None, group=None) -> Path:
+    """Collective over `group` (every rank of the engines' replica). Returns the finished folder.
+    `rank`: this rank's index inside the group; `loop_state`: its shared state; `extra`: {relative
+    file name: object} that the main rank adds with torch.save (covered by the manifest)."""
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     partial = root / f"{name}.partial"
     final = root / name
-    if rank == 0:
+    if is_main:
         if partial.exists():
             shutil.rmtree(partial)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
-    barrier()
-    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-    own = partial / f"loop_rank{rank}.pt"
-    tmp = own.with_suffix(".tmp")
-    torch.save(loop_state, tmp)
-    os.replace(tmp, own)
-    barrier()
+    barrier(group)
+    for c in components:
+        c.engine.save_checkpoint(str(partial), tag=c.name, save_latest=False)
+        _save_file(c.rng.state, partial / c.name / f"rng_rank{rank}.pt")
+    _save_file(loop_state, partial / f"loop_rank{rank}.pt")
+    barrier(group)
     faults.maybe_kill(faults.KILL_IN_SAVE, step)
-    if rank == 0:
+    if is_main:
         for file_name, obj in (extra or {}).items():
             torch.save(obj, partial / file_name)
+        meta = {**meta, "format": FORMAT, "components": [c.name for c in components]}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         atomic_write_text(partial / "manifest.json", json.dumps(_manifest(partial), indent=1))
         os.replace(partial, final)
@@ -121,8 +125,14 @@ def save(engine, root: Path, step: int, loop_state: dict, meta: dict, rank: int,
         atomic_write_text(root / "latest", name + "\n")
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    barrier(group)
     return final
+
+
+def _save_file(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def verify(folder: Path) -> dict:
@@ -155,15 +165,24 @@ def _suggest_other(folder: Path) -> str:
     return "no other checkpoint exists for this run (start again with train.resume=none)"
 
 
-def load(engine, folder: Path, rank: int | None) -> dict:
-    """Collective. Loads DeepSpeed state into `engine` and returns this rank's loop state
-    (rank None: rank 0's, for a resume in another layout whose ranks differ)."""
-    ok, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
-    if ok is None:
-        raise CheckpointError(f"DeepSpeed could not load {folder}")
+def load(components: list[Component], folder: Path, meta: dict, rank: int | None) -> dict:
+    """Collective. Loads each component's DeepSpeed state and random-number stream, and returns
+    this rank's shared loop state (rank None: rank 0's, for a resume in another layout whose ranks
+    differ: then only the engines' states are loaded, the caller restarts the streams)."""
     own = folder / f"loop_rank{rank if rank is not None else 0}.pt"
     if not own.exists():
         raise CheckpointError(f"checkpoint {folder} has no loop state for rank {rank} "
                               "(saved with a different number of processes)")
-    return torch.load(own, weights_only=False)
+    loop_state = torch.load(own, weights_only=False)
+    for c in components:
+        files = component_files(folder, meta, c.name)
+        ok, _ = c.engine.load_checkpoint(str(files.parent), tag=files.name, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if ok is None:
+            raise CheckpointError(f"DeepSpeed could not load component {c.name!r} of {folder}")
+        if rank is None:
+            continue
+        stream = files / f"rng_rank{rank}.pt"
+        # Format 1 kept one stream per rank, the process-wide one, in the loop state.
+        c.rng.state = torch.load(stream, weights_only=False) if stream.exists() else loop_state["rng"]
+    return loop_state

@@ -81,37 +81,54 @@ def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistInfo:
     return DistInfo(rank, local_rank, world, device, backend)
 
 
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_true(flag: bool) -> bool:
-    """True when `flag` holds on every rank."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int64,
-                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(t)
-    return int(t.item()) == 0
-
-
-def max_int(value: int) -> int:
-    """The largest `value` over all ranks."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+def _reduce_int(value: int, op, group) -> int:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64,
-                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                     device="cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=op, group=group)
     return int(t.item())
 
 
-def broadcast_object(obj, src: int = 0):
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+def all_true(flag: bool, group=None) -> bool:
+    """True when `flag` holds on every rank of `group` (None: the world)."""
+    return _reduce_int(0 if flag else 1, torch.distributed.ReduceOp.SUM, group) == 0
+
+
+def max_int(value: int, group=None) -> int:
+    """The largest `value` over the ranks of `group` (None: the world)."""
+    return _reduce_int(value, torch.distributed.ReduceOp.MAX, group)
+
+
+def barrier(group=None) -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier(group=group)
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """`obj` of global rank `src` on every rank of `group`."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
+    torch.distributed.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def broadcast_state_dict(sd: dict | None, src: int, group=None, device=None) -> dict:
+    """A state dict held by global rank `src` (None elsewhere) on every rank of `group`: the names,
+    shapes and dtypes as one object, then each tensor with a plain broadcast (no pickling of the
+    tensors themselves, and only `src` ever read the files)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
+        return sd
+    spec = broadcast_object({k: (tuple(v.shape), v.dtype) for k, v in sd.items()} if sd is not None else None,
+                            src, group)
+    dev = device or torch.device("cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu")
+    out = {}
+    for name, (shape, dtype) in spec.items():
+        t = sd[name].to(dev).contiguous() if sd is not None else torch.empty(shape, dtype=dtype, device=dev)
+        torch.distributed.broadcast(t, src=src, group=group)
+        out[name] = t.cpu()
+    return out
 
 
 def destroy() -> None:

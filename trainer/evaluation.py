@@ -40,23 +40,23 @@ def evaluate(module, blocks: TokenBlocks, batch_size: int, max_batches: int | No
 
 
 @torch.no_grad()
-def evaluate_pipeline(engine, blocks: TokenBlocks, batch_size: int, max_batches: int | None, layout) -> tuple[float, int]:
+def evaluate_pipeline(engine, blocks: TokenBlocks, batch_size: int, max_batches: int | None, dims) -> tuple[float, int]:
     """The same quantity through DeepSpeed's pipeline engine: each data-parallel pipeline takes
     its share of the batches; sums are reduced over the data-parallel group."""
     from model.pipeline import pipeline_eval
 
     batches = list(iterate_eval(blocks, batch_size, max_batches))
-    mine = batches[layout.dp_rank::layout.dp]
+    mine = batches[dims.dp_rank::dims.dp]
     if mine:
         loss_sum, n = pipeline_eval(engine, mine)
-    else:  # eval_batch is collective over the world: take part, count nothing
+    else:  # eval_batch is collective over the replica: take part, count nothing
         pipeline_eval(engine, batches[:1])
         loss_sum, n = 0.0, 0
     t = torch.tensor([loss_sum, n], dtype=torch.float64)
-    if layout.dp > 1:
+    if dims.dp > 1:
         dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
         t = t.to(dev)
-        torch.distributed.all_reduce(t, group=layout.dp_group())
+        torch.distributed.all_reduce(t, group=dims.dp_group)
         t = t.cpu()
     return float(t[0] / t[1]), int(t[1])
 

@@ -24,14 +24,13 @@ def build_model(recipe: Recipe, vocab_size: int):
         if model.config.vocab_size < vocab_size:
             raise UsageError(f"model.init_from={m.init_from} has {model.config.vocab_size} embedding rows but the "
                              f"tokenizer has {vocab_size} tokens; set data.tokenizer to the model's tokenizer.json")
-        model.config.activation_checkpointing = recipe.parallel.activation_checkpointing
         return model
     cfg = GPTConfig(
         style=m.style, vocab_size=m.vocab_size or padded_vocab(vocab_size, recipe.parallel.tp),
         n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff,
         max_seq_len=m.max_seq_len, dropout=m.dropout, bias=m.bias, norm_eps=m.norm_eps,
         rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, init_std=m.init_std,
-        activation_checkpointing=recipe.parallel.activation_checkpointing, kernels=m.kernels,
+        kernels=m.kernels,  # activation checkpointing: set by trainer.parallelize
     )
     return GPT(cfg)
 

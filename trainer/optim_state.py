@@ -85,11 +85,6 @@ def reachable(engine, module, zero_stage: int) -> bool:
     return any(id(p) in owned for p in params)
 
 
-def _grid(engine, module):
-    """DeepSpeed's PipelineParallelGrid of a tensor- or pipeline-parallel run, else None."""
-    return getattr(module, "_grid", None) or getattr(engine, "mpu", None)
-
-
 def _is_pipeline(module) -> bool:
     return hasattr(module, "forward_funcs") and hasattr(module, "_local_start")
 
@@ -111,10 +106,18 @@ def _gpt_param_names(config) -> list[str]:
         return [n for n, _ in GPT(config, init=False).named_parameters()]
 
 
-def gather(engine, module, zero_stage: int) -> dict | None:
-    """Collective over the whole world: {"step": n, "moments": {GPT parameter name: (exp_avg,
-    exp_avg_sq)}} (float32, CPU) on global rank 0; None on the other ranks, before the first
-    optimizer step, or where the moments are out of reach (ZeRO-0 in bf16, see above)."""
+def _trainable(module) -> list[tuple[str, torch.nn.Parameter]]:
+    # Frozen parameters (a LoRA adapter's base) have no optimizer state to carry.
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def gather(engine, module, zero_stage: int, dims) -> dict | None:
+    """Collective over the replica (`dims`): {"step": n, "moments": {parameter name: (exp_avg,
+    exp_avg_sq)}} (float32, CPU) on the replica's first rank; None on the other ranks, before the
+    first optimizer step, or where the moments are out of reach (ZeRO-0 in bf16, see above).
+    Names are the single-process model's (`GPT.named_parameters()`, plus any trainable parameter
+    the GPT does not have, such as an adapter's, under its own name); frozen parameters are left
+    out."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     base = base_optimizer(engine)
@@ -129,7 +132,7 @@ def gather(engine, module, zero_stage: int) -> dict | None:
     if zero_stage > 0:
         _relink(engine)
     ea_sd, eas_sd = {}, {}
-    for name, p in module.named_parameters():
+    for name, p in _trainable(module):
         if pipeline and name not in layer_names:
             continue  # a copy of the tied embedding: its owner stage reports it
         shape = getattr(p, "ds_shape", p.shape)
@@ -145,9 +148,9 @@ def gather(engine, module, zero_stage: int) -> dict | None:
         ea_sd[name] = ea.detach().float().cpu().reshape(shape)
         eas_sd[name] = eas.detach().float().cpu().reshape(shape)
 
-    grid = _grid(engine, module)
-    if grid is None:  # data parallelism only: the names are the GPT's already
-        return {"step": step, "moments": {n: (ea_sd[n], eas_sd[n]) for n in ea_sd}} if tdist.get_rank() == 0 else None
+    grid = dims.grid
+    if dims.tp == dims.pp == 1:  # data parallelism only: the names are the single-process model's already
+        return {"step": step, "moments": {n: (ea_sd[n], eas_sd[n]) for n in ea_sd}} if dims.is_replica_main else None
     if grid.get_data_parallel_rank() != 0:
         return None  # data-parallel ranks hold the same moments (assembled above)
     config = module.config
@@ -167,7 +170,7 @@ def gather(engine, module, zero_stage: int) -> dict | None:
             layers.update(part)
         ea_sd = pipeline_to_gpt_state_dict({i: {k: v[0] for k, v in d.items()} for i, d in layers.items()}, config)
         eas_sd = pipeline_to_gpt_state_dict({i: {k: v[1] for k, v in d.items()} for i, d in layers.items()}, config)
-    names = _gpt_param_names(config)  # a tied lm_head.weight is tok_emb.weight: once
+    names = [n for n in _gpt_param_names(config) if n in ea_sd]  # a tied lm_head.weight is tok_emb.weight: once
     ea_sd = {n: ea_sd[n] for n in names}
     eas_sd = {n: eas_sd[n] for n in names}
     tp = getattr(module, "tensor_parallel", None)
@@ -180,7 +183,7 @@ def gather(engine, module, zero_stage: int) -> dict | None:
             return None
         ea_sd = merge_state_dicts([s[0] for s in shards], config)
         eas_sd = merge_state_dicts([s[1] for s in shards], config)
-    if tdist.get_rank() != 0:
+    if not dims.is_replica_main:
         return None
     return {"step": step, "moments": {n: (ea_sd[n], eas_sd[n]) for n in names}}
 
@@ -204,7 +207,7 @@ def local_moments(module, saved: dict) -> dict[str, tuple[torch.Tensor, torch.Te
 
         ea_sd = gpt_to_pipeline_state_dict(ea_sd, config, flat=True)
         eas_sd = gpt_to_pipeline_state_dict(eas_sd, config, flat=True)
-    return {name: (ea_sd[name], eas_sd[name]) for name, _ in module.named_parameters()}
+    return {name: (ea_sd[name], eas_sd[name]) for name, _ in _trainable(module)}
 
 
 def restore(engine, module, zero_stage: int, saved: dict) -> bool:
@@ -217,7 +220,7 @@ def restore(engine, module, zero_stage: int, saved: dict) -> bool:
         return False
     base = base_optimizer(engine)
     moments = local_moments(module, saved)
-    params = list(module.named_parameters())
+    params = _trainable(module)
     if any(_fragmented(p) for _, p in params):
         _ensure_states(engine, base, saved["step"])
         _relink(engine)

@@ -19,6 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from . import optim_state
 from .errors import UsageError
+from .rng import RngStream
 from .schema import Recipe
 
 
@@ -76,12 +77,14 @@ def set_schedule_position(engine, step: int) -> None:
     engine.global_steps = step
 
 
-def restore(engine, recipe: Recipe, folder: Path, move: LayoutChange | None, sampler, rank: int,
+def restore(replica, recipe: Recipe, folder: Path, meta: dict, move: LayoutChange | None, sampler,
             is_main: bool) -> int:
-    """Load `folder`'s training state into the engine and the sampler; returns the step to
-    continue from. With `move` the weights were already loaded into the model (resharded)."""
+    """Load `folder`'s training state into the replica (its engine and random-number stream) and
+    the sampler; returns the step to continue from. With `move` the weights were already loaded
+    into the model (resharded) when the replica was built."""
+    dims, engine = replica.dims, replica.engine
     if move is None:
-        loop_state = ckpt.load(engine, folder, rank)
+        loop_state = ckpt.load([replica.component], folder, meta, dims.local_rank)
         sampler.load_state_dict(loop_state["sampler"])
         ckpt.set_rng_state(loop_state["rng"])
         return loop_state["step"]
@@ -89,6 +92,7 @@ def restore(engine, recipe: Recipe, folder: Path, move: LayoutChange | None, sam
     step = loop_state["step"]
     sampler.load_state_dict(loop_state["sampler"])  # a global position: valid for any dp degree
     ckpt.seed_all(recipe.train.seed + step)
+    replica.component.rng = RngStream.seeded(recipe.train.seed + step)
     set_schedule_position(engine, step)
     carried, why = False, (f"the checkpoint holds no {optim_state.FILE} (ZeRO-0 in bf16 keeps its fp32 Adam moments "
                            "out of reach of DeepSpeed's fragment API, and checkpoints of older versions of these "

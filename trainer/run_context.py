@@ -1,0 +1,83 @@
+"""The run context: what every training loop of a run shares, whatever it trains.
+
+Directories, the process groups (`ParallelDims`), signals, the tracker and checkpoints of named
+components. The pre-training loop (`trainer.loop`) uses one; a multi-agent loop uses the same with
+several components. Collectives go over the run's replica group only.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .dims import ParallelDims
+from .distributed import barrier, max_int
+from .schema import Recipe
+from .tracking import NullTracker, Tracker
+
+
+class SignalWatch:
+    """Remembers SIGINT/SIGTERM/SIGUSR1 (SIGUSR1: the warning Slurm sends before a time limit or
+    preemption, see launch/slurm) so the loop can checkpoint and stop at a step boundary."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = 0
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def agreed(self, group) -> int:
+        """Collective over `group`: the signal every rank stops for (the largest seen), or 0."""
+        return max_int(int(self.received), group)
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    dims: ParallelDims
+    device: torch.device
+    run_dir: Path = field(init=False)
+    tracker: NullTracker = field(init=False, default_factory=NullTracker)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.recipe.run.output_dir) / self.recipe.run.name
+
+    @property
+    def is_main(self) -> bool:
+        """The replica's first rank writes the run's files and prints."""
+        return self.dims.is_replica_main
+
+    @property
+    def group(self):
+        return self.dims.replica_group
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def barrier(self) -> None:
+        barrier(self.group)
+
+    def open_tracker(self, cfg_dict: dict, resume_step: int | None) -> NullTracker:
+        t = self.recipe.tracking
+        if self.is_main:
+            self.tracker = Tracker(self.run_dir, cfg_dict, t.wandb, t.project, t.entity, t.group, t.tags,
+                                   resume_step=resume_step)
+        return self.tracker
+
+    def watch_signals(self) -> SignalWatch:
+        return SignalWatch()
+
+    def save(self, components: list[ckpt.Component], step: int, loop_state: dict, meta: dict,
+             extra: dict | None = None) -> Path:
+        """Collective over the replica: one checkpoint of every component (see trainer.checkpoint)."""
+        return ckpt.save(components, self.checkpoints, step, loop_state, meta, self.dims.local_rank, self.is_main,
+                         self.recipe.train.keep_checkpoints, extra if self.is_main else None, group=self.group)
