@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
+from .generate import DecodeEngine, SamplingParams, sample_next  # noqa: F401  (sample_next: re-export)
 from .kernels import get_ops
 from .kernels.reference import rope_cache
 
@@ -73,7 +74,13 @@ class KVCache:
     """Keys and values of every layer, each allocated once at full length (max_len).
 
     All rows of the batch share one write offset `length`: prompts of different lengths are left
-    padded, so the cache stays rectangular and padding is hidden by the attention mask."""
+    padded, so the cache stays rectangular and padding is hidden by the attention mask.
+
+    The cache protocol of `GPT.forward`: `layer(i).update(k, v)` stores a layer's new keys and
+    returns the keys/values to attend over, `advance(T)` ends the step. A cache with per-row
+    lengths (`model.generate.SlotKVCache`) also has `plan(T)`, which supplies the step's positions
+    and attention mask, and its layers may set `sdpa_enable_gqa` (SDPA takes grouped kv heads with
+    that mask on this device, so they are not repeated)."""
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  device=None, dtype=None):
@@ -151,11 +158,12 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                                enable_gqa=grouped)
         else:
-            if grouped:
+            gqa = grouped and getattr(kv_cache, "sdpa_enable_gqa", False)
+            if grouped and not gqa:
                 # Explicit repeat: the memory-efficient kernel (used with masks) has no GQA support.
                 rep = self.n_head // self.n_kv_head
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -361,14 +369,22 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids, positions=None, attention_mask=None, kv_cache: KVCache | None = None):
         B, T = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if positions is None:
-            if past + T > self.config.max_seq_len:
-                raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-            positions = torch.arange(past, past + T, device=input_ids.device) if past else None
+        plan = getattr(kv_cache, "plan", None)
+        if plan is not None:
+            # Rows of different lengths (model.generate's slot cache): the cache knows each row's
+            # positions and which keys it may see.
+            if positions is not None or attention_mask is not None:
+                raise ValueError("this kv_cache supplies the positions and the attention mask itself")
+            positions, mask = plan(T)
+        else:
+            past = kv_cache.length if kv_cache is not None else 0
+            if positions is None:
+                if past + T > self.config.max_seq_len:
+                    raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+                positions = torch.arange(past, past + T, device=input_ids.device) if past else None
+            mask = build_attn_mask(attention_mask, T, past, input_ids.device)
         x = self.embed(input_ids, positions)
         cos, sin = self.rotary(positions, T, dtype=x.dtype)
-        mask = build_attn_mask(attention_mask, T, past, input_ids.device)
         use_ckpt = (self.config.activation_checkpointing and self.training and kv_cache is None
                     and torch.is_grad_enabled())
         for i, block in enumerate(self.blocks):
@@ -387,7 +403,8 @@ class GPT(nn.Module):
         wrapper such as a DeepSpeed engine can run the loss inside its forward).
 
         positions [T] or [B, T] (default: after the cached ones); attention_mask [B, past + T] with
-        0 at padding; kv_cache: a `KVCache` to read and extend (see `new_kv_cache`)."""
+        0 at padding; kv_cache: a `KVCache` to read and extend (see `new_kv_cache`), or another
+        object of the same protocol (see `KVCache`)."""
         logits = self.head(self.hidden_states(input_ids, positions, attention_mask, kv_cache))
         if targets is not None:
             # Logits stay in the model dtype: the op upcasts, which lets a fused kernel avoid
@@ -403,7 +420,7 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config
-        # The heads this rank computes (fewer than c.n_kv_head under tensor parallelism).
+        # The kv heads the attention modules hold (a model split over processes holds fewer).
         n_kv_head = self.blocks[0].attn.n_kv_head if len(self.blocks) else c.n_kv_head
         return KVCache(c.n_layer, batch_size, n_kv_head, max_len or c.max_seq_len, c.head_dim,
                        device=self.tok_emb.weight.device)
@@ -415,76 +432,82 @@ class GPT(nn.Module):
         """Sample up to `max_new_tokens` tokens after each prompt, with a key/value cache.
 
         input_ids: [B, T] left-padded tensor (with `attention_mask`, 0 at padding), a 1-D tensor,
-        or a list of token lists of any lengths (padded here). temperature 0 = greedy; top_k and
-        top_p (nucleus) filter before sampling. A sequence stops at `eos_id` and is padded with
-        eos after it; generation stops when all sequences have finished.
+        or a list of token lists of any lengths. temperature 0 = greedy; top_k and top_p (nucleus)
+        filter before sampling (`sample_next`). A sequence stops at `eos_id`; generation stops when
+        all sequences have finished. `generator` (default: torch's) draws the whole batch with one
+        multinomial call per step, rows that already finished included, so a seeded call gives the
+        tokens of the static batch decoder this method used to be.
 
-        Returns a tensor [B, T + n_generated] (prompt + generated, still left padded) for tensor
-        input, or a list of token lists (prompt + generated, no padding) for list input."""
+        Returns a tensor [B, T + n_generated] (prompt + generated, still left padded, finished rows
+        padded with eos) for tensor input, or a list of token lists (prompt + generated up to the
+        first eos, no padding) for list input. Runs on `model.generate.DecodeEngine` (which also
+        gathers vocabulary-sharded logits), each row at its own positions without padding."""
         as_list = isinstance(input_ids, (list, tuple))
         device = self.tok_emb.weight.device
         if as_list:
             if attention_mask is not None:
                 raise ValueError("attention_mask is only accepted with a tensor input_ids")
-            input_ids, attention_mask = left_pad(input_ids, pad_id=eos_id or 0, device=device)
-        elif input_ids.dim() == 1:
-            input_ids = input_ids[None]
-            attention_mask = attention_mask[None] if attention_mask is not None else None
-        input_ids = input_ids.to(device)
-        B, T = input_ids.shape
-        if T == 0:
-            raise ValueError("generate needs non-empty prompts")
+            if len(input_ids) == 0:
+                raise ValueError("empty batch of prompts")
+            prompts = [[int(t) for t in p] for p in input_ids]
+            T = max(len(p) for p in prompts)
+            if min(len(p) for p in prompts) == 0:
+                raise ValueError("generate needs non-empty prompts")
+        else:
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+                attention_mask = attention_mask[None] if attention_mask is not None else None
+            input_ids = input_ids.to(device)
+            B, T = input_ids.shape
+            if T == 0:
+                raise ValueError("generate needs non-empty prompts")
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
                              f"max_seq_len={self.config.max_seq_len}")
-        if max_new_tokens <= 0:
-            return _unpad(input_ids, attention_mask) if as_list else input_ids
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {(B, T)}")
-        if not attention_mask[:, -1].all() or (attention_mask[:, 1:].int() < attention_mask[:, :-1].int()).any():
-            raise ValueError("generate needs left padding: attention_mask must be 0...0 1...1 per row")
-
-        total = T + max_new_tokens
-        # Mask and positions over the whole run; generated tokens are always real.
-        mask = torch.ones(B, total, dtype=torch.bool, device=device)
-        mask[:, :T] = attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-        # Tensor parallelism: the head makes logits sharded over the vocabulary; sample from all.
-        gather = getattr(self.lm_head, "gather_logits", lambda logits: logits)
-        was_training = self.training
-        self.eval()
-        try:
-            cache = self.new_kv_cache(B, total)
-            logits = gather(self(input_ids, positions=positions[:, :T], attention_mask=mask[:, :T],
-                                 kv_cache=cache)[:, -1])
-            finished = torch.zeros(B, dtype=torch.bool, device=device)
-            out = [input_ids]
-            for step in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-                    finished |= nxt == eos_id
-                out.append(nxt[:, None])
-                if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
-                    break
-                cur = T + step
-                logits = gather(self(nxt[:, None], positions=positions[:, cur:cur + 1],
-                                     attention_mask=mask[:, :cur + 1], kv_cache=cache)[:, -1])
-        finally:
-            self.train(was_training)
-        tokens = torch.cat(out, dim=1)
         if not as_list:
-            return tokens
-        full_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, T:], dtype=torch.bool)], dim=1)
-        seqs = _unpad(tokens, full_mask)
-        if eos_id is not None:  # drop the eos padding after the first generated eos
-            seqs = [_cut_after_eos(s, n_prompt=int(m.sum()), eos_id=eos_id)
-                    for s, m in zip(seqs, attention_mask)]
-        return seqs
+            if max_new_tokens <= 0:
+                return input_ids
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {(B, T)}")
+            if not attention_mask[:, -1].all() or (attention_mask[:, 1:].int() < attention_mask[:, :-1].int()).any():
+                raise ValueError("generate needs left padding: attention_mask must be 0...0 1...1 per row")
+            prompts = [row[m].tolist() for row, m in zip(input_ids, attention_mask)]
+        elif max_new_tokens <= 0:
+            return prompts
+
+        B = len(prompts)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                max_new_tokens=max_new_tokens)
+        engine = DecodeEngine(self, max_slots=B, max_len=max(T + max_new_tokens, 2))
+        slots = list(range(B))
+        gen: list[list[int]] = [[] for _ in slots]
+        done = [False] * B
+        released: set[int] = set()
+        outs = engine.prefill(prompts, slots, params)
+        for step in range(max_new_tokens):
+            for o in outs:
+                if not done[o.slot]:
+                    gen[o.slot].append(o.token)
+                    done[o.slot] = o.token == eos_id
+            if step == max_new_tokens - 1 or all(done):
+                break
+            if temperature == 0:  # finished rows drop out; sampled ones keep their place in the draw
+                for s in slots:
+                    if done[s] and s not in released:
+                        engine.release(s)
+                        released.add(s)
+                outs = engine.decode([s for s in slots if not done[s]])
+            else:
+                outs = engine.decode(slots)
+        if as_list:
+            return [p + g for p, g in zip(prompts, gen)]
+        n = max(len(g) for g in gen)
+        pad = eos_id if eos_id is not None else 0  # without eos every row has n tokens
+        new = torch.tensor([g + [pad] * (n - len(g)) for g in gen], dtype=torch.long, device=device)
+        return torch.cat([input_ids, new], dim=1)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, device=None):
@@ -499,36 +522,3 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, device=None):
             ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long, device=device)
             mask[i, T - len(s):] = True
     return ids, mask
-
-
-def _unpad(tokens, mask) -> list[list[int]]:
-    return [t[m].tolist() for t, m in zip(tokens, mask.bool())]
-
-
-def _cut_after_eos(seq: list[int], n_prompt: int, eos_id: int) -> list[int]:
-    gen = seq[n_prompt:]
-    if eos_id in gen:
-        gen = gen[:gen.index(eos_id) + 1]
-    return seq[:n_prompt] + gen
-
-
-def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None):
-    """Next token ids [B] from logits [B, V]."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already reach top_p (the top one always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,592 @@
+"""Batched decoding over a slot-based key/value cache: continuous batching for RL rollouts and serving.
+
+    engine = DecodeEngine(model, max_slots=8)                # max_len defaults to max_seq_len
+    outs = engine.prefill([[5, 17, 33], [11]], slots=[0, 1],
+                          params=[SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_new_tokens=32),
+                                  SamplingParams(temperature=0, max_new_tokens=4, eos_ids=(2,))])
+    outs = engine.decode([0, 1])                             # one more token for each of these slots
+    engine.release(1)                                        # slot 1 is free for the next request
+
+    completions = engine.generate(prompts, params)          # or the whole loop, continuously batched
+
+The cache holds `max_slots` rows of `max_len` positions per layer ([S, n_kv_head, max_len,
+head_dim], allocated on the first write in the dtype of the computed keys) and a length per row.
+A request lives in one slot from `prefill` to `release`; rows join and leave between steps, and
+each row keeps its own positions 0..len-1 (no padding inside the cache), so a request's logits are
+those of that request decoded alone, whatever shares the batch.
+
+Sampling (`SamplingParams`, per row): temperature 0 is greedy (argmax); otherwise the token is
+drawn from softmax(logits / temperature) restricted to the top-k tokens and then to the nucleus of
+mass top_p, renormalised (the filters of `sample_next`). `StepOutput.logprob` (log-probability of
+the emitted token) and `StepOutput.entropy` (exact: a sum over the whole vocabulary, in float64)
+refer to that sampled distribution; for greedy rows they refer to softmax(logits) at temperature 1
+with no filter. Logits are the model's float32 logits.
+
+Random numbers: a row with `seed` gets its own `torch.Generator`, so its tokens do not depend on
+which other rows share a step.  Rows given one `generator` object (or neither, meaning torch's
+default generator) draw together: one `torch.multinomial` call per step over those rows in the
+order of the slots passed, the draws of a static batch decoder (`GPT.generate` relies on it).
+
+Tensor parallelism: the engine gathers the vocabulary-sharded logits with `gather_logits` (by
+default the head's own `lm_head.gather_logits` when it has one), so every rank samples from the
+full distribution and, with the same seeds, emits the same tokens. The kv heads per layer are the
+ones the attention modules hold (fewer per rank). Sequence parallelism cannot split steps of one
+token and is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Completion", "DecodeEngine", "SamplingParams", "SlotKVCache", "StepOutput", "filter_logits",
+           "sample_next", "sample_tokens"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def filter_logits(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+    """float32 logits / temperature with the tokens outside top-k, then outside the nucleus of mass
+    top_p, set to -inf; softmax of the result is the distribution sampled from. temperature > 0."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the top one always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None):
+    """Next token ids [B] from logits [B, V]: argmax for temperature 0, else one multinomial draw
+    per row from softmax(filter_logits(...))."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded.
+
+    temperature: 0 = greedy, else > 0. top_k: keep the k most likely tokens (None or 0: all).
+    top_p: keep the smallest head of the sorted distribution whose mass reaches top_p (None or 1:
+    all), in (0, 1]. seed: the row's own torch.Generator; generator: an explicit generator (rows
+    sharing one draw in one call); neither: torch's default generator. max_new_tokens: at most
+    that many generated tokens (>= 1). eos_ids / stop_ids: tokens that end the request (kept as
+    its last token) with finish reason "eos" / "stop"."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    max_new_tokens: int = 16
+    eos_ids: Sequence[int] = ()
+    stop_ids: Sequence[int] = ()
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("give a seed or a generator, not both")
+        self.eos_ids = (self.eos_ids,) if isinstance(self.eos_ids, int) else tuple(self.eos_ids)
+        self.stop_ids = (self.stop_ids,) if isinstance(self.stop_ids, int) else tuple(self.stop_ids)
+
+
+def sample_tokens(logits, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]):
+    """One token per row of logits [B, V] under params[i], drawing with generators[i].
+
+    Returns (tokens [B] long, logprobs [B] float64, entropies [B] float64), the last two under the
+    distribution each row was sampled from (see the module docstring)."""
+    logits = logits.float()
+    B = logits.shape[0]
+    everyone = torch.arange(B, device=logits.device)
+    filters: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        key = (0.0, None, None) if p.temperature == 0 else (float(p.temperature), p.top_k, p.top_p)
+        filters.setdefault(key, []).append(i)
+
+    def rows(idx):  # the batch itself when a group is all of it: no copy, same ops as one call
+        return everyone if len(idx) == B else torch.tensor(idx, device=logits.device)
+
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
+    dist = probs = None  # logits of the reported distributions; probabilities of the sampled rows
+    for key, idx in filters.items():
+        whole = len(idx) == B
+        sel = rows(idx)
+        sub = logits if whole else logits[sel]
+        if key[0] == 0:
+            tokens[sel] = sub.argmax(dim=-1)
+            filtered = sub
+        else:
+            filtered = filter_logits(sub, *key)
+            p = filtered.softmax(dim=-1)
+            if whole:
+                probs = p
+            else:
+                probs = torch.zeros_like(logits) if probs is None else probs
+                probs[sel] = p
+        if whole:
+            dist = filtered
+        else:
+            dist = torch.empty_like(logits) if dist is None else dist
+            dist[sel] = filtered
+
+    draws: dict[int, tuple[torch.Generator | None, list[int]]] = {}
+    for i, p in enumerate(params):
+        if p.temperature != 0:
+            g = generators[i]
+            draws.setdefault(id(g), (g, []))[1].append(i)
+    for g, idx in draws.values():
+        sel = rows(idx)
+        group = probs if len(idx) == B else probs[sel]
+        tokens[sel] = torch.multinomial(group, 1, generator=g).squeeze(-1)
+
+    logp = dist.double().log_softmax(dim=-1)
+    token_logp = logp.gather(1, tokens[:, None]).squeeze(1)
+    pr = logp.exp()
+    entropy = -(pr * logp.masked_fill(pr == 0, 0.0)).sum(dim=-1)
+    return tokens, token_logp, entropy
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache.
+
+
+_SDPA_GQA: dict[tuple, bool] = {}
+
+
+def _sdpa_gqa_with_mask(k: torch.Tensor) -> bool:
+    """Whether a fused SDPA kernel takes grouped kv heads together with a boolean mask for keys
+    like `k` (CPU flash attention does; CUDA's memory-efficient kernel, the one masks get, does
+    not, and the math fallback would repeat the heads anyway, only slower)."""
+    key = (k.device.type, k.dtype, k.shape[-1])
+    if key not in _SDPA_GQA:
+        try:
+            q = torch.zeros(1, 2, 1, k.shape[-1], device=k.device, dtype=k.dtype)
+            kv = torch.zeros(1, 1, 2, k.shape[-1], device=k.device, dtype=k.dtype)
+            mask = torch.ones(1, 1, 1, 2, device=k.device, dtype=torch.bool)
+            choice = torch._fused_sdp_choice(q, kv, kv, mask, 0.0, False, enable_gqa=True)
+            _SDPA_GQA[key] = int(choice) != int(torch.nn.attention.SDPBackend.MATH)
+        except Exception:  # a private API: without it, trust the CPU kernel only
+            _SDPA_GQA[key] = k.device.type == "cpu"
+    return _SDPA_GQA[key]
+
+
+class SlotKVCache:
+    """Keys and values of `n_slots` rows x `max_len` positions per layer, with a length per row.
+
+    The model's cache protocol (see `GPT.hidden_states`): before a forward the owner calls
+    `select(rows, new_lengths, prefill)`; the model then calls `plan(T)` for the positions and the
+    attention mask of the step, `layer(i).update(k, v)` in every layer and `advance(T)` at the end,
+    which commits the new lengths.  A prefill step writes fresh rows (length 0) with right-padded
+    prompts and attends causally over its own keys only (padding comes after every real query, so
+    no mask is needed); a decode step adds one token per row at that row's length and attends over
+    keys 0..length with a key-padding mask [B, 1, 1, L]."""
+
+    def __init__(self, n_layer: int, n_slots: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=None):
+        self.shape = (n_slots, n_kv_head, max_len, head_dim)
+        self.device, self.dtype = device, dtype
+        self.max_len = max_len
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.lengths = [0] * n_slots
+        self.sdpa_enable_gqa = False
+        self._layers = [_SlotLayer(self, i) for i in range(n_layer)]
+        self._rows: list[int] = []
+        self._new: list[int] = []
+
+    def select(self, rows: Sequence[int], new_lengths: Sequence[int], prefill: bool) -> None:
+        """Rows (in batch order) and their lengths after the next forward."""
+        rows, dev = list(rows), self.device
+        if prefill and any(self.lengths[r] for r in rows):
+            raise ValueError("prefill writes fresh rows only")
+        self._rows, self._new, self._prefill = rows, list(new_lengths), prefill
+        self._rows_t = torch.tensor(rows, device=dev)
+        # A contiguous block of rows is read as a view of the cache instead of a gathered copy.
+        first = rows[0]
+        self._block = slice(first, first + len(rows)) if rows == list(range(first, first + len(rows))) else None
+        if not prefill:
+            starts = [self.lengths[r] for r in rows]
+            self._starts = torch.tensor(starts, device=dev)
+            self._L = max(starts) + 1
+
+    def plan(self, T: int):
+        """(positions, attention mask) of the selected step: (None, None) for a prefill (positions
+        0..T-1, causal), else ([B, 1] lengths, [B, 1, 1, L] keys 0..length)."""
+        if self._prefill:
+            return None, None
+        if T != 1:
+            raise ValueError(f"a decode step takes one token per row, got {T}")
+        mask = torch.arange(self._L, device=self.device)[None, :] <= self._starts[:, None]
+        return self._starts[:, None], mask[:, None, None, :]
+
+    def layer(self, i: int) -> _SlotLayer:
+        return self._layers[i]
+
+    def advance(self, T: int) -> None:
+        for r, n in zip(self._rows, self._new):
+            self.lengths[r] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row src to row dst (and its length); src becomes empty."""
+        n = self.lengths[src]
+        for K, V in zip(self.k, self.v):
+            if K is not None:
+                K[dst, :, :n] = K[src, :, :n]
+                V[dst, :, :n] = V[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def _update(self, i: int, k, v):
+        if self.k[i] is None:
+            dtype, device = self.dtype or k.dtype, self.device or k.device
+            self.k[i] = torch.zeros(self.shape, dtype=dtype, device=device)
+            self.v[i] = torch.zeros(self.shape, dtype=dtype, device=device)
+            self.sdpa_enable_gqa = _sdpa_gqa_with_mask(self.k[i])
+        K, V = self.k[i], self.v[i]
+        if self._prefill:
+            T = k.shape[2]
+            if self._block is not None:
+                K[self._block, :, :T] = k
+                V[self._block, :, :T] = v
+            else:
+                K[self._rows_t, :, :T] = k
+                V[self._rows_t, :, :T] = v
+            return k, v
+        K[self._rows_t, :, self._starts] = k[:, :, 0]
+        V[self._rows_t, :, self._starts] = v[:, :, 0]
+        L = self._L
+        if self._block is not None:
+            return K[self._block, :, :L], V[self._block, :, :L]
+        return K[:, :, :L].index_select(0, self._rows_t), V[:, :, :L].index_select(0, self._rows_t)
+
+
+class _SlotLayer:
+    """One layer's view of a `SlotKVCache` (what `Attention` receives)."""
+
+    def __init__(self, cache: SlotKVCache, index: int):
+        self.cache, self.index = cache, index
+
+    @property
+    def sdpa_enable_gqa(self) -> bool:
+        return self.cache.sdpa_enable_gqa
+
+    def update(self, k, v):
+        """Store this step's k, v [B, Hkv, T, D]; return the keys and values to attend over."""
+        return self.cache._update(self.index, k, v)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine.
+
+
+@dataclass
+class StepOutput:
+    """One new token of the request in `slot`: its log-probability and the entropy of the
+    distribution it came from (see the module docstring); `finished` with `finish_reason` "eos",
+    "stop" or "length" (max_new_tokens reached, or the sequence fills max_len)."""
+
+    slot: int
+    token: int
+    logprob: float
+    entropy: float
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request of `DecodeEngine.generate`: the generated tokens (a final eos/stop token
+    included) with their log-probabilities and entropies, and why it ended."""
+
+    prompt: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    entropies: list[float]
+    finish_reason: str
+
+
+@dataclass
+class _Request:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_len: int
+    last: int = -1  # sampled, not yet in the cache
+    n_generated: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@contextlib.contextmanager
+def _inference(model):
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+class DecodeEngine:
+    """Continuous-batching decoder of a `GPT` over a `SlotKVCache` of `max_slots` requests.
+
+    max_len: positions per slot (default and maximum: the model's max_seq_len); a request's
+    prompt plus generated tokens never exceed it. gather_logits: maps this process's logits
+    [B, V_local] to full-vocabulary logits [B, V] (default: `model.lm_head.gather_logits` when the
+    head has one, else identity). The model is run in eval mode and without gradients; its
+    training mode is restored after every call."""
+
+    def __init__(self, model, max_slots: int, max_len: int | None = None,
+                 gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        cfg = model.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if not 2 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len must be in [2, max_seq_len={cfg.max_seq_len}], got {max_len}")
+        tp = getattr(model.lm_head, "tp", None)
+        if getattr(tp, "sequence_parallel", False):
+            raise ValueError("decoding needs sequence_parallel=False: its steps of sequence length 1 cannot "
+                             "be split over the tensor-parallel ranks")
+        self.model = model
+        self.max_slots, self.max_len = max_slots, max_len
+        self.vocab_size = cfg.vocab_size
+        self.gather_logits = gather_logits or getattr(model.lm_head, "gather_logits", None) or (lambda x: x)
+        self.device = model.tok_emb.weight.device
+        attn = model.blocks[0].attn  # the kv heads this process holds (fewer per tensor-parallel rank)
+        self.cache = SlotKVCache(len(model.blocks), max_slots, attn.n_kv_head, max_len, attn.head_dim,
+                                 device=self.device)
+        self._requests: list[_Request | None] = [None] * max_slots
+        # Slots are the caller's ids; rows are cache rows, kept packed in 0..n-1 (release moves the
+        # last row into the hole) so that a step over every busy slot reads one view of the cache.
+        self._row_of: dict[int, int] = {}
+        self._slot_of: list[int] = []
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def free_slots(self) -> list[int]:
+        """Slots that hold no request, in increasing order."""
+        return [s for s, r in enumerate(self._requests) if r is None]
+
+    def running_slots(self) -> list[int]:
+        """Slots whose request has not finished, in increasing order."""
+        return [s for s, r in enumerate(self._requests) if r is not None and not r.finished]
+
+    def length(self, slot: int) -> int:
+        """Tokens of the slot's sequence so far (prompt + generated)."""
+        r = self._request(slot)
+        return r.prompt_len + r.n_generated
+
+    def release(self, slot: int) -> None:
+        """Free the slot (finished or not) for another request."""
+        self._request(slot)
+        row, last = self._row_of.pop(slot), len(self._slot_of) - 1
+        moved = self._slot_of.pop()
+        if row != last:
+            self.cache.move(last, row)
+            self._slot_of[row] = moved
+            self._row_of[moved] = row
+        else:
+            self.cache.lengths[row] = 0
+        self._requests[slot] = None
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int] | None = None,
+                params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[StepOutput]:
+        """Start requests: each prompt (a non-empty token list shorter than max_len) into a free
+        slot (default: the lowest free ones); params: one for all or one per prompt (default:
+        `SamplingParams()`). Runs the prompts as one right-padded batch and returns each one's
+        first token, in the order given."""
+        n = len(prompts)
+        if n == 0:
+            return []
+        params = self._params(params, n)
+        if slots is None:
+            free = self.free_slots()
+            if len(free) < n:
+                raise ValueError(f"no free slot: {n} prompts, {len(free)} of {self.max_slots} slots free")
+            slots = free[:n]
+        slots = [self._slot_id(s) for s in slots]
+        if len(slots) != n:
+            raise ValueError(f"{n} prompts but {len(slots)} slots")
+        if len(set(slots)) != n:
+            raise ValueError(f"a slot is given twice: {slots}")
+        for s in slots:
+            if self._requests[s] is not None:
+                raise ValueError(f"slot {s} is in use; release it first (free: {self.free_slots()})")
+        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+
+        lens = [len(p) for p in prompts]
+        T = max(lens)
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        rows = list(range(len(self._slot_of), len(self._slot_of) + n))
+        self.cache.select(rows, lens, prefill=True)
+        with _inference(self.model):
+            h = self.model.hidden_states(ids, kv_cache=self.cache)
+            last = torch.tensor(lens, device=self.device) - 1
+            logits = self._logits(h[torch.arange(n, device=self.device), last][:, None])
+        for s, p, length, row in zip(slots, params, lens, rows):
+            gen = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else p.generator
+            self._requests[s] = _Request(p, gen, length)
+            self._row_of[s] = row
+            self._slot_of.append(s)
+        return self._emit(slots, logits)
+
+    def decode(self, slots: Sequence[int] | None = None) -> list[StepOutput]:
+        """One token for each given running slot (default: every running slot), in the order given."""
+        slots = self.running_slots() if slots is None else [self._slot_id(s) for s in slots]
+        if not slots:
+            return []
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot is given twice: {slots}")
+        for s in slots:
+            r = self._request(s)
+            if r.finished:
+                raise ValueError(f"slot {s} has finished ({r.finish_reason}); release it")
+        order = sorted(range(len(slots)), key=lambda i: self._row_of[slots[i]])
+        rows = [self._row_of[slots[i]] for i in order]
+        reqs = [self._requests[slots[i]] for i in order]
+        ids = torch.tensor([[r.last] for r in reqs], dtype=torch.long, device=self.device)
+        self.cache.select(rows, [self.cache.lengths[row] + 1 for row in rows], prefill=False)
+        with _inference(self.model):
+            logits = self._logits(self.model.hidden_states(ids, kv_cache=self.cache))
+        if order != sorted(order):  # back to the caller's order, which also orders shared draws
+            inverse = [0] * len(order)
+            for pos, i in enumerate(order):
+                inverse[i] = pos
+            logits = logits[torch.tensor(inverse, device=logits.device)]
+        return self._emit(slots, logits)
+
+    # ---- continuous batching ---------------------------------------------------------------------
+
+    def stream(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[tuple[int, StepOutput]]:
+        """Decode all prompts with continuous batching over the free slots: every step admits
+        waiting requests (in order) into the free slots with one prefill, then advances every
+        running request by one token; finished requests are released at once. Yields
+        (index of the prompt, StepOutput) as tokens come."""
+        params = self._params(params, len(prompts))
+        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+        waiting = deque(range(len(prompts)))
+        owner: dict[int, int] = {}
+        while waiting or owner:
+            free = self.free_slots()
+            if waiting and not free and not owner:
+                raise ValueError(f"no free slot: all {self.max_slots} slots hold other requests")
+            if waiting and free:
+                take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                outs = self.prefill([prompts[i] for i in take], free[:len(take)], [params[i] for i in take])
+                owner.update((o.slot, i) for o, i in zip(outs, take))
+                yield from self._retire(outs, owner)
+            running = sorted(owner)
+            if running:
+                yield from self._retire(self.decode(running), owner)
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """`stream` run to the end: one Completion per prompt, in the order given."""
+        done = [Completion(list(p), [], [], [], "") for p in prompts]
+        for i, o in self.stream(prompts, params):
+            c = done[i]
+            c.tokens.append(o.token)
+            c.logprobs.append(o.logprob)
+            c.entropies.append(o.entropy)
+            if o.finished:
+                c.finish_reason = o.finish_reason
+        return done
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _retire(self, outs, owner):
+        for o in outs:
+            yield owner[o.slot], o
+            if o.finished:
+                self.release(o.slot)
+                del owner[o.slot]
+
+    def _logits(self, h):
+        """Float32 full-vocabulary logits [B, V] of the last position of h [B, T, D]."""
+        return self.gather_logits(self.model.head(h[:, -1:])[:, -1].float())
+
+    def _emit(self, slots, logits) -> list[StepOutput]:
+        reqs = [self._requests[s] for s in slots]
+        tokens, logprobs, entropies = sample_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        outs = []
+        for s, r, tok, lp, ent in zip(slots, reqs, tokens.tolist(), logprobs.tolist(), entropies.tolist()):
+            r.last = tok
+            r.n_generated += 1
+            p = r.params
+            if tok in p.eos_ids:
+                r.finish_reason = "eos"
+            elif tok in p.stop_ids:
+                r.finish_reason = "stop"
+            elif r.n_generated >= p.max_new_tokens or r.prompt_len + r.n_generated >= self.max_len:
+                r.finish_reason = "length"
+            r.finished = r.finish_reason is not None
+            outs.append(StepOutput(s, tok, lp, ent, r.finished, r.finish_reason))
+        return outs
+
+    def _params(self, params, n) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"{n} prompts but {len(params)} SamplingParams")
+        return params
+
+    def _slot_id(self, s) -> int:
+        try:
+            i = operator.index(s)
+        except TypeError:
+            i = -1
+        if not 0 <= i < self.max_slots:
+            raise ValueError(f"unknown slot {s!r}: slots are 0..{self.max_slots - 1}")
+        return i
+
+    def _request(self, slot) -> _Request:
+        r = self._requests[self._slot_id(slot)]
+        if r is None:
+            raise ValueError(f"slot {slot} holds no request")
+        return r
+
+    def _check_prompt(self, i, prompt) -> list[int]:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens; max_len={self.max_len} leaves room for "
+                             f"at most {self.max_len - 1} (one position to generate)")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return prompt
