@@ -50,6 +50,7 @@ returns that pair.  All micro-batches must have the same shape unless the module
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -61,7 +62,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from .config import GPTConfig
 from .gpt import GPT, Block, make_norm
@@ -226,6 +226,8 @@ class LMHeadPipe(nn.Module):
 
 def pipeline_layer_specs(config: GPTConfig, source: _Source | None = None) -> list:
     """The L + 3 layer specs of the layout in the module docstring."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
     if config.style not in ("gpt2", "llama"):
         raise ValueError(f"unknown model style {config.style!r}; allowed: gpt2, llama")
     specs: list = []
@@ -259,52 +261,60 @@ def _meta_gpt(config: GPTConfig) -> GPT:
         return GPT(config, init=False)
 
 
-class GPTPipelineModule(PipelineModule):
-    """A PipelineModule of GPT layers, with the bits of the GPT interface the loop reads:
-    `config`, `ops`, `num_params()` and `flops_per_token()` (both for the WHOLE model; note that
-    `self.parameters()` is the local stage only)."""
+@functools.cache
+def _pipeline_module_class() -> type:
+    """GPTPipelineModule, defined on first use: DeepSpeed is imported only by a run that builds a
+    pipeline, not by `import model.pipeline` (the state-dict mappings need no DeepSpeed)."""
+    from deepspeed.pipe import PipelineModule
 
-    def __init__(self, config: GPTConfig, layers, **kwargs):
-        super().__init__(layers, **kwargs)
-        self.config = config
-        self.ops = get_ops(config.kernels)
-        # Read self.ops at call time, so a later swap of the ops (tensor parallelism's
-        # vocabulary-parallel cross-entropy, a kernel mode change) reaches the loss too.
-        ignore_index = kwargs.get("loss_fn").ignore_index if hasattr(kwargs.get("loss_fn"), "ignore_index") else -100
-        self.loss_fn = lambda logits, targets: self.ops.cross_entropy(logits, targets, ignore_index=ignore_index)
-        object.__setattr__(self, "_meta", _meta_gpt(config))  # not a submodule: counts only
-        self._mark_for_grad_clipping()
+    class GPTPipelineModule(PipelineModule):
+        """A PipelineModule of GPT layers, with the bits of the GPT interface the loop reads:
+        `config`, `ops`, `num_params()` and `flops_per_token()` (both for the WHOLE model; note that
+        `self.parameters()` is the local stage only)."""
 
-    def _count_layer_params(self):
-        token = _COUNTING.set(True)
-        try:
-            return super()._count_layer_params()
-        finally:
-            _COUNTING.reset(token)
+        def __init__(self, config: GPTConfig, layers, **kwargs):
+            super().__init__(layers, **kwargs)
+            self.config = config
+            self.ops = get_ops(config.kernels)
+            # Read self.ops at call time, so a later swap of the ops (tensor parallelism's
+            # vocabulary-parallel cross-entropy, a kernel mode change) reaches the loss too.
+            ignore_index = kwargs.get("loss_fn").ignore_index if hasattr(kwargs.get("loss_fn"), "ignore_index") else -100
+            self.loss_fn = lambda logits, targets: self.ops.cross_entropy(logits, targets, ignore_index=ignore_index)
+            object.__setattr__(self, "_meta", _meta_gpt(config))  # not a submodule: counts only
+            self._mark_for_grad_clipping()
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        return self._meta.num_params(exclude_embeddings)
+        def _count_layer_params(self):
+            token = _COUNTING.set(True)
+            try:
+                return super()._count_layer_params()
+            finally:
+                _COUNTING.reset(token)
 
-    def flops_per_token(self, seq_len: int) -> int:
-        return self._meta.flops_per_token(seq_len)
+        def num_params(self, exclude_embeddings: bool = False) -> int:
+            return self._meta.num_params(exclude_embeddings)
 
-    def _mark_for_grad_clipping(self) -> None:
-        """DeepSpeed's fp32 ZeRO-0 gradient clipping (`runtime.utils.clip_grad_norm_`) counts a
-        parameter only on pipeline-group rank 0 unless it is marked `model_parallel`, and does not
-        skip the replicated tied weight. Marking every non-replicated parameter makes that norm the
-        norm over the whole model, as in the ZeRO-1/bf16 paths (which already skip replicas and
-        only check the marker on tensor-parallel ranks > 0, none here). Only without a 'model'
-        (tensor-slicing) axis, where the marker means nothing else."""
-        if self._grid.get_slice_parallel_world_size() != 1:
-            return
-        for p in self.parameters():
-            p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
+        def flops_per_token(self, seq_len: int) -> int:
+            return self._meta.flops_per_token(seq_len)
+
+        def _mark_for_grad_clipping(self) -> None:
+            """DeepSpeed's fp32 ZeRO-0 gradient clipping (`runtime.utils.clip_grad_norm_`) counts a
+            parameter only on pipeline-group rank 0 unless it is marked `model_parallel`, and does not
+            skip the replicated tied weight. Marking every non-replicated parameter makes that norm the
+            norm over the whole model, as in the ZeRO-1/bf16 paths (which already skip replicas and
+            only check the marker on tensor-parallel ranks > 0, none here). Only without a 'model'
+            (tensor-slicing) axis, where the marker means nothing else."""
+            if self._grid.get_slice_parallel_world_size() != 1:
+                return
+            for p in self.parameters():
+                p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
+
+    return GPTPipelineModule
 
 
 def build_pipeline_module(config: GPTConfig, num_stages: int | None, topology=None,
                           partition_method: str = "parameters", activation_checkpoint_interval: int | None = None,
                           seed: int | None = None, *, init: bool = True, dynamic_shape: bool = False,
-                          ignore_index: int = -100) -> GPTPipelineModule:
+                          ignore_index: int = -100):
     """The GPT as a DeepSpeed PipelineModule over `num_stages` stages (or `topology`).
 
     Collective: call on every rank after `deepspeed.init_distributed()` (PipelineModule builds its
@@ -327,7 +337,7 @@ def build_pipeline_module(config: GPTConfig, num_stages: int | None, topology=No
             torch.manual_seed(seed)
         source = _Source(GPT(config))
     try:
-        module = GPTPipelineModule(
+        module = _pipeline_module_class()(
             config, pipeline_layer_specs(config, source), num_stages=num_stages, topology=topology,
             loss_fn=make_loss_fn(config, ignore_index), partition_method=partition_method,
             activation_checkpoint_interval=activation_checkpoint_interval,
@@ -491,7 +501,7 @@ def load_pipeline_checkpoint_as_gpt(folder: str | Path, config: GPTConfig | None
 # Live modules
 
 
-def local_layer_state_dicts(module: PipelineModule) -> dict[int, dict]:
+def local_layer_state_dicts(module) -> dict[int, dict]:
     """This stage's layers as {layer_idx: state dict (CPU copies)}; as the checkpoint files."""
     out = {}
     for local, f in enumerate(module.forward_funcs):
@@ -500,7 +510,7 @@ def local_layer_state_dicts(module: PipelineModule) -> dict[int, dict]:
     return out
 
 
-def local_layer_param_names(module: PipelineModule) -> dict[str, tuple[int, str]]:
+def local_layer_param_names(module) -> dict[str, tuple[int, str]]:
     """This stage's parameters by their name in `module` -> (layer index, name within that layer), for
     the layers the stage runs as modules (those of `local_layer_state_dicts`). A stage that holds
     only a copy of the tied embedding (the last one, computing tied logits) leaves that copy out;
@@ -513,7 +523,7 @@ def local_layer_param_names(module: PipelineModule) -> dict[str, tuple[int, str]
     return {name: owner[id(p)] for name, p in module.named_parameters() if id(p) in owner}
 
 
-def gather_gpt_state_dict(module: GPTPipelineModule) -> dict:
+def gather_gpt_state_dict(module) -> dict:
     """Collective over the pipeline group (every stage of this pipeline must call it): the full GPT
     state dict (CPU) on every rank of the pipeline. Costs the whole model in CPU RAM per rank."""
     import torch.distributed as tdist
@@ -528,7 +538,7 @@ def gather_gpt_state_dict(module: GPTPipelineModule) -> dict:
 
 
 @torch.no_grad()
-def load_gpt_state_dict_into_pipeline(module: GPTPipelineModule, sd: dict) -> None:
+def load_gpt_state_dict_into_pipeline(module, sd: dict) -> None:
     """Copy a GPT state dict into this stage's layers (and its copy of a tied embedding).
 
     Every rank calls it with the same `sd`. Call it BEFORE `deepspeed.initialize`: afterwards
