@@ -99,7 +99,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "data-v1"
+PIPELINE_VERSION = "data-v2"  # v2: + train document index (train_docs.npy, train_doc_sources.json)
 EOS_TOKEN = "<|endoftext|>"
 STDLIB = "stdlib"
 PLAIN_EXTS = (".txt", ".md", ".py")
@@ -113,6 +113,8 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _CHUNK_BYTES = 4 << 20  # text per encode_batch call (progress granularity / thread load balance)
 _CHUNK_DOCS = 4096
 _MANIFEST = "done.json"
+_DOC_OFFSETS = "train_docs.npy"
+_DOC_SOURCES = "train_doc_sources.json"
 
 
 class DataError(ValueError):
@@ -269,23 +271,38 @@ def _hf_load(builder: str, data_files: list[str] | None, cache_dir: Path, **kw: 
             datasets.utils.enable_progress_bars()
 
 
+def source_label(rel: str, row: bool) -> str:
+    """The source label of a document from a file at relative path ``rel``.
+
+    Rows of a ``.jsonl``/``.json``/``.parquet`` file (``row=True``): the file's relative path.
+    Whole-file documents: the first path component, its extension dropped when the file lies at the
+    top level (``json/decoder.py`` -> ``json``, ``os.py`` -> ``os``, ``sub/doc.txt`` -> ``sub``).
+    """
+    if row:
+        return rel
+    first, sep, _ = rel.partition("/")
+    return first if sep else (Path(first).stem or first)
+
+
 def _load_documents(
     src: _Source, spec: DataSpec, cache_dir: Path, show_progress: bool
-) -> tuple[list[str], list[str], int]:
-    """Return (identities, texts, skipped_empty) in deterministic load order."""
+) -> tuple[list[str], list[str], list[str], int]:
+    """Return (identities, texts, source labels, skipped_empty) in deterministic load order."""
     limit = spec.max_documents
     ids: list[str] = []
     texts: list[str] = []
+    labels: list[str] = []
     skipped = 0
     hf_cache = cache_dir / "hf_datasets"
 
-    def add(ident: str, text: str) -> bool:
+    def add(ident: str, text: str, label: str) -> bool:
         nonlocal skipped
         if not text:
             skipped += 1
         else:
             ids.append(ident)
             texts.append(text)
+            labels.append(label)
         return limit is not None and len(texts) >= limit
 
     if src.kind == "hub":
@@ -300,7 +317,7 @@ def _load_documents(
                 f"{', '.join(ALLOWED_EXTS)} files, or a hub dataset name"
             ) from e
         for i, v in enumerate(_texts_from_column(ds, spec.text_field, f"hub dataset {src.root!r}")):
-            if add(f"#{i}", _check_text(v, f"hub dataset {src.root!r} row {i}")):
+            if add(f"#{i}", _check_text(v, f"hub dataset {src.root!r} row {i}"), src.root):
                 break
     else:
         bar = tqdm(
@@ -316,7 +333,7 @@ def _load_documents(
                     raise DataError(
                         f"data file {f} is not valid UTF-8 ({e}); plain-text files must be UTF-8"
                     ) from e
-                if add(rel, text):
+                if add(rel, text, source_label(rel, row=False)):
                     break
             else:
                 try:
@@ -326,8 +343,10 @@ def _load_documents(
                         f"data file {f} could not be parsed as {ext[1:]} ({type(e).__name__}: {e})"
                     ) from e
                 done = False
+                label = source_label(rel, row=True)
                 for i, v in enumerate(_texts_from_column(ds, spec.text_field, f"data file {f}")):
-                    if add(f"{rel}#{i}", _check_text(v, f"data file {f} row {i} field {spec.text_field!r}")):
+                    text = _check_text(v, f"data file {f} row {i} field {spec.text_field!r}")
+                    if add(f"{rel}#{i}", text, label):
                         done = True
                         break
                 if done:
@@ -337,7 +356,7 @@ def _load_documents(
         raise DataError(
             f"data path {spec.path!r} ({src.root}) contains no text: all {skipped} document(s) are empty"
         )
-    return ids, texts, skipped
+    return ids, texts, labels, skipped
 
 
 def _hash_unit(seed: int, identity: str) -> float:
@@ -445,8 +464,12 @@ def _tokenize_split(
     desc: str,
     show_progress: bool,
     num_proc: int,
+    doc_lengths: list[int] | None = None,
 ) -> int:
-    """Tokenise texts (each followed by eos) into a raw token file, atomically. Returns #tokens."""
+    """Tokenise texts (each followed by eos) into a raw token file, atomically. Returns #tokens.
+
+    ``doc_lengths``, when given, receives each document's token count (its EOS included), in order.
+    """
     sizes = [len(t.encode("utf-8")) for t in texts]
     le = dtype.newbyteorder("<")
 
@@ -462,6 +485,8 @@ def _tokenize_split(
                 for e in encs:
                     ids.extend(e.ids)
                     ids.append(eos_id)
+                    if doc_lengths is not None:
+                        doc_lengths.append(len(e.ids) + 1)
                 np.asarray(ids, dtype=le).tofile(fh)
                 n += len(ids)
                 bar.update(nbytes)
@@ -491,6 +516,22 @@ class PreparedData:
     seq_len: int
     from_cache: bool
     manifest: dict = field(repr=False)
+    # Document index of the train stream: document i is train_tokens[offsets[i]:offsets[i+1]]
+    # (offsets[n] := train_num_tokens; the last token of each document is the EOS), its source is
+    # train_source_labels[train_doc_source_ids[i]].
+    train_doc_offsets: np.ndarray = field(repr=False)  # int64 [num_train_documents], ascending, [0] = 0
+    train_doc_source_ids: np.ndarray = field(repr=False)  # int32 [num_train_documents]
+    train_source_labels: list[str] = field(repr=False)  # distinct labels, in order of first appearance
+
+    @property
+    def train_doc_sources(self) -> list[str]:
+        """The source label of every train document, in stream order."""
+        labels = self.train_source_labels
+        return [labels[i] for i in self.train_doc_source_ids.tolist()]
+
+    @property
+    def num_train_documents(self) -> int:
+        return len(self.train_doc_offsets)
 
     @property
     def num_train_sequences(self) -> int:
@@ -573,9 +614,40 @@ def _read_manifest(entry: Path, key: str) -> dict | None:
             return None
         if (entry / "val.txt").stat().st_size != m["val_bytes"] or not (entry / "tokenizer.json").is_file():
             return None
+        _read_doc_index(entry, m)
         return m
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
+
+
+def _doc_source_runs(labels: Sequence[str]) -> dict[str, Any]:
+    """Per-document labels as {"labels": distinct labels (first-appearance order), "runs": [[id, n]...]}."""
+    index: dict[str, int] = {}
+    runs: list[list[int]] = []
+    for lab in labels:
+        i = index.setdefault(lab, len(index))
+        if runs and runs[-1][0] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return {"labels": list(index), "runs": runs}
+
+
+def _read_doc_index(entry: Path, m: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(offsets, source ids, labels) of the train documents; ValueError if inconsistent with ``m``."""
+    n_docs, n_tokens = int(m["num_train_documents"]), int(m["train_num_tokens"])
+    offsets = np.load(entry / _DOC_OFFSETS, mmap_mode="r", allow_pickle=False)
+    if offsets.dtype != np.int64 or offsets.shape != (n_docs,):
+        raise ValueError(f"{_DOC_OFFSETS}: {offsets.dtype} {offsets.shape}, expected int64 ({n_docs},)")
+    if n_docs and (int(offsets[0]) != 0 or int(offsets[-1]) >= n_tokens):
+        raise ValueError(f"{_DOC_OFFSETS}: offsets outside the train stream")
+    src = json.loads((entry / _DOC_SOURCES).read_text())
+    labels = [str(x) for x in src["labels"]]
+    runs = np.asarray(src["runs"], dtype=np.int64).reshape(-1, 2)
+    if runs[:, 1].sum() != n_docs or (len(runs) and (runs[:, 0].min() < 0 or runs[:, 0].max() >= len(labels))):
+        raise ValueError(f"{_DOC_SOURCES}: runs do not cover {n_docs} documents")
+    ids = np.repeat(runs[:, 0], runs[:, 1]).astype(np.int32)
+    return offsets, ids, labels
 
 
 def _build(
@@ -587,7 +659,7 @@ def _build(
     key: str,
     show_progress: bool,
 ) -> dict:
-    ids, texts, skipped = _load_documents(src, spec, cache_dir, show_progress)
+    ids, texts, labels, skipped = _load_documents(src, spec, cache_dir, show_progress)
     if len(texts) < 2:
         raise DataError(
             f"data path {spec.path!r} ({src.root}) has only {len(texts)} non-empty document; need >= 2 for a "
@@ -596,6 +668,7 @@ def _build(
     is_val = split_documents(ids, spec.val_fraction, spec.seed)
     train_texts = [t for t, v in zip(texts, is_val) if not v]
     val_texts = [t for t, v in zip(texts, is_val) if v]
+    train_labels = [lab for lab, v in zip(labels, is_val) if not v]
 
     if tok_path is not None:
         tok = _load_tokenizer(tok_path)
@@ -614,9 +687,18 @@ def _build(
     _atomic_write(entry / "tokenizer.json", lambda fh: fh.write(tok_json), mode="w")
     val_blob = "".join(t + EOS_TOKEN for t in val_texts).encode("utf-8")
     _atomic_write(entry / "val.txt", lambda fh: fh.write(val_blob))
+    doc_lengths: list[int] = []
     n_train = _tokenize_split(
-        tok, train_texts, eos_id, dtype, entry / "train.bin", "tokenise train", show_progress, spec.num_proc
+        tok, train_texts, eos_id, dtype, entry / "train.bin", "tokenise train", show_progress, spec.num_proc,
+        doc_lengths=doc_lengths,
     )
+    if len(doc_lengths) != len(train_texts) or sum(doc_lengths) != n_train:  # pragma: no cover - invariant
+        raise RuntimeError("train document index does not match the train stream")
+    offsets = np.zeros(len(doc_lengths), dtype=np.int64)
+    np.cumsum(doc_lengths[:-1], out=offsets[1:])
+    _atomic_write(entry / _DOC_OFFSETS, lambda fh: np.save(fh, offsets, allow_pickle=False))
+    runs = _doc_source_runs(train_labels)
+    _atomic_write(entry / _DOC_SOURCES, lambda fh: json.dump(runs, fh), mode="w")
     n_val = _tokenize_split(
         tok, val_texts, eos_id, dtype, entry / "val.bin", "tokenise val", show_progress, spec.num_proc
     )
@@ -631,6 +713,7 @@ def _build(
         "val_bytes": len(val_blob),
         "num_train_documents": len(train_texts),
         "num_val_documents": len(val_texts),
+        "num_train_sources": len(runs["labels"]),
         "skipped_empty_documents": skipped,
         "source": {"kind": src.kind, "root": src.root, "num_files": len(src.files)},
         "spec": {k: v for k, v in asdict(spec).items() if k not in ("seq_len", "num_proc")},
@@ -657,6 +740,7 @@ def prepare_data(spec: DataSpec, cache_dir: str | Path, show_progress: bool = Tr
     train = np.memmap(entry / "train.bin", dtype=dtype, mode="r", shape=(manifest["train_num_tokens"],))
     val = np.memmap(entry / "val.bin", dtype=dtype, mode="r", shape=(manifest["val_num_tokens"],))
     tok_file = entry / "tokenizer.json"
+    doc_offsets, doc_source_ids, source_labels = _read_doc_index(entry, manifest)
     data = PreparedData(
         train_tokens=train,
         val_tokens=val,
@@ -672,6 +756,9 @@ def prepare_data(spec: DataSpec, cache_dir: str | Path, show_progress: bool = Tr
         seq_len=spec.seq_len,
         from_cache=from_cache,
         manifest=manifest,
+        train_doc_offsets=doc_offsets,
+        train_doc_source_ids=doc_source_ids,
+        train_source_labels=source_labels,
     )
     for split, n in (("train", data.train_num_tokens), ("val", data.val_num_tokens)):
         if n < spec.seq_len + 1:
