@@ -62,7 +62,8 @@ def test_plan_refuses_impossible_layouts(kw, words):
 
 STEPS = 6
 COMMON = [*TINY, f"train.max_steps={STEPS}", "train.sample_tokens=0", "train.eval_every=1000", "parallel.micro_batch=4"]
-REPLICA_A = ["parallel.zero_stage=1"]  # NaN at step 3 in the job
+# A checkpoints every 2 steps, B only at the end: neither waits for the other's saves.
+REPLICA_A = ["parallel.zero_stage=1", "train.checkpoint_every=2"]  # NaN at step 3 in the job
 REPLICA_B = ["parallel.zero_stage=2", "train.seed=7"]
 
 

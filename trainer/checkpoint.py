@@ -107,6 +107,7 @@ def save(components: list[Component], root: Path, step: int, loop_state: dict, m
             shutil.rmtree(partial)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
+        partial.mkdir()  # DeepSpeed creates it on global rank 0 only, which may be another replica's
     barrier(group)
     for c in components:
         c.engine.save_checkpoint(str(partial), tag=c.name, save_latest=False)

@@ -69,7 +69,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, recipe: Recipe, devi
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         mpu=None if dims.is_pipeline else dims.grid,  # a pipeline engine takes the module's grid
     )
-    bind_mpu(engine, dims.grid)
+    bind_mpu(engine, dims)
     return engine
 
 
@@ -99,34 +99,48 @@ def _pipeline_stage(model, dims: ParallelDims, recipe: Recipe):
 
 
 _ENGINE_CALLS = ("forward", "backward", "step", "train_batch", "eval_batch", "save_checkpoint", "load_checkpoint")
+_CHECKPOINT_CALLS = ("save_checkpoint", "load_checkpoint")
 
 
-def bind_mpu(engine, mpu) -> None:
-    """Make each call into `engine` see its own mpu in `deepspeed.utils.groups.mpu`.
+def bind_mpu(engine, dims: ParallelDims) -> None:
+    """Make each call into `engine` see its own groups, not those of another engine in the job.
 
-    DeepSpeed 0.19.8 stores the mpu of the engine it initialised last in that module global and
-    reads it after initialisation (ZeRO-0's gradient all-reduce, fp32 gradient clipping, which rank
-    writes a checkpoint). Two engines over different groups in one process (agents, actor and
-    critic) would reduce over each other's groups. Each public call restores this engine's mpu for
-    its duration (and the previous one after it)."""
+    DeepSpeed 0.19.8 stores the mpu of the engine it initialised last in a module global
+    (`deepspeed.utils.groups.mpu`) and reads it after initialisation (ZeRO-0's gradient all-reduce,
+    fp32 gradient clipping, which rank writes a checkpoint): two engines over different groups in
+    one process (agents, actor and critic) would reduce over each other's groups. Each public call
+    restores this engine's mpu for its duration (and the previous one after it).
+
+    Its checkpoint save and load also call `deepspeed.comm.barrier()` over the whole world, which
+    would make every replica of a job wait for the others' checkpoints; for their duration the
+    barrier is this replica's (the tag check that all-reduces over the world is off in the config,
+    `ds_config.deepspeed_config`; our manifest checks the files)."""
+    import deepspeed.comm as ds_comm
     from deepspeed.utils import groups
+
+    mpu, group = dims.grid, dims.replica_group
+
+    def replica_barrier(group_=None, *args, **kwargs):
+        return tdist.barrier(group=group_ if group_ is not None else group)
 
     for name in _ENGINE_CALLS:
         original = getattr(engine, name, None)
         if original is None:
             continue
+        checkpoint = name in _CHECKPOINT_CALLS
 
         @functools.wraps(original)
-        def call(*args, __original=original, **kwargs):
-            saved = groups.mpu
+        def call(*args, __original=original, __checkpoint=checkpoint, **kwargs):
+            saved, saved_barrier = groups.mpu, ds_comm.barrier
             groups.mpu = mpu
+            if __checkpoint:
+                ds_comm.barrier = replica_barrier
             try:
                 return __original(*args, **kwargs)
             finally:
-                groups.mpu = saved
+                groups.mpu, ds_comm.barrier = saved, saved_barrier
 
         setattr(engine, name, call)
-    engine.parallel_mpu = mpu
 
 
 def mark_for_grad_norm(module, dims: ParallelDims) -> None:
