@@ -5,7 +5,9 @@ Overview
 ``prepare_data(spec, cache_dir)`` turns a corpus into two flat token streams (train / val), caches
 them on disk and returns a :class:`PreparedData`.  ``TokenBlocks`` views a stream as fixed-length
 training examples, ``ShardedSampler`` hands out deterministic, resumable, data-parallel-sharded
-micro-batches and ``iterate_eval`` walks the validation blocks in order.
+micro-batches (of all blocks, or of a subset) and ``iterate_eval`` walks the validation blocks in
+order.  ``split_train_blocks`` deals the training blocks to groups (replicas, federated clients),
+IID or non-IID by document source.
 
 Sources (``DataSpec.path``)
     * ``"stdlib"``: every ``.py`` file of the running interpreter's standard library
@@ -42,13 +44,32 @@ Streams
     ``tokenizer.encode(val_text()).ids == val_tokens`` and ``val_bytes == len(val_text().encode())``
     (the 13 separator bytes per document are counted; they are what the EOS token stands for).
 
+Document index (train stream)
+    ``PreparedData.train_doc_offsets[i]`` is the first token of train document i (its tokens, EOS
+    last, run to the next offset or the end of the stream) and ``train_doc_sources[i]`` its source
+    label (:func:`source_label`): for the stdlib and local folders the first path component of the
+    file (``json/decoder.py`` -> ``json``, ``os.py`` -> ``os``), for ``.jsonl``/``.json``/``.parquet``
+    rows the file's relative path, for hub rows the dataset name.  Stored per source as ids into
+    ``train_source_labels`` (``train_doc_source_ids``).
+
+Groups
+    ``split_train_blocks(data, seq_len, groups, kind, alpha, seed)`` returns each group's block
+    indices: ``iid`` (seeded round-robin), ``dirichlet`` (each source's blocks cut among the groups
+    in Dirichlet(alpha) proportions) or ``by_source`` (whole sources, greedily balanced).  A block
+    counts for the document (and source) holding its first target token.  ``ShardedSampler(...,
+    indices=group_blocks)`` then samples one group's blocks over that group's data-parallel ranks;
+    ``source_tv_distance`` measures how non-IID a split is.
+
 Cache
     ``cache_dir/<cache_key>/`` holds ``tokenizer.json``, ``train.bin``/``val.bin`` (raw
-    little-endian uint16, or uint32 when the vocabulary exceeds 65535), ``val.txt`` and, written
-    last, ``done.json``.  Every file is written under a unique temporary name, fsynced and
+    little-endian uint16, or uint32 when the vocabulary exceeds 65535), ``val.txt``, the train
+    document index (``train_docs.npy``: int64 start offsets; ``train_doc_sources.json``: the distinct
+    labels and run-length ``[label id, count]`` pairs in document order) and, written last,
+    ``done.json``.  Every file is written under a unique temporary name, fsynced and
     ``os.replace``-d into place, so a crash never leaves a file that looks complete, and concurrent
     writers (e.g. several ranks) only race to write identical bytes.  An entry without a valid
-    ``done.json`` (or whose files have the wrong size) is rebuilt.
+    ``done.json`` (or whose files have the wrong size, or whose document index does not match) is
+    rebuilt.
 
     ``cache_key`` = sha256 over: :data:`PIPELINE_VERSION`, the ``tokenizers`` version, the source
     (kind, resolved root, and for local sources every input file's relative path + size + mtime_ns -
@@ -90,11 +111,17 @@ __all__ = [
     "EOS_TOKEN",
     "PIPELINE_VERSION",
     "PreparedData",
+    "SPLIT_KINDS",
     "ShardedSampler",
     "TokenBlocks",
     "iterate_eval",
     "prepare_data",
+    "source_label",
+    "source_tv_distance",
     "split_documents",
+    "split_train_blocks",
+    "train_block_documents",
+    "train_block_sources",
 ]
 
 log = logging.getLogger(__name__)
@@ -823,15 +850,34 @@ class ShardedSampler:
     ranks equals the dp_world=1 sampler with the summed batch size, for any layout.  ``position``
     counts examples of the current epoch already consumed globally, so a state saved under one
     layout resumes under another with the same global batch.
+
+    ``indices`` (e.g. one group's blocks from :func:`split_train_blocks`) restricts the sampler to
+    a subset of the ``num_examples`` examples: the permutation runs over positions
+    ``0..len(indices)-1`` exactly as above and position p yields ``indices[p]``, so every subset
+    example is drawn once per epoch and nothing outside it ever is.  ``self.num_examples`` is then
+    ``len(indices)`` (the pool drawn from) and the state gains ``indices_sha256``, so a state only
+    loads into a sampler over the same subset (in the same order).  With ``indices=None`` the
+    behaviour and the state are exactly those of a sampler without the argument.
     """
 
     def __init__(
-        self, num_examples: int, batch_size_per_rank: int, dp_rank: int, dp_world: int, seed: int = 0
+        self,
+        num_examples: int,
+        batch_size_per_rank: int,
+        dp_rank: int,
+        dp_world: int,
+        seed: int = 0,
+        indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
     ):
         if dp_world < 1 or not 0 <= dp_rank < dp_world:
             raise DataError(f"invalid data-parallel layout: dp_rank={dp_rank}, dp_world={dp_world}")
         if batch_size_per_rank < 1:
             raise DataError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
+        self.indices: np.ndarray | None = None
+        self.indices_sha256: str | None = None
+        if indices is not None:
+            self.indices, self.indices_sha256 = _check_subset(indices, int(num_examples))
+            num_examples = len(self.indices)
         self.num_examples = int(num_examples)
         self.batch_size = int(batch_size_per_rank)
         self.dp_rank = int(dp_rank)
@@ -839,8 +885,9 @@ class ShardedSampler:
         self.seed = int(seed)
         self.global_batch = self.batch_size * self.dp_world
         if self.num_examples < self.global_batch:
+            what = "examples" if self.indices is None else "examples in the subset (indices)"
             raise DataError(
-                f"{self.num_examples} examples cannot fill one global batch of {self.global_batch} "
+                f"{self.num_examples} {what} cannot fill one global batch of {self.global_batch} "
                 f"({self.batch_size} per rank x {self.dp_world} ranks)"
             )
         self.epoch = 0
@@ -869,17 +916,22 @@ class ShardedSampler:
         self._maybe_roll()
         start = self.position + self.dp_rank * self.batch_size
         out = self._permutation()[start : start + self.batch_size].tolist()
+        if self.indices is not None:
+            out = self.indices[out].tolist()
         self.position += self.global_batch
         self._maybe_roll()
         return out
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "num_examples": self.num_examples,
         }
+        if self.indices_sha256 is not None:
+            state["indices_sha256"] = self.indices_sha256
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -889,6 +941,15 @@ class ShardedSampler:
             raise DataError(
                 f"invalid sampler state {state!r}: needs epoch, position, seed, num_examples"
             ) from e
+        subset = state.get("indices_sha256")
+        if subset != self.indices_sha256:
+            def pool(h: str | None) -> str:
+                return "all examples" if h is None else f"the subset {str(h)[:12]}"
+
+            raise DataError(
+                f"sampler state draws from {pool(subset)} but this sampler from {pool(self.indices_sha256)} "
+                "(a different group, data split or number of groups?)"
+            )
         if num_examples != self.num_examples:
             raise DataError(
                 f"sampler state is for {num_examples} examples but this dataset has {self.num_examples} "
@@ -899,6 +960,159 @@ class ShardedSampler:
         if epoch < 0 or not 0 <= position <= num_examples:
             raise DataError(f"invalid sampler state: epoch={epoch}, position={position}")
         self.epoch, self.position = epoch, position
+
+
+# --------------------------------------------------------------------------------------------------
+# Dealing the train blocks to groups (replicas, federated clients)
+# --------------------------------------------------------------------------------------------------
+
+SPLIT_KINDS = ("iid", "dirichlet", "by_source")
+SPLIT_TRIES = 100  # reseeded attempts of a dirichlet split before giving up on an empty group
+
+
+def _num_blocks(data: PreparedData, seq_len: int) -> int:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    n = (int(data.train_num_tokens) - 1) // int(seq_len)
+    if n < 1:
+        raise DataError(
+            f"train split has {data.train_num_tokens} tokens; one sequence needs seq_len+1 = {seq_len + 1}"
+        )
+    return n
+
+
+def train_block_documents(data: PreparedData, seq_len: int) -> np.ndarray:
+    """For each block i of ``TokenBlocks(data.train_tokens, seq_len)``: the train document holding
+    its first TARGET token, ``train_tokens[i * seq_len + 1]`` (a block opening on the last token, the
+    EOS, of one document predicts the next document from its first target on, so it counts as the
+    next one).  int64 [num_blocks]."""
+    n = _num_blocks(data, seq_len)
+    first_target = np.arange(n, dtype=np.int64) * int(seq_len) + 1
+    return np.searchsorted(np.asarray(data.train_doc_offsets), first_target, side="right") - 1
+
+
+def train_block_sources(data: PreparedData, seq_len: int) -> np.ndarray:
+    """Source id (into ``data.train_source_labels``) of each block, by :func:`train_block_documents`."""
+    return np.asarray(data.train_doc_source_ids, dtype=np.int64)[train_block_documents(data, seq_len)]
+
+
+def source_tv_distance(data: PreparedData, seq_len: int, parts: Sequence[np.ndarray]) -> float:
+    """Non-IID-ness of a split: the mean over groups of the total-variation distance between the
+    group's histogram of block sources and that of all the train blocks (0: every group has the
+    global mix; near 1: groups hold sources the others lack)."""
+    src = train_block_sources(data, seq_len)
+    k = len(data.train_source_labels)
+    glob = np.bincount(src, minlength=k) / len(src)
+    tv = []
+    for part in parts:
+        h = np.bincount(src[np.asarray(part, dtype=np.int64)], minlength=k)
+        tv.append(0.5 * np.abs(h / max(1, h.sum()) - glob).sum())
+    return float(np.mean(tv))
+
+
+def _parts_from_owner(owner: np.ndarray, groups: int) -> list[np.ndarray]:
+    order = np.argsort(owner, kind="stable")  # ascending block index within each group
+    return np.split(order, np.cumsum(np.bincount(owner, minlength=groups))[:-1])
+
+
+def split_train_blocks(
+    data: PreparedData,
+    seq_len: int,
+    groups: int,
+    kind: str = "iid",
+    alpha: float = 1.0,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Deal the blocks of ``TokenBlocks(data.train_tokens, seq_len)`` to ``groups`` groups.
+
+    Returns one ascending int64 array of block indices per group; every block is in exactly one
+    group and no group is empty.  ``n_i = len(parts[i])`` is group i's number of training blocks
+    (FedAvg weights ``n_i / sum(n)``).  A block belongs to the document holding its first target
+    token (:func:`train_block_documents`), and to that document's source.  The result depends only
+    on (the train stream and its document index, seq_len, groups, kind, alpha, seed).
+
+    ``kind``:
+        * ``"iid"``: a seeded permutation of all blocks dealt round-robin (sizes differ by <= 1).
+        * ``"dirichlet"``: for each source, its blocks (shuffled) are cut among the groups in
+          proportions drawn from Dirichlet(alpha, ..., alpha) over groups (Hsu et al. 2019), so each
+          group's mix of sources is skewed; alpha = 0.1 gives strongly non-IID groups, large alpha
+          approaches IID.  If a group comes out empty the draw is repeated with the next seed
+          (``SPLIT_TRIES`` tries, then DataError).
+        * ``"by_source"``: whole sources dealt to groups, largest first, each to the group with the
+          fewest blocks so far (ties among equal sources broken by a seeded shuffle); the seed also
+          permutes which group gets which share.  Needs at least ``groups`` sources with blocks.
+    """
+    if kind not in SPLIT_KINDS:
+        raise DataError(f"data split kind {kind!r} is unknown; use one of {', '.join(SPLIT_KINDS)}")
+    if isinstance(groups, bool) or not isinstance(groups, int | np.integer) or groups < 1:
+        raise DataError(f"number of groups must be an integer >= 1, got {groups!r}")
+    if not (isinstance(alpha, int | float | np.floating) and math.isfinite(alpha) and alpha > 0):
+        raise DataError(f"data split alpha must be a finite number > 0, got {alpha!r}")
+    groups, seed = int(groups), int(seed)
+    n = _num_blocks(data, seq_len)
+    if groups > n:
+        raise DataError(
+            f"cannot deal {n} training blocks (seq_len {seq_len}) to {groups} groups, each needs one; "
+            "use fewer groups, a smaller seq_len or more data"
+        )
+    if kind == "iid":
+        perm = np.random.default_rng([seed, 0]).permutation(n)
+        return [np.sort(perm[g::groups]) for g in range(groups)]
+
+    src = train_block_sources(data, seq_len)
+    num_sources = len(data.train_source_labels)
+    per_source = np.bincount(src, minlength=num_sources)
+    if kind == "by_source":
+        present = np.flatnonzero(per_source)
+        if len(present) < groups:
+            raise DataError(
+                f"by_source split: only {len(present)} source(s) have training blocks (seq_len {seq_len}) "
+                f"but {groups} groups need one each; use at most {len(present)} groups, or data.split "
+                "dirichlet or iid"
+            )
+        rng = np.random.default_rng([seed, 0])
+        shuffled = rng.permutation(present)
+        order = shuffled[np.argsort(-per_source[shuffled], kind="stable")]  # largest first
+        load = np.zeros(groups, dtype=np.int64)
+        group_of = np.zeros(num_sources, dtype=np.int64)
+        for s_id in order:
+            g = int(np.argmin(load))
+            group_of[s_id] = g
+            load[g] += per_source[s_id]
+        relabel = rng.permutation(groups)
+        return _parts_from_owner(relabel[group_of[src]], groups)
+
+    by_src = np.argsort(src, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(per_source)])
+    owner = np.empty(n, dtype=np.int64)
+    for attempt in range(SPLIT_TRIES):
+        rng = np.random.default_rng([seed, attempt])
+        for s_id in np.flatnonzero(per_source):
+            blocks = rng.permutation(by_src[bounds[s_id] : bounds[s_id + 1]])
+            p = rng.dirichlet(np.full(groups, float(alpha)))
+            cuts = np.round(np.cumsum(p)[:-1] * len(blocks)).astype(np.int64)
+            owner[blocks] = np.repeat(np.arange(groups), np.diff(np.concatenate([[0], cuts, [len(blocks)]])))
+        if np.bincount(owner, minlength=groups).min() > 0:
+            return _parts_from_owner(owner, groups)
+    raise DataError(
+        f"dirichlet split (alpha={alpha}) of {n} training blocks from {int((per_source > 0).sum())} source(s) "
+        f"left a group empty in all {SPLIT_TRIES} seeded tries; use fewer groups, a larger alpha, a smaller "
+        "seq_len or more data"
+    )
+
+
+def _check_subset(indices: Sequence[int] | np.ndarray | torch.Tensor, n: int) -> tuple[np.ndarray, str]:
+    if isinstance(indices, torch.Tensor):
+        indices = indices.cpu().numpy()
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
+        raise DataError(f"sampler indices must be a 1-D array of integers, got {idx.dtype} {tuple(idx.shape)}")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise DataError(f"sampler indices must lie in [0, {n}) (num_examples), got [{idx.min()}, {idx.max()}]")
+    if len(np.unique(idx)) != len(idx):
+        raise DataError(f"sampler indices must be distinct; {len(idx) - len(np.unique(idx))} repeat")
+    return idx, hashlib.sha256(idx.astype("<i8").tobytes()).hexdigest()
 
 
 def iterate_eval(
