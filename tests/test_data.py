@@ -120,6 +120,9 @@ def test_jsonl_json_parquet(tmp_path):
     m = d.manifest
     assert m["num_train_documents"] + m["num_val_documents"] == 60
     assert m["skipped_empty_documents"] == 2
+    # rows are labelled with their file; the index covers every train document
+    assert set(d.train_doc_sources) <= {"a.jsonl", "b.json", "c.parquet"} and len(d.train_source_labels) == 3
+    assert len(d.train_doc_sources) == m["num_train_documents"]
     assert (tmp_path / "cache" / "hf_datasets").is_dir()  # HF cache kept inside cache_dir
     # each format alone
     for name in ("a.jsonl", "b.json", "c.parquet"):
@@ -151,6 +154,8 @@ def test_hub_dataset_path(tmp_path, monkeypatch):
     assert calls and calls[0][0] == "someorg/somedata" and calls[0][1] == "train"
     assert calls[0][2].startswith(str(tmp_path / "cache"))
     assert d.manifest["num_train_documents"] + d.manifest["num_val_documents"] == 20
+    assert d.train_source_labels == ["someorg/somedata"]  # hub rows: one source
+    assert d.train_doc_sources == ["someorg/somedata"] * d.manifest["num_train_documents"]
 
     def failing(*a, **kw):
         raise ConnectionError("offline")
@@ -359,6 +364,22 @@ def test_interrupted_write_is_not_complete(tmp_path, monkeypatch):
     (entry / "done.json").write_text("{not json")
     assert not prep(spec(root), cache).from_cache
     assert prep(spec(root), cache).from_cache
+
+
+def test_doc_index_written_before_manifest(tmp_path, monkeypatch):
+    root = write_text_corpus(tmp_path / "c", n_files=8)
+    written = []
+    real = D._atomic_write
+    monkeypatch.setattr(D, "_atomic_write", lambda path, *a, **kw: written.append(path.name) or real(path, *a, **kw))
+    d = prep(spec(root), tmp_path / "cache")
+    assert written[-1] == "done.json" and {"train_docs.npy", "train_doc_sources.json"} <= set(written[:-1])
+    assert d.manifest["version"] == D.PIPELINE_VERSION == "data-v2"
+    # folder documents are labelled with their first path component (top-level files: the stem)
+    docs = sorted(p.relative_to(root).as_posix() for p in root.rglob("doc*"))
+    expected = {x.split("/")[0] if "/" in x else x.rsplit(".", 1)[0] for x in docs}
+    assert set(d.train_doc_sources) <= expected and "sub" in expected
+    off = np.asarray(d.train_doc_offsets)
+    assert off[0] == 0 and np.all(np.asarray(d.train_tokens)[off[1:] - 1] == d.eos_id)
 
 
 # ------------------------------------------------------------------------------------------- errors
