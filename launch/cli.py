@@ -52,6 +52,9 @@ def cmd_train(args) -> int:
     launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else recipe.world_size()
     check_layout(recipe, world)
+    from agents.sync.strategies import build_synchronizer
+
+    sync = build_synchronizer(recipe, world)  # bad sync settings stop here, before any process starts
     if world > 1 and not launched:
         from launch.multiproc import run_deepspeed
 
@@ -68,7 +71,7 @@ def cmd_train(args) -> int:
     dist = init_distributed(recipe.launch.backend, recipe.launch.timeout_s)
     code = 0
     try:
-        train(recipe, dist)
+        train(recipe, dist, sync=sync)
     except TrainingStopped as stop:
         if dist.is_main:
             print(f"stopped: {stop}", file=sys.stderr, flush=True)

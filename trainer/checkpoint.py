@@ -94,10 +94,13 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save(components: list[Component], root: Path, step: int, loop_state: dict, meta: dict, rank: int,
-         is_main: bool, keep: int, extra: dict[str, object] | None = None, group=None) -> Path:
-    """Collective over `group` (every rank of the engines' replica). Returns the finished folder.
-    `rank`: this rank's index inside the group; `loop_state`: its shared state; `extra`: {relative
-    file name: object} that the main rank adds with torch.save (covered by the manifest)."""
+         is_main: bool, keep: int, extra: dict[str, object] | None = None, group=None,
+         names: list[str] | None = None) -> Path:
+    """Collective over `group` (every rank of the run). Returns the finished folder.
+    `components`: this rank's (replicas of a job save theirs side by side); `names`: every
+    component of the checkpoint (default: this rank's); `rank`: this rank's index in the group;
+    `loop_state`: its shared state; `extra`: {relative file name: object}, added with torch.save
+    by each rank that passes it (covered by the manifest)."""
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     partial = root / f"{name}.partial"
@@ -113,12 +116,12 @@ def save(components: list[Component], root: Path, step: int, loop_state: dict, m
         c.engine.save_checkpoint(str(partial), tag=c.name, save_latest=False)
         _save_file(c.rng.state, partial / c.name / f"rng_rank{rank}.pt")
     _save_file(loop_state, partial / f"loop_rank{rank}.pt")
+    for file_name, obj in (extra or {}).items():
+        _save_file(obj, partial / file_name)
     barrier(group)
     faults.maybe_kill(faults.KILL_IN_SAVE, step)
     if is_main:
-        for file_name, obj in (extra or {}).items():
-            torch.save(obj, partial / file_name)
-        meta = {**meta, "format": FORMAT, "components": [c.name for c in components]}
+        meta = {**meta, "format": FORMAT, "components": names or [c.name for c in components]}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         atomic_write_text(partial / "manifest.json", json.dumps(_manifest(partial), indent=1))
         os.replace(partial, final)

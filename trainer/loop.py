@@ -32,7 +32,7 @@ from .consolidate import consolidate_once
 from .data import DataSpec, ShardedSampler, TokenBlocks, prepare_data
 from .dims import ParallelDims
 from .distributed import DistInfo, barrier
-from .ds_config import deepspeed_config, resolve_precision
+from .ds_config import resolve_precision
 from .errors import TrainingStopped, UsageError
 from .evaluation import (
     bits_per_byte,
@@ -43,13 +43,14 @@ from .evaluation import (
     sample_text,
 )
 from .files import atomic_write_text
-from .parallelize import gather_full_state_dict
+from .parallelize import batch_world, engine_config, gather_full_state_dict
 from .recipe import recipe_to_dict
 from .replica import build_replica
 from .resume import layout_change, resolve_resume, restore
 from .run_context import RunContext
 from .schema import Recipe
 from .step import Stepper
+from .sync import Synchronizer
 
 __all__ = ["TrainingStopped", "UsageError", "train"]
 
@@ -58,9 +59,28 @@ def _tokenizer_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def make_dims(recipe: Recipe, dist: DistInfo) -> ParallelDims:
-    """The dims of a run that is one replica over the whole world."""
-    return ParallelDims.build(dist.world_size, dist.rank, recipe.parallel.tp, recipe.parallel.pp)
+def make_dims(recipe: Recipe, dist: DistInfo, replicas: int = 1) -> ParallelDims:
+    """The dims of a run over the whole world, split into `replicas` (a sync run) or not."""
+    return ParallelDims.build(dist.world_size, dist.rank, recipe.parallel.tp, recipe.parallel.pp, replicas)
+
+
+def _sampler(recipe: Recipe, dims: ParallelDims, data, train_blocks, shared: bool):
+    """This rank's sampler and every replica's number of training samples n_i. IID (and no sync):
+    every data-parallel rank of the job draws its share of one global order, as without replicas;
+    a non-IID split gives each replica its own blocks, drawn by its own data-parallel ranks."""
+    seed, micro = recipe.train.seed, recipe.parallel.micro_batch
+    if not shared or recipe.data.split == "iid":
+        dp_rank, dp_world = dims.dp_rank, dims.dp
+        if shared:  # the job's data-parallel index: replicas of consecutive ranks in order
+            dp_rank, dp_world = dims.replica * dims.dp + dims.dp_rank, dims.replicas * dims.dp
+        counts = [len(train_blocks) // dims.replicas] * dims.replicas
+        return ShardedSampler(len(train_blocks), micro, dp_rank, dp_world, seed), counts
+    from .data import split_train_blocks
+
+    parts = split_train_blocks(data, recipe.data.seq_len, dims.replicas, recipe.data.split,
+                               alpha=recipe.data.split_alpha, seed=seed)
+    mine = parts[dims.replica]
+    return ShardedSampler(len(train_blocks), micro, dims.dp_rank, dims.dp, seed, indices=mine), [len(p) for p in parts]
 
 
 def _prepare_data(recipe: Recipe, main_first: bool):
@@ -75,10 +95,15 @@ def _prepare_data(recipe: Recipe, main_first: bool):
     return data or prepare_data(spec, recipe.data.cache_dir, show_progress=False)
 
 
-def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> dict:
-    """Train `recipe` on this rank's replica (`dims`, default: one replica over the whole world)."""
-    dims = dims or make_dims(recipe, dist)
-    ctx = RunContext(recipe, dims, dist.device)
+def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync: Synchronizer | None = None) -> dict:
+    """Train `recipe` on this rank's replica (`dims`, default: one replica over the whole world).
+
+    With `sync` (a strategy of `agents.sync`) the run spans the whole job: the world is split into
+    `sync.replicas` replicas, each with its own weights, engine and data share, driven in step; the
+    strategy's hooks make them agree, and one checkpoint holds every replica as a component."""
+    shared = sync is not None
+    dims = dims or make_dims(recipe, dist, sync.replicas if shared else 1)
+    ctx = RunContext(recipe, dims, dist.device, shared=shared)
     cfg_dict = recipe_to_dict(recipe)
     is_main = ctx.is_main
     resume_from = resolve_resume(recipe, ctx.checkpoints)
@@ -100,29 +125,40 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
     val_blocks = TokenBlocks(data.val_tokens, seq_len)
 
     # ---- the replica (model + engine) ----------------------------------------------------------
-    move = layout_change(resume_meta, recipe, dims.replica_size) if resume_meta is not None else None
+    job_world = batch_world(recipe, dims)
+    precision = resolve_precision(recipe, dist.device.type)
+    run_replicas = dims.replicas if shared else 1
+    move = layout_change(resume_meta, recipe, job_world, run_replicas) if resume_meta is not None else None
     state = None
     if move is not None:
         # Another layout wrote the checkpoint: start from its consolidated weights (resharded by
         # parallelize like any full model); DeepSpeed's shards cannot be read by this layout.
         move.adam_file = ckpt.component_files(resume_from, resume_meta) / optim_state.FILE
         state = consolidate_once(resume_from, resume_meta, dims)
-    replica = build_replica(recipe, dims, dist.device, data.vocab_size, state_dict=state)
+    replica = build_replica(recipe, dims, dist.device, data.vocab_size, state_dict=state,
+                            name=f"replica{dims.replica}" if shared else "model")
     del state
     engine, module, model_config = replica.engine, replica.module, replica.model_config
     if is_main:
         atomic_write_text(ctx.run_dir / "ds_config.json",
-                          json.dumps(deepspeed_config(recipe, dims.replica_size, dist.device.type), indent=1))
-    gas = recipe.grad_accum_steps(dims.replica_size)
-    sampler = ShardedSampler(len(train_blocks), recipe.parallel.micro_batch, dims.dp_rank, dims.dp, recipe.train.seed)
+                          json.dumps(engine_config(recipe, dims, dist.device), indent=1))
+    gas = recipe.grad_accum_steps(job_world)
+    sampler, sample_counts = _sampler(recipe, dims, data, train_blocks, shared)
+    plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32" and dims.tp == dims.pp == 1
+    # Gradients exchanged across replicas: a non-finite loss anywhere skips the step everywhere.
+    veto_group = None if shared and sync.exchanges_gradients else dims.replica_group
+    stepper = Stepper(engine, dims, dist.device, plain_grads=plain_grads, veto_group=veto_group)
+    if shared:
+        sync.attach(stepper, replica, sample_counts)
     start_step = 0
     if resume_from is not None:
-        start_step = restore(replica, recipe, resume_from, resume_meta, move, sampler, is_main)
+        start_step = restore(replica, recipe, resume_from, resume_meta, move, sampler, is_main, ctx.rank)
+        if shared:
+            sync.load_state_dict(torch.load(resume_from / f"loop_rank{ctx.rank}.pt", weights_only=False)["sync"])
     tracker = ctx.open_tracker(cfg_dict, start_step if resume_from is not None else None)
 
     peak, peak_source = peak_flops(dist.device, recipe.train.peak_tflops)
-    tokens_per_step = recipe.global_batch(dims.replica_size) * seq_len
-    precision = resolve_precision(recipe, dist.device.type)
+    tokens_per_step = recipe.global_batch(job_world) * seq_len
     if is_main:
         _print_start(ctx, replica, precision, data, resume_from)
 
@@ -131,16 +167,20 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
 
     def meta(step: int) -> dict:
         return {"step": step, "config": cfg_dict, "tokenizer_sha256": tok_hash, "vocab_size": data.vocab_size,
-                "world_size": dims.replica_size, "tp": dims.tp, "pp": dims.pp,
+                "world_size": job_world, "replicas": run_replicas, "replica_samples": sample_counts,
+                "tp": dims.tp, "pp": dims.pp,
                 "zero_stage": recipe.parallel.zero_stage, "data_cache_key": data.cache_key,
                 "model_config": model_config.to_dict()}
 
     def save(step: int) -> Path:
         loop_state = {"step": step, "sampler": sampler.state_dict(), "rng": ckpt.rng_state()}
+        if shared:
+            loop_state["sync"] = sync.state_dict()
         # Layout-independent Adam moments (every layout; collective): let a resume change the layout.
         adam = optim_state.gather(engine, module, recipe.parallel.zero_stage, dims)
         extra = {f"{replica.name}/{optim_state.FILE}": adam} if adam is not None else None
-        return ctx.save([replica.component], step, loop_state, meta(step), extra)
+        return ctx.save([replica.component], step, loop_state, meta(step), extra,
+                        names=[f"replica{r}" for r in range(dims.replicas)] if shared else None)
 
     def run_eval(step: int, full: bool) -> dict:
         max_batches = None if full else recipe.train.eval_batches
@@ -149,6 +189,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
         else:
             loss, n = evaluate(module, val_blocks, recipe.parallel.micro_batch, max_batches, dims.dp_rank, dims.dp,
                                dist.device, group=dims.dp_group)
+        if shared:  # each replica evaluated its own weights: report their mean
+            loss = replica_mean(loss, dims)
         row = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
                "val_bpb": bits_per_byte(loss, data.val_num_tokens, data.val_bytes), "val_tokens": n}
         tracker.log(row)
@@ -161,10 +203,6 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
         bar = tqdm(total=recipe.train.max_steps, initial=start_step, desc="train", unit="step",
                    dynamic_ncols=True)
 
-    # With ZeRO-0 in fp32 the gradients live on the parameters until step(); otherwise DeepSpeed
-    # reports the global norm itself.
-    plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32" and dims.tp == dims.pp == 1
-    stepper = Stepper(engine, dims, dist.device, plain_grads=plain_grads)
     consecutive_nan = skipped_total = 0
     last_loss = float("nan")
     ema_tps = None
@@ -180,6 +218,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
             with replica.component.rng.active():
                 result = stepper.run(batch, poison=step + 1 in nan_steps, want_grad_norm=logged)
             step_loss, finite = result.loss, result.finite
+            if shared and finite:
+                step_loss = torch.tensor(replica_mean(float(step_loss), dims), dtype=torch.float64)
             step += 1
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
@@ -199,7 +239,7 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
                              "grad_norm": float(gn) if gn is not None and finite else None,
                              "tokens_per_s": tps, "mfu": replica.flops_per_token * tps / peak if peak else None,
                              "skipped_steps": skipped_total, "step_time_s": dt,
-                             **_memory_stats(dist.device)})
+                             **(sync.log_row(step) if shared else {}), **_memory_stats(dist.device)})
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{ema_tps:,.0f}", refresh=False)
                 bar.update(1)
@@ -240,7 +280,7 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
     # ---- end of run: checkpoint, full evaluation, sample, summary --------------------------------
     folder = save(step)
     final = run_eval(step, full=True)
-    sample = _end_sample(recipe, replica, data, dist.device)
+    sample = _end_sample(recipe, replica, data, dist.device) if dims.replica == 0 else ""
     summary = {
         "run_dir": str(ctx.run_dir), "steps": step, "params": replica.n_params,
         "final_train_loss": last_loss, "final_val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
@@ -256,6 +296,16 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None) -> d
         atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=1))
         _print_summary(summary)
     return summary
+
+
+def replica_mean(value: float, dims: ParallelDims) -> float:
+    """Collective over the cross-replica group: the mean of `value` over the replicas (each
+    replica's ranks already agree on it)."""
+    if dims.replicas == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=dims.cross_replica_group)
+    return float(t.item()) / dims.replicas
 
 
 def _end_sample(recipe: Recipe, replica, data, device) -> str:

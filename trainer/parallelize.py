@@ -73,9 +73,19 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, recipe: Recipe, devi
     return engine
 
 
+def batch_world(recipe: Recipe, dims: ParallelDims) -> int:
+    """The ranks the recipe's batch is spread over: the whole job when its replicas synchronise
+    (`sync.strategy` other than allreduce: parallel.global_batch is the job's), else one replica's
+    (a replica that trains on its own is a run of its own)."""
+    return dims.world_size if recipe.sync.strategy != "allreduce" else dims.replica_size
+
+
 def engine_config(recipe: Recipe, dims: ParallelDims, device: torch.device) -> dict:
-    """The DeepSpeed config of one replica (its batch sizes count the replica's ranks only)."""
-    return deepspeed_config(recipe, dims.replica_size, device.type)
+    """The DeepSpeed config of one replica: its share of the batch, over its own ranks."""
+    world = batch_world(recipe, dims)
+    cfg = deepspeed_config(recipe, world, device.type)
+    cfg["train_batch_size"] //= world // dims.replica_size
+    return cfg
 
 
 def _pipeline_stage(model, dims: ParallelDims, recipe: Recipe):

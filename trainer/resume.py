@@ -58,11 +58,19 @@ class LayoutChange:
         return f"{f.format(**self.before)} -> {f.format(**self.after)}"
 
 
-def layout_change(meta: dict, recipe: Recipe, world_size: int) -> LayoutChange | None:
+def layout_change(meta: dict, recipe: Recipe, world_size: int, replicas: int = 1) -> LayoutChange | None:
     keys = ("tp", "pp", "zero_stage", "world_size")
     before = {k: meta.get(k) for k in keys}
     after = {"tp": recipe.parallel.tp, "pp": recipe.parallel.pp, "zero_stage": recipe.parallel.zero_stage,
              "world_size": world_size}
+    saved_replicas = meta.get("replicas", 1)
+    if (saved_replicas > 1 or replicas > 1) and (before != after or saved_replicas != replicas):
+        # Replicas hold weights of their own: no single model to reshard from or to.
+        raise UsageError(f"checkpoint was written by {saved_replicas} replica(s) in layout "
+                         f"tp={before['tp']} pp={before['pp']} zero={before['zero_stage']} world={before['world_size']}; "
+                         f"this run has {replicas} in tp={after['tp']} pp={after['pp']} zero={after['zero_stage']} "
+                         f"world={after['world_size']}: a run whose replicas hold their own weights resumes only in "
+                         "the same layout and replica count (or start a new run.name)")
     return None if before == after else LayoutChange(before, after)
 
 
@@ -78,13 +86,14 @@ def set_schedule_position(engine, step: int) -> None:
 
 
 def restore(replica, recipe: Recipe, folder: Path, meta: dict, move: LayoutChange | None, sampler,
-            is_main: bool) -> int:
+            is_main: bool, rank: int) -> int:
     """Load `folder`'s training state into the replica (its engine and random-number stream) and
     the sampler; returns the step to continue from. With `move` the weights were already loaded
-    into the model (resharded) when the replica was built."""
-    dims, engine = replica.dims, replica.engine
+    into the model (resharded) when the replica was built. `rank`: this rank's index in the run
+    (its loop-state file)."""
+    engine = replica.engine
     if move is None:
-        loop_state = ckpt.load([replica.component], folder, meta, dims.local_rank)
+        loop_state = ckpt.load([replica.component], folder, meta, rank)
         sampler.load_state_dict(loop_state["sampler"])
         ckpt.set_rng_state(loop_state["rng"])
         return loop_state["step"]

@@ -41,9 +41,13 @@ class SignalWatch:
 
 @dataclass
 class RunContext:
+    """`shared`: the run spans every replica of the job (a sync run: one run directory, one
+    checkpoint commit for all replicas' components); otherwise it is this replica's own."""
+
     recipe: Recipe
     dims: ParallelDims
     device: torch.device
+    shared: bool = False
     run_dir: Path = field(init=False)
     tracker: NullTracker = field(init=False, default_factory=NullTracker)
 
@@ -52,12 +56,18 @@ class RunContext:
 
     @property
     def is_main(self) -> bool:
-        """The replica's first rank writes the run's files and prints."""
-        return self.dims.is_replica_main
+        """The run's first rank writes the run's files and prints."""
+        return self.dims.rank == 0 if self.shared else self.dims.is_replica_main
 
     @property
     def group(self):
-        return self.dims.replica_group
+        """The ranks of the run (None: the world)."""
+        return None if self.shared else self.dims.replica_group
+
+    @property
+    def rank(self) -> int:
+        """This rank's index in the run (names its files in checkpoints)."""
+        return self.dims.rank if self.shared else self.dims.local_rank
 
     @property
     def checkpoints(self) -> Path:
@@ -77,7 +87,8 @@ class RunContext:
         return SignalWatch()
 
     def save(self, components: list[ckpt.Component], step: int, loop_state: dict, meta: dict,
-             extra: dict | None = None) -> Path:
-        """Collective over the replica: one checkpoint of every component (see trainer.checkpoint)."""
-        return ckpt.save(components, self.checkpoints, step, loop_state, meta, self.dims.local_rank, self.is_main,
-                         self.recipe.train.keep_checkpoints, extra if self.is_main else None, group=self.group)
+             extra: dict | None = None, names: list[str] | None = None) -> Path:
+        """Collective over the run: one checkpoint of every component (see trainer.checkpoint).
+        `components`: this rank's; `names`: every component of the run (default: this rank's)."""
+        return ckpt.save(components, self.checkpoints, step, loop_state, meta, self.rank, self.is_main,
+                         self.recipe.train.keep_checkpoints, extra, group=self.group, names=names)

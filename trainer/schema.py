@@ -64,6 +64,10 @@ class DataSection(Section):
     val_fraction: float = _f(0.05, "fraction of documents held out for validation", gt=0.0, lt=1.0)
     max_documents: PosInt | None = _f(None, "use only the first N documents (null = all)")
     num_proc: PosInt = _f(2, "tokenisation workers")
+    split: Literal["iid", "dirichlet", "by_source"] = _f(
+        "iid", "how training data is dealt to sync.replicas groups: iid; dirichlet: each group's mix of document "
+        "sources drawn from Dirichlet(data.split_alpha); by_source: whole sources per group")
+    split_alpha: float = _f(0.1, "Dirichlet concentration of data.split=dirichlet (small = strongly non-IID)", gt=0.0)
     cache_dir: str = _f(".cache/data", "where tokenised corpora are cached (keyed by a hash of the inputs)")
 
 
@@ -151,6 +155,33 @@ class TrackingSection(Section):
     tags: list[str] = _f([], "W&B tags")
 
 
+class SyncOuterSection(Section):
+    lr: float = _f(0.7, "DiLoCo outer learning rate (1 with momentum 0 = plain averaging)", gt=0.0)
+    momentum: float = _f(0.9, "DiLoCo outer momentum", ge=0.0, lt=1.0)
+    nesterov: bool = _f(True, "DiLoCo outer Nesterov momentum")
+
+
+class SyncSection(Section):
+    replicas: PosInt | None = _f(None, "groups of ranks that may hold different weights (null = the data-parallel "
+                                 "degree); inside a group DeepSpeed reduces as usual, across groups sync.strategy")
+    strategy: Literal["allreduce", "ring", "gossip", "local_sgd", "diloco", "fedavg", "hybrid"] = _f(
+        "allreduce", "allreduce: the engine's own gradient reduction over every rank; ring: our ring all-reduce of "
+        "the gradients across groups; gossip: average with graph neighbours every sync.every steps; local_sgd: "
+        "average every sync.every steps; diloco: local_sgd with an outer Nesterov optimizer on the averaged delta; "
+        "fedavg: average weighted by each group's training samples; hybrid: DeepSpeed inside a group, sync.across "
+        "across groups")
+    every: PosInt = _f(1, "steps between synchronisations (local_sgd, diloco, fedavg, gossip, hybrid)")
+    topology: Literal["ring", "torus", "exponential", "random"] = _f(
+        "exponential", "gossip graph: ring, 2-D torus, one-peer exponential, seeded random matching")
+    outer: SyncOuterSection = SyncOuterSection()
+    weights: Literal["samples", "equal"] = _f("samples", "fedavg weights: each group's training samples n_i, or equal")
+    across: Literal["gossip", "diloco", "fedavg", "local_sgd"] = _f("diloco", "hybrid: the strategy across groups")
+    compress: Literal["none", "fp16", "int8", "topk", "powersgd"] = _f(
+        "none", "compression of what groups exchange (gradients or deltas), with error feedback")
+    compress_ratio: float = _f(0.01, "topk: fraction of entries sent", gt=0.0, le=1.0)
+    compress_rank: PosInt = _f(4, "powersgd: rank of the low-rank approximation")
+
+
 class Recipe(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -160,6 +191,7 @@ class Recipe(Section):
     parallel: ParallelSection = ParallelSection()
     launch: LaunchSection = LaunchSection()
     tracking: TrackingSection = TrackingSection()
+    sync: SyncSection = SyncSection()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Recipe:
@@ -195,9 +227,35 @@ class Recipe(Section):
             raise ValueError("train.compile=true cannot be combined with parallel.zero_stage=3 (ZeRO-3 gathers each "
                              "layer's partitioned parameters in hooks that torch.compile cannot trace); use ZeRO 0-2 "
                              "or train.compile=false")
+        self._check_sync()
         if self.train.resume not in ("none", "auto") and not self.train.resume.strip():
             raise ValueError("train.resume must be none, auto or a checkpoint path")
         return self
+
+    def _check_sync(self) -> None:
+        s, p = self.sync, self.parallel
+        if s.strategy == "allreduce":
+            if s.replicas is not None:
+                raise ValueError("sync.replicas needs a sync.strategy other than allreduce (allreduce: DeepSpeed's "
+                                 "own reduction over every rank, one set of weights)")
+            if self.data.split != "iid":
+                raise ValueError(f"data.split={self.data.split} deals data to sync.replicas groups: it needs "
+                                 "sync.strategy local_sgd, diloco, fedavg, gossip or hybrid")
+            return
+        if p.zero_stage != 0:
+            raise ValueError(f"sync.strategy={s.strategy} exchanges what DeepSpeed keeps on the parameters: it needs "
+                             f"parallel.zero_stage=0 inside each replica (got {p.zero_stage}; ZeRO partitions are "
+                             "not exchanged shard by shard yet)")
+        if p.pp > 1:
+            raise ValueError(f"sync.strategy={s.strategy} needs parallel.pp=1 (DeepSpeed's PipelineModule builds its "
+                             "groups over the whole world, so a job cannot hold several pipeline replicas)")
+        kind = s.across if s.strategy == "hybrid" else s.strategy
+        if s.compress != "none" and kind not in ("ring", "diloco"):
+            raise ValueError(f"sync.compress={s.compress} compresses what replicas exchange as gradients or deltas: "
+                             f"it needs sync.strategy ring or diloco (or hybrid with sync.across=diloco), not {kind}")
+        if self.data.split != "iid" and kind == "ring":
+            raise ValueError(f"data.split={self.data.split} gives each replica its own data: it needs a strategy "
+                             "that lets replicas differ (local_sgd, diloco, fedavg, gossip, hybrid), not ring")
 
     # ---- derived quantities -------------------------------------------------------------------
     def world_size(self) -> int:

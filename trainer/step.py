@@ -87,11 +87,16 @@ class Stepper:
     loss_fn: Callable | None = None
     after_backward: list[Callable] = field(default_factory=list)
     after_step: list[Callable] = field(default_factory=list)
+    # Where the non-finite veto is agreed: the replica (default), or the world (None) when
+    # replicas exchange gradients and must all skip a step together.
+    veto_group: object | None = field(default="replica")
 
     def __post_init__(self):
+        if self.veto_group == "replica":
+            self.veto_group = self.dims.replica_group
         # The pipeline engine steps inside train_batch, before the loop sees the loss: there the
         # skipper checks the gradients themselves.
-        self.skipper = StepSkipper(self.engine, check_grads=self.dims.is_pipeline, group=self.dims.replica_group)
+        self.skipper = StepSkipper(self.engine, check_grads=self.dims.is_pipeline, group=self.veto_group)
         if self.loss_fn is None:
             self.loss_fn = functools.partial(lm_loss, device=self.device)
 
@@ -115,13 +120,13 @@ class Stepper:
             finite &= bool(torch.isfinite(loss.detach()).item())
             engine.backward(loss)
             if micro == gas - 1:
-                finite = all_true(finite, self.dims.replica_group)
+                finite = all_true(finite, self.veto_group)
                 self.skipper.skip_next = not finite
+                for hook in self.after_backward:
+                    hook(self)
                 if self.plain_grads and finite and want_grad_norm:
                     grad_norm = torch.nn.utils.get_total_norm(
                         [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
-                for hook in self.after_backward:
-                    hook(self)
             engine.step()
             loss_sum += loss.detach().double().cpu()
         step_loss = loss_sum / gas

@@ -1,0 +1,242 @@
+"""The strategies by which replicas agree, as the training loop's `Synchronizer`s.
+
+Every rank belongs to one replica (R groups of consecutive ranks, `ParallelDims`); inside a replica
+DeepSpeed reduces over the replica's data-parallel ranks as usual. Across replicas a strategy talks
+over the cross-replica group (the ranks at the same place in every replica, so each exchange is
+shard by shard: tensor-parallel slices meet their own slices), through hooks on the replica's
+`Stepper`:
+
+- `ring` (gradients, after backward): our ring all-reduce of the replica-averaged gradients,
+  divided by R, so every replica applies the job's mean gradient, as `allreduce` would. DeepSpeed's
+  own reduction covers only the replica, never the job.
+- `local_sgd` (weights, after every `every` steps): the plain mean of the replicas' weights.
+- `fedavg`: the mean weighted by each replica's training samples n_i / n (or equally).
+- `diloco`: the replicas' mean delta from the last global weights is an outer gradient, applied to
+  the global weights by SGD with (Nesterov) momentum (`sync.outer`); with lr 1 and momentum 0 it is
+  `local_sgd`.
+- `gossip`: one step of averaging with graph neighbours (`mixing_matrix(sync.topology, R, round)`).
+- `hybrid`: DeepSpeed inside each replica and `sync.across` across them (the composition above with
+  replicas of several ranks, e.g. one per node).
+
+`sync.compress` applies to what crosses replicas (ring gradients, diloco deltas), with error
+feedback. Weights are exchanged where DeepSpeed keeps them on the parameters: ZeRO-0 (fp32 for the
+weight strategies); the schema refuses other combinations before training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import UsageError
+from trainer.schema import Recipe
+
+from . import ring
+from .gossip import gossip_average_
+from .mixing import is_connected, mixing_matrix
+
+GRADIENT_STRATEGIES = ("ring",)
+WEIGHT_STRATEGIES = ("local_sgd", "fedavg", "diloco", "gossip")
+
+
+def replica_count(recipe: Recipe, world_size: int) -> int:
+    """`sync.replicas`, or the data-parallel degree of the job (every model-parallel group a replica)."""
+    return recipe.sync.replicas or recipe.dp_degree(world_size)
+
+
+def build_synchronizer(recipe: Recipe, world_size: int):
+    """The recipe's strategy (None for `allreduce`: DeepSpeed's own reduction over every rank).
+    Raises UsageError (one line, exit 2) for settings that cannot run."""
+    s = recipe.sync
+    if s.strategy == "allreduce":
+        return None
+    replicas = replica_count(recipe, world_size)
+    dp = recipe.dp_degree(world_size)
+    if dp % replicas:
+        raise UsageError(f"sync.replicas={replicas} must divide the data-parallel degree {dp} (world {world_size} / "
+                         f"(tp={recipe.parallel.tp} x pp={recipe.parallel.pp}))")
+    if replicas < 2:
+        raise UsageError(f"sync.strategy={s.strategy} needs sync.replicas >= 2 (got {replicas}); with one replica "
+                         "use sync.strategy=allreduce")
+    kind = s.across if s.strategy == "hybrid" else s.strategy
+    if kind == "gossip" and not is_connected(s.topology, replicas, seed=recipe.train.seed):
+        raise UsageError(f"sync.topology={s.topology} over {replicas} replicas is not connected: the replicas would "
+                         "never agree; use ring, torus or exponential")
+    if kind in GRADIENT_STRATEGIES:
+        return RingGradients(recipe, replicas)
+    return WeightAveraging(recipe, replicas, kind)
+
+
+class _Strategy:
+    exchanges_gradients = False
+
+    def __init__(self, recipe: Recipe, replicas: int):
+        self.recipe, self.replicas = recipe, replicas
+        self.sent_before = 0  # bytes sent in earlier segments of the run (a resume)
+        self.sent_at_start = ring.comm_bytes()
+        self.ef = None
+        if recipe.sync.compress != "none":
+            from .compress import ErrorFeedback
+
+            c = recipe.sync.compress
+            self.ef = ErrorFeedback(c, ratio=recipe.sync.compress_ratio if c == "topk" else None,
+                                    rank=recipe.sync.compress_rank if c == "powersgd" else None,
+                                    seed=recipe.train.seed)
+
+    def attach(self, stepper, replica, sample_counts: list[int]) -> None:
+        self.dims, self.engine = replica.dims, replica.engine
+        self.group = self.dims.cross_replica_group
+        self.params = [p for p in replica.module.parameters() if p.requires_grad]
+        self.counts = list(sample_counts)
+
+    def comm_bytes(self) -> int:
+        return self.sent_before + ring.comm_bytes() - self.sent_at_start
+
+    def log_row(self, step: int) -> dict:
+        return {"comm_bytes": self.comm_bytes()}
+
+    def state_dict(self) -> dict:
+        return {"comm_bytes": self.comm_bytes(), "ef": self.ef.state_dict() if self.ef is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sent_before, self.sent_at_start = state["comm_bytes"], ring.comm_bytes()
+        if self.ef is not None:
+            self.ef.load_state_dict(state["ef"])
+
+    # ---- exchange over the cross-replica group ------------------------------------------------
+
+    def _sum(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """The sum over replicas of `flat` (compressed with error feedback when asked)."""
+        if self.ef is None:
+            ring.ring_all_reduce(flat, self.group)
+            return flat
+        return self.ef.exchange(name, flat, all_reduce_fn=self._ring_sum, all_gather_fn=self._ring_gather)
+
+    def _ring_sum(self, t: torch.Tensor) -> torch.Tensor:
+        ring.ring_all_reduce(t, self.group)
+        return t
+
+    def _ring_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every replica's `t` (same shape everywhere), passed around the ring: R-1 sends of |t|."""
+        r, n = dist.get_rank(self.group), self.replicas
+        out = [None] * n
+        out[r] = t.contiguous()
+        nxt, prv = dist.get_global_rank(self.group, (r + 1) % n), dist.get_global_rank(self.group, (r - 1) % n)
+        for k in range(n - 1):
+            send_idx, recv_idx = (r - k) % n, (r - k - 1) % n
+            buf = torch.empty_like(out[send_idx])
+            reqs = [ring.isend(out[send_idx], nxt, self.group), ring.irecv(buf, prv, self.group)]
+            for q in reqs:
+                q.wait()
+            out[recv_idx] = buf
+        return out
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def _unflat_(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    i = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[i:i + n].view_as(t))
+        i += n
+
+
+class RingGradients(_Strategy):
+    """`ring`: the job's mean gradient from our ring all-reduce (see the module docstring)."""
+
+    exchanges_gradients = True
+
+    def attach(self, stepper, replica, sample_counts):
+        super().attach(stepper, replica, sample_counts)
+        stepper.after_backward.append(self._reduce)
+
+    @torch.no_grad()
+    def _reduce(self, stepper) -> None:
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            raise RuntimeError("sync.strategy=ring: a trainable parameter has no gradient after backward")
+        total = self._sum(_flat(grads), "grads")
+        _unflat_(grads, total.div_(self.replicas))
+
+
+class WeightAveraging(_Strategy):
+    """local_sgd, fedavg, diloco and gossip: the replicas' weights mix every `sync.every` steps."""
+
+    def __init__(self, recipe: Recipe, replicas: int, kind: str):
+        super().__init__(recipe, replicas)
+        self.kind, self.every, self.steps, self.rounds = kind, recipe.sync.every, 0, 0
+        self.global_weights = self.momentum = None  # diloco
+
+    def attach(self, stepper, replica, sample_counts):
+        super().attach(stepper, replica, sample_counts)
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise UsageError(f"sync.strategy={self.kind} averages the weights DeepSpeed keeps on the parameters: "
+                             "it needs train.precision=fp32 with parallel.zero_stage=0")
+        if self.kind == "diloco":
+            self.global_weights = _flat(self.params)
+            self.momentum = torch.zeros_like(self.global_weights)
+        stepper.after_step.append(self._after_step)
+
+    def _after_step(self, stepper, result) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.sync_now()
+
+    @torch.no_grad()
+    def sync_now(self) -> None:
+        flat = _flat(self.params)
+        if self.kind == "gossip":
+            m = mixing_matrix(self.recipe.sync.topology, self.replicas, step=self.rounds, seed=self.recipe.train.seed)
+            gossip_average_(flat, group=self.group, matrix=m)
+        elif self.kind == "diloco":
+            flat = self._outer_step(flat)
+        else:
+            if self.kind == "fedavg" and self.recipe.sync.weights == "samples":
+                share = self.counts[self.dims.replica] / sum(self.counts)
+            else:
+                share = 1.0 / self.replicas
+            flat = self._sum(flat.mul_(share), "weights")
+        _unflat_(self.params, flat)
+        self.rounds += 1
+
+    def _outer_step(self, flat: torch.Tensor) -> torch.Tensor:
+        """DiLoCo: outer gradient = the replicas' mean delta theta_global - theta_i; SGD with
+        (Nesterov) momentum on the global weights, which every replica then takes."""
+        o = self.recipe.sync.outer
+        delta = self._sum(self.global_weights - flat, "delta").div_(self.replicas)
+        self.momentum.mul_(o.momentum).add_(delta)
+        step = delta.add(self.momentum, alpha=o.momentum) if o.nesterov else self.momentum
+        self.global_weights.sub_(step, alpha=o.lr)
+        return self.global_weights.clone()
+
+    @torch.no_grad()
+    def consensus_dist(self) -> float:
+        """Relative RMS distance of the replicas' weights to their mean: sqrt(mean_i |theta_i -
+        mean|^2) / |mean| (diagnostic collectives, not counted in comm_bytes)."""
+        params = self.params
+        if self.dims.tp > 1:  # each tensor once: slices on every tp rank, replicated ones on tp rank 0
+            params = [p for p in params if getattr(p, "tensor_model_parallel", True)]
+        flat = _flat(params).double()
+        mean = flat.clone()
+        dist.all_reduce(mean, group=self.group)
+        mean /= self.replicas
+        sq = torch.stack([(flat - mean).pow(2).sum(), mean.pow(2).sum()])
+        dist.all_reduce(sq[:1], group=self.group)
+        if self.dims.tp > 1:  # shards of one model: sum their squares
+            dist.all_reduce(sq, group=self.dims.tp_group)
+        return float((sq[0] / self.replicas).sqrt() / sq[1].sqrt()) if sq[1] > 0 else 0.0
+
+    def log_row(self, step: int) -> dict:
+        return {**super().log_row(step), "consensus_dist": self.consensus_dist()}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "steps": self.steps, "rounds": self.rounds,
+                "global_weights": self.global_weights, "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.steps, self.rounds = state["steps"], state["rounds"]
+        self.global_weights, self.momentum = state["global_weights"], state["momentum"]
