@@ -11,7 +11,7 @@ RUN         ?=
 OUT         ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test validate export recipes bench bench-train bench-parallel kernels lint gpu-check clean slurm
+.PHONY: train test validate export recipes bench bench-train bench-parallel bench-generate kernels lint gpu-check clean slurm
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/bench_train.py $(ARGS)
+
+# Decoding tokens/s: DecodeEngine's continuous batching against the old static-batch GPT.generate
+# (bench/static_generate.py) on 16 requests of ragged and of equal lengths -> bench/results/generate-cpu.md.
+bench-generate: $(STAMP)
+	$(PY) bench/bench_generate.py $(ARGS)
 
 kernels: $(STAMP)
 	$(PY) -m model.kernels.build

@@ -18,14 +18,15 @@ those of that request decoded alone, whatever shares the batch.
 Sampling (`SamplingParams`, per row): temperature 0 is greedy (argmax); otherwise the token is
 drawn from softmax(logits / temperature) restricted to the top-k tokens and then to the nucleus of
 mass top_p, renormalised (the filters of `sample_next`). `StepOutput.logprob` (log-probability of
-the emitted token) and `StepOutput.entropy` (exact: a sum over the whole vocabulary, in float64)
-refer to that sampled distribution; for greedy rows they refer to softmax(logits) at temperature 1
-with no filter. Logits are the model's float32 logits.
+the emitted token) and `StepOutput.entropy` (exact: -sum p log p over the whole vocabulary, in
+float32 from float32 logits) refer to that sampled distribution; for greedy rows they refer to
+softmax(logits) at temperature 1 with no filter. Logits are the model's float32 logits.
 
-Random numbers: a row with `seed` gets its own `torch.Generator`, so its tokens do not depend on
-which other rows share a step.  Rows given one `generator` object (or neither, meaning torch's
-default generator) draw together: one `torch.multinomial` call per step over those rows in the
-order of the slots passed, the draws of a static batch decoder (`GPT.generate` relies on it).
+Random numbers: a row with `seed` gets its own CPU `torch.Generator` and draws by inversion (one
+uniform number per token), so its tokens do not depend on which other rows share a step, nor on
+the device. Rows given one `generator` object (or neither, meaning torch's default generator) draw
+together: one `torch.multinomial` call per step over those rows in the order of the slots passed,
+the draws of a static batch decoder (`GPT.generate` relies on it).
 
 Tensor parallelism: the engine gathers the vocabulary-sharded logits with `gather_logits` (by
 default the head's own `lm_head.gather_logits` when it has one), so every rank samples from the
@@ -36,7 +37,6 @@ token and is refused.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -119,56 +119,78 @@ class SamplingParams:
 def sample_tokens(logits, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]):
     """One token per row of logits [B, V] under params[i], drawing with generators[i].
 
-    Returns (tokens [B] long, logprobs [B] float64, entropies [B] float64), the last two under the
-    distribution each row was sampled from (see the module docstring)."""
+    A row whose params have a seed draws by inversion: one uniform number from its own (CPU)
+    generator, looked up in the row's cumulative distribution (float64), so a draw costs one random
+    number and depends on nothing else in the batch. The other sampled rows draw with
+    `torch.multinomial`, one call per distinct generator (None: torch's default) over its rows in
+    batch order, exactly as a static batch decoder calling `sample_next` would.
+
+    Returns (tokens [B] long, logprobs [B], entropies [B]) on the logits' device, the last two
+    float32, under the distribution each row was sampled from (see the module docstring)."""
     logits = logits.float()
-    B = logits.shape[0]
-    everyone = torch.arange(B, device=logits.device)
+    B, V = logits.shape
+    dev = logits.device
     filters: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         key = (0.0, None, None) if p.temperature == 0 else (float(p.temperature), p.top_k, p.top_p)
         filters.setdefault(key, []).append(i)
 
-    def rows(idx):  # the batch itself when a group is all of it: no copy, same ops as one call
-        return everyone if len(idx) == B else torch.tensor(idx, device=logits.device)
+    def select(idx):  # None for the whole batch: its ops are then exactly those of one sample_next call
+        return None if len(idx) == B else torch.tensor(idx, device=dev)
 
-    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
-    dist = probs = None  # logits of the reported distributions; probabilities of the sampled rows
+    def put(dst, sel, value, fill):
+        if sel is None:
+            return value
+        if dst is None:
+            dst = torch.full((B,) + value.shape[1:], fill, dtype=value.dtype, device=dev)
+        dst[sel] = value
+        return dst
+
+    dist = probs = None  # dist: logits of the reported distributions; probs: of the sampled rows
     for key, idx in filters.items():
-        whole = len(idx) == B
-        sel = rows(idx)
-        sub = logits if whole else logits[sel]
-        if key[0] == 0:
-            tokens[sel] = sub.argmax(dim=-1)
-            filtered = sub
-        else:
-            filtered = filter_logits(sub, *key)
-            p = filtered.softmax(dim=-1)
-            if whole:
-                probs = p
-            else:
-                probs = torch.zeros_like(logits) if probs is None else probs
-                probs[sel] = p
-        if whole:
-            dist = filtered
-        else:
-            dist = torch.empty_like(logits) if dist is None else dist
-            dist[sel] = filtered
+        sel = select(idx)
+        sub = logits if sel is None else logits[sel]
+        filtered = sub if key[0] == 0 else filter_logits(sub, *key)
+        if key[0] != 0:
+            probs = put(probs, sel, filtered.softmax(dim=-1), 0.0)
+        dist = put(dist, sel, filtered, 0.0)
+    # A greedy row's dist is its raw logits: its token is the (first) maximum found here.
+    peak, tokens = dist.max(dim=-1, keepdim=True)
+    tokens = tokens.squeeze(1)
 
-    draws: dict[int, tuple[torch.Generator | None, list[int]]] = {}
+    inversion: list[int] = []
+    shared: dict[int, tuple[torch.Generator | None, list[int]]] = {}
     for i, p in enumerate(params):
-        if p.temperature != 0:
+        if p.temperature == 0:
+            continue
+        if p.seed is not None:
+            inversion.append(i)
+        else:
             g = generators[i]
-            draws.setdefault(id(g), (g, []))[1].append(i)
-    for g, idx in draws.values():
-        sel = rows(idx)
-        group = probs if len(idx) == B else probs[sel]
-        tokens[sel] = torch.multinomial(group, 1, generator=g).squeeze(-1)
+            shared.setdefault(id(g), (g, []))[1].append(i)
+    if inversion:
+        sel = select(inversion)
+        u = torch.tensor([float(torch.rand((), generator=generators[i])) for i in inversion],
+                         dtype=torch.float64, device=dev)
+        cdf = (probs if sel is None else probs[sel]).double().cumsum(dim=-1)
+        # right=True: the first token whose cumulative mass exceeds u * total, never one of mass 0.
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=V - 1)
+        tokens = put(tokens, sel, pick, 0)
+    for g, idx in shared.values():
+        sel = select(idx)
+        draw = torch.multinomial(probs if sel is None else probs[sel], 1, generator=g).squeeze(-1)
+        tokens = put(tokens, sel, draw, 0)
 
-    logp = dist.double().log_softmax(dim=-1)
-    token_logp = logp.gather(1, tokens[:, None]).squeeze(1)
-    pr = logp.exp()
-    entropy = -(pr * logp.masked_fill(pr == 0, 0.0)).sum(dim=-1)
+    # One pass of exp: with z = dist - max and s = sum(exp z), log p = z - log s and the entropy
+    # -sum p log p = log s - sum(exp(z) z) / s. z is clamped at -87, where exp(z) is still a
+    # normal float: denormal results slow exp down several times, and filtered tokens (-inf) then
+    # weigh ~1e-38 instead of 0, far below float32 resolution.
+    z = (dist - peak).clamp_(min=-87.0)
+    e = z.exp()
+    s = e.sum(dim=-1)
+    log_s = s.log()
+    token_logp = z.gather(1, tokens[:, None]).squeeze(1) - log_s
+    entropy = log_s - torch.linalg.vecdot(e, z) / s
     return tokens, token_logp, entropy
 
 
@@ -226,14 +248,25 @@ class SlotKVCache:
         if prefill and any(self.lengths[r] for r in rows):
             raise ValueError("prefill writes fresh rows only")
         self._rows, self._new, self._prefill = rows, list(new_lengths), prefill
-        self._rows_t = torch.tensor(rows, device=dev)
-        # A contiguous block of rows is read as a view of the cache instead of a gathered copy.
-        first = rows[0]
-        self._block = slice(first, first + len(rows)) if rows == list(range(first, first + len(rows))) else None
-        if not prefill:
-            starts = [self.lengths[r] for r in rows]
-            self._starts = torch.tensor(starts, device=dev)
-            self._L = max(starts) + 1
+        # A contiguous block of rows is read (and written) through views of the cache instead of
+        # gathered copies and index writes.
+        first, n = rows[0], len(rows)
+        self._block = slice(first, first + n) if rows == list(range(first, first + n)) else None
+        self._rows_t = torch.tensor(rows, device=dev) if self._block is None else None
+        if prefill:
+            return
+        starts = [self.lengths[r] for r in rows]
+        self._starts = torch.tensor(starts, device=dev)
+        self._L = max(starts) + 1
+        # Rows of one length in a block: the new keys form one slice of the cache.
+        self._column = starts[0] if self._block is not None and min(starts) == self._L - 1 else None
+        if self._column is None:
+            # Where each row's new key goes in a layer's cache seen as [S * Hkv * max_len, D]: whole
+            # head_dim rows copied by index_copy_ (an elementwise index_put_ was slower).
+            S, H, L, D = self.shape
+            rows_t = self._rows_t if self._rows_t is not None else torch.arange(first, first + n, device=dev)
+            heads = torch.arange(H, device=dev)
+            self._flat = ((rows_t[:, None] * H + heads) * L + self._starts[:, None]).reshape(-1)
 
     def plan(self, T: int):
         """(positions, attention mask) of the selected step: (None, None) for a prefill (positions
@@ -277,8 +310,14 @@ class SlotKVCache:
                 K[self._rows_t, :, :T] = k
                 V[self._rows_t, :, :T] = v
             return k, v
-        K[self._rows_t, :, self._starts] = k[:, :, 0]
-        V[self._rows_t, :, self._starts] = v[:, :, 0]
+        if self._column is not None:
+            c = self._column
+            K[self._block, :, c:c + 1] = k
+            V[self._block, :, c:c + 1] = v
+        else:
+            D = self.shape[-1]
+            K.view(-1, D).index_copy_(0, self._flat, k[:, :, 0].reshape(-1, D).to(K.dtype))
+            V.view(-1, D).index_copy_(0, self._flat, v[:, :, 0].reshape(-1, D).to(V.dtype))
         L = self._L
         if self._block is not None:
             return K[self._block, :, :L], V[self._block, :, :L]
@@ -341,17 +380,23 @@ class _Request:
     finish_reason: str | None = None
 
 
-@contextlib.contextmanager
-def _inference(model):
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            model.train()
+class _Inference:
+    """Eval mode and no gradients for one engine call; the caller's training mode comes back."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        if self.was_training:
+            self.model.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        if self.was_training:
+            self.model.train()
 
 
 class DecodeEngine:
@@ -449,12 +494,12 @@ class DecodeEngine:
         ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device)
         rows = list(range(len(self._slot_of), len(self._slot_of) + n))
         self.cache.select(rows, lens, prefill=True)
-        with _inference(self.model):
+        with _Inference(self.model):
             h = self.model.hidden_states(ids, kv_cache=self.cache)
             last = torch.tensor(lens, device=self.device) - 1
             logits = self._logits(h[torch.arange(n, device=self.device), last][:, None])
         for s, p, length, row in zip(slots, params, lens, rows):
-            gen = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else p.generator
+            gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else p.generator
             self._requests[s] = _Request(p, gen, length)
             self._row_of[s] = row
             self._slot_of.append(s)
@@ -476,7 +521,7 @@ class DecodeEngine:
         reqs = [self._requests[slots[i]] for i in order]
         ids = torch.tensor([[r.last] for r in reqs], dtype=torch.long, device=self.device)
         self.cache.select(rows, [self.cache.lengths[row] + 1 for row in rows], prefill=False)
-        with _inference(self.model):
+        with _Inference(self.model):
             logits = self._logits(self.model.hidden_states(ids, kv_cache=self.cache))
         if order != sorted(order):  # back to the caller's order, which also orders shared draws
             inverse = [0] * len(order)

@@ -1,11 +1,13 @@
 """model.generate.DecodeEngine against independent references: cache-free full-forward decoding,
 each request decoded alone (rows joining and leaving mid-batch), a float64 recomputation of the
-reported log-probabilities and entropies, the sampler's frequencies against the softmax, and the
-old static decoder (bench/static_generate.py) for GPT.generate."""
+reported log-probabilities and entropies, the sampler's frequencies against the softmax, the old
+static decoder (bench/static_generate.py) for GPT.generate, and a smoke run of the benchmark."""
 
 from __future__ import annotations
 
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,19 +219,23 @@ def _tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 4, None), (1.3, None, 0.8),
                                                      (1.0, 5, 0.9)])
-def test_sampler_frequencies_match_the_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("draw", ["inversion", "multinomial"])
+def test_sampler_frequencies_match_the_distribution(temperature, top_k, top_p, draw):
+    """Both ways of drawing: rows with a seed (inversion, one uniform each from their generator,
+    here one generator for all so that the draws are independent) and rows sharing a generator
+    (one multinomial call)."""
     logits = torch.tensor([2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0])
     n = 40_000
-    p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=0 if draw == "inversion" else None)
     g = torch.Generator().manual_seed(0)
     tokens, logprobs, entropies = sample_tokens(logits.expand(n, -1), [p] * n, [g] * n)
     counts = torch.bincount(tokens, minlength=8).double()
     expect = _reference_logprobs_from_logits(logits, p).exp()
     assert (counts[expect == 0] == 0).all()  # nothing outside the filtered support
     assert _tv(counts, expect) < 0.01  # ~0.003 expected at this n
-    torch.testing.assert_close(logprobs, expect.log()[tokens], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logprobs.double(), expect.log()[tokens], rtol=0, atol=1e-6)
     lp = expect.log().masked_fill(expect == 0, 0)
-    torch.testing.assert_close(entropies[0], -(expect * lp).sum(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropies[0].double(), -(expect * lp).sum(), rtol=0, atol=1e-6)
 
 
 def _reference_logprobs_from_logits(logits, p):
@@ -362,3 +368,15 @@ def test_gpt_generate_gives_the_old_static_decoders_tokens(style):
         old = static_generate(m, ids, 8, attention_mask=mask, generator=torch.Generator().manual_seed(1), **kw)
         assert torch.equal(new, old), kw
 
+
+def test_bench_generate_quick(tmp_path):
+    """`make bench-generate` in its tiny --quick mode: the table and the ratio lines are written."""
+    out = tmp_path / "generate.md"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "bench_generate.py"), "--quick", "--threads", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    for workload in ("ragged", "equal"):
+        assert len(re.findall(rf"^ratio {workload}: engine / static = \d+\.\d+x in tokens/s", text, re.M)) == 2, text
+    assert "bench/bench_generate.py --quick" in text and re.search(r"same tokens for \d+/16 requests", text)
+    assert "| ragged | static |" in text and "| equal | engine |" in text
