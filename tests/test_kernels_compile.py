@@ -2,7 +2,8 @@
 path, see model/kernels/ops.py).
 
 Each op is compiled alone with the inductor backend and compared with the same op run eagerly:
-outputs and every gradient, float32 and bfloat16.  The compiled graph must contain the kernel ops
+outputs and every gradient (random upstream gradients, per token for the per-token losses),
+float32 and bfloat16.  The compiled graph must contain the kernel ops
 (forward and backward), so a silent fallback to the PyTorch reference fails.  Both runs execute
 the same kernels; only the glue around them (dtype casts, the loss mean) is compiled, so the
 tolerances are tight: float32 rtol 1e-5 / atol 1e-6 x max|eager|, bfloat16 one bf16 rounding
@@ -126,6 +127,14 @@ def _cases(dtype):
         "cross_entropy_inplace": (lambda ops, logits, t: ops.cross_entropy(logits * 1, t, ignore_index=-1,
                                                                           inplace_backward=True),
                                   dict(logits=logits, t=targets), ["logits"], ["ce_fwd", "ce_bwd"]),
+        # per-token outputs: `run` backpropagates a random gradient per token; row-strided views
+        "token_cross_entropy": (lambda ops, logits, t: ops.token_cross_entropy(logits[:, :-1], t[:, 1:],
+                                                                              ignore_index=-1),
+                                dict(logits=logits, t=targets), ["logits"], ["ce_fwd", "ce_bwd"]),
+        "token_entropy": (lambda ops, logits: ops.token_entropy(logits[:, :-1]), dict(logits=logits), ["logits"],
+                          ["ce_ent_fwd", "ce_ent_bwd"]),
+        "token_logprob_and_entropy": (lambda ops, logits, t: ops.token_logprob_and_entropy(logits, t, ignore_index=-1),
+                                      dict(logits=logits, t=targets), ["logits"], ["ce_ent_fwd", "ce_ent_bwd"]),
     }
 
 
@@ -235,6 +244,44 @@ def test_vocab_parallel_cross_entropy_compiles(fused):
             assert "llmk_cpu.ce_bwd" in graph_ops(counter)
             assert_same(outs_c[0], outs_e[0], torch.float32, "loss")
             assert_same(grads_c["logits"], grads_e["logits"], torch.float32, "grad")
+        finally:
+            dist.destroy_process_group()
+
+
+def test_vocab_parallel_token_losses_compile(fused):
+    """One-rank group: the per-token vocabulary-parallel ops (the combined one, then the CE alone,
+    whose backward is ce_bwd with a per-row scale) trace with their all-reduces, kernels in the
+    graph, and match eager."""
+    import torch.distributed as dist
+
+    from model.kernels import vocab_parallel_token_cross_entropy, vocab_parallel_token_logprob_and_entropy
+
+    assert not dist.is_initialized()
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=0, world_size=1)
+        try:
+            full = randn(2, 6, 50, seed=32, scale=3.0)
+            t = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(33))
+            t[0, 3] = -100
+
+            def both(logits):
+                lp, h = vocab_parallel_token_logprob_and_entropy(logits, t, 0, None, use_kernels=True)
+                return lp, h
+
+            def ce(logits):
+                return vocab_parallel_token_cross_entropy(logits, t, 0, None, use_kernels=True)
+
+            for fn, kernel_ops in ((both, ("ce_ent_fwd", "ce_ent_bwd")), (ce, ("ce_fwd", "ce_bwd"))):
+                torch._dynamo.reset()
+                compiled, counter = compile_full(fn)
+                outs_c, grads_c = run(compiled, dict(logits=full), ["logits"])
+                outs_e, grads_e = run(fn, dict(logits=full), ["logits"])
+                assert counter.frame_count == 1
+                for name in kernel_ops:
+                    assert f"llmk_cpu.{name}" in graph_ops(counter), name
+                for a, e in zip(outs_c, outs_e):
+                    assert_same(a, e, torch.float32, "output")
+                assert_same(grads_c["logits"], grads_e["logits"], torch.float32, "grad")
         finally:
             dist.destroy_process_group()
 

@@ -16,7 +16,9 @@ opt-in attribute) and in global memory (beyond the opt-in limit, also forced wit
 emulated limit), cross-entropy over a 50257 vocabulary (several backward column chunks); the
 vectorised (128-bit) and scalar kernels of the norms, bias-GELU / SwiGLU and cross-entropy (aligned
 rows with widths a multiple of the vector width, odd-offset views, odd widths, strided rows,
-vocabulary shards), the kernel that ran asserted through the emulator's launch log.
+vocabulary shards), the kernel that ran asserted through the emulator's launch log.  The per-token
+losses (tests/test_token_losses.py's checks: CE with a per-row upstream gradient, entropy, both
+in one pass; vocabulary shards) likewise, on their vectorised and scalar kernels.
 What the emulator cannot catch (timing, inter-block races, out-of-bounds global accesses, ...):
 see cuda_emu.h.
 """
@@ -40,6 +42,14 @@ from tests.test_kernels import (  # noqa: F401  (poison_outputs: autouse fixture
     check_cuda_rope,
     poison_outputs,
     randn,
+)
+from tests.test_token_losses import OPS as TOKEN_OPS
+from tests.test_token_losses import (
+    assert_grads,
+    assert_values,
+    check_ce_ent_vocab_shards,
+    check_confident_rows,
+    check_token_ops,
 )
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -378,6 +388,120 @@ def test_other_schedules(emu_ops, schedule, monkeypatch):
         check_cuda_norms(emu_ops, dtype, "cpu", (300, 40), full=False)
         check_cuda_pointwise(emu_ops, dtype, "cpu", (9, 70))
         check_cuda_cross_entropy(emu_ops, dtype, "cpu", (3, 5000), inplace=True)
+
+
+# ---------------------------------------------------------------- per-token CE and entropy
+
+ENT_VEC = ["ce_ent_fwd_vec_kernel<T> 512", "ce_ent_bwd_vec_kernel<T> 256"]
+ENT_SCALAR = ["ce_ent_fwd_kernel<T> 512", "ce_ent_bwd_kernel<T> 256"]
+
+
+def _token_launches(emu_lib) -> list[str]:
+    """The cross-entropy / entropy kernels launched since the last read, in order."""
+    return [line for line in emu_lib._emu_launch_log().splitlines() if line.startswith("ce_")]
+
+
+@dtypes
+@pytest.mark.parametrize("shape", [(1, 7), (3, 50257), (3, 50304), (2, 5, 333), (2, 3, 1004)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_token_losses(emu_lib, emu_ops, dtype, shape):
+    """token_cross_entropy (ce_fwd + ce_bwd with a per-row scale), token_entropy and
+    token_logprob_and_entropy (ce_ent_fwd + ce_ent_bwd) against float64 with per-token upstream
+    gradients; the 128-bit kernels when V is a multiple of the vector width (50304; 1004 for
+    float32 only), the scalar ones otherwise (7, 333, 50257: the column chunks of a real
+    vocabulary)."""
+    W = 16 // dtype.itemsize
+    vec = shape[-1] % W == 0
+    for name in TOKEN_OPS:
+        _token_launches(emu_lib)
+        check_token_ops(emu_ops, dtype, "cpu", shape, names=(name,))
+        if name == "token_cross_entropy":
+            expected = CE_VEC if vec else CE_SCALAR
+        else:
+            expected = ENT_VEC if vec else ENT_SCALAR
+        assert _token_launches(emu_lib) == expected, (name, shape)
+
+
+@dtypes
+def test_token_losses_sliced_masked_rows(emu_lib, emu_ops, dtype):
+    """logits[:, :-1] of [2, 5, V] with -inf logits and ignore_index 7: V = 1000 keeps every row
+    16-byte aligned (vectorised kernels), V = 1001 does not (scalar kernels)."""
+    for V, expected in ((1000, ENT_VEC), (1001, ENT_SCALAR)):
+        _token_launches(emu_lib)
+        check_token_ops(emu_ops, dtype, "cpu", (2, 4, V), ignore_index=7, sliced=True, masked=True,
+                        names=("token_logprob_and_entropy",))
+        assert _token_launches(emu_lib) == expected, V
+        check_token_ops(emu_ops, dtype, "cpu", (2, 4, V), ignore_index=-1, sliced=True, masked=True,
+                        names=("token_entropy", "token_cross_entropy"))
+
+
+@dtypes
+def test_ce_ent_vocab_shards(emu_lib, dtype):
+    """The kernels' vocabulary-parallel use: shards [0, 512) (vectorised), [512, 1019) (507 wide)
+    and [1019, 1024) (misaligned start; scalar), targets on shard edges, a row with -inf logits."""
+    _token_launches(emu_lib)
+    check_ce_ent_vocab_shards(emu_lib, dtype, "cpu", N=21, V=1024, bounds=(0, 512, 1019, 1024))
+    fwd = [ENT_VEC[0], ENT_VEC[0], ENT_SCALAR[0], ENT_SCALAR[0], ENT_SCALAR[0], ENT_SCALAR[0]]
+    bwd = [ENT_VEC[1], ENT_VEC[1], CE_VEC[1], ENT_SCALAR[1], ENT_SCALAR[1], CE_SCALAR[1]]
+    launches = _token_launches(emu_lib)
+    assert launches == fwd[:2] + bwd[:3] + fwd[2:4] + bwd[3:] + fwd[4:] + bwd[3:], launches
+    check_ce_ent_vocab_shards(emu_lib, dtype, "cpu")  # 1001 = 501 + 500: scalar kernels
+
+
+@dtypes
+def test_ce_ent_vector_path_visits_every_column(emu_lib, dtype):
+    """The spike rows of test_cross_entropy_vector_path_visits_every_column through ce_ent_fwd /
+    ce_ent_bwd: a column skipped or counted twice moves lse by ~log 2 or more and the entropy of
+    the (nearly one-hot) row from ~1e-6 to ~log 2 or more."""
+    spikes = [0, 3, 4, 7, 8, 2047, 2048, 4095, 4096, 8191, 8192, 12288, 49151, 49152, 50295, 50296, 50303]
+    N, V = len(spikes), 50304
+    x = randn(N, V, dtype=dtype, seed=86)
+    x[torch.arange(N), torch.tensor(spikes)] = 30.0
+    t = torch.tensor(spikes)
+    t[1::3] = -100
+    t[2::3] = torch.tensor(spikes[::-1])[2::3]
+    nan = float("nan")
+    lse, ent, loss = (torch.full((N,), nan) for _ in range(3))
+    _token_launches(emu_lib)
+    emu_lib.ce_ent_fwd(x.unsqueeze(0), None, -100, 0, True, lse, ent, None, None)
+    x64 = x.double()
+    logp = torch.log_softmax(x64, -1)
+    p = logp.exp()
+    h64 = -(p * logp).sum(-1)
+    assert_values(lse, torch.logsumexp(x64, -1), "lse", 30.0)
+    assert_values(ent, h64, "entropy", 30.0)
+    lse2, ent2 = torch.full((N,), nan), torch.full((N,), nan)
+    emu_lib.ce_ent_fwd(x.unsqueeze(0), t, -100, 0, True, lse2, ent2, loss, None)
+    valid = t != -100
+    ce64 = torch.where(valid, -logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    assert_values(loss, ce64, "loss", 30.0)
+    gl, gh = torch.linspace(-1, 1, N), torch.linspace(2, -0.5, N)
+    grad = torch.full_like(x, nan).unsqueeze(0)
+    emu_lib.ce_ent_bwd(x.unsqueeze(0), t, lse2, ent2, gl, gh, -100, 0, grad)
+    onehot = torch.nn.functional.one_hot(t.clamp(min=0), V) * valid.unsqueeze(1)
+    ref = p * (gl.double().unsqueeze(1) - gh.double().unsqueeze(1) * (logp + h64.unsqueeze(1))) \
+        - gl.double().unsqueeze(1) * onehot
+    assert_grads(grad[0], torch.where(valid.unsqueeze(1), ref, 0.0), dtype, "grad")
+    assert _token_launches(emu_lib) == [ENT_VEC[0], ENT_VEC[0], ENT_VEC[1]]
+
+
+def test_token_losses_confident_rows(emu_lib, emu_ops):
+    """Nearly one-hot rows keep the entropy's and the top log-prob's relative precision, on the
+    scalar (50257) and the vectorised (50304) kernels."""
+    _token_launches(emu_lib)
+    check_confident_rows(emu_ops, "cpu", N=24)
+    check_confident_rows(emu_ops, "cpu", N=24, V=50304)
+    assert set(_token_launches(emu_lib)) == {ENT_SCALAR[0], ENT_VEC[0]}
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random:5"])
+def test_token_losses_other_schedules(emu_lib, emu_ops, schedule, monkeypatch):
+    """The entropy kernels' block reduction (four shuffled values, one barrier) with threads and
+    blocks in another order, on the vectorised (V = 5000) and scalar (V = 4999) kernels."""
+    monkeypatch.setenv("LLMK_EMU_SCHEDULE", schedule)
+    for dtype in (torch.float32, torch.bfloat16):
+        for V in (5000, 4999):
+            check_token_ops(emu_ops, dtype, "cpu", (3, V), names=("token_logprob_and_entropy",))
 
 
 # ------------------------------------------------------------------------ the emulator itself

@@ -9,6 +9,9 @@ signatures and semantics are those of the PyTorch references in `reference.py`:
     swiglu(gate, up)                                 -> silu(gate) * up
     cross_entropy(logits, targets, ignore_index=-100, *, inplace_backward=False) -> mean loss
     rope(q, k, cos, sin)                             -> (q_rot, k_rot)   rotate-half convention
+    token_cross_entropy(logits, targets, ignore_index=-100)       -> float32 [...]  -log p(target)
+    token_entropy(logits)                                         -> float32 [...]  -sum p log p
+    token_logprob_and_entropy(logits, targets, ignore_index=-100) -> (log p(target), entropy)
 
 What each kernel fuses (forward and backward are both hand-written, CPU: C++ with
 `at::parallel_for` + AVX2, CUDA: 128-bit vectorised fast paths with scalar fallbacks, warp/block
@@ -32,6 +35,13 @@ reductions; float32 accumulation everywhere)
   fails loudly).  `ignore_index` rows contribute nothing; the mean is over non-ignored rows.
 * vocab_parallel_cross_entropy(logits_shard, targets, vocab_start, group): Megatron-style CE over
   a tensor-parallel vocabulary split; all-reduces per-row max / sum-exp / target logit only.
+* token_cross_entropy / token_entropy / token_logprob_and_entropy: per-token values (float32, no
+  reduction) with per-token upstream gradients, for policy-gradient losses (log pi(a_t|s_t) and the
+  exact entropy H(pi(.|s_t)), both differentiable).  The CE reuses the cross-entropy kernels (the
+  backward takes a per-row scale); the entropy kernels keep (max, sum exp, sum exp x logit) per
+  row in one pass and write dH/dz = -p (log p + H) in one backward pass; the combined op reads the
+  logits once for both.  Vocabulary-parallel variants: vocab_parallel_token_cross_entropy,
+  vocab_parallel_token_entropy, vocab_parallel_token_logprob_and_entropy (see vocab_parallel.py).
 
 dtypes: CPU float32 and bfloat16; CUDA float32, bfloat16 and float16.  Inputs outside the
 kernels' coverage (float64, another device, mixed dtypes that change the result type,
@@ -63,7 +73,8 @@ from types import SimpleNamespace
 
 from . import reference
 
-OP_NAMES = ("layer_norm", "rms_norm", "bias_gelu", "swiglu", "cross_entropy", "rope")
+OP_NAMES = ("layer_norm", "rms_norm", "bias_gelu", "swiglu", "cross_entropy", "rope", "token_cross_entropy",
+            "token_entropy", "token_logprob_and_entropy")
 MODES = ("auto", "fused", "torch")
 
 
@@ -87,7 +98,7 @@ def _kernel_ops(mode: str) -> SimpleNamespace:
 
 
 def get_ops(mode: str = "torch") -> SimpleNamespace:
-    """Namespace with the six ops for `mode` in {"auto", "fused", "torch"} (see module docstring)."""
+    """Namespace with the ops of OP_NAMES for `mode` in {"auto", "fused", "torch"} (see module docstring)."""
     if mode == "torch":
         return reference_ops()
     if mode in ("auto", "fused"):
@@ -103,4 +114,29 @@ def vocab_parallel_cross_entropy(logits_shard, targets, vocab_start: int, group=
     return fn(logits_shard, targets, vocab_start, group, ignore_index, **kwargs)
 
 
-__all__ = ["MODES", "OP_NAMES", "get_ops", "reference_ops", "vocab_parallel_cross_entropy"]
+def vocab_parallel_token_cross_entropy(logits_shard, targets, vocab_start: int, group=None, ignore_index: int = -100,
+                                       **kwargs):
+    """See `model.kernels.vocab_parallel.vocab_parallel_token_cross_entropy`."""
+    from .vocab_parallel import vocab_parallel_token_cross_entropy as fn
+
+    return fn(logits_shard, targets, vocab_start, group, ignore_index, **kwargs)
+
+
+def vocab_parallel_token_entropy(logits_shard, group=None, **kwargs):
+    """See `model.kernels.vocab_parallel.vocab_parallel_token_entropy`."""
+    from .vocab_parallel import vocab_parallel_token_entropy as fn
+
+    return fn(logits_shard, group, **kwargs)
+
+
+def vocab_parallel_token_logprob_and_entropy(logits_shard, targets, vocab_start: int, group=None,
+                                             ignore_index: int = -100, **kwargs):
+    """See `model.kernels.vocab_parallel.vocab_parallel_token_logprob_and_entropy`."""
+    from .vocab_parallel import vocab_parallel_token_logprob_and_entropy as fn
+
+    return fn(logits_shard, targets, vocab_start, group, ignore_index, **kwargs)
+
+
+__all__ = ["MODES", "OP_NAMES", "get_ops", "reference_ops", "vocab_parallel_cross_entropy",
+           "vocab_parallel_token_cross_entropy", "vocab_parallel_token_entropy",
+           "vocab_parallel_token_logprob_and_entropy"]

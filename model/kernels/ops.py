@@ -94,7 +94,8 @@ def _fallback_note(mode: str, op: str, reason: str) -> None:
 # The ops of each kernel library (model/kernels/csrc/ops_schema.h; a test checks this list against
 # the loaded libraries' schemas).
 KERNEL_OPS = ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "bias_gelu_fwd",
-              "bias_gelu_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "ce_fwd", "ce_bwd")
+              "bias_gelu_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "ce_fwd", "ce_bwd", "ce_ent_fwd",
+              "ce_ent_bwd")
 
 _fakes_lock = threading.Lock()
 _fake_libs: dict[str, torch.library.Library] = {}  # namespace -> the FRAGMENT holding its fakes
@@ -394,6 +395,64 @@ class CrossEntropyFn(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class TokenCrossEntropyFn(torch.autograd.Function):
+    """Per-token CE [N] (0 for ignored rows).  Saves the logits and lse [N]; backward writes
+    (softmax - onehot) * g_i with the per-row upstream gradient g [N] (ce_bwd with a per-row scale)
+    into a fresh tensor, the only [N, V] allocation."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, lib):
+        N = targets.numel()
+        loss_rows = new_out(N, torch.float32, logits.device)
+        lse = new_out(N, torch.float32, logits.device)
+        _resolve(lib).ce_fwd(logits, targets, ignore_index, 0, True, loss_rows, lse, None)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.lib, ctx.ignore_index = lib, ignore_index
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, targets, lse = ctx.saved_tensors
+        grad = new_out(logits.shape, logits.dtype, logits.device)
+        _resolve(ctx.lib).ce_bwd(logits, targets, lse, g.float().contiguous(), ctx.ignore_index, 0, grad)
+        return grad, None, None, None
+
+
+class TokenEntropyFn(torch.autograd.Function):
+    """Per-token entropy [N] (targets None), or (CE [N], entropy [N]) with targets (ignored rows:
+    both 0, no gradient), from one read of the logits (ce_ent_fwd).  Saves the logits, lse and H;
+    backward writes p (gl - gh (log p + H)) - gl onehot into a fresh tensor in one pass (ce_ent_bwd),
+    with only the upstream gradients that exist (an unused output costs nothing)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, lib):
+        N = logits.shape[0] * logits.shape[1]
+        lse = new_out(N, torch.float32, logits.device)
+        ent = new_out(N, torch.float32, logits.device)
+        loss = new_out(N, torch.float32, logits.device) if targets is not None else None
+        _resolve(lib).ce_ent_fwd(logits, targets, ignore_index, 0, True, lse, ent, loss, None)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.lib, ctx.ignore_index, ctx.with_ce = lib, ignore_index, targets is not None
+        if not _compiling():  # dynamo cannot trace this call; backward handles None gradients
+            ctx.set_materialize_grads(False)
+        return (loss, ent) if targets is not None else ent
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, targets, lse, ent = ctx.saved_tensors
+        gl, gh = grads if ctx.with_ce else (None, grads[0])
+        if gl is None and gh is None:
+            return None, None, None, None
+        grad = new_out(logits.shape, logits.dtype, logits.device)
+        _resolve(ctx.lib).ce_ent_bwd(logits, targets, lse, ent, _grad32(gl), _grad32(gh), ctx.ignore_index, 0, grad)
+        return grad, None, None, None
+
+
+def _grad32(g: torch.Tensor | None) -> torch.Tensor | None:
+    # (an upstream gradient may be an expanded scalar, e.g. from .sum(): materialised, N floats)
+    return None if g is None else g.reshape(-1).float().contiguous()
+
+
 # ----------------------------------------------------------------------------------- op entries
 
 
@@ -573,3 +632,76 @@ def cross_entropy(logits, targets, ignore_index: int = -100, *, inplace_backward
     # graph owns its intermediates, and the result is the same gradient.
     inplace = bool(inplace_backward) and not _compiling()
     return CrossEntropyFn.apply(x, t, int(ignore_index), inplace, lib)
+
+
+def _token_rows(logits, targets, op: str, mode: str):
+    """(logits as [B, T, V], targets as contiguous int64 [N]) for the token ops, or None after a
+    fallback note when the targets do not match the logits rows."""
+    x = logits_3d(logits)
+    t = targets.reshape(-1)
+    if t.numel() != x.shape[0] * x.shape[1] or t.is_floating_point() or t.device != logits.device:
+        _note(mode, op, "targets do not match the logits rows")
+        return None
+    return x, t.to(torch.int64).contiguous()
+
+
+def token_cross_entropy(logits, targets, ignore_index: int = -100, *, mode: str = "fused"):
+    """Per-token cross-entropy  -log softmax(logits)[..., target]  as float32 of targets' shape.
+
+    logits [..., V] (float32/bf16 on CPU, also float16 on CUDA; the vocabulary dimension must be
+    contiguous, rows may be strided, e.g. logits[:, :-1]); targets [...] int, one per logits row.
+    Positions with targets == ignore_index are 0 and get no gradient.  Differentiable w.r.t. the
+    logits with any upstream gradient g [...]: d/dz_j = g (softmax(z)_j - [j == target]).
+    log pi(a_t | s_t) = -token_cross_entropy(...).  One pass over the logits forward (saving one
+    float per token) and one backward pass that writes the gradient, the only [N, V] allocation."""
+    def ref():
+        return reference.token_cross_entropy(logits, targets, ignore_index=ignore_index)
+
+    lib = _kernel_for(logits, "token_cross_entropy", mode)
+    if lib is None:
+        return ref()
+    rows = _token_rows(logits, targets, "token_cross_entropy", mode)
+    if rows is None:
+        return ref()
+    return TokenCrossEntropyFn.apply(*rows, int(ignore_index), lib).view(targets.shape)
+
+
+def token_entropy(logits, *, mode: str = "fused"):
+    """Per-token entropy of softmax(logits) as float32 [...] (logits [..., V], layouts as in
+    `token_cross_entropy`):
+
+        H = -sum_j p_j log p_j = lse - sum_j p_j z_j,      dH/dz_k = -p_k (log p_k + H)
+
+    computed exactly (float32 accumulation), in one pass over each row from the online state
+    m = max z, s = sum exp(z - m), u = sum exp(z - m)(z - m):  H = log s - u / s (both terms >= 0,
+    no cancellation for large logits).  -inf logits (masked tokens) contribute p log p = 0.
+    Backward: one pass, writes only the gradient."""
+    def ref():
+        return reference.token_entropy(logits)
+
+    lib = _kernel_for(logits, "token_entropy", mode)
+    if lib is None:
+        return ref()
+    x = logits_3d(logits)
+    return TokenEntropyFn.apply(x, None, -100, lib).view(logits.shape[:-1])
+
+
+def token_logprob_and_entropy(logits, targets, ignore_index: int = -100, *, mode: str = "fused"):
+    """(log pi(target) [...], entropy [...]), both float32 of targets' shape, from ONE read of the
+    logits: what a policy-gradient loss (REINFORCE / GRPO / PPO with an entropy bonus) needs per
+    token.  logprob = -token_cross_entropy, entropy = token_entropy, except that positions with
+    targets == ignore_index are 0 in BOTH outputs and get no gradient from either (an ignored
+    token, e.g. a prompt or padding position, takes no part; such rows are not even read).
+    Backward is one pass for both upstream gradients:
+        d/dz_j = -g_logp (p_j - [j == target]) - g_H p_j (log p_j + H)."""
+    def ref():
+        return reference.token_logprob_and_entropy(logits, targets, ignore_index=ignore_index)
+
+    lib = _kernel_for(logits, "token_logprob_and_entropy", mode)
+    if lib is None:
+        return ref()
+    rows = _token_rows(logits, targets, "token_logprob_and_entropy", mode)
+    if rows is None:
+        return ref()
+    ce, ent = TokenEntropyFn.apply(*rows, int(ignore_index), lib)
+    return -ce.view(targets.shape), ent.view(targets.shape)

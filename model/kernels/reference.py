@@ -55,6 +55,37 @@ def cross_entropy(logits, targets, ignore_index: int = -100):
     )
 
 
+def token_cross_entropy(logits, targets, ignore_index: int = -100):
+    """Per-token -log softmax(logits)[target] (float32, targets' shape); 0 where targets ==
+    ignore_index.  logits [..., V], targets [...]."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction="none").view(targets.shape)
+
+
+def _entropy_from_logp(logp):
+    # -sum p log p; a zero probability (a -inf logit, or an underflow) contributes 0, not 0 * -inf
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def token_entropy(logits):
+    """Per-token entropy -sum_j p_j log p_j of softmax(logits) over the last dim (float32 [...])."""
+    return _entropy_from_logp(torch.log_softmax(logits.float(), dim=-1))
+
+
+def token_logprob_and_entropy(logits, targets, ignore_index: int = -100):
+    """(log softmax(logits)[target], entropy), float32 of targets' shape; both 0 (and without
+    gradient) where targets == ignore_index."""
+    logp = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    lp = logp.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    lp = torch.where(valid, lp, zero)
+    ent = torch.where(valid, _entropy_from_logp(logp), zero)
+    return lp.view(targets.shape), ent.view(targets.shape)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

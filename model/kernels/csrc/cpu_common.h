@@ -74,5 +74,11 @@ void ce_fwd(const Tensor& logits, const Tensor& targets, int64_t ignore_index, i
             const Tensor& loss, const Tensor& lse, const OptTensor& target_logit);
 void ce_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& scale,
             int64_t ignore_index, int64_t vocab_start, const Tensor& grad);
+void ce_ent_fwd(const Tensor& logits, const OptTensor& targets, int64_t ignore_index, int64_t vocab_start,
+                bool check_range, const Tensor& lse, const Tensor& entropy, const OptTensor& loss,
+                const OptTensor& target_logit);
+void ce_ent_bwd(const Tensor& logits, const OptTensor& targets, const Tensor& lse, const Tensor& entropy,
+                const OptTensor& grad_loss, const OptTensor& grad_entropy, int64_t ignore_index, int64_t vocab_start,
+                const Tensor& grad);
 
 }  // namespace llmk::cpu

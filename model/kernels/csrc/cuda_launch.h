@@ -55,10 +55,22 @@ cudaError_t rope(DType dt, const void* x, int64_t sb, int64_t sh, int64_t st, co
 cudaError_t ce_fwd(DType dt, const void* logits, int64_t sb, int64_t st, int64_t Tn, int64_t N, int64_t V,
                    const int64_t* targets, int64_t ignore_index, int64_t vocab_start, bool check_range, float* loss,
                    float* lse, float* target_logit, cudaStream_t s);
-// grad may alias logits (each element is read, then written, by the same thread).  scale: one
-// float32 on the device (grad_output / count).
+// grad may alias logits (each element is read, then written, by the same thread).  scale: float32 on
+// the device, row i uses scale[i * scale_stride] (stride 0: grad_output / count for every row; 1:
+// a per-token upstream gradient).
 cudaError_t ce_bwd(DType dt, const void* logits, int64_t sb, int64_t st, int64_t Tn, int64_t N, int64_t V,
-                   const int64_t* targets, const float* lse, const float* scale, int64_t ignore_index,
-                   int64_t vocab_start, void* grad, int64_t gsb, int64_t gst, cudaStream_t s);
+                   const int64_t* targets, const float* lse, const float* scale, int64_t scale_stride,
+                   int64_t ignore_index, int64_t vocab_start, void* grad, int64_t gsb, int64_t gst, cudaStream_t s);
+// Cross-entropy and entropy per row.  targets may be null (entropy only, no ignored rows); loss and
+// target_logit need targets and may be null.  lse, ent float32 [N].
+cudaError_t ce_ent_fwd(DType dt, const void* logits, int64_t sb, int64_t st, int64_t Tn, int64_t N, int64_t V,
+                       const int64_t* targets, int64_t ignore_index, int64_t vocab_start, bool check_range,
+                       float* lse, float* ent, float* loss, float* target_logit, cudaStream_t s);
+// grad = p (gl - gh (log p + H)) - gl [target]; grad_loss (gl, needs targets) and grad_ent (gh) are
+// float32 [N] or null.  grad may alias logits.
+cudaError_t ce_ent_bwd(DType dt, const void* logits, int64_t sb, int64_t st, int64_t Tn, int64_t N, int64_t V,
+                       const int64_t* targets, const float* lse, const float* ent, const float* grad_loss,
+                       const float* grad_ent, int64_t ignore_index, int64_t vocab_start, void* grad, int64_t gsb,
+                       int64_t gst, cudaStream_t s);
 
 }  // namespace llmk_cuda

@@ -339,12 +339,57 @@ void ce_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, cons
               "ce_bwd: grad must match logits' shape and dtype");
   check_targets(targets, logits, r.N);
   check_vec(lse, logits, r.N, at::kFloat, "lse");
-  check_vec(scale, logits, 1, at::kFloat, "scale");
+  // one scale for every row (the mean loss) or one per row (per-token losses)
+  check_vec(scale, logits, scale.numel() == 1 ? 1 : r.N, at::kFloat, "scale");
+  const int64_t scale_stride = scale.numel() == 1 ? 0 : 1;
   Guard guard(logits.device());
   ok(llmk_cuda::ce_bwd(dtype_of(logits, "logits"), logits.const_data_ptr(), r.sb, r.st, r.Tn, r.N, r.V,
                        targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale.const_data_ptr<float>(),
-                       ignore_index, vocab_start, grad.mutable_data_ptr(), g.sb, g.st, stream()),
+                       scale_stride, ignore_index, vocab_start, grad.mutable_data_ptr(), g.sb, g.st, stream()),
      "ce_bwd");
+}
+
+void ce_ent_fwd(const Tensor& logits, const OptTensor& targets, int64_t ignore_index, int64_t vocab_start,
+                bool check_range, const Tensor& lse, const Tensor& entropy, const OptTensor& loss,
+                const OptTensor& target_logit) {
+  TORCH_CHECK(on_device(logits), "ce_ent_fwd: logits must be a CUDA tensor");
+  const auto r = rows3(logits, "logits");
+  TORCH_CHECK(r.V > 0, "cross_entropy: empty vocabulary");
+  if (has(targets)) check_targets(*targets, logits, r.N);
+  TORCH_CHECK(has(targets) || (!has(loss) && !has(target_logit)), "ce_ent_fwd: loss/target_logit need targets");
+  check_vec(lse, logits, r.N, at::kFloat, "lse");
+  check_vec(entropy, logits, r.N, at::kFloat, "entropy");
+  check_vec(loss, logits, r.N, at::kFloat, "loss");
+  check_vec(target_logit, logits, r.N, at::kFloat, "target_logit");
+  Guard guard(logits.device());
+  ok(llmk_cuda::ce_ent_fwd(dtype_of(logits, "logits"), logits.const_data_ptr(), r.sb, r.st, r.Tn, r.N, r.V,
+                           cp<int64_t>(targets), ignore_index, vocab_start, check_range,
+                           lse.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(), mp<float>(loss),
+                           mp<float>(target_logit), stream()),
+     "ce_ent_fwd");
+}
+
+void ce_ent_bwd(const Tensor& logits, const OptTensor& targets, const Tensor& lse, const Tensor& entropy,
+                const OptTensor& grad_loss, const OptTensor& grad_entropy, int64_t ignore_index, int64_t vocab_start,
+                const Tensor& grad) {
+  TORCH_CHECK(on_device(logits), "ce_ent_bwd: logits must be a CUDA tensor");
+  const auto r = rows3(logits, "logits");
+  const auto g = rows3(grad, "grad");
+  check_dev(grad, logits, "grad");
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type(),
+              "ce_ent_bwd: grad must match logits' shape and dtype");
+  if (has(targets)) check_targets(*targets, logits, r.N);
+  TORCH_CHECK(has(targets) || !has(grad_loss), "ce_ent_bwd: grad_loss needs targets");
+  check_vec(lse, logits, r.N, at::kFloat, "lse");
+  check_vec(entropy, logits, r.N, at::kFloat, "entropy");
+  check_vec(grad_loss, logits, r.N, at::kFloat, "grad_loss");
+  check_vec(grad_entropy, logits, r.N, at::kFloat, "grad_entropy");
+  Guard guard(logits.device());
+  ok(llmk_cuda::ce_ent_bwd(dtype_of(logits, "logits"), logits.const_data_ptr(), r.sb, r.st, r.Tn, r.N, r.V,
+                           cp<int64_t>(targets), lse.const_data_ptr<float>(), entropy.const_data_ptr<float>(),
+                           cp<float>(grad_loss), cp<float>(grad_entropy), ignore_index, vocab_start,
+                           grad.mutable_data_ptr(), g.sb, g.st, stream()),
+     "ce_ent_bwd");
 }
 
 }  // namespace llmk_cuda_ops

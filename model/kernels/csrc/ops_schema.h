@@ -3,7 +3,9 @@
 // nothing, so callers (and the tests, which poison the outputs with NaN) control allocation.
 // Layouts: row ops take contiguous [N, D]; swiglu takes [N, D] with unit last stride (any row
 // stride); rope takes x [B, H, T, D] with unit last stride and cos/sin float32 [Bc, T, D]
-// (Bc in {1, B}); cross-entropy takes logits [B, T, V] with unit last stride.
+// (Bc in {1, B}); cross-entropy takes logits [B, T, V] with unit last stride.  ce_bwd's scale is one
+// float32 (every row) or one per row; ce_ent_* (cross-entropy and entropy per row) take optional
+// targets (without them: entropy only, no row is ignored).
 #pragma once
 
 #define LLMK_SCHEMAS(m)                                                                                     \
@@ -23,7 +25,11 @@
   m.def("ce_fwd(Tensor logits, Tensor targets, int ignore_index, int vocab_start, bool check_range, "       \
         "Tensor(a!) loss, Tensor(b!) lse, Tensor(c!)? target_logit) -> ()");                                \
   m.def("ce_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor scale, int ignore_index, "                \
-        "int vocab_start, Tensor(a!) grad) -> ()");
+        "int vocab_start, Tensor(a!) grad) -> ()");                                                         \
+  m.def("ce_ent_fwd(Tensor logits, Tensor? targets, int ignore_index, int vocab_start, bool check_range, "  \
+        "Tensor(a!) lse, Tensor(b!) entropy, Tensor(c!)? loss, Tensor(d!)? target_logit) -> ()");           \
+  m.def("ce_ent_bwd(Tensor logits, Tensor? targets, Tensor lse, Tensor entropy, Tensor? grad_loss, "        \
+        "Tensor? grad_entropy, int ignore_index, int vocab_start, Tensor(a!) grad) -> ()");
 
 // Register the implementations of every op from namespace `ns` (inside TORCH_LIBRARY_IMPL).
 #define LLMK_IMPLS(m, ns) \
@@ -37,4 +43,6 @@
   m.impl("swiglu_bwd", &ns::swiglu_bwd); \
   m.impl("rope_fwd", &ns::rope_fwd); \
   m.impl("ce_fwd", &ns::ce_fwd); \
-  m.impl("ce_bwd", &ns::ce_bwd);
+  m.impl("ce_bwd", &ns::ce_bwd); \
+  m.impl("ce_ent_fwd", &ns::ce_ent_fwd); \
+  m.impl("ce_ent_bwd", &ns::ce_ent_bwd);
