@@ -389,3 +389,62 @@ def _engine_worker(rank, world, style):
 @pytest.mark.parametrize("style", STYLES)
 def test_tp2_decode_engine_matches_single_process(style):
     spawn(_engine_worker, 2, style)
+
+
+# ----------------------------------------------------------- vocabulary-parallel per-token losses
+
+
+def _vp_token_losses_worker(rank, world):
+    """vocab_parallel_token_{cross_entropy, entropy, logprob_and_entropy} on this rank's shard of
+    logits[:, :-1] (row-strided; V = 1001 split 501 + 500) against the float64 oracle of the full
+    logits: values (the same on every rank) and the shard of the gradient for random per-token
+    upstream gradients; kernels and plain torch, float32 and bfloat16; ignored targets, targets on
+    both sides of the shard edge, a row with -inf logits across both shards, a nearly one-hot row."""
+    from model.kernels import (
+        vocab_parallel_token_cross_entropy,
+        vocab_parallel_token_entropy,
+        vocab_parallel_token_logprob_and_entropy,
+    )
+    from tests.test_token_losses import assert_grads, assert_values, o_token_ce, o_token_entropy
+
+    gen = torch.Generator().manual_seed(21)
+    Vf, bounds = 1001, (0, 501, 1001)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    full = torch.randn(3, 13, Vf, generator=gen, dtype=torch.float64) * 3
+    full[0, 2, 10:700] = float("-inf")
+    full[1, 4] *= 10
+    targets = torch.randint(0, Vf, (3, 12), generator=gen)
+    targets[0, :3] = -100
+    targets[2, 5] = -100
+    targets[1, 0], targets[1, 1], targets[1, 2], targets[0, 4] = 500, 501, Vf - 1, 0
+    valid = targets != -100
+    ups = [torch.randn(3, 12, generator=gen, dtype=torch.float64) for _ in range(2)]
+
+    def oracles(x64):
+        ce, ent = o_token_ce(x64, targets), o_token_entropy(x64)
+        return {"ce": (ce,), "entropy": (ent,), "both": (-ce, torch.where(valid, ent, 0.0))}
+
+    for use_kernels in (True, False):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = full.to(dtype)
+            uk = dict(use_kernels=use_kernels)
+            fns = {"ce": lambda s, uk=uk: (vocab_parallel_token_cross_entropy(s, targets, lo, None, **uk),),
+                   "entropy": lambda s, uk=uk: (vocab_parallel_token_entropy(s, None, **uk),),
+                   "both": lambda s, uk=uk: vocab_parallel_token_logprob_and_entropy(s, targets, lo, None, **uk)}
+            for name, fn in fns.items():
+                what = f"rank {rank} {name} kernels={use_kernels} {dtype}"
+                shard = x[..., lo:hi].clone().requires_grad_()
+                outs = fn(shard[:, :-1])
+                sum((o.double() * u).sum() for o, u in zip(outs, ups)).backward()
+                x64 = x.double().requires_grad_()
+                refs = oracles(x64[:, :-1])[name]
+                sum((o * u).sum() for o, u in zip(refs, ups)).backward()
+                for i, (o, r) in enumerate(zip(outs, refs)):
+                    assert_values(o, r, f"{what} output {i}", max_logit=100.0)
+                    assert all(torch.equal(g["v"], o) for g in _gather_dicts({"v": o.detach()}, world)), what
+                assert_grads(shard.grad, x64.grad[..., lo:hi], dtype, f"{what} grad")
+
+
+@pytest.mark.dist
+def test_vocab_parallel_token_losses_two_ranks():
+    spawn(_vp_token_losses_worker, 2)
