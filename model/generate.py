@@ -406,7 +406,20 @@ class DecodeEngine:
     prompt plus generated tokens never exceed it. gather_logits: maps this process's logits
     [B, V_local] to full-vocabulary logits [B, V] (default: `model.lm_head.gather_logits` when the
     head has one, else identity). The model is run in eval mode and without gradients; its
-    training mode is restored after every call."""
+    training mode is restored after every call.
+
+    Steps: `prefill(prompts, slots, params)` starts requests in free slots and returns their first
+    tokens; `decode(slots)` adds one token to each given running slot; `release(slot)` frees a
+    slot (a finished request stays in its slot until then). Loops: `stream(prompts, params)`
+    yields (prompt index, StepOutput) with continuous batching; `generate(prompts, params)` returns
+    Completions. State: `free_slots()`, `running_slots()`, `length(slot)`. Bad input (an empty or
+    too long prompt, a token outside the vocabulary, an unknown, busy, free or finished slot, no
+    free slot) raises ValueError before anything changes.
+
+    Attention: a prefill runs its prompts right-padded in one causal forward (padding never precedes
+    a real token, so no mask is needed); a decode step attends over each row's keys 0..length
+    with a key-padding mask [B, 1, 1, L], L the longest row, and the grouped kv heads go to SDPA
+    as they are (enable_gqa) where a fused kernel takes them with a mask."""
 
     def __init__(self, model, max_slots: int, max_len: int | None = None,
                  gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None):

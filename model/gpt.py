@@ -440,8 +440,8 @@ class GPT(nn.Module):
 
         Returns a tensor [B, T + n_generated] (prompt + generated, still left padded, finished rows
         padded with eos) for tensor input, or a list of token lists (prompt + generated up to the
-        first eos, no padding) for list input. Runs on `model.generate.DecodeEngine` (which also
-        gathers vocabulary-sharded logits), each row at its own positions without padding."""
+        first eos, no padding) for list input. Runs on `model.generate.DecodeEngine`, each row at
+        its own positions without padding."""
         as_list = isinstance(input_ids, (list, tuple))
         device = self.tok_emb.weight.device
         if as_list:
