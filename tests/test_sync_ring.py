@@ -60,6 +60,13 @@ def expected_sent(n: int, size: int, r: int, dtype: torch.dtype) -> int:
     return rs + e * (n - L[(r + 2) % size])
 
 
+def expected_sent_blocked(n: int, size: int, r: int, dtype: torch.dtype, scratch_bytes: int) -> int:
+    """The same when the tensor is reduced as blocks of R chunks of bounded scratch."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    block = size * max(1, scratch_bytes // (e + (8 if dtype in (torch.bfloat16, torch.float16) else 0)))
+    return sum(expected_sent(min(block, n - start), size, r, dtype) for start in range(0, n, block))
+
+
 def _gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t.contiguous(), group=group)
@@ -71,19 +78,24 @@ def _inputs(seed: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randint(-1000, 1001, (n,), generator=g).to(dtype)  # integer-valued: exact sums
 
 
-def _check_exact(x: torch.Tensor, group, what: str, segment_bytes: int = ring.SEGMENT_BYTES):
+def _check_exact(x: torch.Tensor, group, what: str, segment_bytes: int = ring.SEGMENT_BYTES,
+                 scratch_bytes: int | None = None):
     """ring_all_reduce gives dist.all_reduce's bits, and sends exactly the bytes the algorithm says
     (at most 2(R-1)/R * S + one chunk)."""
     ref = x.clone()
     dist.all_reduce(ref, group=group)
     ours = x.clone()
+    kw = {} if scratch_bytes is None else {"scratch_bytes": scratch_bytes}
     with SentBytes() as sent:
-        assert ring_all_reduce(ours, group, segment_bytes=segment_bytes) is None
+        assert ring_all_reduce(ours, group, segment_bytes=segment_bytes, **kw) is None
     assert_same_bits(ours, ref, what)
     n, size, r = x.numel(), dist.get_world_size(group), dist.get_rank(group)
     S, e = n * x.element_size(), x.element_size()
-    assert sent.bytes == expected_sent(n, size, r, x.dtype), (what, sent.bytes)
-    assert sent.bytes <= 2 * (size - 1) / size * S + e * math.ceil(n / size), what
+    if scratch_bytes is None:
+        assert sent.bytes == expected_sent(n, size, r, x.dtype), (what, sent.bytes)
+        assert sent.bytes <= 2 * (size - 1) / size * S + e * math.ceil(n / size), what
+    else:
+        assert sent.bytes == expected_sent_blocked(n, size, r, x.dtype, scratch_bytes), (what, sent.bytes)
 
 
 # ------------------------------------------------------------------------------- the textbook listing
@@ -174,6 +186,9 @@ def _group_cases(group, seed: int):
             _check_exact(_inputs(seed + n, n, dtype), group, f"{tag} {dtype} n={n}")
         # Tiny segments: many messages per step, chunk lengths differing by one, segment counts too.
         _check_exact(_inputs(seed, 1003, dtype), group, f"{tag} {dtype} segmented", segment_bytes=24)
+        # Bounded scratch: blocks of R chunks of 100 elements, one ring after the other.
+        _check_exact(_inputs(seed, 10_007, dtype), group, f"{tag} {dtype} blocks", segment_bytes=200,
+                     scratch_bytes=100 * dtype.itemsize)
 
     # A 2-D, non-contiguous tensor is reduced in place like any other.
     base = _inputs(seed + 5, 37 * 29, torch.float32).reshape(37, 29)
@@ -200,7 +215,8 @@ def _group_cases(group, seed: int):
     # 16-bit floats: the fp32 sum rounded once. Magnitudes in [2^-6, 4) keep the fp32 sum of up to 8
     # values exact (at most 21 significant bits), so it is the float64 sum, rounded once.
     for dtype in (torch.bfloat16, torch.float16):
-        for n, seg in ((100_003, ring.SEGMENT_BYTES), (1003, 16)):
+        for n, seg, scratch in ((100_003, ring.SEGMENT_BYTES, ring.SCRATCH_BYTES), (1003, 16, ring.SCRATCH_BYTES),
+                                (10_007, 100, 1000)):
             g = torch.Generator().manual_seed(seed + 7)
             mag = torch.exp2(torch.empty(n).uniform_(-6, 2, generator=g))
             sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
@@ -209,9 +225,9 @@ def _group_cases(group, seed: int):
             expected = sum(i.double() for i in inputs).to(dtype)
             ours = x.clone()
             with SentBytes() as sent:
-                ring_all_reduce(ours, group, segment_bytes=seg)
+                ring_all_reduce(ours, group, segment_bytes=seg, scratch_bytes=scratch)
             assert_same_bits(ours, expected, f"{tag} {dtype} n={n}: fp32 sum rounded once")
-            assert sent.bytes == expected_sent(n, size, rank, dtype), (tag, dtype, n, sent.bytes)
+            assert sent.bytes == expected_sent_blocked(n, size, rank, dtype, scratch), (tag, dtype, n, sent.bytes)
             for o in _gather(ours, group):
                 assert_same_bits(o, ours, f"{tag} {dtype}: same bits on every rank")
             if size >= 3:  # summing in 16 bits (rounding at every addition) would differ somewhere

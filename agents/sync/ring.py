@@ -25,12 +25,14 @@ Rank r sends every chunk but (r+1) in the first phase and every chunk but (r+2) 
 divisible by R, never more than that plus one chunk. The total is independent of R, and every link
 of the ring is busy in every step.
 
-Every chunk is moreover cut into segments of `segment_bytes` (default 1 MiB) and the ring is
+Every chunk is moreover cut into segments of `segment_bytes` (default 4 MiB) and the ring is
 pipelined per segment: a segment received and summed is sent on at once, while the later segments
 of the same step are still on the wire, and the receive for the next step is posted into the
-segment of the receive buffer just consumed. The only scratch memory is one chunk-sized receive
-buffer (N/R elements; for 16-bit floats two fp32 chunks more, below), never a full-size copy
-(except of a non-contiguous input, which is reduced in a contiguous copy and copied back).
+segment of the receive buffer just consumed. The scratch memory is one chunk-sized receive buffer
+(for 16-bit floats also two fp32 chunks, below), never a full-size copy (only a non-contiguous
+input is reduced in a contiguous copy and copied back), and it is bounded: a tensor whose chunks
+would need more than `scratch_bytes` (default 64 MiB) is reduced as consecutive blocks of R
+bounded chunks, one ring after the other (the bytes sent are the same, summed over the blocks).
 
 16-bit floats (bf16, fp16) are accumulated in fp32: a partial sum travels the ring as fp32 (the
 first hop of each chunk carries the sender's own 16-bit values, exactly), each hop adds its 16-bit
@@ -51,9 +53,10 @@ accumulator. It is slow and, in floating point, wrong:
     4x for R = 8), and the time of each step grows with the whole S rather than S/R.
   * ranks disagree: rank r computes ((x_r + x_{r-1}) + x_{r-2}) + ... + x_{r+1}, its own order.
     Float addition is commutative but not associative, so for R >= 3 the ranks end with different
-    bits in some elements (a few percent of random fp32 elements for R = 3, more for larger R;
-    tests/test_sync_ring.py checks it). Replicas that are meant to hold identical weights after
-    every step then drift apart, and nothing ever pulls them back together. In the ring above each
+    bits (for standard-normal fp32 inputs some pair of ranks disagrees in about 46% of the
+    elements for R = 3, 69% for R = 4 and 96% for R = 8; tests/test_sync_ring.py checks that they
+    do). Replicas meant to hold identical weights then apply different updates and drift apart, and
+    a later all-reduce of gradients never pulls the weights back together. In the ring above each
     chunk's sum is computed once, by one rank, and the others copy it.
   * 16-bit inputs are summed in 16 bits, rounded at each of the R-1 additions.
   * it uses the world's ranks (dist.get_rank(), get_world_size()), so it cannot run on a subgroup.
@@ -75,9 +78,14 @@ import threading
 import torch
 import torch.distributed as dist
 
-__all__ = ["SEGMENT_BYTES", "SentBytes", "comm_bytes", "irecv", "isend", "ring_all_reduce"]
+__all__ = ["SCRATCH_BYTES", "SEGMENT_BYTES", "SentBytes", "comm_bytes", "irecv", "isend", "ring_all_reduce"]
 
-SEGMENT_BYTES = 1 << 20  # pipelining grain: one message carries at most this many bytes
+# Pipelining grain: one message carries at most this many bytes. On the shared 2-core CPU host,
+# 1, 4 and 8 MiB did not differ beyond the run-to-run noise (bench/results/ring-cpu.md); 4 MiB
+# keeps the number of messages (each a send/receive handshake in gloo) low while a 64 MiB tensor
+# over 4 ranks still moves in 4 segments per chunk.
+SEGMENT_BYTES = 4 << 20
+SCRATCH_BYTES = 64 << 20  # scratch memory per call, at most (module docstring)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_SEGMENTS = 1 << 15  # segments per chunk, so that a message's tag fits in a C int (see _tag)
@@ -136,7 +144,9 @@ class SentBytes(contextlib.AbstractContextManager):
 # ------------------------------------------------------------------------------------ ring
 
 
-def ring_all_reduce(tensor: torch.Tensor, group=None, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+def ring_all_reduce(
+    tensor: torch.Tensor, group=None, *, segment_bytes: int = SEGMENT_BYTES, scratch_bytes: int = SCRATCH_BYTES
+) -> None:
     """Sum `tensor` over the ranks of `group` (None = the world) in place, like
     `dist.all_reduce(tensor, group=group)`, with a chunked, pipelined ring (module docstring).
 
@@ -144,7 +154,8 @@ def ring_all_reduce(tensor: torch.Tensor, group=None, *, segment_bytes: int = SE
     outside the group returns at once, as dist.all_reduce does. Integer sums are exact (with the
     dtype's wrap-around) and so equal dist.all_reduce's bit for bit; float sums are computed once
     per element, in one fixed order, so every rank ends with the same bits; 16-bit floats are summed
-    in fp32 and rounded once."""
+    in fp32 and rounded once. `segment_bytes` and `scratch_bytes` tune the pipelining grain and the
+    scratch memory (module docstring); every rank must pass the same values."""
     if group is None:
         group = dist.group.WORLD
     rank = dist.get_rank(group)
@@ -153,10 +164,17 @@ def ring_all_reduce(tensor: torch.Tensor, group=None, *, segment_bytes: int = SE
     size = dist.get_world_size(group)
     if size == 1 or tensor.numel() == 0:
         return None
-    if segment_bytes < 1:
-        raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
+    if segment_bytes < 1 or scratch_bytes < 1:
+        raise ValueError(f"segment_bytes and scratch_bytes must be positive, got {segment_bytes}, {scratch_bytes}")
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
-    _Ring(work.view(-1), rank, size, group, segment_bytes).run()
+    flat = work.view(-1)
+    # Scratch per chunk element: the receive buffer, for 16-bit floats also two fp32 partials.
+    per_element = flat.element_size() + (8 if flat.dtype in _LOW_PRECISION else 0)
+    block = size * max(1, scratch_bytes // per_element)
+    for start in range(0, flat.numel(), block):
+        # Blocks one after the other: a rank leaves a block's ring only once all its sends and
+        # receives of that block have completed, so the next block can reuse the same tags.
+        _Ring(flat[start:start + block], rank, size, group, segment_bytes).run()
     if work is not tensor:
         tensor.copy_(work)
     return None
@@ -239,15 +257,16 @@ class _Ring:
         r, steps, dtype = self.rank, self.size - 1, self.flat.dtype
         first = torch.empty(self.longest, dtype=dtype)  # step 0 arrives in 16 bits
         # partial[s % 2] holds the fp32 partial sum made at step s and sent at step s+1; step s+2
-        # receives into it again once that send of the segment has completed.
-        partial = [torch.empty(self.longest, dtype=torch.float32) for _ in range(min(2, steps))]
+        # receives into it again once that send of the segment has completed. (R = 2 sends no
+        # partial sums: its one step rounds each segment's sum straight away.)
+        partial = [torch.empty(self.longest, dtype=torch.float32) for _ in range(2 if steps > 1 else 0)]
         sends = [self.send(self.chunk(r)[a:b], 0, k) for k, (a, b) in enumerate(self.segments(len(self.chunk(r))))]
         recvs = [self.recv(first[a:b], 0, k) for k, (a, b) in enumerate(self.segments(len(self.chunk(r - 1))))]
         # Sends still reading partial[i] segment k, by (i, k): wait them before receiving there.
         reading: dict[tuple[int, int], list] = {}
         for s in range(steps):
             mine = self.chunk(r - s - 1)
-            acc = partial[s % 2]
+            acc = partial[s % 2] if partial else None
             nxt = self.segments(len(self.chunk(r - s - 2))) if s + 1 < steps else []
             posted = []
 
@@ -260,6 +279,9 @@ class _Ring:
 
             for k, (a, b) in enumerate(self.segments(len(mine))):
                 recvs[k].wait()
+                if steps == 1:  # R = 2: the sum of two 16-bit values, in fp32, rounded once
+                    mine[a:b].copy_(mine[a:b].float().add_(first[a:b]))
+                    continue
                 if s == 0:
                     acc[a:b].copy_(mine[a:b])  # exact: 16-bit values are fp32 values
                     acc[a:b].add_(first[a:b])  # in fp32 (acc's dtype)
