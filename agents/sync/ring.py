@@ -22,17 +22,18 @@ cut into R chunks (chunk c = elements [c*N//R, (c+1)*N//R); with N < R some chun
 
 Rank r sends every chunk but (r+1) in the first phase and every chunk but (r+2) in the second, so
 2N - |chunk r+1| - |chunk r+2| elements: 2(R-1)/R * S bytes of an S-byte tensor when N is
-divisible by R, never more than that plus one chunk. The total is independent of R, and every link
-of the ring is busy in every step.
+divisible by R, never more than that plus one chunk (16-bit floats: below). That is less than 2S
+whatever R is, and every link of the ring is busy in every step.
 
 Every chunk is moreover cut into segments of `segment_bytes` (default 4 MiB) and the ring is
 pipelined per segment: a segment received and summed is sent on at once, while the later segments
 of the same step are still on the wire, and the receive for the next step is posted into the
 segment of the receive buffer just consumed. The scratch memory is one chunk-sized receive buffer
-(for 16-bit floats also two fp32 chunks, below), never a full-size copy (only a non-contiguous
-input is reduced in a contiguous copy and copied back), and it is bounded: a tensor whose chunks
-would need more than `scratch_bytes` (default 64 MiB) is reduced as consecutive blocks of R
-bounded chunks, one ring after the other (the bytes sent are the same, summed over the blocks).
+(S/R bytes; for 16-bit floats also two fp32 chunks, 4S/R bytes more, below), not a copy of the
+tensor (only a non-contiguous input is reduced in a contiguous copy and copied back), and it is
+bounded: a tensor whose chunks would need more than `scratch_bytes` (default 64 MiB) is reduced
+as consecutive blocks of R bounded chunks, one ring after the other (each block sends its own
+2(R-1)/R share, so the bytes are the same up to one chunk per block).
 
 16-bit floats (bf16, fp16) are accumulated in fp32: a partial sum travels the ring as fp32 (the
 first hop of each chunk carries the sender's own 16-bit values, exactly), each hop adds its 16-bit
@@ -182,7 +183,7 @@ def ring_all_reduce(
 
 def _tag(step: int, segment: int) -> int:
     # A distinct tag per message (step 0..2R-3 over both phases, segment < 2**15), so that matching
-    # never relies on message order; ProcessGroupGloo takes the tag as a C int.
+    # never relies on message order; ProcessGroupGloo takes the tag as a C int (so R < 2**15).
     return (step << 15) | segment
 
 
