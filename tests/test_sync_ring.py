@@ -1,7 +1,10 @@
 """agents.sync.ring: the chunked ring all-reduce against gloo's dist.all_reduce, its byte counter,
 subgroups, 16-bit accumulation, and the claims its docstring makes about the textbook listing.
 
-Each world size is started once (gloo processes on CPU) and runs every case inside it."""
+One world of 8 gloo processes on CPU is started once (starting processes is most of the cost on a
+small host); every case runs on the world (R = 8) and on subgroups of it with R = 5, 4, 3, 2 and 1,
+disjoint groups running at the same time, their members interleaved (group ranks != global ranks),
+and ranks outside a group calling in as non-members."""
 
 from __future__ import annotations
 
