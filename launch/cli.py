@@ -90,7 +90,8 @@ def cmd_export(args) -> int:
     from launch.export import export_run
 
     out = export_run(args.run_dir, args.out_dir, args.checkpoint)
-    print(f"exported {out['checkpoint']} to {out['out_dir']} ({out['params'] / 1e6:.2f}M parameters)")
+    print(f"exported {out['checkpoint']} to {out['out_dir']} ({out['params'] / 1e6:.2f}M parameters)"
+          + (f": {out['note']}" if out["note"] else ""))
     return 0
 
 

@@ -28,7 +28,7 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
     cfg.kernels = "torch"
     with torch.device("meta"):
         model = GPT(cfg, init=False)
-    state = consolidated_state_dict(folder, meta)
+    state, note = export_state_dict(folder, meta)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -40,4 +40,23 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
     tok_path = run / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
     save_hf(model, out_dir, tokenizer=tokenizer)
-    return {"checkpoint": str(folder), "out_dir": out_dir, "params": sum(p.numel() for p in model.parameters())}
+    return {"checkpoint": str(folder), "out_dir": out_dir, "params": sum(p.numel() for p in model.parameters()),
+            "note": note}
+
+
+def export_state_dict(folder: Path, meta: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights to export and a line saying what they are. A run whose replicas hold their own
+    weights (a sync strategy) exports their consensus: the n_i/n-weighted average of the replicas
+    (n_i: each replica's training samples, as FedAvg weighs them)."""
+    names = meta.get("components", ["model"])
+    if len(names) == 1:
+        return consolidated_state_dict(folder, meta, names[0]), ""
+    from agents.sync.average import fedavg
+
+    counts = meta.get("replica_samples") or [1] * len(names)
+    weights = meta["config"].get("sync", {}).get("weights", "samples")
+    if weights == "equal":
+        counts = [1] * len(names)
+    avg = fedavg([consolidated_state_dict(folder, meta, n) for n in names], counts)
+    return avg, (f"the consensus of {len(names)} replicas: their average weighted by "
+                 + ("training samples n_i/n " + str(counts) if weights != "equal" else "equal shares"))

@@ -1,0 +1,150 @@
+"""Sync strategies in real training runs (2 replicas of one process each, through the launcher).
+
+- ring: our ring all-reduce of the gradients across replicas reproduces DeepSpeed's own all-reduce
+  over every rank: the same losses and the same weights (the custom reducer under DeepSpeed).
+- diloco with outer lr 1 and momentum 0 is local_sgd; after each outer step every replica holds
+  identical weights (consolidated components compared bit for bit, consensus_dist 0).
+- SIGKILL + resume continues diloco and gossip bit-identically (weights, residuals and outer
+  optimizer state live in the checkpoint).
+- fedavg on a non-IID split: `make export` writes the n_i/n-weighted consensus of the replicas.
+- settings that cannot run stop before any process starts: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.trainutil import metrics, run_train, train_losses
+from trainer import checkpoint as ckpt
+from trainer.consolidate import consolidated_state_dict
+
+STEPS = 8
+COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "parallel.micro_batch=4",
+          "launch.procs_per_node=2", "optim.warmup_steps=2"]
+TWO = ["sync.replicas=2"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("sync")
+
+
+def _run(root, name, *overrides, **env):
+    if not (root / "runs" / name / "summary.json").exists():
+        out = run_train(root, name, *COMMON, *overrides, timeout=600, **env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    return train_losses(root, name)
+
+
+def _components(root, name) -> list[dict[str, torch.Tensor]]:
+    folder = ckpt.latest_checkpoint(root / "runs" / name / "checkpoints")
+    meta = ckpt.verify(folder)
+    return [consolidated_state_dict(folder, meta, c) for c in meta["components"]]
+
+
+@pytest.mark.dist
+def test_ring_gradients_reproduce_deepspeeds_allreduce(root):
+    ref = _run(root, "allreduce")
+    ring = _run(root, "ring", "sync.strategy=ring", *TWO)
+    for s in range(1, STEPS + 1):
+        assert ring[s] == pytest.approx(ref[s], rel=1e-6, abs=0), s
+    (w,) = _components(root, "allreduce")
+    for replica in _components(root, "ring"):
+        for k in w:
+            torch.testing.assert_close(replica[k], w[k], rtol=1e-5, atol=1e-6, msg=k)
+    rows = [r for r in metrics(root, "ring") if "comm_bytes" in r]
+    n = sum(v.numel() for v in w.values() if v.dtype.is_floating_point) - w["tok_emb.weight"].numel()  # tied once
+    # ring with R=2: each rank sends 2(R-1)/R = 1 copy of the fp32 gradients per step
+    assert [r["comm_bytes"] for r in rows] == [4 * n * s for s in range(1, STEPS + 1)]
+
+
+DILOCO_PLAIN = ["sync.strategy=diloco", *TWO, "sync.every=2", "sync.outer.lr=1.0", "sync.outer.momentum=0.0"]
+
+
+@pytest.mark.dist
+def test_diloco_with_plain_outer_step_is_local_sgd_and_replicas_agree(root):
+    lsgd = _run(root, "lsgd", "sync.strategy=local_sgd", *TWO, "sync.every=2")
+    dil = _run(root, "diloco", *DILOCO_PLAIN)
+    for s in range(1, STEPS + 1):
+        assert dil[s] == pytest.approx(lsgd[s], rel=1e-6, abs=0), s
+    for name in ("lsgd", "diloco"):
+        a, b = _components(root, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # after the outer step: identical replicas
+        rows = {r["step"]: r for r in metrics(root, name) if "consensus_dist" in r}
+        assert all(rows[s]["consensus_dist"] == 0.0 for s in range(2, STEPS + 1, 2))
+        assert any(rows[s]["consensus_dist"] > 0 for s in range(1, STEPS, 2))  # they drift in between
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name, overrides", [
+    ("diloco-m", ["sync.strategy=diloco", *TWO, "sync.every=2", "sync.compress=int8", "model.dropout=0.1"]),
+    ("gossip", ["sync.strategy=gossip", *TWO, "sync.every=3", "model.dropout=0.1"]),
+])
+def test_sigkill_and_resume_continue_bit_identically(root, name, overrides):
+    full = _run(root, name, *overrides)
+    cut = f"{name}-cut"
+    out = run_train(root, cut, *COMMON, *overrides, "train.checkpoint_every=5", timeout=600,
+                    RECIPES_FAULT_KILL_AFTER_STEP="5")
+    assert out.returncode != 0
+    resumed = run_train(root, cut, *COMMON, *overrides, "train.resume=auto", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step_00000005" in resumed.stdout
+    assert train_losses(root, cut) == full
+    sent = [{r["step"]: r["comm_bytes"] for r in metrics(root, n) if "comm_bytes" in r} for n in (cut, name)]
+    assert sent[0] == sent[1]  # the byte count went on from the checkpoint
+    for a, b in zip(_components(root, cut), _components(root, name)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.dist
+def test_fedavg_on_a_non_iid_split_exports_the_weighted_consensus(root, tmp_path):
+    from launch.export import export_run
+    from model.hf import load_hf
+
+    _run(root, "fedavg", "sync.strategy=fedavg", *TWO, "sync.every=3", "data.split=dirichlet",
+         "data.split_alpha=0.3", "train.max_steps=7")  # the last step is off the sync schedule
+    folder = ckpt.latest_checkpoint(root / "runs" / "fedavg" / "checkpoints")
+    meta = ckpt.verify(folder)
+    counts = meta["replica_samples"]
+    assert len(counts) == 2 and counts[0] != counts[1]
+    a, b = _components(root, "fedavg")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # one local step since the last average
+    out = export_run(str(root / "runs" / "fedavg"), str(tmp_path / "hf"))
+    assert "consensus of 2 replicas" in out["note"]
+    exported = load_hf(str(tmp_path / "hf")).state_dict()
+    n = sum(counts)
+    plain_differs = False
+    for k in a:
+        want = (a[k].double() * counts[0] / n + b[k].double() * counts[1] / n).float()
+        torch.testing.assert_close(exported[k], want, rtol=0, atol=1e-7, msg=k)
+        plain_differs |= not torch.allclose(want, (a[k] + b[k]) / 2, rtol=0, atol=1e-6)
+    assert plain_differs
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["sync.strategy=ring", "sync.replicas=3"], "sync.replicas=3 must divide the data-parallel degree 2"),
+    (["sync.strategy=ring", *TWO, "parallel.zero_stage=1"], "needs parallel.zero_stage=0"),
+    (["sync.strategy=gossip", *TWO, "sync.compress=int8"], "sync.compress=int8"),
+    (["sync.replicas=2"], "sync.replicas needs a sync.strategy other than allreduce"),
+    (["sync.strategy=ring", *TWO, "data.split=dirichlet"], "data.split=dirichlet"),
+    (["sync.strategy=diloco", "sync.replicas=1", "launch.procs_per_node=1"], "needs sync.replicas >= 2"),
+])
+def test_settings_that_cannot_run_stop_with_one_line(tmp_path, overrides, words):
+    out = run_train(tmp_path, "bad", *COMMON, *overrides)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], out.stderr
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.dist
+def test_resume_into_another_replica_count_is_refused(root, tmp_path):
+    _run(root, "lsgd", "sync.strategy=local_sgd", *TWO, "sync.every=2")
+    shutil.copytree(root / "runs" / "lsgd", tmp_path / "runs" / "moved")
+    out = run_train(tmp_path, "moved", *COMMON, f"data.cache_dir={root}/cache", "train.max_steps=10",
+                    "train.resume=auto", "launch.procs_per_node=1", "sync.replicas=null")
+    assert out.returncode == 2
+    assert "resumes only in the same layout and replica count" in out.stderr.strip().splitlines()[-1]
