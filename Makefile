@@ -11,7 +11,7 @@ RUN         ?=
 OUT         ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test validate export recipes bench bench-train bench-parallel bench-generate kernels lint gpu-check clean slurm
+.PHONY: train test validate export recipes bench bench-train bench-parallel bench-generate bench-sync kernels lint gpu-check clean slurm docs gpu-wheels
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -85,6 +85,13 @@ slurm: $(STAMP)
 docs: $(STAMP)
 	$(PY) -c "import re,sys; from launch.cli import config_reference as c; p='README.md'; s=open(p).read(); \
 	open(p,'w').write(re.sub(r'<!-- config-reference:start -->.*<!-- config-reference:end -->', lambda m: '<!-- config-reference:start -->\n'+c()+'<!-- config-reference:end -->', s, flags=re.S))"
+
+# Every sync strategy side by side at the same token budget, 4 replicas, then 8 (bench/results/sync-cpu*.md),
+# and our ring all-reduce against gloo's (bench/results/ring-cpu.md).
+bench-sync: $(STAMP)
+	$(PY) bench/bench_sync.py --replicas 4 --steps 200 $(ARGS)
+	$(PY) bench/bench_sync.py --replicas 8 --steps 100 $(ARGS)
+	$(PY) bench/bench_ring.py
 
 # Per-rank memory of ZeRO 0-3 on 2 and 4 processes against the ZeRO paper's formulas.
 bench-parallel: $(STAMP)

@@ -189,10 +189,14 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
         else:
             loss, n = evaluate(module, val_blocks, recipe.parallel.micro_batch, max_batches, dims.dp_rank, dims.dp,
                                dist.device, group=dims.dp_group)
-        if shared:  # each replica evaluated its own weights: report their mean
-            loss = replica_mean(loss, dims)
+        per_replica = None
+        if shared:  # each replica evaluated its own weights: report their mean (and each)
+            per_replica = replica_values(loss, dims)
+            loss = sum(per_replica) / len(per_replica)
         row = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
                "val_bpb": bits_per_byte(loss, data.val_num_tokens, data.val_bytes), "val_tokens": n}
+        if per_replica is not None:
+            row["val_loss_replicas"] = per_replica
         tracker.log(row)
         return row
 
@@ -298,14 +302,21 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     return summary
 
 
-def replica_mean(value: float, dims: ParallelDims) -> float:
-    """Collective over the cross-replica group: the mean of `value` over the replicas (each
-    replica's ranks already agree on it)."""
+def replica_values(value: float, dims: ParallelDims) -> list[float]:
+    """Collective over the cross-replica group: `value` of every replica, in replica order (each
+    replica's ranks already agree on theirs)."""
     if dims.replicas == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return [value]
+    t = torch.zeros(dims.replicas, dtype=torch.float64)
+    t[dims.replica] = value
     torch.distributed.all_reduce(t, group=dims.cross_replica_group)
-    return float(t.item()) / dims.replicas
+    return t.tolist()
+
+
+def replica_mean(value: float, dims: ParallelDims) -> float:
+    """The mean of `value` over the replicas (collective, see `replica_values`)."""
+    values = replica_values(value, dims)
+    return sum(values) / len(values)
 
 
 def _end_sample(recipe: Recipe, replica, data, device) -> str:
