@@ -74,6 +74,21 @@ METHODS = {"static": run_static, "engine": run_engine,
            "engine, 8 slots": lambda m, p, n: run_engine(m, p, n, slots=8)}
 
 
+def step_costs(model, prompt_len: int, quick: bool) -> dict[int, float]:
+    """CPU milliseconds of one DecodeEngine.decode step by number of running rows."""
+    out = {}
+    for b in (1, 2, 4, 8, 16):
+        engine = DecodeEngine(model, b, max_len=model.config.max_seq_len)
+        engine.prefill([[1] * prompt_len] * b, list(range(b)), SamplingParams(temperature=0, max_new_tokens=1000))
+        times = []
+        for _ in range(3 if quick else 30):
+            c0 = time.process_time()
+            engine.decode()
+            times.append(time.process_time() - c0)
+        out[b] = 1e3 * statistics.median(times)
+    return out
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -92,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model and budgets, one round (smoke test)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate-cpu.md"))
     args = ap.parse_args(argv)
+    default_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else args.rounds
@@ -100,7 +116,8 @@ def main(argv=None) -> int:
 
     lines = ["# Decoding: DecodeEngine (continuous batching) vs the static-batch GPT.generate\n",
              f"Command: `{command.strip()}` (`make bench-generate`)  ",
-             f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {platform.system()}, "
+             f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads (torch's default here: "
+             f"{default_threads}), {platform.system()}, "
              f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
              f"1-minute load average {os.getloadavg()[0]:.1f} at the start (other processes share the CPUs)  ",
              f"{N_REQUESTS} greedy requests per workload; tokens/s = requested new tokens / wall time, "
@@ -151,6 +168,11 @@ def main(argv=None) -> int:
         lines.append(f"- ragged: prompt lengths {min(map(len, prompts))}..{max(map(len, prompts))}, "
                      f"max_new_tokens {min(news)}..{max(news)}; the static decoder computes "
                      f"{N_REQUESTS * max(news)} tokens for {sum(news)} requested")
+        cached = 8 if args.quick else 64
+        steps = step_costs(model, cached, quick=args.quick)
+        lines.append(f"- one engine decode step (CPU ms, median) with B running rows at {cached} cached positions: "
+                     + ", ".join(f"B={b}: {ms:.2f}" for b, ms in steps.items())
+                     + " (what retiring rows saves per step)")
     lines += ["", *ratios, ""]
     text = "\n".join(lines)
     print(text)
