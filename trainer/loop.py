@@ -152,9 +152,10 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
         sync.attach(stepper, replica, sample_counts)
     start_step = 0
     if resume_from is not None:
-        start_step = restore(replica, recipe, resume_from, resume_meta, move, sampler, is_main, ctx.rank)
+        loop_state = restore(replica, recipe, resume_from, resume_meta, move, sampler, is_main, ctx.rank)
+        start_step = loop_state["step"]
         if shared:
-            sync.load_state_dict(torch.load(resume_from / f"loop_rank{ctx.rank}.pt", weights_only=False)["sync"])
+            sync.load_state_dict(loop_state["sync"])
     tracker = ctx.open_tracker(cfg_dict, start_step if resume_from is not None else None)
 
     peak, peak_source = peak_flops(dist.device, recipe.train.peak_tflops)

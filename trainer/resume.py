@@ -86,17 +86,17 @@ def set_schedule_position(engine, step: int) -> None:
 
 
 def restore(replica, recipe: Recipe, folder: Path, meta: dict, move: LayoutChange | None, sampler,
-            is_main: bool, rank: int) -> int:
+            is_main: bool, rank: int) -> dict:
     """Load `folder`'s training state into the replica (its engine and random-number stream) and
-    the sampler; returns the step to continue from. With `move` the weights were already loaded
-    into the model (resharded) when the replica was built. `rank`: this rank's index in the run
-    (its loop-state file)."""
+    the sampler; returns the loop state (its "step": the step to continue from). With `move` the
+    weights were already loaded into the model (resharded) when the replica was built. `rank`: this
+    rank's index in the run (its loop-state file)."""
     engine = replica.engine
     if move is None:
         loop_state = ckpt.load([replica.component], folder, meta, rank)
         sampler.load_state_dict(loop_state["sampler"])
         ckpt.set_rng_state(loop_state["rng"])
-        return loop_state["step"]
+        return loop_state
     loop_state = torch.load(folder / "loop_rank0.pt", weights_only=False)
     step = loop_state["step"]
     sampler.load_state_dict(loop_state["sampler"])  # a global position: valid for any dp degree
@@ -116,4 +116,4 @@ def restore(replica, recipe: Recipe, folder: Path, meta: dict, move: LayoutChang
               + ("Adam state carried over (moments and step count)" if carried else
                  f"optimizer state RESET (Adam moments start from zero: {why})")
               + "; learning-rate schedule and data position carried over", flush=True)
-    return step
+    return loop_state
