@@ -283,14 +283,10 @@ class GPT(nn.Module):
 
     def set_kernels(self, mode: str) -> None:
         """Switch every op of the model to another kernel mode (same parameters)."""
-        ops = get_ops(mode)
-        # A wrapper installed over the ops (tensor parallelism's vocab-parallel loss) is kept.
-        rebase = getattr(self.ops, "rebase", None)
-        self.ops = rebase(ops) if rebase is not None else ops
+        from .kernels import set_kernels
+
+        set_kernels(self, mode)
         self.config.kernels = mode
-        for m in self.modules():
-            if m is not self and hasattr(m, "ops"):
-                m.ops = self.ops
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -50,8 +50,9 @@ h + n_head/tp (chunk 0 and chunk 1) would share one mask.  Those regions run und
 With dropout > 0 a TP run is statistically equivalent to, not bit-equal with, the unsplit model
 (with dropout 0 it matches it within float tolerance).
 
-Generation: `GPT.generate` gathers the last-position logits through `lm_head.gather_logits` (set
-`lm_head.gather_output = True` for full logits from `forward`); it needs sequence_parallel=False,
+Generation: the decoding engine (`model.generate.DecodeEngine`, under `GPT.generate`) gathers the
+last-position logits through `lm_head.gather_logits` (set `lm_head.gather_output = True` for full
+logits from `forward`); it needs sequence_parallel=False,
 and for sampling (temperature > 0) every TP rank must draw the same tokens: pass generators with
 the same seed on all ranks (greedy decoding needs nothing).
 """
@@ -589,7 +590,7 @@ def _swap_class(m: nn.Module, base: type, tp: TPInfo) -> None:
 class TensorParallelOps:
     """The `ops` namespace of a converted model: the base ops, except that `cross_entropy` takes
     logits sharded over the vocabulary (vocab-parallel CE; gathered logits use the base op).
-    `GPT.set_kernels` keeps the wrapper through `rebase`."""
+    `model.kernels.set_kernels` (and `GPT.set_kernels`) keeps the wrapper through `rebase`."""
 
     def __init__(self, base, head: VocabParallelLMHead):
         self.base = base

@@ -106,6 +106,23 @@ def get_ops(mode: str = "torch") -> SimpleNamespace:
     raise ValueError(f"unknown kernel mode {mode!r}; allowed: auto, fused, torch")
 
 
+def set_kernels(module, mode: str) -> None:
+    """Switch every `ops` namespace inside `module` (the module itself included) to `mode`'s ops,
+    keeping the parameters. A namespace that wraps the ops (one that has `rebase(base)`, such as
+    tensor parallelism's vocabulary-parallel loss) is rebuilt over the new base instead of being
+    replaced; modules that shared one namespace share the new one."""
+    base = get_ops(mode)
+    new: dict[int, object] = {}
+    for m in module.modules():
+        ops = getattr(m, "ops", None)
+        if ops is None:
+            continue
+        if id(ops) not in new:
+            rebase = getattr(ops, "rebase", None)
+            new[id(ops)] = rebase(base) if rebase is not None else base
+        m.ops = new[id(ops)]
+
+
 def vocab_parallel_cross_entropy(logits_shard, targets, vocab_start: int, group=None, ignore_index: int = -100,
                                  **kwargs):
     """See `model.kernels.vocab_parallel.vocab_parallel_cross_entropy`."""
