@@ -36,6 +36,8 @@ from .gossip import gossip_average_
 from .mixing import is_connected, mixing_matrix
 
 GRADIENT_STRATEGIES = ("ring",)
+# Compressions whose payload of a slice is the slice's payload: summed chunk by chunk by its owner.
+CHUNKED = ("int8", "fp16")
 WEIGHT_STRATEGIES = ("local_sgd", "fedavg", "diloco", "gossip")
 
 
@@ -110,7 +112,63 @@ class _Strategy:
         if self.ef is None:
             ring.ring_all_reduce(flat, self.group)
             return flat
+        if self.recipe.sync.compress in CHUNKED:
+            return self._two_phase_sum(flat, name)
         return self.ef.exchange(name, flat, all_reduce_fn=self._ring_sum, all_gather_fn=self._ring_gather)
+
+    # ---- two-phase compressed sum (int8, fp16, bf16) ------------------------------------------
+
+    def _two_phase_sum(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """The sum over replicas of `flat`, compressed both ways with error feedback on both sides
+        (the scheme of DeepSpeed's 1-bit compressed all-reduce): each replica compresses chunk j of
+        its tensor (its own residual per chunk) and sends it to replica j (an all-to-all: (R-1)/R of
+        the tensor); replica j sums the R decompressed pieces of its chunk in float32, in replica
+        order, compresses the sum (a second residual) and sends it to every replica (an all-gather:
+        (R-1)/R). Every replica decompresses the same payloads, so all end with the same bits; each
+        rank sends 2(R-1)/R of the tensor in the compressed dtype, as a ring all-reduce sends in
+        fp32. (Gathering every replica's compressed tensor instead costs (R-1) of it.)"""
+        from .compress import decompress, make_compressor
+
+        n_rep, me = self.replicas, dist.get_rank(self.group)
+        bounds = _chunk_bounds(flat.numel(), n_rep)
+        mine = [self.ef.step(f"{name}/to{j}", flat[a:b])[0] for j, (a, b) in enumerate(bounds)]
+        a, b = bounds[me]
+        template = make_compressor(self.recipe.sync.compress).compress(torch.zeros(b - a))
+        parts = self._exchange(lambda j: mine[j], lambda j: template, sources=range(n_rep), me=me)
+        total = torch.zeros(b - a, dtype=torch.float32)
+        for j in range(n_rep):  # a fixed order: every owner's sum is computed the same way
+            total += decompress(parts[j]).float()
+        summed, _ = self.ef.step(f"{name}/sum", total)
+        chunks = self._exchange(lambda j: summed,
+                                lambda j: make_compressor(self.recipe.sync.compress).compress(
+                                    torch.zeros(bounds[j][1] - bounds[j][0])),
+                                sources=range(n_rep), me=me)
+        out = torch.empty_like(flat)
+        for j, (a, b) in enumerate(bounds):
+            out[a:b] = decompress(chunks[j]).to(out.dtype)
+        return out
+
+    def _exchange(self, payload_for, template_from, sources, me):
+        """Send `payload_for(j)` to every other replica j and receive from each replica j a payload
+        shaped like `template_from(j)`; returns {j: payload} (this replica's own included)."""
+        import dataclasses
+
+        got, reqs = {me: payload_for(me)}, []
+        for j in sources:
+            if j == me:
+                continue
+            peer = dist.get_global_rank(self.group, j)
+            out = payload_for(j)
+            for tag, key in enumerate(sorted(out.tensors)):
+                reqs.append(ring.isend(out.tensors[key].contiguous(), peer, self.group, tag=tag))
+            t = template_from(j)
+            bufs = {key: torch.empty_like(v) for key, v in t.tensors.items()}
+            for tag, key in enumerate(sorted(bufs)):
+                reqs.append(ring.irecv(bufs[key], peer, self.group, tag=tag))
+            got[j] = dataclasses.replace(t, tensors=bufs)
+        for r in reqs:
+            r.wait()
+        return got
 
     def _ring_sum(self, t: torch.Tensor) -> torch.Tensor:
         ring.ring_all_reduce(t, self.group)
@@ -130,6 +188,13 @@ class _Strategy:
                 q.wait()
             out[recv_idx] = buf
         return out
+
+
+def _chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of `parts` contiguous chunks of n elements (sizes differ by at most one)."""
+    base, extra = divmod(n, parts)
+    starts = [j * base + min(j, extra) for j in range(parts + 1)]
+    return list(zip(starts[:-1], starts[1:]))
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
