@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record_losses import subprocess_env  # bench/ is this script's first path entry
+
 REPO = Path(__file__).resolve().parent.parent
 
 # label -> (recipe, overrides); every recipe trains gpt-tiny with a global batch of 32 sequences.
@@ -47,14 +49,6 @@ def strategies(r: int) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-def _env() -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("RECIPES_FAULT", "WANDB"))}
-    e.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
 def run(label, recipe, overrides, r, steps, root, cache, extra) -> dict:
     name = "".join(c if c.isalnum() else "-" for c in label).strip("-")
     cmd = [sys.executable, "-m", "launch", "train", recipe, *overrides, f"launch.procs_per_node={r}",
@@ -62,7 +56,7 @@ def run(label, recipe, overrides, r, steps, root, cache, extra) -> dict:
            "train.checkpoint_every=null", "train.sample_tokens=0", "train.progress=false", "tracking.wandb=disabled",
            f"run.name={name}", f"run.output_dir={root}", f"data.cache_dir={cache}", *extra]
     t0 = time.time()
-    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     wall = time.time() - t0
     if out.returncode != 0:
         raise RuntimeError(f"{label} failed ({out.returncode}): {out.stderr[-2000:]}")

@@ -26,7 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _env() -> dict:
+def subprocess_env() -> dict:
+    """This environment for a `python -m launch` child: the repository on the path, no fault
+    injection, no W&B, no rank variables of an enclosing job."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("RECIPES_FAULT", "WANDB"))}
     e.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -39,7 +41,7 @@ def record(recipe: str, steps: int, root: Path, cache: Path) -> list[float]:
            "train.eval_every=100000", "train.sample_tokens=0", "train.progress=false",
            "tracking.wandb=disabled", f"run.output_dir={root}",
            f"run.name={recipe}", f"data.cache_dir={cache}"]
-    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"{recipe} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     rows = [json.loads(x) for x in (root / recipe / "metrics.jsonl").read_text().splitlines()]

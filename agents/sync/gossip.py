@@ -52,7 +52,8 @@ def _buckets(tensors: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], torc
     return [(ts, torch.cat([t.detach().reshape(-1) for t in ts])) for ts in groups.values()]
 
 
-def _scatter_back(ts: list[torch.Tensor], flat: torch.Tensor) -> None:
+def unflatten_(ts: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy consecutive slices of `flat` back into the tensors `ts` (the inverse of concatenating them)."""
     off = 0
     for t in ts:
         n = t.numel()
@@ -121,7 +122,7 @@ def gossip_average_(tensors: torch.Tensor | Iterable[torch.Tensor], group=None, 
         acc = flat.to(_acc_dtype(flat.dtype)) * float(m[me, me])
         for j in ins:
             acc.add_(received[j][b].to(acc.dtype), alpha=float(m[me, j]))
-        _scatter_back(bts, acc.to(flat.dtype))
+        unflatten_(bts, acc.to(flat.dtype))
     return sent
 
 
@@ -160,5 +161,5 @@ def push_sum_average_(tensors: torch.Tensor | Iterable[torch.Tensor], weight: fl
         acc = flat.to(_acc_dtype(flat.dtype)) * (float(m[me, me]) * weight)
         for j in ins:
             acc.add_(received[j][b].to(acc.dtype), alpha=float(m[me, j]) * w_in[j])
-        _scatter_back(bts, (acc / new_w).to(flat.dtype))
+        unflatten_(bts, (acc / new_w).to(flat.dtype))
     return new_w

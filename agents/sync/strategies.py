@@ -32,7 +32,7 @@ from trainer.errors import UsageError
 from trainer.schema import Recipe
 
 from . import ring
-from .gossip import gossip_average_
+from .gossip import gossip_average_, unflatten_
 from .mixing import is_connected, mixing_matrix
 
 GRADIENT_STRATEGIES = ("ring",)
@@ -201,14 +201,6 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
 
-def _unflat_(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
-    i = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[i:i + n].view_as(t))
-        i += n
-
-
 class RingGradients(_Strategy):
     """`ring`: the job's mean gradient from our ring all-reduce (see the module docstring)."""
 
@@ -224,7 +216,7 @@ class RingGradients(_Strategy):
         if any(g is None for g in grads):
             raise RuntimeError("sync.strategy=ring: a trainable parameter has no gradient after backward")
         total = self._sum(_flat(grads), "grads")
-        _unflat_(grads, total.div_(self.replicas))
+        unflatten_(grads, total.div_(self.replicas))
 
 
 class WeightAveraging(_Strategy):
@@ -264,7 +256,7 @@ class WeightAveraging(_Strategy):
             else:
                 share = 1.0 / self.replicas
             flat = self._sum(flat.mul_(share), "weights")
-        _unflat_(self.params, flat)
+        unflatten_(self.params, flat)
         self.rounds += 1
 
     def _outer_step(self, flat: torch.Tensor) -> torch.Tensor:
