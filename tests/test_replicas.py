@@ -61,7 +61,8 @@ def test_plan_refuses_impossible_layouts(kw, words):
 # ---------------------------------------------------------------------------- replicas in a job
 
 STEPS = 6
-COMMON = [*TINY, f"train.max_steps={STEPS}", "train.sample_tokens=0", "train.eval_every=1000", "parallel.micro_batch=4"]
+COMMON = [*TINY, f"train.max_steps={STEPS}", "train.sample_tokens=0", "train.eval_every=1000", "parallel.micro_batch=4",
+          "train.peak_tflops=0.5"]
 # A checkpoints every 2 steps, B only at the end: neither waits for the other's saves.
 REPLICA_A = ["parallel.zero_stage=1", "train.checkpoint_every=2"]  # NaN at step 3 in the job
 REPLICA_B = ["parallel.zero_stage=2", "train.seed=7"]
@@ -111,6 +112,14 @@ def test_two_replicas_in_one_job_train_and_checkpoint_as_alone(tmp_path):
     rows_b = {r["step"]: r for r in metrics(root, "job-b") if "skipped_steps" in r}
     assert rows_a[3]["loss"] is None and rows_a[STEPS]["skipped_steps"] == 1
     assert rows_b[STEPS]["skipped_steps"] == 0 and all(r["loss"] is not None for r in rows_b.values())
+    # MFU per device: the job's tokens/s over 2 devices' peak (not one device's).
+    from model import GPT, GPTConfig
+
+    meta = ckpt.verify(ckpt.latest_checkpoint(root / "runs" / "alone-a" / "checkpoints"))
+    with torch.device("meta"):
+        fpt = GPT(GPTConfig(**meta["model_config"]), init=False).flops_per_token(64)
+    for r in (x for x in metrics(root, "alone-a") if x.get("tokens_per_s")):
+        assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / (2 * 0.5e12), rel=1e-9)
     # Each replica committed its own checkpoints, with its own layout in meta.json.
     for name, zero in (("job-a", 1), ("job-b", 2)):
         meta = ckpt.verify(ckpt.latest_checkpoint(root / "runs" / name / "checkpoints"))

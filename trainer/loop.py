@@ -159,6 +159,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     tracker = ctx.open_tracker(cfg_dict, start_step if resume_from is not None else None)
 
     peak, peak_source = peak_flops(dist.device, recipe.train.peak_tflops)
+    # MFU per device: tokens/s counts every rank of the job's batch, the peak is one device's.
+    peak *= job_world
     tokens_per_step = recipe.global_batch(job_world) * seq_len
     if is_main:
         _print_start(ctx, replica, precision, data, resume_from)
