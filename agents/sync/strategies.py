@@ -215,6 +215,13 @@ class RingGradients(_Strategy):
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):
             raise RuntimeError("sync.strategy=ring: a trainable parameter has no gradient after backward")
+        if self.recipe.sync.compress == "powersgd":
+            # Low rank needs the matrices' own shapes: one stream per parameter (vectors go dense).
+            for i, g in enumerate(grads):
+                summed = self.ef.exchange(f"grads/{i}", g.float(), all_reduce_fn=self._ring_sum,
+                                          all_gather_fn=self._ring_gather)
+                g.copy_(summed.div_(self.replicas).view_as(g))
+            return
         total = self._sum(_flat(grads), "grads")
         unflatten_(grads, total.div_(self.replicas))
 
