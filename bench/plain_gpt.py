@@ -104,9 +104,9 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
     def matmul_params(self) -> int:
-        """Weights used in matmuls: all parameters but the position table (the tied token
-        embedding counted once, as the output head)."""
-        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        """Weights used in matmuls: every nn.Linear weight (the tied token embedding counted once,
+        as the output head); biases and LayerNorm weights are elementwise work."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 * N (forward 2N + backward 4N of the matmuls) plus the

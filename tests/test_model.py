@@ -138,9 +138,11 @@ def test_num_params_and_flops(style):
     assert m.num_params() == total
     emb = V * 64 + (32 * 64 if style == "gpt2" else 0)
     assert m.num_params(exclude_embeddings=True) == total - emb
-    # N: non-embedding parameters (norms and biases included, they are negligible) plus the head,
-    # which costs matmul FLOPs even when it is the tied embedding.
-    n_mm = total - emb + (V * 64 if c.tie_embeddings else 0)
+    # N: the weights of matmuls (norms and biases are elementwise) plus the head, which costs
+    # matmul FLOPs even when it is the tied embedding (checked against FlopCounterMode in test_flops).
+    small = sum(p.numel() for n, p in m.named_parameters() if "norm" in n or n.endswith(".bias"))
+    n_mm = total - emb - small + (V * 64 if c.tie_embeddings else 0)
+    assert m.matmul_weights() == n_mm
     assert m.flops_per_token(32) == 6 * n_mm + 12 * c.n_layer * c.d_model * 32
 
 
