@@ -71,7 +71,12 @@ def cmd_train(args) -> int:
     dist = init_distributed(recipe.launch.backend, recipe.launch.timeout_s)
     code = 0
     try:
-        train(recipe, dist, sync=sync)
+        if dist.rank >= dist.world_size - recipe.server_ranks():  # a parameter server: no training loop
+            from agents.sync.ps_sync import run_server
+
+            run_server(recipe, dist.world_size, dist.rank)
+        else:
+            train(recipe, dist, sync=sync)
     except TrainingStopped as stop:
         if dist.is_main:
             print(f"stopped: {stop}", file=sys.stderr, flush=True)

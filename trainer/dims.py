@@ -46,6 +46,9 @@ class ParallelDims:
     grid: object | None = field(default=None, compare=False, repr=False)
     replica_group: object | None = field(default=None, compare=False, repr=False)
     cross_replica_group: object | None = field(default=None, compare=False, repr=False)
+    # Every rank that trains (None: the world). A job whose last ranks serve parameters
+    # (`servers` in `build`) keeps them out of the run's collectives.
+    job_group: object | None = field(default=None, compare=False, repr=False)
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -67,9 +70,20 @@ class ParallelDims:
                             tp_rank=local % tp, pp_rank=local // (tp * dp), dp_rank=(local // tp) % dp)
 
     @classmethod
-    def build(cls, world_size: int, rank: int, tp: int = 1, pp: int = 1, replicas: int = 1) -> ParallelDims:
-        """Collective over the whole world: `plan`, then every process group of the job."""
-        d = cls.plan(world_size, rank, tp, pp, replicas)
+    def build(cls, world_size: int, rank: int, tp: int = 1, pp: int = 1, replicas: int = 1,
+              servers: int = 0) -> ParallelDims | None:
+        """Collective over the whole world: `plan`, then every process group of the job.
+
+        `servers`: the world's last ranks serve parameters (a parameter-server job) and train
+        nothing; the replicas are made of the first world_size - servers ranks. A server rank
+        takes part in creating the groups (a collective) and gets None."""
+        workers = world_size - servers
+        if servers < 0 or workers < 1:
+            raise DimsError(f"{servers} server ranks leave no rank to train in a world of {world_size}")
+        is_server = rank >= workers
+        # A server rank creates the same groups as worker rank 0 would, and keeps none.
+        d = cls.plan(workers, 0 if is_server else rank, tp, pp, replicas)
+        world_size = workers
         if not tdist.is_initialized():
             raise DimsError("ParallelDims.build needs torch.distributed to be initialised (trainer.distributed)")
         size = d.replica_size
@@ -81,8 +95,11 @@ class ParallelDims:
             grid = PipelineParallelGrid(topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=d.dp))
         else:
             grid = ReplicaGrid(d)
+        job_group = _new_group(range(workers)) if servers else None
+        if is_server:
+            return None
         return ParallelDims(**{**d.__dict__, "grid": grid, "replica_group": replica_groups[d.replica],
-                               "cross_replica_group": cross_groups[d.local_rank]})
+                               "cross_replica_group": cross_groups[d.local_rank], "job_group": job_group})
 
     # ---- derived -----------------------------------------------------------------------------
 

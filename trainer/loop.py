@@ -61,7 +61,8 @@ def _tokenizer_hash(path: str) -> str:
 
 def make_dims(recipe: Recipe, dist: DistInfo, replicas: int = 1) -> ParallelDims:
     """The dims of a run over the whole world, split into `replicas` (a sync run) or not."""
-    return ParallelDims.build(dist.world_size, dist.rank, recipe.parallel.tp, recipe.parallel.pp, replicas)
+    return ParallelDims.build(dist.world_size, dist.rank, recipe.parallel.tp, recipe.parallel.pp, replicas,
+                              servers=recipe.server_ranks())
 
 
 def _sampler(recipe: Recipe, dims: ParallelDims, data, train_blocks, shared: bool):
@@ -83,15 +84,15 @@ def _sampler(recipe: Recipe, dims: ParallelDims, data, train_blocks, shared: boo
     return ShardedSampler(len(train_blocks), micro, dims.dp_rank, dims.dp, seed, indices=mine), [len(p) for p in parts]
 
 
-def _prepare_data(recipe: Recipe, main_first: bool):
+def _prepare_data(recipe: Recipe, main_first: bool, group=None):
     spec = DataSpec(path=recipe.data.path, text_field=recipe.data.text_field, tokenizer=recipe.data.tokenizer,
                     vocab_size=recipe.data.vocab_size, seq_len=recipe.data.seq_len,
                     val_fraction=recipe.data.val_fraction, max_documents=recipe.data.max_documents,
                     num_proc=recipe.data.num_proc, seed=recipe.train.seed)
     # The job's first rank tokenises first (with a progress bar); everyone else then reads its
-    # cache. A world barrier: replicas of one job may share a cache folder.
+    # cache. A barrier over the job (every rank that trains): replicas of one job may share a cache folder.
     data = prepare_data(spec, recipe.data.cache_dir, show_progress=recipe.train.progress) if main_first else None
-    barrier()
+    barrier(group)
     return data or prepare_data(spec, recipe.data.cache_dir, show_progress=False)
 
 
@@ -110,7 +111,7 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     resume_meta = ckpt.verify(resume_from) if resume_from is not None else None
     seq_len = recipe.data.seq_len
 
-    data = _prepare_data(recipe, main_first=dist.rank == 0)
+    data = _prepare_data(recipe, main_first=dist.rank == 0, group=dims.job_group)
     tok_hash = _tokenizer_hash(data.tokenizer_path)
     if resume_meta is not None and resume_meta.get("tokenizer_sha256") != tok_hash:
         raise UsageError(f"checkpoint {resume_from} was trained with a different tokenizer "
@@ -146,7 +147,7 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     sampler, sample_counts = _sampler(recipe, dims, data, train_blocks, shared)
     plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32" and dims.tp == dims.pp == 1
     # Gradients exchanged across replicas: a non-finite loss anywhere skips the step everywhere.
-    veto_group = None if shared and sync.exchanges_gradients else dims.replica_group
+    veto_group = dims.job_group if shared and sync.exchanges_gradients else dims.replica_group
     stepper = Stepper(engine, dims, dist.device, plain_grads=plain_grads, veto_group=veto_group)
     if shared:
         sync.attach(stepper, replica, sample_counts)
@@ -278,6 +279,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
 
     if stop_reason is not None:
         folder = save(step)
+        if shared:
+            sync.close()
         name = signal.Signals(stop_reason).name
         if is_main:
             tracker.finish()
@@ -286,6 +289,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
 
     # ---- end of run: checkpoint, full evaluation, sample, summary --------------------------------
     folder = save(step)
+    if shared:
+        sync.close()
     final = run_eval(step, full=True)
     sample = _end_sample(recipe, replica, data, dist.device) if dims.replica == 0 else ""
     summary = {

@@ -195,6 +195,6 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def check_layout(recipe: Recipe, world_size: int | None = None) -> None:
     """Checks that need the world size (degrees and batch divisibility) as a ConfigError."""
     try:
-        recipe.grad_accum_steps(world_size)
+        recipe.grad_accum_steps(recipe.train_world(world_size))
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -61,8 +61,8 @@ class RunContext:
 
     @property
     def group(self):
-        """The ranks of the run (None: the world)."""
-        return None if self.shared else self.dims.replica_group
+        """The ranks of the run (None: the world; a job with parameter servers: its workers)."""
+        return self.dims.job_group if self.shared else self.dims.replica_group
 
     @property
     def rank(self) -> int:

@@ -164,13 +164,18 @@ class SyncOuterSection(Section):
 class SyncSection(Section):
     replicas: PosInt | None = _f(None, "groups of ranks that may hold different weights (null = the data-parallel "
                                  "degree); inside a group DeepSpeed reduces as usual, across groups sync.strategy")
-    strategy: Literal["allreduce", "ring", "gossip", "local_sgd", "diloco", "fedavg", "hybrid"] = _f(
+    strategy: Literal["allreduce", "ring", "parameter_server", "gossip", "local_sgd", "diloco", "fedavg",
+                      "hybrid"] = _f(
         "allreduce", "allreduce: the engine's own gradient reduction over every rank; ring: our ring all-reduce of "
-        "the gradients across groups; gossip: average with graph neighbours every sync.every steps; local_sgd: "
+        "the gradients across groups; parameter_server: the last sync.servers ranks own shards of the weights and "
+        "of AdamW, workers push gradients and pull weights; gossip: average with graph neighbours every sync.every steps; local_sgd: "
         "average every sync.every steps; diloco: local_sgd with an outer Nesterov optimizer on the averaged delta; "
         "fedavg: average weighted by each group's training samples; hybrid: DeepSpeed inside a group, sync.across "
         "across groups")
     every: PosInt = _f(1, "steps between synchronisations (local_sgd, diloco, fedavg, gossip, hybrid)")
+    servers: PosInt = _f(1, "parameter_server: server ranks (the world's last; they count in launch.procs_per_node)")
+    staleness: NonNegInt = _f(0, "parameter_server: 0 synchronous; k >= workers - 1 asynchronous, every push "
+                              "applied on its own at most k versions late")
     topology: Literal["ring", "torus", "exponential", "random"] = _f(
         "exponential", "gossip graph: ring, 2-D torus, one-peer exponential, seeded random matching")
     outer: SyncOuterSection = SyncOuterSection()
@@ -250,6 +255,9 @@ class Recipe(Section):
             raise ValueError(f"sync.strategy={s.strategy} needs parallel.pp=1 (DeepSpeed's PipelineModule builds its "
                              "groups over the whole world, so a job cannot hold several pipeline replicas)")
         kind = s.across if s.strategy == "hybrid" else s.strategy
+        if kind == "parameter_server" and (p.tp > 1 or self.data.split != "iid"):
+            raise ValueError("sync.strategy=parameter_server gives each worker the whole model and one data share: it "
+                             f"needs parallel.tp=1 (got {p.tp}) and data.split=iid (got {self.data.split})")
         if s.compress != "none" and kind not in ("ring", "diloco"):
             raise ValueError(f"sync.compress={s.compress} compresses what replicas exchange as gradients or deltas: "
                              f"it needs sync.strategy ring or diloco (or hybrid with sync.across=diloco), not {kind}")
@@ -261,8 +269,17 @@ class Recipe(Section):
     def world_size(self) -> int:
         return self.launch.procs_per_node * self.launch.nodes
 
+    def server_ranks(self) -> int:
+        """Ranks that serve parameters and train nothing (sync.strategy=parameter_server)."""
+        return self.sync.servers if self.sync.strategy == "parameter_server" else 0
+
+    def train_world(self, world_size: int | None = None) -> int:
+        """The processes that train: all of them (`world_size`, default the recipe's) but servers."""
+        return (world_size or self.world_size()) - self.server_ranks()
+
     def dp_degree(self, world_size: int | None = None) -> int:
-        world = world_size or self.world_size()
+        """Data-parallel degree over `world_size` training ranks (default: the recipe's)."""
+        world = world_size or self.train_world()
         mp = self.parallel.tp * self.parallel.pp
         if world % mp:
             raise ValueError(f"world size {world} (launch.nodes x launch.procs_per_node) is not divisible by "

@@ -30,3 +30,7 @@ class Synchronizer(Protocol):
         """This rank's strategy state for a checkpoint (residuals, outer optimizer, counters)."""
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None:
+        """End of the run on this rank (after the last checkpoint): release what the strategy
+        holds outside the loop (e.g. tell parameter servers to exit)."""

@@ -70,6 +70,15 @@ distinct versions, so the last of them has tau >= W - 1. Use staleness=0 for tig
 With k = W - 1 the workers take turns (after the first round, every worker's push is applied once
 in every W consecutive updates, in a fixed cyclic order); a larger k lets fast workers run ahead.
 
+Order (`ordered=`): by default the server applies pushes as they arrive (an any-source receive),
+so which of two workers computing at once goes first depends on timing, and so do the bits of the
+result. With `ordered=True` the server instead waits for the slowest worker not already waiting
+(then the lowest index) and hears it first: the same rule as above, applied to a fixed order of
+messages, so a run is reproducible bit for bit (and resumes so after a kill). Fast workers then
+cannot run ahead of that order: after the first round every worker's push is applied once every W
+updates, each W - 1 versions late. A training loop whose workers meet at collectives every step
+(the loss mean, the stop signal) advances in lockstep anyway, and loses nothing but randomness.
+
 With S > 1 servers each server runs its own schedule on its shard, so a pulled vector may combine
 shards of different versions (`PSWorker.versions`, one per server); the bound holds per shard.
 
@@ -325,7 +334,8 @@ class ParameterServer:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, lr_schedule: Callable[[int], float] | None = None,
                  max_grad_norm: float | None = None, rank: int | None = None,
-                 timeout: datetime.timedelta | None = None, log_limit: int = 1_000_000):
+                 timeout: datetime.timedelta | None = None, log_limit: int = 1_000_000,
+                 decay_mask: torch.Tensor | None = None, ordered: bool = False):
         self.layout = layout
         self.rank = dist.get_rank() if rank is None else rank
         role = layout.role(self.rank)
@@ -350,8 +360,23 @@ class ParameterServer:
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         self.param = torch.nn.Parameter(weights.detach().clone().contiguous(), requires_grad=False)
+        # Weight decay on part of the vector only (`decay_mask`: matrices, not biases or norms, as the
+        # training loop's parameter groups): AdamW without decay, and the decoupled decay
+        # p *= 1 - lr * wd applied here to the masked elements first, as AdamW applies it (x 1.0
+        # elsewhere is exact), so every element steps as it would in its own parameter group.
+        self.decay_mask = None
+        if decay_mask is not None:
+            mask = decay_mask.to(torch.bool).reshape(-1)
+            mask = mask[self.start:self.end] if mask.numel() == layout.numel else mask
+            if mask.numel() != n:
+                raise ValueError(f"decay_mask has {decay_mask.numel()} elements: neither the full vector "
+                                 f"({layout.numel}) nor shard {self.index} ({n})")
+            self.decay_mask, self.weight_decay, weight_decay = mask, weight_decay, 0.0
         self.optimizer = torch.optim.AdamW([self.param], lr=lr, betas=betas, eps=eps,
                                            weight_decay=weight_decay, amsgrad=amsgrad)
+        # Asynchronous mode: `ordered` hears the workers slowest first (then by index) instead of
+        # in order of arrival, which makes a run reproducible bit for bit (see the module docstring).
+        self.ordered = ordered
         self.lr_schedule, self.max_grad_norm, self.timeout = lr_schedule, max_grad_norm, timeout
         self.version = 0
         self.next_seq = [0] * self.W  # the seq of the next push expected from each worker
@@ -437,6 +462,12 @@ class ParameterServer:
                 group["lr"] = float(self.lr_schedule(self.version))
         if self.max_grad_norm is not None:
             _clip_(grad, self.max_grad_norm, total_norm)
+        if self.decay_mask is not None and self.weight_decay:
+            lr = self.optimizer.param_groups[0]["lr"]
+            factor = torch.where(self.decay_mask, torch.tensor(1 - lr * self.weight_decay, dtype=self.param.dtype),
+                                 torch.tensor(1.0, dtype=self.param.dtype))
+            with torch.no_grad():
+                self.param.mul_(factor)
         self.param.grad = grad
         self.optimizer.step()
         self.param.grad = None
@@ -515,6 +546,9 @@ class ParameterServer:
         self._apply_admissible(waiting, on_update)
         recv = None
         while active:
+            if recv is None and self.ordered:  # the slowest worker not waiting (then the lowest index)
+                src = min((w for w in active if w not in waiting), key=lambda w: (bound.pulled[w], w))
+                recv = self._post_recv(src)
             kind, w, hdr, grad = (recv or self._post_recv(None))()
             recv = None
             arrived = None
@@ -533,7 +567,7 @@ class ParameterServer:
             else:  # STOP
                 active.discard(w)
                 bound.stopped(w)
-            if active - set(waiting):  # somebody can still send: receive while we compute
+            if active - set(waiting) and not self.ordered:  # somebody can still send: receive while we compute
                 recv = self._post_recv(None)
             self._apply_admissible(waiting, on_update)
             if arrived is not None and arrived in waiting:

@@ -52,6 +52,10 @@ def build_synchronizer(recipe: Recipe, world_size: int):
     s = recipe.sync
     if s.strategy == "allreduce":
         return None
+    if recipe.server_ranks() >= world_size:
+        raise UsageError(f"sync.servers={recipe.server_ranks()} must be below the number of processes {world_size} "
+                         "(launch.nodes x launch.procs_per_node): at least one rank must train")
+    total, world_size = world_size, recipe.train_world(world_size)
     replicas = replica_count(recipe, world_size)
     dp = recipe.dp_degree(world_size)
     if dp % replicas:
@@ -64,6 +68,11 @@ def build_synchronizer(recipe: Recipe, world_size: int):
     if kind == "gossip" and not is_connected(s.topology, replicas, seed=recipe.train.seed):
         raise UsageError(f"sync.topology={s.topology} over {replicas} replicas is not connected: the replicas would "
                          "never agree; use ring, torus or exponential")
+    if kind == "parameter_server":
+        from .ps_sync import ParameterServerSync, check_settings
+
+        check_settings(recipe, total, replicas)
+        return ParameterServerSync(recipe, replicas)
     if kind in GRADIENT_STRATEGIES:
         return RingGradients(recipe, replicas)
     return WeightAveraging(recipe, replicas, kind)
@@ -93,6 +102,9 @@ class _Strategy:
 
     def comm_bytes(self) -> int:
         return self.sent_before + ring.comm_bytes() - self.sent_at_start
+
+    def close(self) -> None:
+        """Nothing outside the loop to release (see trainer.sync.Synchronizer.close)."""
 
     def log_row(self, step: int) -> dict:
         return {"comm_bytes": self.comm_bytes()}
