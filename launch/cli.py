@@ -5,7 +5,9 @@
     export RUN_DIR OUT_DIR           write a run's latest checkpoint as a Hugging Face folder
     slurm RECIPE [key=value ...]     render launch/sbatch template for a recipe and submit it (sbatch)
     recipes                          list the recipes in recipes/
-    docs                             print the config reference as a markdown table
+    docs [--write | --check]         print the config reference as a markdown table; --write regenerates
+                                     the generated parts of README.md and docs/ (launch/docs.py), --check
+                                     exits 1 naming the stale ones
 
 Every usage error (bad recipe, bad key, bad data, unusable checkpoint) is one line on stderr
 and exit status 2; no traceback.
@@ -107,7 +109,7 @@ def cmd_slurm(args) -> int:
 
 
 def config_reference() -> str:
-    """Markdown table of every recipe key (the README's config reference is this text)."""
+    """Markdown table of every recipe key (docs/config-reference.md holds this text)."""
     from trainer.schema import Recipe
 
     lines = ["| key | default | description |", "|---|---|---|"]
@@ -120,6 +122,17 @@ def config_reference() -> str:
 
 
 def cmd_docs(args) -> int:
+    from launch import docs
+
+    if args.write:
+        changed = docs.write()
+        print("regenerated: " + (", ".join(changed) if changed else "nothing changed"))
+        return 0
+    if args.check:
+        stale = docs.stale()
+        for s in stale:
+            print(f"stale: {s} (run `make docs`)", file=sys.stderr)
+        return 1 if stale else 0
     print(config_reference(), end="")
     return 0
 
@@ -157,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--account", default=None)
     s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     s.set_defaults(fn=cmd_slurm)
-    s = sub.add_parser("docs", help="print the config reference (markdown)")
+    s = sub.add_parser("docs", help="print the config reference (markdown), or regenerate the docs")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="regenerate the generated parts of README.md and docs/")
+    mode.add_argument("--check", action="store_true", help="exit 1 when a generated part is stale")
     s.set_defaults(fn=cmd_docs)
     s = sub.add_parser("recipes", help="list recipes")
     s.set_defaults(fn=cmd_recipes)

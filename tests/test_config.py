@@ -188,10 +188,10 @@ def test_recipes_dir_has_only_yaml():
     assert Path(REPO_ROOT / "recipes" / "gpt-tiny.yaml").exists()
 
 
-def test_readme_config_reference_is_current():
+def test_config_reference_doc_is_current():
     from launch.cli import config_reference
 
-    readme = (REPO_ROOT / "README.md").read_text()
-    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
-    end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end] == config_reference(), "README config reference is stale: run `make docs`"
+    doc = (REPO_ROOT / "docs" / "config-reference.md").read_text()
+    start = doc.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = doc.index("<!-- config-reference:end -->")
+    assert doc[start:end] == config_reference(), "docs/config-reference.md is stale: run `make docs`"
