@@ -51,7 +51,13 @@ def cmd_train(args) -> int:
     from trainer.recipe import check_layout, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    # Started by a launcher (deepspeed, torchrun, `accelerate launch --multi_gpu`, Slurm's per-node
+    # supervisor): the world size is the launcher's; launch.* only says how many processes to start here.
     launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if launched:
+        from launch.multiproc import adopt_launcher_env
+
+        adopt_launcher_env()
     world = int(os.environ["WORLD_SIZE"]) if launched else recipe.world_size()
     check_layout(recipe, world)
     from agents.sync.strategies import build_synchronizer

@@ -89,6 +89,16 @@ def launcher_env(procs_per_node: int) -> dict:
     return env
 
 
+def adopt_launcher_env(env: dict | None = None) -> None:
+    """In a rank started by another launcher than DeepSpeed's: torchrun (and `accelerate launch
+    --multi_gpu`, which runs torchrun) name the node's process count LOCAL_WORLD_SIZE; DeepSpeed's CPU
+    accelerator counts LOCAL_SIZE as the node's devices (else its NUMA nodes), and DeepSpeed derives the
+    number of nodes from that count (e.g. ZeRO-3's gradient reduction). `launcher_env` sets it for ours."""
+    env = os.environ if env is None else env
+    if "LOCAL_SIZE" not in env and env.get("LOCAL_WORLD_SIZE"):
+        env["LOCAL_SIZE"] = env["LOCAL_WORLD_SIZE"]
+
+
 @dataclass(frozen=True)
 class NodeLayout:
     """Where this node's launcher sits in a multi-node job (one launcher per node, no ssh)."""
