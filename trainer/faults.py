@@ -4,7 +4,9 @@ Set through environment variables so the production code path is the one under t
     RECIPES_FAULT_NAN_STEPS=3,4        the loss of these optimizer steps (1-based) becomes NaN
     RECIPES_FAULT_KILL_AFTER_STEP=8    SIGKILL this process once step 8 (and its checkpoint) is done
     RECIPES_FAULT_KILL_IN_SAVE=8       SIGKILL this process in the middle of saving step 8's checkpoint
-    RECIPES_FAULT_RANK=1               apply the two kills above on this rank only (default: every rank)
+    RECIPES_FAULT_KILL_IN_RESAVE=8     SIGKILL the saving rank while step 8 is saved again over a finished
+                                       step_8/ (moved aside, the new one not yet in place)
+    RECIPES_FAULT_RANK=1               apply the kills above on this rank only (default: every rank)
 Unset (the default), none of these does anything.
 """
 
@@ -21,6 +23,7 @@ def _steps(name: str) -> set[int]:
 NAN_STEPS = "RECIPES_FAULT_NAN_STEPS"
 KILL_AFTER_STEP = "RECIPES_FAULT_KILL_AFTER_STEP"
 KILL_IN_SAVE = "RECIPES_FAULT_KILL_IN_SAVE"
+KILL_IN_RESAVE = "RECIPES_FAULT_KILL_IN_RESAVE"
 
 
 def nan_steps() -> set[int]:
