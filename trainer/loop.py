@@ -46,7 +46,7 @@ from .files import atomic_write_text
 from .parallelize import batch_world, engine_config, gather_full_state_dict
 from .recipe import recipe_to_dict
 from .replica import build_replica
-from .resume import layout_change, resolve_resume, restore
+from .resume import find_resume, layout_change, restore
 from .run_context import RunContext
 from .schema import Recipe
 from .step import Stepper
@@ -107,8 +107,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     ctx = RunContext(recipe, dims, dist.device, shared=shared)
     cfg_dict = recipe_to_dict(recipe)
     is_main = ctx.is_main
-    resume_from = resolve_resume(recipe, ctx.checkpoints)
-    resume_meta = ckpt.verify(resume_from) if resume_from is not None else None
+    # Collective: the run's first rank picks the checkpoint, the ranks share the sha256 checks.
+    resume_from, resume_meta = find_resume(recipe, ctx.checkpoints, ctx.group)
     seq_len = recipe.data.seq_len
 
     data = _prepare_data(recipe, main_first=dist.rank == 0, group=dims.job_group)
