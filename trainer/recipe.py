@@ -194,6 +194,10 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def check_layout(recipe: Recipe, world_size: int | None = None) -> None:
     """Checks that need the world size (degrees and batch divisibility) as a ConfigError."""
+    if recipe.train_world(world_size) < 1:
+        raise ConfigError(f"sync.servers={recipe.server_ranks()} must be below the number of processes "
+                          f"{world_size or recipe.world_size()} (launch.nodes x launch.procs_per_node): at least "
+                          "one rank must train")
     try:
         recipe.grad_accum_steps(recipe.train_world(world_size))
     except ValueError as e:

@@ -45,6 +45,9 @@ from .param_server import Layout, ParameterServer, PSWorker
 from .strategies import _flat, _Strategy
 
 TAG_CONTROL = 0x50530010  # rank 0 <-> server: control messages and snapshots
+# Fault injection for the tests (as trainer.faults): every server (or RECIPES_FAULT_RANK's) dies
+# by SIGKILL once it has applied update N.
+KILL_SERVER_AT_VERSION = "RECIPES_FAULT_KILL_SERVER_AT_VERSION"
 
 
 def check_settings(recipe: Recipe, world_size: int, replicas: int) -> None:
@@ -236,6 +239,4 @@ def run_server(recipe: Recipe, world_size: int, rank: int) -> None:
                 decay_mask=mask, ordered=True)
             if "state" in msg:
                 server.load_state_dict(msg["state"])
-        # Fault injection for the tests (RECIPES_FAULT_KILL_AFTER_STEP with RECIPES_FAULT_RANK = a
-        # server's rank): the server dies once it has applied that version.
-        server.serve(on_update=lambda srv: faults.maybe_kill(faults.KILL_AFTER_STEP, srv.version))
+        server.serve(on_update=lambda srv: faults.maybe_kill(KILL_SERVER_AT_VERSION, srv.version))
