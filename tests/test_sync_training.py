@@ -7,6 +7,9 @@
 - SIGKILL + resume continues diloco and gossip bit-identically (weights, residuals and outer
   optimizer state live in the checkpoint).
 - fedavg on a non-IID split: `make export` writes the n_i/n-weighted consensus of the replicas.
+- ZeRO inside replicas (2 replicas of 2 ranks): ring under ZeRO-1 reproduces DeepSpeed's own
+  all-reduce; local_sgd / diloco under ZeRO-2 average the fp32 master partitions; each rank sends
+  its partition only.
 - settings that cannot run stop before any process starts: one line, exit 2.
 """
 
@@ -59,6 +62,44 @@ def test_ring_gradients_reproduce_deepspeeds_allreduce(root):
     n = sum(v.numel() for v in w.values() if v.dtype.is_floating_point) - w["tok_emb.weight"].numel()  # tied once
     # ring with R=2: each rank sends 2(R-1)/R = 1 copy of the fp32 gradients per step
     assert [r["comm_bytes"] for r in rows] == [4 * n * s for s in range(1, STEPS + 1)]
+
+
+FOUR = ["launch.procs_per_node=4", "parallel.micro_batch=2"]  # 2 replicas of 2 ranks, one ZeRO partition each
+
+
+@pytest.mark.dist
+def test_ring_under_zero1_reproduces_deepspeeds_allreduce_and_sends_partitions(root):
+    ref = _run(root, "allreduce-z1", *FOUR, "parallel.zero_stage=1")
+    ring = _run(root, "ring-z1", *FOUR, "parallel.zero_stage=1", "sync.strategy=ring", *TWO)
+    for s in range(1, STEPS + 1):
+        assert ring[s] == pytest.approx(ref[s], rel=1e-6, abs=0), s
+    (w,) = _components(root, "allreduce-z1")
+    for replica in _components(root, "ring-z1"):
+        for k in w:
+            if not k.endswith("k_proj.bias"):  # zero gradient: rounding noise only (see test_sync_ps)
+                torch.testing.assert_close(replica[k], w[k], rtol=1e-5, atol=1e-6, msg=k)
+    n = sum(v.numel() for v in w.values() if v.dtype.is_floating_point) - w["tok_emb.weight"].numel()
+    per_step = {r["step"]: r["comm_bytes"] for r in metrics(root, "ring-z1") if "comm_bytes" in r}[1]
+    # each rank exchanges its half of the gradient (ring over 2 replicas: one copy of it), never the whole
+    assert 4 * n / 2 <= per_step <= 4 * (n / 2 + 64)
+
+
+@pytest.mark.dist
+def test_weight_strategies_under_zero2_average_master_partitions(root):
+    lsgd = _run(root, "lsgd-z2", *FOUR, "parallel.zero_stage=2", "sync.strategy=local_sgd", *TWO, "sync.every=2")
+    dil = _run(root, "diloco-z2", *FOUR, "parallel.zero_stage=2", "sync.strategy=diloco", *TWO, "sync.every=2",
+               "sync.outer.lr=1.0", "sync.outer.momentum=0.0")
+    for s in range(1, STEPS + 1):
+        assert dil[s] == pytest.approx(lsgd[s], rel=1e-6, abs=0), s
+    for name in ("lsgd-z2", "diloco-z2"):
+        a, b = _components(root, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # the parameters follow the averaged fp32 masters
+        rows = {r["step"]: r for r in metrics(root, name) if "consensus_dist" in r}
+        assert all(rows[s]["consensus_dist"] == 0.0 for s in range(2, STEPS + 1, 2))
+        assert any(rows[s]["consensus_dist"] > 0 for s in range(1, STEPS, 2))
+    n = sum(v.numel() for v in a.values() if v.dtype.is_floating_point) - a["tok_emb.weight"].numel()
+    sent = {r["step"]: r["comm_bytes"] for r in metrics(root, "lsgd-z2") if "comm_bytes" in r}
+    assert 4 * n / 2 <= sent[2] <= 4 * (n / 2 + 64) and sent[STEPS] == sent[2] * STEPS // 2
 
 
 DILOCO_PLAIN = ["sync.strategy=diloco", *TWO, "sync.every=2", "sync.outer.lr=1.0", "sync.outer.momentum=0.0"]
@@ -126,7 +167,8 @@ def test_fedavg_on_a_non_iid_split_exports_the_weighted_consensus(root, tmp_path
 
 @pytest.mark.parametrize("overrides, words", [
     (["sync.strategy=ring", "sync.replicas=3"], "sync.replicas=3 must divide the data-parallel degree 2"),
-    (["sync.strategy=ring", *TWO, "parallel.zero_stage=1"], "needs parallel.zero_stage=0"),
+    (["sync.strategy=ring", *TWO, "parallel.zero_stage=3"], "not ZeRO-3's"),
+    (["sync.strategy=ring", *TWO, "parallel.zero_stage=1", "sync.compress=powersgd"], "needs parallel.zero_stage=0"),
     (["sync.strategy=gossip", *TWO, "sync.compress=int8"], "sync.compress=int8"),
     (["sync.replicas=2"], "sync.replicas needs a sync.strategy other than allreduce"),
     (["sync.strategy=ring", *TWO, "data.split=dirichlet"], "data.split=dirichlet"),

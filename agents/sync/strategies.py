@@ -19,8 +19,20 @@ shard by shard: tensor-parallel slices meet their own slices), through hooks on 
   replicas of several ranks, e.g. one per node).
 
 `sync.compress` applies to what crosses replicas (ring gradients, diloco deltas), with error
-feedback. Weights are exchanged where DeepSpeed keeps them on the parameters: ZeRO-0 (fp32 for the
-weight strategies); the schema refuses other combinations before training.
+feedback.
+
+ZeRO inside a replica. The exchange is shard by shard: the ranks of a cross-replica group sit at
+the same place in their replicas, so under ZeRO-1/2 they hold the same partition, and only that
+partition crosses replicas; no rank ever gathers the full model to average it.
+- ZeRO-0: gradients are the parameters' `.grad` (the replica's mean, DeepSpeed's reduction over
+  the replica done); weights are the parameters themselves (fp32).
+- ZeRO-1/2: gradients are this rank's partition of the replica's mean gradient, which DeepSpeed's
+  optimizer keeps after the last backward (`averaged_gradients`) and reads in its step to take
+  the global norm, clip and update: reducing it across replicas there gives the engine's own
+  arithmetic on the job's mean gradient. Weights are the optimizer's fp32 master partition
+  (`single_partition_of_fp32_groups`); after they change, `update_lp_params` copies them to the
+  model's parameters and all-gathers them inside the replica, as DeepSpeed's own step does.
+- ZeRO-3 keeps its partitions in sub-groups that may be swapped out: refused before training.
 """
 
 from __future__ import annotations
@@ -98,7 +110,38 @@ class _Strategy:
         self.dims, self.engine = replica.dims, replica.engine
         self.group = self.dims.cross_replica_group
         self.params = [p for p in replica.module.parameters() if p.requires_grad]
+        self.zero = self.recipe.parallel.zero_stage
+        self.optimizer = self.engine.optimizer if self.zero else None
         self.counts = list(sample_counts)
+
+    # ---- what this rank exchanges (see "ZeRO inside a replica" above) -------------------------
+
+    def grad_shards(self) -> list[torch.Tensor]:
+        """This rank's part of the replica's mean gradient, as tensors that the update reads."""
+        if not self.zero:
+            grads = [p.grad for p in self.params]
+            if any(g is None for g in grads):
+                raise RuntimeError(f"sync.strategy={self.recipe.sync.strategy}: a trainable parameter has no gradient "
+                                   "after backward")
+            return grads
+        opt, out = self.optimizer, []
+        for i in range(len(opt.bit16_groups)):
+            part = opt.averaged_gradients.get(i)
+            if not isinstance(part, list):  # a 16-bit run accumulates in a compact fp32 buffer instead
+                raise UsageError(f"sync.strategy={self.recipe.sync.strategy} with parallel.zero_stage={self.zero} "
+                                 "exchanges the optimizer's gradient partitions: it needs train.precision=fp32")
+            out.extend(part)
+        return out
+
+    def weight_shards(self) -> list[torch.Tensor]:
+        """This rank's part of the replica's weights, where the next update starts from."""
+        return self.params if not self.zero else list(self.optimizer.single_partition_of_fp32_groups)
+
+    def weights_changed(self) -> None:
+        """After `weight_shards` were written: make the model's parameters follow (collective over
+        the replica's data-parallel ranks under ZeRO)."""
+        if self.zero:
+            self.optimizer.update_lp_params()
 
     def comm_bytes(self) -> int:
         return self.sent_before + ring.comm_bytes() - self.sent_at_start
@@ -224,9 +267,7 @@ class RingGradients(_Strategy):
 
     @torch.no_grad()
     def _reduce(self, stepper) -> None:
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            raise RuntimeError("sync.strategy=ring: a trainable parameter has no gradient after backward")
+        grads = self.grad_shards()
         if self.recipe.sync.compress == "powersgd":
             # Low rank needs the matrices' own shapes: one stream per parameter (vectors go dense).
             for i, g in enumerate(grads):
@@ -248,11 +289,12 @@ class WeightAveraging(_Strategy):
 
     def attach(self, stepper, replica, sample_counts):
         super().attach(stepper, replica, sample_counts)
-        if any(p.dtype != torch.float32 for p in self.params):
+        if not self.zero and any(p.dtype != torch.float32 for p in self.params):
             raise UsageError(f"sync.strategy={self.kind} averages the weights DeepSpeed keeps on the parameters: "
-                             "it needs train.precision=fp32 with parallel.zero_stage=0")
+                             "it needs train.precision=fp32 with parallel.zero_stage=0 (or ZeRO-1/2, whose fp32 "
+                             "master weights are averaged)")
         if self.kind == "diloco":
-            self.global_weights = _flat(self.params)
+            self.global_weights = _flat(self.weight_shards())
             self.momentum = torch.zeros_like(self.global_weights)
         stepper.after_step.append(self._after_step)
 
@@ -263,7 +305,8 @@ class WeightAveraging(_Strategy):
 
     @torch.no_grad()
     def sync_now(self) -> None:
-        flat = _flat(self.params)
+        shards = self.weight_shards()
+        flat = _flat(shards)
         if self.kind == "gossip":
             m = mixing_matrix(self.recipe.sync.topology, self.replicas, step=self.rounds, seed=self.recipe.train.seed)
             gossip_average_(flat, group=self.group, matrix=m)
@@ -275,7 +318,8 @@ class WeightAveraging(_Strategy):
             else:
                 share = 1.0 / self.replicas
             flat = self._sum(flat.mul_(share), "weights")
-        unflatten_(self.params, flat)
+        unflatten_(shards, flat)
+        self.weights_changed()
         self.rounds += 1
 
     def _outer_step(self, flat: torch.Tensor) -> torch.Tensor:
@@ -292,8 +336,8 @@ class WeightAveraging(_Strategy):
     def consensus_dist(self) -> float:
         """Relative RMS distance of the replicas' weights to their mean: sqrt(mean_i |theta_i -
         mean|^2) / |mean| (diagnostic collectives, not counted in comm_bytes)."""
-        params = self.params
-        if self.dims.tp > 1:  # each tensor once: slices on every tp rank, replicated ones on tp rank 0
+        params = self.weight_shards()
+        if self.dims.tp > 1 and not self.zero:  # each tensor once: slices on every tp rank, replicated ones on tp rank 0
             params = [p for p in params if getattr(p, "tensor_model_parallel", True)]
         flat = _flat(params).double()
         mean = flat.clone()
@@ -303,6 +347,8 @@ class WeightAveraging(_Strategy):
         dist.all_reduce(sq[:1], group=self.group)
         if self.dims.tp > 1:  # shards of one model: sum their squares
             dist.all_reduce(sq, group=self.dims.tp_group)
+        if self.zero and self.dims.dp > 1:  # ZeRO partitions of one model (with tp: replicated tensors once per tp rank)
+            dist.all_reduce(sq, group=self.dims.dp_group)
         return float((sq[0] / self.replicas).sqrt() / sq[1].sqrt()) if sq[1] > 0 else 0.0
 
     def log_row(self, step: int) -> dict:
