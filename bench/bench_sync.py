@@ -40,6 +40,10 @@ def strategies(r: int) -> dict[str, tuple[str, list[str]]]:
         "ring+int8 (EF)": ("gpt-tiny-int8-ef", rep),
         "ring+topk 1% (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=topk", "sync.compress_ratio=0.01"]),
         "ring+powersgd r4 (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=powersgd", "sync.compress_rank=4"]),
+        # The last ranks serve: r workers (one replica each) plus the servers.
+        "parameter_server (1 server)": ("gpt-tiny-ps", [f"launch.procs_per_node={r + 1}"]),
+        f"parameter_server async k={r - 1} (2 servers)": ("gpt-tiny-ps-async", [
+            f"launch.procs_per_node={r + 2}", f"sync.staleness={r - 1}"]),
         "local_sgd H=8": ("gpt-tiny-localsgd", rep),
         "diloco H=32": ("gpt-tiny-diloco", rep),
         "gossip (exponential)": ("gpt-tiny-gossip", rep),
@@ -51,7 +55,7 @@ def strategies(r: int) -> dict[str, tuple[str, list[str]]]:
 
 def run(label, recipe, overrides, r, steps, root, cache, extra) -> dict:
     name = "".join(c if c.isalnum() else "-" for c in label).strip("-")
-    cmd = [sys.executable, "-m", "launch", "train", recipe, *overrides, f"launch.procs_per_node={r}",
+    cmd = [sys.executable, "-m", "launch", "train", recipe, f"launch.procs_per_node={r}", *overrides,
            f"parallel.micro_batch={32 // r}", f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 8)}",
            "train.checkpoint_every=null", "train.sample_tokens=0", "train.progress=false", "tracking.wandb=disabled",
            f"run.name={name}", f"run.output_dir={root}", f"data.cache_dir={cache}", *extra]
@@ -82,6 +86,11 @@ def main() -> int:
     r = args.replicas
     out = Path(args.out or REPO / "bench" / "results" / ("sync-cpu.md" if r == 4 else f"sync-cpu-r{r}.md"))
     todo = {k: v for k, v in strategies(r).items() if not args.only or k in args.only}
+    # Every run's figures are kept beside the table, so a rerun of some rows (--only) keeps the others.
+    store = out.with_suffix(".json")
+    kept = json.loads(store.read_text()) if args.only and store.exists() else {}
+    if kept and kept.get("steps") != args.steps:
+        raise SystemExit(f"{store} holds {kept.get('steps')}-step runs: rerun every row with --steps {args.steps}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, (recipe, overrides) in todo.items():
@@ -89,6 +98,9 @@ def main() -> int:
             results.append(res)
             print(f"{label:28s} val {res['val_loss']:.4f}  bytes {res['comm_bytes'] or 0:>14,}  "
                   f"wall {res['wall_s']:.0f} s", flush=True)
+    by = {**kept.get("results", {}), **{x["label"]: x for x in results}}
+    results = [by[k] for k in strategies(r) if k in by]
+    store.write_text(json.dumps({"steps": args.steps, "replicas": r, "results": by}, indent=1))
     write(out, results, args, r)
     return 0
 

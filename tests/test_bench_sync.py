@@ -25,4 +25,12 @@ def test_bench_sync_writes_its_table_and_plot(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert "gloo (not counted)" in rows["allreduce"]
     assert "1.0x fewer" in rows["ring"] and "+0.00%" in rows["ring"]  # ring reproduces allreduce
+    # A rerun of one row (--only) keeps the others: the synchronous parameter server joins the table.
+    res = subprocess.run([*cmd[:cmd.index("--only") + 1], "parameter_server (1 server)", "--extra", *TINY_MODEL],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert set(rows) - {"strategy"} == {"allreduce", "ring", "parameter_server (1 server)"}
+    assert "+0.00%" in rows["parameter_server (1 server)"]  # synchronous PS reproduces allreduce
     assert out.with_suffix(".png").stat().st_size > 10_000
