@@ -6,7 +6,7 @@ Overview
 them on disk and returns a :class:`PreparedData`.  ``TokenBlocks`` views a stream as fixed-length
 training examples, ``ShardedSampler`` hands out deterministic, resumable, data-parallel-sharded
 micro-batches (of all blocks, or of a subset) and ``iterate_eval`` walks the validation blocks in
-order.  ``split_train_blocks`` deals the training blocks to groups (replicas, federated clients),
+order (all of them, or a fixed sample spread evenly over the split).  ``split_train_blocks`` deals the training blocks to groups (replicas, federated clients),
 IID or non-IID by document source.
 
 Sources (``DataSpec.path``)
@@ -114,6 +114,7 @@ __all__ = [
     "SPLIT_KINDS",
     "ShardedSampler",
     "TokenBlocks",
+    "eval_sample",
     "iterate_eval",
     "prepare_data",
     "source_label",
@@ -1115,14 +1116,25 @@ def _check_subset(indices: Sequence[int] | np.ndarray | torch.Tensor, n: int) ->
     return idx, hashlib.sha256(idx.astype("<i8").tobytes()).hexdigest()
 
 
+def eval_sample(num_blocks: int, batch_size: int, max_batches: int | None = None) -> np.ndarray:
+    """The blocks an evaluation reads, in order: every block when `max_batches` is None or covers
+    the split; otherwise `max_batches * batch_size` blocks spread evenly over it (block
+    floor(j * n / m) for j < m), so the sample represents the whole split (every region, not just
+    its first documents) and is the same at every call."""
+    if batch_size < 1:
+        raise DataError(f"eval batch_size must be >= 1, got {batch_size}")
+    if max_batches is None or max_batches * batch_size >= num_blocks:
+        return np.arange(num_blocks, dtype=np.int64)
+    m = max_batches * batch_size
+    return np.arange(m, dtype=np.int64) * num_blocks // m
+
+
 def iterate_eval(
     blocks: TokenBlocks, batch_size: int, max_batches: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) over the blocks in order; the last batch may be smaller; stop after max_batches."""
-    if batch_size < 1:
-        raise DataError(f"eval batch_size must be >= 1, got {batch_size}")
-    n = len(blocks)
-    for b, start in enumerate(range(0, n, batch_size)):
-        if max_batches is not None and b >= max_batches:
-            return
-        yield blocks.get(np.arange(start, min(start + batch_size, n)))
+    """(x, y) batches over `eval_sample(len(blocks), batch_size, max_batches)`: the whole split in
+    order, or at most `max_batches` batches of a fixed, evenly spread sample; the last batch may
+    be smaller."""
+    idx = eval_sample(len(blocks), batch_size, max_batches)
+    for start in range(0, len(idx), batch_size):
+        yield blocks.get(idx[start:start + batch_size])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import math
+import time
 
 import torch
 
-from .data import TokenBlocks, iterate_eval
+from .data import TokenBlocks, eval_sample, iterate_eval  # noqa: F401  (eval_sample: for the loop)
 
 # Dense bf16 peak (TFLOP/s) of GPUs we know; used for MFU unless train.peak_tflops is set.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -16,9 +17,11 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312
 @torch.no_grad()
 def evaluate(module, blocks: TokenBlocks, batch_size: int, max_batches: int | None, dp_rank: int,
              dp_world: int, device, group=None) -> tuple[float, int]:
-    """Mean next-token loss (nats) over the validation blocks, sharded over data-parallel ranks
-    and summed with all_reduce. Every rank runs the same number of forward passes (ZeRO-3 needs
-    that); a rank with no batch left evaluates its last one again with weight 0."""
+    """Mean next-token loss (nats) and the number of predicted tokens over the validation blocks
+    of `iterate_eval` (all of them with `max_batches` None, else the fixed sample of `max_batches`
+    batches spread evenly over the split), sharded over data-parallel ranks and summed with
+    all_reduce. Every rank runs the same number of forward passes (ZeRO-3 needs that); a rank
+    with no batch left evaluates its last one again with weight 0."""
     was_training = module.training
     module.eval()
     batches = list(iterate_eval(blocks, batch_size, max_batches))
@@ -62,11 +65,16 @@ def evaluate_pipeline(engine, blocks: TokenBlocks, batch_size: int, max_batches:
 
 
 def bits_per_byte(loss_nats: float, val_num_tokens: int, val_bytes: int) -> float:
-    """Loss per token converted to bits per UTF-8 byte with the validation split's tokens/byte."""
+    """Bits per UTF-8 byte of the validation text: the mean loss per predicted token (nats),
+    in bits, times the split's tokens per byte. Over the full split that is the text's total
+    code length in bits over its bytes, with the few tokens no window predicts (the stream's first
+    and the tail shorter than a window) charged the mean loss (tested against a float64
+    recomputation)."""
     return loss_nats / math.log(2) * val_num_tokens / val_bytes
 
 
 def gzip_bits_per_byte(text: str) -> float:
+    """The `gzip -9` baseline: compressed bits per UTF-8 byte of `text` (header included)."""
     raw = text.encode("utf-8")
     return 8 * len(gzip.compress(raw, compresslevel=9)) / len(raw)
 
@@ -90,34 +98,47 @@ def sample_text(module, tokenizer, prompt: str, max_new_tokens: int, device, see
     return tokenizer.decode(out[0].tolist())
 
 
-def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float, str]:
-    """Peak FLOP/s for MFU and where the number comes from."""
+def peak_flops(device: torch.device, override_tflops: float | None,
+               dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """One device's peak FLOP/s for MFU and a phrase saying where the number comes from:
+    `train.peak_tflops` when given; on CUDA the datasheet's dense bf16 peak of a known GPU; on
+    CPU a measured ceiling (`measure_matmul_flops`: a large matmul in the run's `dtype` on the
+    threads torch uses), since a theoretical figure from instruction-set flags and the clock
+    overstates what the cores sustain (this project's 2-thread AMD EPYC: 332 GFLOP/s assumed,
+    about 180 measured)."""
     if override_tflops:
-        return override_tflops * 1e12, "train.peak_tflops"
+        return override_tflops * 1e12, f"train.peak_tflops = {override_tflops:g} TFLOP/s"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tf in GPU_PEAK_TFLOPS.items():
             if key in name:
-                return tf * 1e12, f"{key} bf16 dense peak"
+                return tf * 1e12, f"{key} datasheet bf16 dense peak {tf:g} TFLOP/s"
         return 0.0, f"unknown GPU {name!r}: set train.peak_tflops"
-    return cpu_peak_flops()
+    return measure_matmul_flops(dtype=dtype)
 
 
-def cpu_peak_flops() -> tuple[float, str]:
-    """Theoretical fp32 peak of the cores torch uses: threads x clock x FMA width (AVX-512: 32
-    fp32 FMA lanes = 64 FLOP per cycle with two FMA units counted as one; AVX2: 32; else 8).
-    A measured matmul would drift with whatever else the machine runs."""
-    flags, mhz = "", 0.0
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = line
-                elif line.startswith("cpu MHz") and not mhz:
-                    mhz = float(line.split(":")[1])
-    except OSError:
-        pass
-    per_cycle = 64 if "avx512f" in flags else 32 if " fma" in flags else 8
-    ghz = (mhz or 2000.0) / 1000
+def measure_matmul_flops(n: int = 2048, dtype: torch.dtype = torch.float32, budget_s: float = 0.5,
+                         min_reps: int = 2, max_reps: int = 10) -> tuple[float, str]:
+    """A measured ceiling for matmul work on this process's CPU threads: the best rate of
+    repeated n x n x n matmuls (2 n^3 FLOPs each) after one warm-up, timed until `budget_s` has
+    passed (at least `min_reps`, at most `max_reps`; n = 2048 fp32 takes about 0.1 s at 180
+    GFLOP/s). The best repetition, because anything else running on the machine only slows it."""
     threads = torch.get_num_threads()
-    return threads * ghz * per_cycle * 1e9, f"CPU fp32 peak {threads} threads x {ghz:.1f} GHz x {per_cycle} FLOP/cycle"
+    gen = torch.Generator().manual_seed(0)  # its own stream: the training RNG is untouched
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    t_start = time.perf_counter()
+    torch.mm(a, b, out=out)  # warm-up: allocation, thread pool, packing buffers
+    best, reps = 0.0, 0
+    while reps < max_reps:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        t1 = time.perf_counter()
+        best, reps = max(best, 2 * n**3 / (t1 - t0)), reps + 1
+        if reps >= min_reps and t1 - t_start >= budget_s:
+            break
+    took = time.perf_counter() - t_start
+    kind = {torch.float32: "sgemm", torch.bfloat16: "bf16 gemm"}.get(dtype, f"{dtype} gemm")
+    return best, (f"measured CPU {kind} {n}x{n}x{n} on {threads} thread{'s' * (threads != 1)}, "
+                  f"best of {reps} in {took:.2f} s: {best / 1e9:.1f} GFLOP/s")

@@ -36,6 +36,7 @@ from .ds_config import resolve_precision
 from .errors import TrainingStopped, UsageError
 from .evaluation import (
     bits_per_byte,
+    eval_sample,
     evaluate,
     evaluate_pipeline,
     gzip_bits_per_byte,
@@ -159,12 +160,16 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
             sync.load_state_dict(loop_state["sync"])
     tracker = ctx.open_tracker(cfg_dict, start_step if resume_from is not None else None)
 
-    peak, peak_source = peak_flops(dist.device, recipe.train.peak_tflops)
+    # One device's peak (measured once on CPU, in the run's compute dtype) and where it comes from.
+    peak_device, peak_source = peak_flops(dist.device, recipe.train.peak_tflops, _compute_dtype(precision))
     # MFU per device: tokens/s counts every rank of the job's batch, the peak is one device's.
-    peak *= job_world
+    peak = peak_device * job_world
+    mfu_source = {"peak_flops": peak_device, "peak_flops_source": peak_source}
     tokens_per_step = recipe.global_batch(job_world) * seq_len
     if is_main:
         _print_start(ctx, replica, precision, data, resume_from)
+        print(f"MFU: {replica.flops_per_token / 1e6:.2f} MFLOP/token against {job_world} x "
+              f"{peak_device / 1e12:.3f} TFLOP/s ({peak_source})", flush=True)
 
     nan_steps = faults.nan_steps()
     signals = ctx.watch_signals()
@@ -186,8 +191,7 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
         return ctx.save([replica.component], step, loop_state, meta(step), extra,
                         names=[f"replica{r}" for r in range(dims.replicas)] if shared else None)
 
-    def run_eval(step: int, full: bool) -> dict:
-        max_batches = None if full else recipe.train.eval_batches
+    def validate(max_batches: int | None) -> tuple[float, int, list[float] | None]:
         if dims.is_pipeline:
             loss, n = evaluate_pipeline(engine, val_blocks, recipe.parallel.micro_batch, max_batches, dims)
         else:
@@ -197,10 +201,25 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
         if shared:  # each replica evaluated its own weights: report their mean (and each)
             per_replica = replica_values(loss, dims)
             loss = sum(per_replica) / len(per_replica)
-        row = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
-               "val_bpb": bits_per_byte(loss, data.val_num_tokens, data.val_bytes), "val_tokens": n}
+        return loss, n, per_replica
+
+    def val_metrics(loss: float, n: int, per_replica: list[float] | None, suffix: str = "") -> dict:
+        row = {f"val_loss{suffix}": loss, f"val_ppl{suffix}": math.exp(min(loss, 50.0)),
+               f"val_bpb{suffix}": bits_per_byte(loss, data.val_num_tokens, data.val_bytes), f"val_tokens{suffix}": n}
         if per_replica is not None:
-            row["val_loss_replicas"] = per_replica
+            row[f"val_loss{suffix}_replicas"] = per_replica
+        return row
+
+    def run_eval(step: int, full: bool) -> dict:
+        """Validation on one fixed sample, the same blocks at every evaluation, the last included
+        (`train.eval_batches` batches spread evenly over the split), so the curve compares like
+        with like; with `full`, the whole split too, under its own keys (`val_loss_full`, ...)."""
+        batches = recipe.train.eval_batches
+        sample = validate(batches)
+        row = {"step": step, **val_metrics(*sample)}
+        if full:
+            covered = len(eval_sample(len(val_blocks), recipe.parallel.micro_batch, batches)) == len(val_blocks)
+            row.update(val_metrics(*(sample if covered else validate(None)), suffix="_full"))
         tracker.log(row)
         return row
 
@@ -246,6 +265,7 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
                 tracker.log({"step": step, "loss": float(step_loss) if finite else None, "lr": lr,
                              "grad_norm": float(gn) if gn is not None and finite else None,
                              "tokens_per_s": tps, "mfu": replica.flops_per_token * tps / peak if peak else None,
+                             **mfu_source,
                              "skipped_steps": skipped_total, "step_time_s": dt,
                              **(sync.log_row(step) if shared else {}), **_memory_stats(dist.device)})
             if bar is not None:
@@ -295,11 +315,14 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     sample = _end_sample(recipe, replica, data, dist.device) if dims.replica == 0 else ""
     summary = {
         "run_dir": str(ctx.run_dir), "steps": step, "params": replica.n_params,
+        # the curve's last point (the fixed evaluation sample), then the whole validation split
         "final_train_loss": last_loss, "final_val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+        "val_tokens": final["val_tokens"], "val_loss_full": final["val_loss_full"],
+        "val_bpb_full": final["val_bpb_full"], "val_tokens_full": final["val_tokens_full"],
         "gzip_bpb": gzip_bits_per_byte(data.val_text()), "ln_vocab": math.log(data.vocab_size),
         # None when no step ran (a resume at train.max_steps only evaluates and samples)
         "tokens_per_s": ema_tps, "mfu": replica.flops_per_token * ema_tps / peak if peak and ema_tps else None,
-        "peak_flops_source": peak_source,
+        **mfu_source,
         "skipped_steps": skipped_total, "checkpoint": str(folder), "sample": sample,
     }
     if is_main:
@@ -366,6 +389,10 @@ def _print_start(ctx: RunContext, replica, precision: str, data, resume_from) ->
                   "(and sequence-parallel dropout): the per-rank dropout RNG cannot be traced", flush=True)
 
 
+def _compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def _memory_stats(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
@@ -379,13 +406,16 @@ def _memory_stats(device: torch.device) -> dict:
 
 
 def _print_summary(s: dict) -> None:
-    ratio = s["final_val_loss"] / s["ln_vocab"]
+    ratio = s["val_loss_full"] / s["ln_vocab"]
     print(
         f"\nrun directory:   {s['run_dir']}\n"
-        f"final loss:      train {s['final_train_loss']:.4f}   val {s['final_val_loss']:.4f} "
+        f"final loss:      train {s['final_train_loss']:.4f}   val {s['final_val_loss']:.4f} on the evaluation "
+        f"sample of the curve ({s['val_tokens']:,} tokens)\n"
+        f"full val split:  loss {s['val_loss_full']:.4f} over {s['val_tokens_full']:,} tokens "
         f"({ratio:.0%} of ln(vocab) = {s['ln_vocab']:.3f})\n"
-        f"bits per byte:   model {s['val_bpb']:.3f}   gzip -9 {s['gzip_bpb']:.3f}\n"
-        + (f"throughput:      {s['tokens_per_s']:,.0f} tokens/s   MFU {s['mfu'] or 0:.1%} ({s['peak_flops_source']})\n"
+        f"bits per byte:   model {s['val_bpb_full']:.3f} on the full split   gzip -9 {s['gzip_bpb']:.3f} on the same text\n"
+        + (f"throughput:      {s['tokens_per_s']:,.0f} tokens/s   MFU {s['mfu'] or 0:.1%} of "
+           f"{s['peak_flops'] / 1e12:.3f} TFLOP/s per device ({s['peak_flops_source']})\n"
            if s["tokens_per_s"] else "throughput:      no training step in this run\n")
         + f"sample:\n{s['sample']}\n",
         flush=True,

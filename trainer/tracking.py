@@ -74,7 +74,12 @@ class Tracker(NullTracker):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+            # Text (where a figure comes from, e.g. MFU's peak) is run information, not a series.
+            for k, v in row.items():
+                if isinstance(v, str):
+                    self.wandb.summary[k] = v
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None and not isinstance(v, str)},
+                           step=row["step"])
 
     def log_sample(self, step: int, prompt: str, text: str) -> None:
         with open(self.run_dir / "samples.txt", "a") as f:
@@ -85,6 +90,18 @@ class Tracker(NullTracker):
             self.wandb.log({"sample": wandb.Html(f"<pre>{_escape(text)}</pre>")}, step=step)
 
     def plot(self) -> None:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        tmp = self.plot_path.with_name(".loss.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+
+    def figure(self):
+        """loss.png's figure: the train loss, the validation loss on the fixed evaluation sample
+        (one line: every point, the last included, on the same blocks) and, as separate markers,
+        the whole validation split where it was evaluated (at the end)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -92,21 +109,21 @@ class Tracker(NullTracker):
 
         train = [(r["step"], r["loss"]) for r in self.rows if r.get("loss") is not None]
         val = [(r["step"], r["val_loss"]) for r in self.rows if r.get("val_loss") is not None]
+        full = [(r["step"], r["val_loss_full"]) for r in self.rows if r.get("val_loss_full") is not None]
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
         if train:
             ax.plot(*zip(*train), label="train", linewidth=1)
         if val:
-            ax.plot(*zip(*val), "o-", label="validation")
+            ax.plot(*zip(*val), "o-", label="validation (fixed sample)")
+        if full:
+            ax.plot(*zip(*full), "D", markersize=7, linestyle="none", label="validation (full split)")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(self.run_dir.name)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_name(".loss.tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.plot_path)
+        return fig
 
     def finish(self) -> None:
         self.plot()
