@@ -7,10 +7,8 @@ import collections
 
 import pytest
 
-pytest.importorskip("pettingzoo")
-
-from agents.envs import make_env  # noqa: E402
-from agents.envs.signaling import DEFAULT_OBJECTS  # noqa: E402
+from agents.envs import make_env
+from agents.envs.signaling import DEFAULT_OBJECTS
 
 
 def play(env, message_fn, answer_fn, seed=None, options=None):

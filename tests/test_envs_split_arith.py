@@ -8,9 +8,7 @@ import re
 
 import pytest
 
-pytest.importorskip("pettingzoo")
-
-from agents.envs import make_env  # noqa: E402
+from agents.envs import make_env
 
 PY_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
