@@ -35,8 +35,9 @@ layer's `state_dict()`: layer 0 `tok_emb.weight`, `pos_emb.weight`; layer 1+i th
 `lm_head.weight` (no file for a tied head).  `pipeline_to_gpt_state_dict` turns those per-layer
 dicts (or a `PipelineModule.state_dict()`, keys `'{idx}.{name}'` and
 `'tied_modules.embed.{name}'`) into exactly `GPT(config).state_dict()`;
-`gpt_to_pipeline_state_dict` is the inverse.  `load_pipeline_checkpoint_as_gpt(folder)` reads a
-checkpoint folder written by `engine.save_checkpoint`.
+`gpt_to_pipeline_state_dict` is the inverse.  `read_pipeline_checkpoint_layers(folder, tp_rank)`
+reads the layer files of a checkpoint folder written by `engine.save_checkpoint` (consolidation
+uses it).
 
 Data.  `engine.train_batch(it)` pulls `gradient_accumulation_steps` micro-batches from `it` on the
 first and the last stage (middle stages ignore it).  Each item is `(input_ids, targets)`, two
@@ -49,9 +50,7 @@ returns that pair.  All micro-batches must have the same shape unless the module
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import re
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
@@ -452,16 +451,10 @@ def gpt_to_pipeline_state_dict(sd: dict, config: GPTConfig, flat: bool = False) 
     return out
 
 
-def _infer_layout(layers: dict[int, dict]) -> tuple[int, bool]:
-    norm = [i for i, d in layers.items() if "final_norm.weight" in d]
-    if len(norm) != 1:
-        raise ValueError("cannot find the final norm layer among the pipeline layers")
-    n_layer = norm[0] - 1
-    return n_layer, "lm_head.weight" not in layers.get(n_layer + 2, {})
-
-
-def read_pipeline_checkpoint_layers(folder: str | Path) -> dict[int, dict]:
-    """{layer_idx: state dict} from DeepSpeed's `layer_XX[-model_YY]-model_states.pt` files."""
+def read_pipeline_checkpoint_layers(folder: str | Path, tp_rank: int | None = None) -> dict[int, dict]:
+    """{layer_idx: state dict} from DeepSpeed's `layer_XX[-model_YY]-model_states.pt` files: those
+    of tensor-parallel rank `tp_rank` (YY; a file without a model part is rank 0), or, with None,
+    the only rank there is. Map them to GPT names with `pipeline_to_gpt_state_dict`."""
     folder = Path(folder)
     files: dict[int, dict[int, Path]] = {}
     for p in folder.iterdir():
@@ -473,28 +466,14 @@ def read_pipeline_checkpoint_layers(folder: str | Path) -> dict[int, dict]:
                                 "is it a pipeline-parallel DeepSpeed checkpoint folder (the tag folder)?")
     layers = {}
     for idx, by_mp in sorted(files.items()):
-        if len(by_mp) > 1:
-            raise NotImplementedError(f"layer {idx} is split over {len(by_mp)} tensor-parallel ranks; "
-                                      "merging tensor-parallel shards is not supported here")
-        layers[idx] = torch.load(next(iter(by_mp.values())), map_location="cpu", weights_only=True)
+        if tp_rank is None and len(by_mp) > 1:
+            raise ValueError(f"layer {idx} is split over {len(by_mp)} tensor-parallel ranks; read one "
+                             "rank at a time (tp_rank) and merge the shards")
+        path = next(iter(by_mp.values())) if tp_rank is None else by_mp.get(tp_rank)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no file of layer {idx} for tensor-parallel rank {tp_rank}")
+        layers[idx] = torch.load(path, map_location="cpu", weights_only=True)
     return layers
-
-
-def load_pipeline_checkpoint_as_gpt(folder: str | Path, config: GPTConfig | None = None) -> dict:
-    """A DeepSpeed pipeline checkpoint folder (the tag folder `engine.save_checkpoint` writes, e.g.
-    `checkpoints/step_00000200`) -> a GPT state dict (CPU tensors). The config comes from
-    `config`, else from the folder's meta.json ("model_config"), else is inferred from the files."""
-    folder = Path(folder)
-    layers = read_pipeline_checkpoint_layers(folder)
-    if config is None and (folder / "meta.json").exists():
-        mc = json.loads((folder / "meta.json").read_text()).get("model_config")
-        if mc:
-            names = {f.name for f in dataclasses.fields(GPTConfig)}
-            config = GPTConfig(**{k: v for k, v in mc.items() if k in names})
-    if config is not None:
-        return pipeline_to_gpt_state_dict(layers, config)
-    n_layer, tied = _infer_layout(layers)
-    return _layers_to_gpt(layers, n_layer, tied)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from model import GPT, GPTConfig  # noqa: E402
 from model.pipeline import (  # noqa: E402
     _Source,
     gpt_to_pipeline_state_dict,
-    load_pipeline_checkpoint_as_gpt,
     make_loss_fn,
     num_pipeline_layers,
     pipeline_batches,
@@ -262,7 +261,9 @@ def test_checkpoint_loads_as_gpt(dist_run, style):
     n_files = L + 2 if cfg.tie_embeddings else L + 3  # a tied head has no file of its own
     assert names == [f"layer_{i:02d}-model_states.pt" for i in range(n_files)]
     assert sorted(read_pipeline_checkpoint_layers(folder)) == list(range(n_files))
-    for sd in (load_pipeline_checkpoint_as_gpt(folder, cfg), load_pipeline_checkpoint_as_gpt(folder)):
+    # as consolidation reads it: tensor-parallel rank 0's files (no model part in the names here)
+    for layers in (read_pipeline_checkpoint_layers(folder), read_pipeline_checkpoint_layers(folder, tp_rank=0)):
+        sd = pipeline_to_gpt_state_dict(layers, cfg)
         model = GPT(cfg, init=False)
         model.load_state_dict(sd, strict=True)
         if cfg.tie_embeddings:

@@ -40,15 +40,14 @@ def consolidated_state_dict(checkpoint: Path, meta: dict, component: str = "mode
         if meta.get("zero_stage", 0) == 3:
             shards.append(_zero3_tp_rank_state_dict(folder, t))
         elif pp > 1:
-            from model.pipeline import pipeline_to_gpt_state_dict
+            from model.pipeline import pipeline_to_gpt_state_dict, read_pipeline_checkpoint_layers
 
             # DeepSpeed names layer files layer_XX-model_YY-model_states.pt (YY: the tp rank) when
             # the topology has a model axis, as ours always does.
-            files = sorted(folder.glob(f"layer_*-model_{t:02d}-model_states.pt"))
-            if not files:
-                raise ckpt.CheckpointError(f"checkpoint {checkpoint} holds no pipeline layer files for tp rank {t}")
-            layers = {int(f.name.split("-")[0][len("layer_"):]): torch.load(f, map_location="cpu", weights_only=True)
-                      for f in files}
+            try:
+                layers = read_pipeline_checkpoint_layers(folder, tp_rank=t)
+            except FileNotFoundError as e:
+                raise ckpt.CheckpointError(f"checkpoint {checkpoint}: {e}") from None
             shards.append(pipeline_to_gpt_state_dict(layers, cfg))
         else:
             f = folder / f"mp_rank_{t:02d}_model_states.pt"

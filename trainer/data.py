@@ -83,7 +83,6 @@ Cache
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -91,8 +90,7 @@ import math
 import os
 import re
 import sysconfig
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +101,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
-from .files import sha256_file
+from .files import atomic_write, sha256_file
 
 __all__ = [
     "DataError",
@@ -448,26 +446,8 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, show_progress: bo
 
 
 # --------------------------------------------------------------------------------------------------
-# Atomic files and tokenisation
+# Tokenisation
 # --------------------------------------------------------------------------------------------------
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any], mode: str = "wb") -> Any:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, mode) as fh:
-            result = write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return result
 
 
 def _chunks(texts: Sequence[str], sizes: Sequence[int]) -> Iterator[tuple[list[str], int]]:
@@ -520,7 +500,7 @@ def _tokenize_split(
                 bar.update(nbytes)
         return n
 
-    return _atomic_write(out_path, write)
+    return atomic_write(out_path, write)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,26 +559,6 @@ class PreparedData:
         """Exact text of the val stream (documents each followed by "<|endoftext|>")."""
         return (self.cache_path / "val.txt").read_bytes().decode("utf-8")
 
-    def val_text_sample(self, num_chars: int = 2000) -> str:
-        return self.val_text()[:num_chars]
-
-    def bits_per_byte(self, mean_val_loss_nats: float) -> float:
-        """Bits per UTF-8 byte of val text, for a mean per-token loss over the val stream."""
-        return mean_val_loss_nats * self.val_num_tokens / (math.log(2) * self.val_bytes)
-
-    def gzip_bits_per_byte(self, level: int = 9) -> float:
-        """The gzip -9 baseline on exactly the bytes counted in val_bytes."""
-        data = (self.cache_path / "val.txt").read_bytes()
-        return 8.0 * len(gzip.compress(data, compresslevel=level)) / len(data)
-
-    def summary(self) -> str:
-        m = self.manifest
-        return (
-            f"data[{self.cache_key[:12]}{' cached' if self.from_cache else ''}]: "
-            f"{m['num_train_documents']} train / {m['num_val_documents']} val docs, "
-            f"{self.train_num_tokens:,} / {self.val_num_tokens:,} tokens, vocab {self.vocab_size}, "
-            f"{self.num_train_sequences} / {self.num_val_sequences} sequences of {self.seq_len}"
-        )
 
 
 def _spec_key_material(spec: DataSpec, tok_path: Path | None) -> dict[str, Any]:
@@ -712,9 +672,9 @@ def _build(
     entry.mkdir(parents=True, exist_ok=True)
     (entry / _MANIFEST).unlink(missing_ok=True)  # entry is incomplete from here until the manifest lands
     tok_json = tok.to_str()
-    _atomic_write(entry / "tokenizer.json", lambda fh: fh.write(tok_json), mode="w")
+    atomic_write(entry / "tokenizer.json", lambda fh: fh.write(tok_json), mode="w")
     val_blob = "".join(t + EOS_TOKEN for t in val_texts).encode("utf-8")
-    _atomic_write(entry / "val.txt", lambda fh: fh.write(val_blob))
+    atomic_write(entry / "val.txt", lambda fh: fh.write(val_blob))
     doc_lengths: list[int] = []
     n_train = _tokenize_split(
         tok, train_texts, eos_id, dtype, entry / "train.bin", "tokenise train", show_progress, spec.num_proc,
@@ -724,9 +684,9 @@ def _build(
         raise RuntimeError("train document index does not match the train stream")
     offsets = np.zeros(len(doc_lengths), dtype=np.int64)
     np.cumsum(doc_lengths[:-1], out=offsets[1:])
-    _atomic_write(entry / _DOC_OFFSETS, lambda fh: np.save(fh, offsets, allow_pickle=False))
+    atomic_write(entry / _DOC_OFFSETS, lambda fh: np.save(fh, offsets, allow_pickle=False))
     runs = _doc_source_runs(train_labels)
-    _atomic_write(entry / _DOC_SOURCES, lambda fh: json.dump(runs, fh), mode="w")
+    atomic_write(entry / _DOC_SOURCES, lambda fh: json.dump(runs, fh), mode="w")
     n_val = _tokenize_split(
         tok, val_texts, eos_id, dtype, entry / "val.bin", "tokenise val", show_progress, spec.num_proc
     )
@@ -746,7 +706,7 @@ def _build(
         "source": {"kind": src.kind, "root": src.root, "num_files": len(src.files)},
         "spec": {k: v for k, v in asdict(spec).items() if k not in ("seq_len", "num_proc")},
     }
-    _atomic_write(entry / _MANIFEST, lambda fh: json.dump(manifest, fh, indent=1), mode="w")
+    atomic_write(entry / _MANIFEST, lambda fh: json.dump(manifest, fh, indent=1), mode="w")
     return manifest
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 
 def sha256_file(path: Path) -> str:
@@ -26,12 +29,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary sibling, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: Path, write: Callable[[IO], Any], mode: str = "wb") -> Any:
+    """Write a whole file or nothing: `write(fh)` into a temporary sibling (unique per process and
+    call, removed on any error), fsync, rename over `path`, fsync the folder. Returns what `write`
+    returned."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode) as fh:
+            result = write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+    return result
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a text file."""
+    atomic_write(path, lambda fh: fh.write(text), mode="w")
