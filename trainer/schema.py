@@ -98,8 +98,8 @@ class TrainSection(Section):
     max_nan_steps: PosInt = _f(5, "stop after this many consecutive skipped (non-finite) steps")
     sample_tokens: NonNegInt = _f(64, "tokens generated for the sample at evaluations and at the end")
     sample_prompt: str = _f("def ", "prompt of the generated sample")
-    peak_tflops: float | None = _f(None, "device peak for MFU; null = known GPU table, or the CPU's theoretical fp32 FMA peak "
-                                   "(threads x clock x FLOP per cycle)", gt=0.0)
+    peak_tflops: float | None = _f(None, "one device's peak for MFU; null = the GPU's datasheet bf16 dense peak (known GPUs), "
+                                   "or on CPU a matmul ceiling measured at the start of the run on torch's threads", gt=0.0)
     progress: bool = _f(True, "show progress bars on rank 0")
     compile: bool = _f(False, "compile the model's forward (fused kernels included) with torch.compile: the first "
                        "steps are slower while it compiles; generation stays eager; not with parallel.pp > 1 or ZeRO-3")
