@@ -86,8 +86,9 @@ class OptimSection(Section):
 class TrainSection(Section):
     max_steps: PosInt = _f(1000, "optimizer steps")
     eval_every: PosInt = _f(100, "evaluate on the validation split every N steps (and at the end)")
-    eval_batches: PosInt | None = _f(20, "validation batches per periodic evaluation (null = full split); "
-                                     "the final evaluation always uses the full split")
+    eval_batches: PosInt | None = _f(20, "size of the fixed validation sample every evaluation uses, periodic and final: "
+                                     "this many batches spread evenly over the split (null = the full split); the "
+                                     "final evaluation also reports the full split (val_loss_full)")
     checkpoint_every: PosInt | None = _f(None, "save a checkpoint every N steps (null = only at the end)")
     keep_checkpoints: PosInt = _f(2, "newest checkpoints kept on disk")
     resume: str = _f("none", "none | auto (latest checkpoint of this run) | path of a checkpoint folder")
