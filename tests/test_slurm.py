@@ -6,6 +6,7 @@ namespaces cannot be made here)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -355,6 +356,28 @@ def test_two_node_job_one_rank_per_node(two_nodes, root, reference):
     assert [(logs / f"rank{r}.exit").read_text().split()[0] for r in (0, 1)] == ["0", "0"]
     assert (logs / "rank1.log").exists()
     print(f"two-node slurm job: {time.time() - t0:.0f}s")
+
+
+HYBRID = ["sync.strategy=hybrid", "sync.across=diloco", "sync.every=2", "train.max_steps=6",
+          "parallel.micro_batch=2"]
+
+
+@pytest.mark.slurm
+def test_hybrid_runs_one_replica_per_node(two_nodes, root):
+    """sync.strategy=hybrid on 2 nodes x 2 ranks with sync.replicas unset: one replica per node
+    (DeepSpeed's all-reduce inside the node, DiLoCo across nodes), exactly as the same 2 x 2 layout
+    launched on one machine with sync.replicas=2."""
+    local = subprocess.run(train_cmd(root, "hybrid-local", *TINY, "launch.procs_per_node=4", *HYBRID,
+                                     "sync.replicas=2"), cwd=root, env=env(), capture_output=True, text=True,
+                           timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    job_id, _ = submit(two_nodes, root, "hybrid", "launch.procs_per_node=2", *HYBRID, "--nodes", "2")
+    info = two_nodes.wait_job(job_id, finished, timeout=400)
+    log = slurm_log(root, "hybrid", job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert train_losses(root, "hybrid") == train_losses(root, "hybrid-local")
+    rows = [json.loads(x) for x in (root / "runs" / "hybrid" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["consensus_dist"] for r in rows if r.get("step") in (2, 4, 6) and "consensus_dist" in r] == [0.0] * 3
 
 
 def test_ci_installs_slurm_before_make_test_or_says_why_the_tests_skip(monkeypatch):

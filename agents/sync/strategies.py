@@ -54,8 +54,17 @@ WEIGHT_STRATEGIES = ("local_sgd", "fedavg", "diloco", "gossip")
 
 
 def replica_count(recipe: Recipe, world_size: int) -> int:
-    """`sync.replicas`, or the data-parallel degree of the job (every model-parallel group a replica)."""
-    return recipe.sync.replicas or recipe.dp_degree(world_size)
+    """`sync.replicas`; unset: one replica per node for `hybrid` (DeepSpeed inside a node, the
+    strategy across nodes: replicas are consecutive ranks, as the launcher numbers a node's), else
+    the data-parallel degree of the job (every model-parallel group a replica)."""
+    if recipe.sync.replicas:
+        return recipe.sync.replicas
+    if recipe.sync.strategy == "hybrid":
+        if recipe.launch.nodes < 2:
+            raise UsageError("sync.strategy=hybrid on one node needs sync.replicas (groups of several ranks); "
+                             "unset, it makes one replica per node of launch.nodes")
+        return recipe.launch.nodes
+    return recipe.dp_degree(world_size)
 
 
 def build_synchronizer(recipe: Recipe, world_size: int):
