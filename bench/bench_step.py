@@ -20,8 +20,9 @@ turn, every other round in reverse order, so background load and position effect
 alike); the median over --repeats rounds after --warmup steps.
 
 MFU = tokens/s * (6 * N + 12 * n_layer * d_model * seq) / peak FLOP/s, N = weights used in matmuls
-(all parameters but the position table; the tied embedding counted once, as the output head).
-Peak: the GPU's dense bf16 peak (table below), or on CPU the theoretical fp32 peak of the threads.
+(every nn.Linear weight; the tied embedding counted once, as the output head).
+Peak: `model.flops.peak_flops`, the GPU's datasheet dense bf16 peak, or on CPU a matmul ceiling
+measured on the threads (in the rows' dtype: float32).
 
 Before timing, the plain GPT and ours (kernels=torch, and fused) compute the loss of one batch in
 float32 from the same weights: plain and ours/torch must agree (logits and loss), or the script
@@ -40,7 +41,6 @@ The table is printed and written as the marked `bench_step` section of bench/res
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import math
@@ -65,11 +65,8 @@ from bench_kernels import _loadavg, device_slug  # noqa: E402
 from plain_gpt import PlainConfig, PlainGPT, to_ours_state_dict  # noqa: E402
 
 from model import GPT, GPTConfig  # noqa: E402
+from model.flops import peak_flops  # noqa: E402
 from model.kernels import build, memprof  # noqa: E402
-
-# Dense bf16 peak TFLOP/s (the same table as trainer/evaluation.py, copied so that this script
-# needs nothing but torch).
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 # --budget: a compiled row is not started with less than this left (compile + warm-up, with the
 # timing and memory passes after it), and the timing stops at the budget after MIN_REPEATS rounds.
@@ -119,28 +116,6 @@ class Row:
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def peak_flops(device: str) -> tuple[float, str]:
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, tf in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tf * 1e12, f"{key} dense bf16 peak {tf:.0f} TFLOP/s"
-        return 0.0, f"unknown GPU {name!r}: no peak, no MFU"
-    flags, mhz = "", 0.0
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags") and not flags:
-                flags = line
-            elif line.startswith("cpu MHz") and not mhz:
-                mhz = float(line.split(":")[1])
-    per_cycle = 64 if "avx512f" in flags else 32 if " fma" in flags else 8
-    ghz = (mhz or 2000.0) / 1000
-    threads = torch.get_num_threads()
-    peak = threads * ghz * per_cycle * 1e9
-    return peak, (f"CPU fp32 theoretical peak {threads} threads x {ghz:.1f} GHz x {per_cycle} FLOP/cycle = "
-                  f"{peak / 1e12:.2f} TFLOP/s")
 
 
 def _sync(device: str) -> None:
@@ -367,7 +342,7 @@ def main(argv=None) -> int:
     for line in check_lines:
         print(line, file=sys.stderr)
 
-    peak, peak_note = peak_flops(device)
+    peak, peak_note = peak_flops(torch.device(device), None)
     tokens_per_step = args.batch * args.seq
     rows = [Row(ROWS[k]) for k in args.rows]
     ready: list[Row] = []
@@ -498,7 +473,7 @@ def to_markdown(args, rows, device, amp, n_params, flops_tok, peak_note, build_n
         f"Median of {done} steps per row (rows timed round-robin) after {args.warmup} warm-up steps."
         + (f" Host load average {load_start} at start, {load} at end." if load_start else ""),
         f"MFU = tokens/s x {flops_tok / 1e6:.1f} MFLOP/token / peak; FLOP/token = 6 N + 12 n_layer d_model seq "
-        f"(N = weights in matmuls: all parameters but the position table, tied head once); peak: {peak_note}. "
+        f"(N = weights in matmuls: every nn.Linear weight, tied head once); peak: {peak_note}. "
         "Peak MiB = the row's parameters + AdamW state + the highest allocation during one step above them "
         + ("(torch.cuda.max_memory_allocated)." if device == "cuda" else
            "(CPU: allocation events replayed from torch.profiler)."),

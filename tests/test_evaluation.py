@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
+from model import flops as F
 from trainer import evaluation as E
 from trainer.data import EOS_TOKEN, DataSpec, TokenBlocks, eval_sample, iterate_eval, prepare_data
 
@@ -161,10 +162,10 @@ def test_cpu_peak_is_a_measured_matmul_ceiling(monkeypatch):
                   1.5, 1.75,      # rep 2: 0.25 s (best)
                   1.75, 2.75,     # rep 3: 1 s; past the 2 s budget -> stop
                   3.0])           # end
-    monkeypatch.setattr(E.time, "perf_counter", lambda: next(times))
+    monkeypatch.setattr(F.time, "perf_counter", lambda: next(times))
     calls = []
-    monkeypatch.setattr(E.torch, "mm", lambda a, b, out: calls.append(a.shape))
-    rate, source = E.measure_matmul_flops(n=64, budget_s=2.0, min_reps=2, max_reps=10)
+    monkeypatch.setattr(F.torch, "mm", lambda a, b, out: calls.append(a.shape))
+    rate, source = F.measure_matmul_flops(n=64, budget_s=2.0, min_reps=2, max_reps=10)
     assert len(calls) == 4  # warm-up + 3 timed
     assert rate == 2 * 64**3 / 0.25
     assert f"{rate / 1e9:.1f} GFLOP/s" in source and "best of 3" in source and "64x64x64" in source
@@ -188,7 +189,7 @@ def test_peak_sources(monkeypatch):
     def no_measure(**kw):
         raise AssertionError("must not measure")
 
-    monkeypatch.setattr(E, "measure_matmul_flops", no_measure)
+    monkeypatch.setattr(F, "measure_matmul_flops", no_measure)
     assert E.peak_flops(torch.device("cpu"), 0.25) == (0.25e12, "train.peak_tflops = 0.25 TFLOP/s")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     peak, source = E.peak_flops(torch.device("cuda", 0), None)
