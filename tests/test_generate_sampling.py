@@ -13,20 +13,13 @@ import torch
 
 from model import GPT, GPTConfig
 from model.generate import DecodeEngine, SamplingParams, sample_next
+from tests.test_generate import one_thread  # noqa: F401  (autouse fixture: tiny models run on one thread)
 
 # 99.9% quantiles of the chi-square distribution with d degrees of freedom: a correct sampler
 # fails one of these tests once in a thousand runs (the seeds are fixed, so never by chance here).
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
             10: 29.59, 11: 31.26}
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11], [60, 3, 3, 99]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def build(style="gpt2", vocab_size=101, init_std=0.2) -> GPT:
