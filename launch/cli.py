@@ -39,10 +39,12 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 def cmd_validate(args) -> int:
     import yaml
 
+    from agents.config import check_agents
     from trainer.recipe import check_layout, load_recipe, recipe_to_dict
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_layout(recipe)
+    check_agents(recipe)
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     return 0
 
@@ -63,6 +65,14 @@ def cmd_train(args) -> int:
     from agents.sync.strategies import build_synchronizer
 
     sync = build_synchronizer(recipe, world)  # bad sync settings stop here, before any process starts
+    if recipe.agents:
+        from agents.config import check_agents
+        from trainer.errors import UsageError
+
+        check_agents(recipe)
+        raise UsageError("agents: recipes are checked (`python -m launch validate`) but not trained yet: the "
+                         "multi-agent RL loop is still being built (issue 12); this command would otherwise run "
+                         "the pre-training loop and ignore the agents")
     if world > 1 and not launched:
         from launch.multiproc import run_deepspeed
 
@@ -116,11 +126,17 @@ def cmd_slurm(args) -> int:
 
 def config_reference() -> str:
     """Markdown table of every recipe key (docs/config-reference.md holds this text)."""
-    from trainer.schema import Recipe
+    from trainer.schema import AgentSection, Recipe
 
     lines = ["| key | default | description |", "|---|---|---|"]
     for section, field in Recipe.model_fields.items():
-        for key, f in field.annotation.model_fields.items():
+        if section == "agents":  # a mapping: name -> AgentSection
+            desc = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `agents` | `{{}}` | {desc} |")
+            section, fields = "agents.<name>", AgentSection.model_fields
+        else:
+            fields = field.annotation.model_fields
+        for key, f in fields.items():
             default = f.default if not callable(f.default_factory) else f.default_factory()
             desc = (f.description or "").replace("|", "\\|")
             lines.append(f"| `{section}.{key}` | `{default}` | {desc} |")

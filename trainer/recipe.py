@@ -158,8 +158,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def _allowed_keys(section: tuple) -> list[str]:
+    from .schema import AgentSection
+
     model: type = Recipe
-    for part in section:
+    for i, part in enumerate(section):
+        if model is Recipe and str(part) == "agents" and len(section) > i + 1:
+            model = AgentSection  # agents.<name>.<key>
+            return sorted(model.model_fields) if len(section) == i + 2 else []
         field = model.model_fields.get(str(part))
         if field is None or not isinstance(field.annotation, type):
             return []

@@ -188,6 +188,53 @@ class SyncSection(Section):
     compress_rank: PosInt = _f(4, "powersgd: rank of the low-rank approximation")
 
 
+class AgentSection(Section):
+    """One LLM agent of a multi-agent RL recipe (`agents: {name: {...}}`)."""
+
+    init_from: str | None = _f(None, "the agent's starting policy: a run directory of ours or a Hugging Face folder "
+                               "(several agents may share one); null = the recipe's model.*")
+    adapter: Literal["none", "lora"] = _f("none", "none: the agent trains its own full weights; lora: one peft "
+                                          "adapter per agent over a shared frozen base")
+    lora_rank: PosInt = _f(8, "LoRA rank (adapter: lora)")
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha (adapter: lora)", gt=0.0)
+    lora_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names the adapter wraps",
+                                 min_length=1)
+    algorithm: Literal["reinforce", "grpo", "ppo"] = _f("reinforce", "reinforce with a baseline, grpo "
+                                                        "(group-normalised advantages), ppo (clipped, value head)")
+    baseline: Literal["mean", "loo", "ema", "none"] = _f("mean", "reinforce baseline: batch mean, leave-one-out, "
+                                                         "moving average of earlier batches, none")
+    baseline_decay: float = _f(0.9, "decay of the ema baseline", ge=0.0, lt=1.0)
+    alpha: float = _f(0.0, "entropy weight: J = E[sum_t gamma^t r_t] + alpha * H(pi)", ge=0.0)
+    gamma: float = _f(1.0, "discount of the agent's rewards", ge=0.0, le=1.0)
+    returns: Literal["discounted", "reward_to_go"] = _f("discounted", "discounted: gamma^t G_t (the unbiased "
+                                                        "gradient of J); reward_to_go: G_t (common practice)")
+    lr: float = _f(1e-5, "the agent's learning rate", gt=0.0)
+    trainable: bool = _f(True, "false: a frozen partner or opponent (no optimizer)")
+    temperature: float = _f(1.0, "sampling temperature (0 = greedy)", ge=0.0)
+    top_p: float = _f(1.0, "nucleus sampling mass", gt=0.0, le=1.0)
+    clip_eps: float = _f(0.2, "ppo ratio clip", gt=0.0, lt=1.0)
+    vf_coef: float = _f(0.5, "ppo value-loss weight", ge=0.0)
+    ppo_epochs: PosInt = _f(1, "ppo passes over each batch of episodes")
+
+
+class EnvSection(Section):
+    name: str = _f("", "environment of a multi-agent recipe (agents.envs registry: signaling, split_arith, ...)")
+    args: dict = _f({}, "keyword arguments of the environment's constructor")
+    seed: NonNegInt | None = _f(None, "seed of the environment's episodes (null = train.seed)")
+    eval_episodes: PosInt = _f(200, "episodes of each evaluation")
+    eval_options: dict = _f({}, "reset options at evaluation (e.g. blank_message: true)")
+
+
+class RLSection(Section):
+    episodes_per_step: PosInt = _f(64, "episodes collected per optimizer step (over every data-parallel rank)")
+    group_size: PosInt = _f(1, "episodes per initial state (grpo normalises advantages within a group)")
+    max_new_tokens: PosInt = _f(16, "tokens an agent may generate per action")
+    max_env_steps: PosInt = _f(8, "env steps after which an episode is truncated")
+    normalizer: Literal["episodes", "rows", "tokens"] = _f("episodes", "what the policy-gradient sum is divided "
+                                                          "by (episodes: the exact estimate of the gradient of J)")
+    kl_ref: bool = _f(True, "track the KL divergence of each agent to its initial policy")
+
+
 class Recipe(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -198,6 +245,10 @@ class Recipe(Section):
     launch: LaunchSection = LaunchSection()
     tracking: TrackingSection = TrackingSection()
     sync: SyncSection = SyncSection()
+    agents: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], AgentSection] = _f(
+        {}, "multi-agent RL: agent name -> its policy, algorithm and settings (see agents.<name>.*)")
+    env: EnvSection = EnvSection()
+    rl: RLSection = RLSection()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Recipe:
@@ -234,9 +285,29 @@ class Recipe(Section):
                              "layer's partitioned parameters in hooks that torch.compile cannot trace); use ZeRO 0-2 "
                              "or train.compile=false")
         self._check_sync()
+        self._check_agents()
         if self.train.resume not in ("none", "auto") and not self.train.resume.strip():
             raise ValueError("train.resume must be none, auto or a checkpoint path")
         return self
+
+    def _check_agents(self) -> None:
+        if not self.agents:
+            if self.env.name:
+                raise ValueError(f"env.name={self.env.name} needs agents: a mapping of agent names to their settings")
+            return
+        if not self.env.name:
+            raise ValueError(f"agents ({', '.join(self.agents)}) need an environment: set env.name")
+        grpo = [n for n, a in self.agents.items() if a.algorithm == "grpo"]
+        if grpo and self.rl.group_size < 2:
+            raise ValueError(f"agents {', '.join(grpo)} use algorithm=grpo: it needs rl.group_size >= 2 "
+                             f"(got {self.rl.group_size})")
+        if self.rl.episodes_per_step % self.rl.group_size:
+            raise ValueError(f"rl.episodes_per_step={self.rl.episodes_per_step} must be a multiple of "
+                             f"rl.group_size={self.rl.group_size}")
+        if not any(a.trainable for a in self.agents.values()):
+            raise ValueError("every agent has trainable=false: nothing to train")
+        if self.sync.strategy != "allreduce":
+            raise ValueError("agents: recipes train each agent with its own engine; sync.strategy must stay allreduce")
 
     def _check_sync(self) -> None:
         s, p = self.sync, self.parallel
