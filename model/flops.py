@@ -31,12 +31,15 @@ def peak_flops(device: torch.device, override_tflops: float | None,
     return measure_matmul_flops(dtype=dtype)
 
 
-def measure_matmul_flops(n: int = 2048, dtype: torch.dtype = torch.float32, budget_s: float = 0.5,
+def measure_matmul_flops(n: int = 1536, dtype: torch.dtype = torch.float32, budget_s: float = 0.5,
                          min_reps: int = 2, max_reps: int = 10) -> tuple[float, str]:
     """A measured ceiling for matmul work on this process's CPU threads: the best rate of
     repeated n x n x n matmuls (2 n^3 FLOPs each) after one warm-up, timed until `budget_s` has
-    passed (at least `min_reps`, at most `max_reps`; n = 2048 fp32 takes about 0.1 s at 180
-    GFLOP/s). The best repetition, because anything else running on the machine only slows it."""
+    passed (at least `min_reps`, at most `max_reps`). n = 1536: 7.2 GFLOP a product, 40 ms at
+    180 GFLOP/s (this project's 2-thread EPYC, where 1536 to 4096 reach the same rate within the
+    noise), so the whole measurement stays near 0.5 s, and under 1 s on a machine four times
+    slower or as busy. The best repetition, because anything else running on the machine only
+    slows it."""
     threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)  # its own stream: the training RNG is untouched
     a = torch.randn(n, n, generator=gen).to(dtype)
