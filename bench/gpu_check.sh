@@ -1,45 +1,64 @@
 #!/usr/bin/env bash
-# `make gpu-check`: one script for a machine with one H100/H200, about 5 minutes.
+# `make gpu-check`: one script for a machine with one H100/H200 (or more), about 6 minutes.
 #
 # Steps, each under its own `timeout` (expected time on an H200, estimated, not yet measured /
-# hard limit; the limits add up to 9 minutes, so one 10-minute device command always gets the summary):
+# hard limit; the limits add up to 9.5 minutes, so one 10-minute device command gets the summary):
 #   1. check torch + GPU, install pytest/ninja from build/gpu-wheels when missing   ~10 s
 #   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 180 s
 #   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 60 s
 #   4. kernel table: bench/bench_kernels.py --device cuda --repeats 10            ~45 s / 90 s
-#   5. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
+#   5. full training run of gpt-tiny: bench/gpu_train.py gpu-check                ~20 s / 60 s
+#      With 2+ GPUs a 2-rank NCCL run, else 1 GPU in bf16; final val loss, tokens/s, MFU and the
+#      peak's source go into the results file (marked gpu_train section).  Our loop
+#      (`python -m launch train gpt-tiny`) runs when this Python has its modules (DeepSpeed,
+#      pydantic, PyYAML, tokenizers, ...); otherwise the section says so in one line and names what
+#      ran instead: gpu_train.py's plain-PyTorch loop over the same model, tokens, init, data order,
+#      optimiser and schedule (DDP over NCCL for 2 ranks), from the plan and token files in
+#      build/gpu-data (made here by `.venv/bin/python bench/gpu_train.py prepare build/gpu-data`;
+#      carry it with the wheels).  Soft budget 45 s (it stops training and still evaluates).
+#   6. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
 #      eager/compile vs ours torch/fused/fused+compile; two torch.compile runs of ~1 min each)
-#                                              --budget $STEP_BUDGET_S (180) / that + 30 s
-#   Then a summary of each step's status and time, and both tables last (bench/results/<device>.md:
-#   the kernel table, then the marked bench_step section).  A failing step does not stop the later
-#   ones; the script exits non-zero at the end if any failed.
+#                                              --budget $STEP_BUDGET_S (150) / that + 30 s
+#   Then a summary of each step's status and time, and the results last (bench/results/<device>.md:
+#   the kernel table, the gpu_train section, the marked bench_step section).  A failing step does
+#   not stop the later ones; the script exits non-zero at the end if any failed.
 #
 # Works with the machine's own Python (torch >= 2.6, no network, none of our other pins): it imports
 # only torch, pytest and ninja, and installs the last two from wheels brought along in
 # build/gpu-wheels (made here by `make gpu-wheels`; build/ is git-ignored, so carry it to the
-# machine, e.g. the device tool's carry: ["build/gpu-wheels"]) into build/gpu-pylib when they are
-# missing.
+# machine, e.g. the device tool's carry: ["build/gpu-wheels", "build/gpu-data"]) into
+# build/gpu-pylib when they are missing.
 #
 # Environment:
 #   PYTHON=python3           the interpreter to use
-#   GPU_CHECK_STEPS="build tests kernels step"   run only these steps (e.g. "step" to rerun the
-#                            training-step benchmark after the kernels were built on this machine)
-#   STEP_BUDGET_S=180        soft time limit of bench_step.py (it skips a compile that would not fit
+#   GPU_CHECK_STEPS="build tests kernels train step"   run only these steps (e.g. "step" to rerun
+#                            the training-step benchmark after the kernels were built on this machine)
+#   STEP_BUDGET_S=150        soft time limit of bench_step.py (it skips a compile that would not fit
 #                            and stops timing at the limit; SIGTERM 30 s later writes what it has)
+#   GPU_CHECK_DATA=build/gpu-data   the plain loop's plan and tokens (bench/gpu_train.py prepare)
+#   GPU_CHECK_TRAIN_OUT=build/gpu-train   the training run's folder (metrics.jsonl, summary.json; our
+#                            loop's run with its checkpoint under runs/); its figures go to the results
+#   GPU_CHECK_TRAIN_ARGS=    more arguments of `gpu_train.py gpu-check` (--kernels torch, --procs 1,
+#                            --steps N)
+#   GPU_CHECK_KERNEL_ARGS=   more arguments of bench_kernels.py (the CPU test adds --no-compile)
 #   GPU_CHECK_ALLOW_CPU=1    rehearsal without a GPU: CPU kernels only, the gpu tests skip, the
-#                            benchmarks run with --device cpu --quick and write to build/gpu-check/
+#                            benchmarks run with --device cpu --quick, the training run stops after
+#                            10 steps, and they write to build/gpu-check/
 #   GPU_CHECK_OUT=dir        where the benchmarks write their tables (default bench/results; through
 #                            the device tool use GPU_CHECK_OUT=$OUT so the tables come back even
 #                            if the command is cut short, then copy them to bench/results/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=" ${GPU_CHECK_STEPS:-build tests kernels step} "
-STEP_BUDGET_S=${STEP_BUDGET_S:-180}
+STEPS=" ${GPU_CHECK_STEPS:-build tests kernels train step} "
+STEP_BUDGET_S=${STEP_BUDGET_S:-150}
 OUT=${GPU_CHECK_OUT:-bench/results}
+DATA=${GPU_CHECK_DATA:-build/gpu-data}
+TRAIN_OUT=${GPU_CHECK_TRAIN_OUT:-build/gpu-train}
 DEV=cuda
 BENCH_ARGS=()
 KERNEL_ARGS=(--repeats 10)
+TRAIN_ARGS=()
 T0=$SECONDS
 SUMMARY=()
 FAILED=0
@@ -57,6 +76,7 @@ if [ "$rc" -ne 0 ]; then
     DEV=cpu
     BENCH_ARGS=(--quick)
     KERNEL_ARGS=()
+    TRAIN_ARGS=(--steps 10)
     OUT=${GPU_CHECK_OUT:-build/gpu-check}
   else
     echo "no usable torch with a CUDA GPU (set GPU_CHECK_ALLOW_CPU=1 to rehearse on CPU)" >&2
@@ -99,15 +119,7 @@ step() {
   SUMMARY+=("$(printf '%-8s %-28s %4ss' "$name" "$status" "$((SECONDS - t))")")
 }
 
-if [ "$DEV" = cuda ]; then BUILD_FLAGS=(--cuda --cpu); else BUILD_FLAGS=(--cpu); fi
-case $STEPS in *" build "*) step build 180 $PY -m model.kernels.build "${BUILD_FLAGS[@]}" ;; esac
-case $STEPS in *" tests "*) step tests 60 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
-case $STEPS in *" kernels "*)
-  step kernels 90 $PY bench/bench_kernels.py --device "$DEV" --out "$OUT" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
-case $STEPS in *" step "*)
-  step step "$((STEP_BUDGET_S + 30))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
-    "${BENCH_ARGS[@]}" ;; esac
-
+# The results file the benchmarks write (bench_kernels.py's name for this device).
 RESULT=$($PY - "$OUT" "$DEV" "${BENCH_ARGS[@]}" <<'PYEOF' 2>/dev/null
 import sys
 sys.path.insert(0, "bench")
@@ -115,10 +127,27 @@ from bench_kernels import device_slug
 print(f"{sys.argv[1]}/{device_slug(sys.argv[2])}{'-quick' if '--quick' in sys.argv else ''}.md")
 PYEOF
 )
+RESULT=${RESULT:-$OUT/gpu-check.md}
+# shellcheck disable=SC2206  # word splitting of the extra arguments is intended
+KERNEL_ARGS+=(${GPU_CHECK_KERNEL_ARGS:-})
+# shellcheck disable=SC2206
+TRAIN_ARGS+=(${GPU_CHECK_TRAIN_ARGS:-})
+
+if [ "$DEV" = cuda ]; then BUILD_FLAGS=(--cuda --cpu); else BUILD_FLAGS=(--cpu); fi
+case $STEPS in *" build "*) step build 180 $PY -m model.kernels.build "${BUILD_FLAGS[@]}" ;; esac
+case $STEPS in *" tests "*) step tests 60 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
+case $STEPS in *" kernels "*)
+  step kernels 90 $PY bench/bench_kernels.py --device "$DEV" --out "$OUT" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
+case $STEPS in *" train "*)
+  step train 60 $PY bench/gpu_train.py gpu-check --plan "$DATA" --out "$TRAIN_OUT" --results "$RESULT" \
+    --device "$DEV" --budget 45 "${TRAIN_ARGS[@]}" ;; esac
+case $STEPS in *" step "*)
+  step step "$((STEP_BUDGET_S + 30))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
+    "${BENCH_ARGS[@]}" ;; esac
 echo
 echo "================================ summary (total $((SECONDS - T0))s)"
 printf '%s\n' "${SUMMARY[@]}"
 echo
-echo "================================ tables ($RESULT)"
+echo "================================ results ($RESULT)"
 if [ -f "$RESULT" ]; then cat "$RESULT"; else echo "(no table written)"; fi
 exit "$FAILED"
