@@ -1,48 +1,35 @@
-"""bench/bench_step.py (training step: plain GPT vs ours) and bench/gpu_check.sh.
+"""bench/bench_step.py (training step: plain GPT vs ours) and bench/gpu_check.sh, run as on the GPU machine.
 
-The smoke test runs `bench_step.py --quick` on CPU in a subprocess that refuses every import the
-GPU machine lacks (DeepSpeed, transformers, pydantic, ...), so it also proves the benchmark needs
-nothing but torch and this repo's model package.
+The module's fixture runs the GPU check's CPU rehearsal (`GPU_CHECK_ALLOW_CPU=1 bash
+bench/gpu_check.sh`: kernel build, the `gpu` tests, the kernel table, `bench_step.py --quick`)
+under a Python that hides every package of ours the GPU machine's bare Python lacks (DeepSpeed,
+transformers, pydantic, ...), so it proves both that the script's command lines work and that the
+benchmarks need nothing but torch and this repo's model package. The `train` step has its own
+tests (tests/test_gpu_train.py).
 """
 
 from __future__ import annotations
 
 import re
-import shlex
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.gpu_machine import bare_python_env
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
+GPU_CHECK = BENCH / "gpu_check.sh"
 sys.path[:0] = [str(BENCH)]
 
 import bench_step  # noqa: E402
 
-# Top-level packages of requirements.txt that the GPU machine's bare Python does not have.
-NOT_ON_GPU_MACHINE = ("deepspeed", "transformers", "pydantic", "tokenizers", "tqdm", "yaml", "wandb",
-                      "datasets", "safetensors", "trainer", "launch")
+REHEARSED = ("build", "tests", "kernels", "step")
 
-# Hides those packages from every import finder: `import x` raises ModuleNotFoundError and
-# importlib.util.find_spec("x") returns None, as on a Python that lacks them.
-BLOCKER = f"""
-import runpy, sys
-class Hide:
-    def __init__(self, inner):
-        self.inner = inner
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {NOT_ON_GPU_MACHINE!r}:
-            return None
-        find = getattr(self.inner, 'find_spec', None)
-        return find(name, path, target) if find else None
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
-sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name='__main__')
-"""
 
 def _table_rows(text: str) -> dict[str, list[str]]:
     rows = {}
@@ -55,12 +42,27 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
-    cmd = [sys.executable, "-c", BLOCKER, str(BENCH / "bench_step.py"), "--quick", "--device", "cpu",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    """The rehearsal of every step but `train`: (its process, the folder of its results)."""
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    out = tmp / "results"
+    e = bare_python_env(tmp / "site", PYTHON=sys.executable, GPU_CHECK_ALLOW_CPU="1",
+                        GPU_CHECK_STEPS=" ".join(REHEARSED), GPU_CHECK_OUT=str(out),
+                        GPU_CHECK_KERNEL_ARGS="--no-compile")  # the compiled kernel rows take minutes on CPU
+    proc = subprocess.run(["bash", str(GPU_CHECK)], cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     return proc, out
+
+
+def test_rehearsal_runs_every_step_and_the_gpu_tests_are_selected(quick_run):
+    proc, _ = quick_run
+    assert "no GPU: CPU rehearsal (GPU_CHECK_ALLOW_CPU=1)" in proc.stdout
+    summary = proc.stdout.split("=== summary", 1)[1].split("=== results", 1)[0]
+    status = {line.split()[0]: line.split()[1] for line in summary.splitlines()[1:]
+              if line.strip() and not line.startswith("=")}
+    assert status == {name: "ok" for name in REHEARSED}, summary
+    # `-m gpu tests/test_kernels.py` selects the GPU tests (they skip here) and only them.
+    m = re.search(r"(\d+) skipped, (\d+) deselected", proc.stdout)
+    assert m and int(m.group(1)) >= 5 and int(m.group(2)) > 0, proc.stdout[-3000:]
 
 
 def test_quick_run_has_every_row_with_positive_throughput(quick_run):
@@ -89,12 +91,15 @@ def test_quick_run_initial_losses_agree(quick_run):
     assert abs(plain - 6.238) < 0.2
 
 
-def test_quick_run_writes_its_section_only(quick_run):
-    _, out = quick_run
+def test_rehearsal_results_file_has_the_kernel_table_then_the_step_section(quick_run):
+    proc, out = quick_run
     files = list(out.glob("*-quick.md"))
     assert len(files) == 1
     text = files[0].read_text()
-    assert text.count(bench_step.SECTION_BEGIN) == 1 and text.count(bench_step.SECTION_END) == 1
+    assert text.startswith("# ") and "| layer_norm" in text.split(bench_step.SECTION_BEGIN)[0]
+    assert text.count(bench_step.SECTION_BEGIN) == 1 and text.rstrip().endswith(bench_step.SECTION_END)
+    # the script prints that file last
+    assert proc.stdout.rstrip().endswith(text.rstrip()) and f"results ({files[0]})" in proc.stdout
 
 
 def test_write_section_keeps_the_kernel_table_and_replaces_itself(tmp_path):
@@ -129,55 +134,72 @@ def test_initial_check_catches_different_weights():
 
 # ------------------------------------------------------------------------------------ gpu_check.sh
 
-GPU_CHECK = BENCH / "gpu_check.sh"
+
+def test_gpu_check_needs_a_gpu_or_the_rehearsal_flag(tmp_path):
+    e = bare_python_env(tmp_path / "site", PYTHON=sys.executable, GPU_CHECK_OUT=str(tmp_path / "o"))
+    proc = subprocess.run(["bash", str(GPU_CHECK)], cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and "set GPU_CHECK_ALLOW_CPU=1" in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
-def test_gpu_check_parses():
-    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+def _wheel(folder: Path, name: str, files: dict[str, str]) -> None:
+    """A minimal pure-Python wheel `name`-99.0 holding `files` (paths inside the wheel)."""
+    dist = f"{name}-99.0.dist-info"
+    files = {**files, f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 99.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{p},,\n" for p in files) + f"{dist}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-99.0-py3-none-any.whl", "w") as z:
+        for path, text in {**files, f"{dist}/RECORD": record}.items():
+            info = zipfile.ZipInfo(path)
+            info.external_attr = (0o755 if "/scripts/" in path else 0o644) << 16
+            z.writestr(info, text)
 
 
-def _script_commands() -> tuple[str, dict[str, list[str]]]:
-    text = GPU_CHECK.read_text()
-    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    body = body.replace("\\\n", " ")
-    arrays: dict[str, list[str]] = {}
-    for name, content in re.findall(r"\b([A-Z_]+)=\(([^)]*)\)", body):
-        arrays.setdefault(name, []).extend(shlex.split(content))
-    return body, arrays
+def _machine_without_pytest_and_ninja(tmp_path: Path, with_wheels: bool):
+    """A copy of the script in a bare checkout, a Python whose pytest and ninja are hidden (except
+    what lands in build/gpu-pylib) and a PATH without ninja; with_wheels: fake pytest and ninja
+    wheels in build/gpu-wheels."""
+    checkout = tmp_path / "checkout"
+    (checkout / "bench").mkdir(parents=True)
+    shutil.copy(GPU_CHECK, checkout / "bench" / "gpu_check.sh")
+    pylib = checkout / "build" / "gpu-pylib"
+    if with_wheels:
+        wheels = checkout / "build" / "gpu-wheels"
+        wheels.mkdir(parents=True)
+        _wheel(wheels, "pytest", {"pytest/__init__.py": "__version__ = '99.0'\n"})
+        _wheel(wheels, "ninja", {"ninja/__init__.py": "import os\nBIN_DIR = os.path.join(os.path.dirname(__file__), "
+                                                      "os.pardir, 'bin')\n",
+                                 "ninja-99.0.data/scripts/ninja": "#!/bin/sh\necho 99.0\n"})
+    tools = tmp_path / "tools"  # the commands the script needs, and no ninja
+    tools.mkdir()
+    for tool in ("bash", "dirname", "cat", "tail", "timeout", "sh"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    e = bare_python_env(tmp_path / "site", ("pytest", "_pytest", "ninja"), allow_under=pylib, PYTHON=sys.executable,
+                        GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_STEPS="none", GPU_CHECK_OUT=str(tmp_path / "o"),
+                        PATH=str(tools))
+    return subprocess.run([str(tools / "bash"), str(checkout / "bench" / "gpu_check.sh")], cwd=tmp_path, env=e,
+                          capture_output=True, text=True, timeout=300), pylib
 
 
-def _flags_on_lines(body: str, arrays: dict[str, list[str]], needle: str) -> set[str]:
-    flags = set()
-    lines = [line for line in body.splitlines() if needle in line]
-    assert lines, f"gpu_check.sh does not run {needle}"
-    for line in lines:
-        flags |= set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line))
-        for name in re.findall(r"\$\{([A-Z_]+)\[@\]\}", line):
-            flags |= {a for a in arrays.get(name, []) if a.startswith("--")}
-    return flags
+def test_gpu_check_installs_missing_pytest_and_ninja_from_the_carried_wheels(tmp_path):
+    proc, pylib = _machine_without_pytest_and_ninja(tmp_path, with_wheels=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("ninja: "))
+    assert line == f"ninja: {pylib}/bin/ninja; pytest: 99.0 {pylib}/pytest/__init__.py", line
 
 
-@pytest.mark.parametrize("needle, cmd", [
-    ("bench/bench_kernels.py", [sys.executable, "bench/bench_kernels.py", "--help"]),
-    ("bench/bench_step.py", [sys.executable, "bench/bench_step.py", "--help"]),
-    ("-m model.kernels.build", [sys.executable, "-m", "model.kernels.build", "--help"]),
-])
-def test_gpu_check_passes_only_existing_flags(needle, cmd):
-    body, arrays = _script_commands()
-    flags = _flags_on_lines(body, arrays, needle)
-    help_text = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=120).stdout
-    known = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
-    assert flags and flags <= known, f"{needle}: {sorted(flags - known)} not accepted"
+def test_gpu_check_without_the_wheels_stops_naming_make_gpu_wheels(tmp_path):
+    proc, _ = _machine_without_pytest_and_ninja(tmp_path, with_wheels=False)
+    assert proc.returncode == 4
+    assert "cannot install pytest ninja from build/gpu-wheels (run 'make gpu-wheels'" in proc.stderr
 
 
-def test_gpu_check_references_existing_files_and_marker():
-    body, _ = _script_commands()
-    paths = set(re.findall(r"\b((?:bench|tests|model)/[\w./-]+\.(?:py|sh))", body))
-    assert {"bench/bench_kernels.py", "bench/bench_step.py", "tests/test_kernels.py"} <= paths
-    for p in paths:
-        assert (REPO / p).is_file(), p
-    assert (REPO / "model/kernels/build.py").is_file()
-    assert "-m gpu" in body and '"gpu:' in (REPO / "pyproject.toml").read_text()
-    # The wheels it installs offline are the ones `make gpu-wheels` downloads.
-    make = (REPO / "Makefile").read_text()
-    assert "build/gpu-wheels" in body and re.search(r"-d build/gpu-wheels[\s\\]+pytest ninja", make)
+def test_make_gpu_wheels_downloads_what_the_script_installs():
+    """`make gpu-wheels` needs the network, so its commands are read with `make -n`: pip downloads
+    pytest and ninja into build/gpu-wheels, the folder the script installs from (above)."""
+    dry = subprocess.run(["make", "-n", "gpu-wheels"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    cmd = " ".join(dry.stdout.replace("\\\n", " ").split())
+    m = re.search(r"-m pip download .*?-d build/gpu-wheels ([\w\s-]+?)(?: \|\||;|$)", cmd)
+    assert m, cmd
+    assert {"pytest", "ninja"} <= set(m.group(1).split()), m.group(1)
