@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from record_losses import cpu_name, write_results  # noqa: E402
 from static_generate import static_generate  # noqa: E402
 
 from model import GPT, DecodeEngine, GPTConfig, SamplingParams  # noqa: E402
@@ -88,15 +89,6 @@ def step_costs(model, prompt_len: int, quick: bool) -> dict[int, float]:
         out[b] = 1e3 * statistics.median(times)
     return out
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -174,12 +166,7 @@ def main(argv=None) -> int:
                      + ", ".join(f"B={b}: {ms:.2f}" for b, ms in steps.items())
                      + " (what retiring rows saves per step)")
     lines += ["", *ratios, ""]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+    write_results(args.out, "\n".join(lines))
     return 0
 
 

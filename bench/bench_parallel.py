@@ -57,7 +57,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -74,6 +73,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from record_losses import cpu_name  # noqa: E402  (bench/ is this script's first path entry)
 
 # A GPT-2-style model of ~70M parameters; a 16k-row vocabulary keeps the (tied) embedding from
 # dominating. The global batch is the same for every layout (micro-batch = global / N).
@@ -548,7 +549,7 @@ def report(layouts: list, args, total_wall: float) -> str:
         "# ZeRO memory per rank: DeepSpeed on CPU against the ZeRO paper",
         "",
         f"`make bench-parallel` ({' '.join(sys.argv[1:]) or 'defaults'}), {date.today()}, "
-        f"{_cpu_name()} x {os.cpu_count()} cores shared with other jobs, "
+        f"{cpu_name()} x {os.cpu_count()} cores shared with other jobs, "
         f"torch {torch.__version__}, DeepSpeed {ds_version}, gloo, DeepSpeed CPU accelerator; "
         f"{args.steps} timed steps per layout; the whole run took {total_wall / 60:.1f} min; load average "
         f"{args.load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, so tokens/s are noisy.",
@@ -682,15 +683,6 @@ def _findings(ok: list, sums: dict, precision: str, psi: int) -> list:
         out.append("- nothing beyond the model states was held.")
     return out
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _how_lines() -> list:

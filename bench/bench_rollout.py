@@ -31,6 +31,8 @@ from pettingzoo import ParallelEnv
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from record_losses import cpu_name, write_results  # noqa: E402  (bench/ is this script's first path entry)
+
 from agents.envs import CHARSET, clean  # noqa: E402
 from agents.envs.base import text_space  # noqa: E402
 from agents.policy import AgentPolicy  # noqa: E402
@@ -89,15 +91,6 @@ def tokenizer(vocab: int):
                                                     for i in range(N_AGENTS)) for r in range(1, 40)]
     return train_bpe_tokenizer(texts, vocab)
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -170,12 +163,7 @@ def main(argv=None) -> int:
         summary.append(f"ratio K={K}: batched / agent by agent = {base[0] / b[0]:.2f}x in tokens/s "
                        f"({base[1] / b[1]:.2f}x in CPU time; {N_AGENTS} agents, same tokens in both modes: {same})")
     lines += ["", *[f"- {s}" for s in summary], ""]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+    write_results(args.out, "\n".join(lines))
     return 0
 
 

@@ -51,14 +51,7 @@ def alone(model, prompt, params):
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11], [60, 3, 3, 99], list(range(20, 33)), [8, 8], [1, 2, 3, 4, 5]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, which on a busy
-    2-core machine made the file ~15x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=STYLES)

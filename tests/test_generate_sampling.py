@@ -13,7 +13,8 @@ import torch
 
 from model import GPT, GPTConfig
 from model.generate import DecodeEngine, SamplingParams, sample_next
-from tests.test_generate import one_thread  # noqa: F401  (autouse fixture: tiny models run on one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # 99.9% quantiles of the chi-square distribution with d degrees of freedom: a correct sampler
 # fails one of these tests once in a thousand runs (the seeds are fixed, so never by chance here).

@@ -25,12 +25,7 @@ TEXTS = ["speaker (describe the object)\nObject: kite\nspeaker: a red kite\n",
          "Task: a + b\nYou know: a = 12\nfirst: 12\nsecond: 30\nAnswer: 42\n"] * 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

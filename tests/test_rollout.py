@@ -26,12 +26,7 @@ TEXTS = ["speaker (speaker)\nObject: kite\nspeaker: a red kite\n",
          "a round 3, number 17\nb: 5\nc: 6\n"] * 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@
   (weights of both workers, and the servers' states: AdamW moments and versions, in rank 0's loop
   state).
 - a killed server stops the whole job, naming the dead rank; nothing hangs.
-- settings that cannot run stop before any process starts: one line, exit 2.
+- settings that cannot run stop with one line (in tests/test_sync_training.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import time
 import pytest
 import torch
 
-from tests.trainutil import metrics, run_train, train_losses
+from tests.trainutil import latest_components, metrics, run_train, train_losses, train_once
 from trainer import checkpoint as ckpt
-from trainer.consolidate import consolidated_state_dict
 
 STEPS = 8
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "parallel.micro_batch=4",
@@ -34,10 +33,7 @@ def root(tmp_path_factory):
 
 
 def _run(root, name, *overrides, **env):
-    if not (root / "runs" / name / "summary.json").exists():
-        out = run_train(root, name, *COMMON, *overrides, timeout=600, **env)
-        assert out.returncode == 0, out.stderr[-3000:]
-    return train_losses(root, name)
+    return train_once(root, name, *COMMON, *overrides, **env)
 
 
 def _checkpoint(root, name):
@@ -45,9 +41,7 @@ def _checkpoint(root, name):
     return folder, ckpt.verify(folder)
 
 
-def _components(root, name) -> list[dict[str, torch.Tensor]]:
-    folder, meta = _checkpoint(root, name)
-    return [consolidated_state_dict(folder, meta, c) for c in meta["components"]]
+_components = latest_components
 
 
 @pytest.mark.dist
@@ -116,25 +110,6 @@ def test_a_killed_server_stops_the_job_naming_the_rank(tmp_path):
     assert out.returncode != 0
     assert time.monotonic() - t0 < 200
     assert "rank 2" in out.stderr, out.stderr[-3000:]
-
-
-@pytest.mark.parametrize("overrides, words", [
-    (["sync.strategy=parameter_server", "launch.procs_per_node=2", "sync.servers=2"],
-     "sync.servers=2 must be below the number of processes 2"),
-    (["sync.strategy=parameter_server", "launch.procs_per_node=4", "sync.staleness=1"],
-     "sync.staleness=1 cannot be guaranteed with 3 workers"),
-    (["sync.strategy=parameter_server", "launch.procs_per_node=3", "parallel.zero_stage=3"],
-     "needs parallel.zero_stage=0"),
-    (["sync.strategy=parameter_server", "launch.procs_per_node=3", "sync.staleness=-1"], "sync.staleness"),
-    (["sync.strategy=parameter_server", "launch.procs_per_node=5", "sync.replicas=2"],
-     "each of the 4 worker ranks is its own replica"),
-])
-def test_parameter_server_settings_that_cannot_run_stop_with_one_line(tmp_path, overrides, words):
-    out = run_train(tmp_path, "bad", *COMMON, *overrides)
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], out.stderr
-    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
 
 
 @pytest.mark.dist

@@ -20,9 +20,8 @@ import shutil
 import pytest
 import torch
 
-from tests.trainutil import metrics, run_train, train_losses
+from tests.trainutil import latest_components, metrics, run_train, train_losses, train_once
 from trainer import checkpoint as ckpt
-from trainer.consolidate import consolidated_state_dict
 
 STEPS = 8
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "parallel.micro_batch=4",
@@ -36,16 +35,10 @@ def root(tmp_path_factory):
 
 
 def _run(root, name, *overrides, **env):
-    if not (root / "runs" / name / "summary.json").exists():
-        out = run_train(root, name, *COMMON, *overrides, timeout=600, **env)
-        assert out.returncode == 0, out.stderr[-3000:]
-    return train_losses(root, name)
+    return train_once(root, name, *COMMON, *overrides, **env)
 
 
-def _components(root, name) -> list[dict[str, torch.Tensor]]:
-    folder = ckpt.latest_checkpoint(root / "runs" / name / "checkpoints")
-    meta = ckpt.verify(folder)
-    return [consolidated_state_dict(folder, meta, c) for c in meta["components"]]
+_components = latest_components
 
 
 @pytest.mark.dist
@@ -173,6 +166,15 @@ def test_fedavg_on_a_non_iid_split_exports_the_weighted_consensus(root, tmp_path
     (["sync.replicas=2"], "sync.replicas needs a sync.strategy other than allreduce"),
     (["sync.strategy=ring", *TWO, "data.split=dirichlet"], "data.split=dirichlet"),
     (["sync.strategy=diloco", "sync.replicas=1", "launch.procs_per_node=1"], "needs sync.replicas >= 2"),
+    (["sync.strategy=parameter_server", "launch.procs_per_node=2", "sync.servers=2"],
+     "sync.servers=2 must be below the number of processes 2"),
+    (["sync.strategy=parameter_server", "launch.procs_per_node=4", "sync.staleness=1"],
+     "sync.staleness=1 cannot be guaranteed with 3 workers"),
+    (["sync.strategy=parameter_server", "launch.procs_per_node=3", "parallel.zero_stage=3"],
+     "needs parallel.zero_stage=0"),
+    (["sync.strategy=parameter_server", "launch.procs_per_node=3", "sync.staleness=-1"], "sync.staleness"),
+    (["sync.strategy=parameter_server", "launch.procs_per_node=5", "sync.replicas=2"],
+     "each of the 4 worker ranks is its own replica"),
 ])
 def test_settings_that_cannot_run_stop_with_one_line(tmp_path, overrides, words):
     out = run_train(tmp_path, "bad", *COMMON, *overrides)

@@ -46,3 +46,22 @@ def metrics(root: Path, name: str) -> list[dict]:
 
 def train_losses(root: Path, name: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(root, name) if "loss" in r}
+
+
+def train_once(root: Path, name: str, *overrides: str, timeout: int = 600, **env_extra: str) -> dict[int, float]:
+    """Train run `name` unless a finished one is already there (module-scoped roots share runs
+    between tests); its losses by step."""
+    if not (root / "runs" / name / "summary.json").exists():
+        out = run_train(root, name, *overrides, timeout=timeout, **env_extra)
+        assert out.returncode == 0, out.stderr[-3000:]
+    return train_losses(root, name)
+
+
+def latest_components(root: Path, name: str) -> list[dict]:
+    """Every component (replica) of run `name`'s latest checkpoint, consolidated to full state dicts."""
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(root / "runs" / name / "checkpoints")
+    meta = ckpt.verify(folder)
+    return [consolidated_state_dict(folder, meta, c) for c in meta["components"]]

@@ -319,13 +319,13 @@ class Recipe(Section):
                 raise ValueError(f"data.split={self.data.split} deals data to sync.replicas groups: it needs "
                                  "sync.strategy local_sgd, diloco, fedavg, gossip or hybrid")
             return
-        if p.zero_stage == 3:
-            raise ValueError(f"sync.strategy={s.strategy} exchanges ZeRO-1/2 partitions shard by shard but not ZeRO-3's "
-                             "(its sub-groups may be swapped out): use parallel.zero_stage 0, 1 or 2 inside each replica")
         if p.zero_stage and (s.strategy == "parameter_server" or s.compress == "powersgd"):
             what = "sync.strategy=parameter_server" if s.strategy == "parameter_server" else "sync.compress=powersgd"
             raise ValueError(f"{what} needs each rank's whole gradient (full matrices): it needs parallel.zero_stage=0 "
                              f"(got {p.zero_stage})")
+        if p.zero_stage == 3:
+            raise ValueError(f"sync.strategy={s.strategy} exchanges ZeRO-1/2 partitions shard by shard but not ZeRO-3's "
+                             "(its sub-groups may be swapped out): use parallel.zero_stage 0, 1 or 2 inside each replica")
         if p.pp > 1:
             raise ValueError(f"sync.strategy={s.strategy} needs parallel.pp=1 (DeepSpeed's PipelineModule builds its "
                              "groups over the whole world, so a job cannot hold several pipeline replicas)")
