@@ -131,9 +131,27 @@ def test_load_hf_dtype_and_sharded(tmp_path):
 
 
 def test_overrides_and_shorter_positions(tmp_path):
-    randomize(hf_gpt2()).save_pretrained(tmp_path)
+    """max_seq_len=16 keeps the first 16 learned positions: the same logits as the Hugging Face model
+    on up to 16 tokens, an error beyond; activation checkpointing gives the gradients of the model
+    without it."""
+    ref = randomize(hf_gpt2())
+    ref.save_pretrained(tmp_path)
     gpt = load_hf(tmp_path, max_seq_len=16, activation_checkpointing=True)
-    assert gpt.pos_emb.weight.shape == (16, 64) and gpt.config.activation_checkpointing
+    x = tokens(shape=(2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(gpt(x), ref(x).logits, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        gpt(tokens(shape=(1, 17)))
+    plain = load_hf(tmp_path, max_seq_len=16)
+    grads = []
+    assert gpt.config.dropout == 0.1  # GPT-2's default: the same masks on both sides
+    for model in (gpt.train(), plain.train()):
+        torch.manual_seed(0)
+        model.loss(x, x).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert gpt.config.activation_checkpointing and not plain.config.activation_checkpointing
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-7, msg=n)
 
 
 def test_config_round_trip():
