@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -183,9 +182,19 @@ def test_scan_catches_an_undeclared_key():
     assert "not_a_key" not in _declared()["train"]
 
 
-def test_recipes_dir_has_only_yaml():
-    assert all(p.suffix == ".yaml" for p in RECIPES_DIR.iterdir())
-    assert Path(REPO_ROOT / "recipes" / "gpt-tiny.yaml").exists()
+def test_recipes_command_lists_every_file_of_recipes_dir():
+    """`python -m launch recipes` prints one line per file in recipes/ (so nothing there is
+    ignored, e.g. a .yml), with the description the file itself gives."""
+    import yaml
+
+    out = _cli("recipes", cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0]: line for line in out.stdout.splitlines()}
+    files = sorted(RECIPES_DIR.iterdir())
+    assert sorted(listed) == sorted(p.stem for p in files) and "gpt-tiny" in listed
+    for p in files:
+        description = yaml.safe_load(p.read_text())["run"]["description"]
+        assert listed[p.stem].endswith(f"proc  {description}"), (p.name, listed[p.stem])
 
 
 def test_config_reference_doc_is_current():
