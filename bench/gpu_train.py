@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "prepare":
         plan = prepare(a.out, a.recipe, a.overrides)
         print(f"{a.out}: {plan['data']['train_tokens']:,} train / {plan['data']['val_tokens']:,} val tokens, "
-              f"{plan['params'] / 1e6:.2f}M parameters ({a.recipe} {' '.join(a.overrides)})")
+              f"{plan['params'] / 1e6:.2f}M parameters ({' '.join([a.recipe, *a.overrides])})")
         return 0
     if a.cmd == "train":
         train(a.plan, a.out, a.device, a.precision, a.steps, a.kernels, a.budget, a.results, a.note)
