@@ -111,12 +111,12 @@ def test_plain_loop_reproduces_our_loop_in_fp32(root):
     assert s["steps"] == STEPS and s["stopped"] is None and s["ranks"] == 1
 
 
-def _rehearsal(root, name, hidden, *extra_args, procs=None):
+def _rehearsal(root, name, hidden, steps="train", plan="plan", **extra_env):
     """`GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_STEPS=train bash bench/gpu_check.sh` on the plan."""
-    args = f"--steps {STEPS}" + (f" --procs {procs}" if procs else "") + "".join(f" {a}" for a in extra_args)
     e = bare_python_env(root / f"site-{name}", hidden, PYTHON=sys.executable, GPU_CHECK_ALLOW_CPU="1",
-                        GPU_CHECK_STEPS="train", GPU_CHECK_DATA=str(root / "plan"), GPU_CHECK_OUT=str(root / name),
-                        GPU_CHECK_TRAIN_OUT=str(root / name / "train"), GPU_CHECK_TRAIN_ARGS=args)
+                        GPU_CHECK_STEPS=steps, GPU_CHECK_DATA=str(root / plan), GPU_CHECK_OUT=str(root / name),
+                        GPU_CHECK_TRAIN_OUT=str(root / name / "train"), GPU_CHECK_TRAIN_ARGS=f"--steps {STEPS}",
+                        **extra_env)
     out = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=e, capture_output=True, text=True,
                          timeout=600)
     results = [p for p in (root / name).glob("*.md")]
@@ -187,6 +187,23 @@ def test_gpu_check_runs_our_loop_where_it_can(root):
 
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "bf16"
     assert "precision: bf16" in out.stdout  # the loop's own start line
+
+
+def test_a_failed_kernel_build_sends_the_training_run_to_the_reference_ops(root):
+    """With model.kernels=auto (the recipe's default) and the build step failing (no compiler), the
+    training run uses kernels=torch instead of building again inside its time limit."""
+    out = _plain(root, "pauto", "prepare", str(root / "plan-auto"), *[o for o in PLAN if o != "model.kernels=torch"],
+                 f"data.cache_dir={root}/cache", hidden=())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((root / "plan-auto" / "plan.json").read_text())["model"]["kernels"] == "auto"
+    out, text = _rehearsal(root, "nobuild", HIDDEN, steps="build train", plan="plan-auto",
+                           LLMK_BUILD_DIR=str(root / "empty-kernel-cache"), CXX="/bin/false")
+    assert out.returncode == 1  # the build step failed, and says so
+    assert "build failed: the training run uses kernels=torch" in out.stdout
+    status = dict(line.split()[:2] for line in out.stdout.split("=== summary", 1)[1].splitlines()[1:3])
+    assert status == {"build": "FAILED", "train": "ok"}, out.stdout[-2000:]
+    _, table = _section(text)
+    assert table["precision, kernels"].endswith("model.kernels=torch (PyTorch reference ops)")
 
 
 def test_gpu_check_without_a_plan_stops_in_one_line(tmp_path):
