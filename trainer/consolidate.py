@@ -34,7 +34,11 @@ def consolidated_state_dict(checkpoint: Path, meta: dict, component: str = "mode
     if meta.get("zero_stage", 0) == 3 and tp == 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        if cfg.tie_embeddings and "lm_head.weight" not in sd:
+            # DeepSpeed records the tie on global rank 0 only: another replica's files lack it.
+            sd["lm_head.weight"] = sd["tok_emb.weight"]
+        return sd
     shards = []
     for t in range(tp):
         if meta.get("zero_stage", 0) == 3:

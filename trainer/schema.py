@@ -323,9 +323,9 @@ class Recipe(Section):
             what = "sync.strategy=parameter_server" if s.strategy == "parameter_server" else "sync.compress=powersgd"
             raise ValueError(f"{what} needs each rank's whole gradient (full matrices): it needs parallel.zero_stage=0 "
                              f"(got {p.zero_stage})")
-        if p.zero_stage == 3:
-            raise ValueError(f"sync.strategy={s.strategy} exchanges ZeRO-1/2 partitions shard by shard but not ZeRO-3's "
-                             "(its sub-groups may be swapped out): use parallel.zero_stage 0, 1 or 2 inside each replica")
+        if p.offload_optimizer or p.offload_params:
+            raise ValueError(f"sync.strategy={s.strategy} exchanges the optimizer's partitions where DeepSpeed keeps "
+                             "them on the device: it needs parallel.offload_optimizer=false and offload_params=false")
         if p.pp > 1:
             raise ValueError(f"sync.strategy={s.strategy} needs parallel.pp=1 (DeepSpeed's PipelineModule builds its "
                              "groups over the whole world, so a job cannot hold several pipeline replicas)")

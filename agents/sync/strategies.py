@@ -32,7 +32,10 @@ partition crosses replicas; no rank ever gathers the full model to average it.
   arithmetic on the job's mean gradient. Weights are the optimizer's fp32 master partition
   (`single_partition_of_fp32_groups`); after they change, `update_lp_params` copies them to the
   model's parameters and all-gathers them inside the replica, as DeepSpeed's own step does.
-- ZeRO-3 keeps its partitions in sub-groups that may be swapped out: refused before training.
+- ZeRO-3: the same, per sub-group: its gradient partitions (`averaged_gradients`, read by its norm
+  and step) and its fp32 partitions (`fp32_partitioned_groups_flat`), copied to the parameters'
+  own partitions after a change (`_reassign_or_swap_out_partitioned_parameters`, its step's own
+  last move). With optimizer offload DeepSpeed keeps those elsewhere: refused before training.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class _Strategy:
                                    "after backward")
             return grads
         opt, out = self.optimizer, []
-        for i in range(len(opt.bit16_groups)):
+        for i in range(len(opt.fp16_groups if self.zero == 3 else opt.bit16_groups)):
             part = opt.averaged_gradients.get(i)
             if not isinstance(part, list):  # a 16-bit run accumulates in a compact fp32 buffer instead
                 raise UsageError(f"sync.strategy={self.recipe.sync.strategy} with parallel.zero_stage={self.zero} "
@@ -144,12 +147,17 @@ class _Strategy:
 
     def weight_shards(self) -> list[torch.Tensor]:
         """This rank's part of the replica's weights, where the next update starts from."""
+        if self.zero == 3:
+            return list(self.optimizer.fp32_partitioned_groups_flat)
         return self.params if not self.zero else list(self.optimizer.single_partition_of_fp32_groups)
 
     def weights_changed(self) -> None:
         """After `weight_shards` were written: make the model's parameters follow (collective over
         the replica's data-parallel ranks under ZeRO)."""
-        if self.zero:
+        if self.zero == 3:
+            for i in range(len(self.optimizer.fp16_groups)):
+                self.optimizer._reassign_or_swap_out_partitioned_parameters(i)
+        elif self.zero:
             self.optimizer.update_lp_params()
 
     def comm_bytes(self) -> int:
