@@ -123,7 +123,8 @@ def test_tp2_dp2_zero3_resumes_exactly_exports_and_samples(root, reference):
     for step in range(5, STEPS + 1):
         assert a[step] == b[step], f"step {step}: {a[step]!r} != {b[step]!r} (must be bit-identical)"
     # the final evaluation (ZeRO-3 forward over the tp x dp ranks) agrees too, and with one process
-    vals = [[r["val_loss"] for r in metrics(root, n) if "val_loss" in r] for n in (layout, name, "single")]
+    # (the whole split, `val_loss_full`: the fixed sample's blocks follow the layout's micro-batch size)
+    vals = [[r["val_loss_full"] for r in metrics(root, n) if "val_loss_full" in r] for n in (layout, name, "single")]
     assert vals[0] == vals[1] and vals[0][-1] == pytest.approx(vals[2][-1], rel=1e-4)
 
     run = root / "runs" / name
