@@ -501,16 +501,9 @@ def to_markdown(args, rows, device, amp, n_params, flops_tok, peak_note, build_n
 
 def write_section(path: Path, section: str) -> None:
     """Replace this script's marked section of `path` (the kernel table stays), or append it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda m: section, text, count=1)
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from record_losses import write_marked_section  # bench/ is this script's first path entry
+
+    write_marked_section(path, section, SECTION_BEGIN, SECTION_END)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -423,16 +422,9 @@ def section(s: dict, note: str = "") -> str:
 
 def write_section(path: Path, text: str) -> None:
     """Replace this script's marked section of `path` (other sections stay), or append it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda m: text, old, count=1)
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + text
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
+    from record_losses import write_marked_section  # bench/ is this script's first path entry
+
+    write_marked_section(path, text, SECTION_BEGIN, SECTION_END)
 
 
 def loop_summary(run_dir: Path, recipe: str, overrides: list[str], ranks: int, command: list[str]) -> dict:

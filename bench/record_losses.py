@@ -106,3 +106,21 @@ def write_results(path, text: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out}")
+
+
+def write_marked_section(path, text: str, begin: str, end: str) -> None:
+    """Replace the section of results file `path` between the markers `begin` and `end` with `text`
+    (which carries the markers; other sections stay), or append it; written atomically."""
+    import re
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda m: text, old, count=1)
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + text
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
