@@ -175,11 +175,6 @@ class ParameterServerSync(_Strategy):
             row["consensus_dist"] = self.consensus_dist()
         return row
 
-    def consensus_dist(self) -> float:
-        from .strategies import WeightAveraging
-
-        return WeightAveraging.consensus_dist(self)
-
     def state_dict(self) -> dict:
         servers = self._close_session()
         return {**super().state_dict(), "worker": self.worker.state_dict(), "servers": servers,

@@ -177,6 +177,25 @@ class _Strategy:
         if self.ef is not None:
             self.ef.load_state_dict(state["ef"])
 
+    @torch.no_grad()
+    def consensus_dist(self) -> float:
+        """Relative RMS distance of the replicas' weights to their mean: sqrt(mean_i |theta_i -
+        mean|^2) / |mean| (diagnostic collectives, not counted in comm_bytes)."""
+        params = self.weight_shards()
+        if self.dims.tp > 1 and not self.zero:  # each tensor once: slices on every tp rank, replicated ones on tp rank 0
+            params = [p for p in params if getattr(p, "tensor_model_parallel", True)]
+        flat = _flat(params).double()
+        mean = flat.clone()
+        dist.all_reduce(mean, group=self.group)
+        mean /= self.replicas
+        sq = torch.stack([(flat - mean).pow(2).sum(), mean.pow(2).sum()])
+        dist.all_reduce(sq[:1], group=self.group)
+        if self.dims.tp > 1:  # shards of one model: sum their squares
+            dist.all_reduce(sq, group=self.dims.tp_group)
+        if self.zero and self.dims.dp > 1:  # ZeRO partitions of one model (with tp: replicated tensors once per tp rank)
+            dist.all_reduce(sq, group=self.dims.dp_group)
+        return float((sq[0] / self.replicas).sqrt() / sq[1].sqrt()) if sq[1] > 0 else 0.0
+
     # ---- exchange over the cross-replica group ------------------------------------------------
 
     def _sum(self, flat: torch.Tensor, name: str) -> torch.Tensor:
@@ -348,25 +367,6 @@ class WeightAveraging(_Strategy):
         step = delta.add(self.momentum, alpha=o.momentum) if o.nesterov else self.momentum
         self.global_weights.sub_(step, alpha=o.lr)
         return self.global_weights.clone()
-
-    @torch.no_grad()
-    def consensus_dist(self) -> float:
-        """Relative RMS distance of the replicas' weights to their mean: sqrt(mean_i |theta_i -
-        mean|^2) / |mean| (diagnostic collectives, not counted in comm_bytes)."""
-        params = self.weight_shards()
-        if self.dims.tp > 1 and not self.zero:  # each tensor once: slices on every tp rank, replicated ones on tp rank 0
-            params = [p for p in params if getattr(p, "tensor_model_parallel", True)]
-        flat = _flat(params).double()
-        mean = flat.clone()
-        dist.all_reduce(mean, group=self.group)
-        mean /= self.replicas
-        sq = torch.stack([(flat - mean).pow(2).sum(), mean.pow(2).sum()])
-        dist.all_reduce(sq[:1], group=self.group)
-        if self.dims.tp > 1:  # shards of one model: sum their squares
-            dist.all_reduce(sq, group=self.dims.tp_group)
-        if self.zero and self.dims.dp > 1:  # ZeRO partitions of one model (with tp: replicated tensors once per tp rank)
-            dist.all_reduce(sq, group=self.dims.dp_group)
-        return float((sq[0] / self.replicas).sqrt() / sq[1].sqrt()) if sq[1] > 0 else 0.0
 
     def log_row(self, step: int) -> dict:
         return {**super().log_row(step), "consensus_dist": self.consensus_dist()}
