@@ -274,29 +274,49 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
         # A rank that had not seen the signal yet when the ranks agreed to stop reports SIGTERM; the
         # launcher passes on whichever rank exited first. Report the signal this supervisor got.
         rc = 128 + int(stop["signal"])
+    if rc not in (0, 2) and not stopped:
+        first = first_error(logs, local_ranks)
+        if first is not None and first[1] == 2:
+            # A usage error (reported in one line by the rank that found it) ended the job; DeepSpeed's
+            # launcher passes on whichever failed rank it polls first, often one the usage error broke.
+            rc = 2
+            if first[0] != 0:
+                print(f"error: rank {first[0]} refused the recipe; see {logs / f'rank{first[0]}.log'}",
+                      file=sys.stderr, flush=True)
     if rc not in (0, 2) and not stopped:  # 2: a usage error that rank 0 has already reported in one line
         print(f"error: {describe_failure(logs, local_ranks, rc)}", file=sys.stderr, flush=True)
     return rc
+
+
+def _exit_records(logs: Path, ranks: range) -> dict[int, list[str]]:
+    exits = {}
+    for r in ranks:
+        f = logs / f"rank{r}.exit"
+        if f.exists():
+            exits[r] = f.read_text().split()
+    return exits
+
+
+def first_error(logs: Path, ranks: range) -> tuple[int, int] | None:
+    """(rank, status) of the earliest recorded non-zero exit, or None."""
+    exits = _exit_records(logs, ranks)
+    errors = sorted((float(v[1]), r, int(v[0])) for r, v in exits.items() if v and v[0] != "0")
+    return (errors[0][1], errors[0][2]) if errors else None
 
 
 def describe_failure(logs: Path, ranks: int | range, rc: int) -> str:
     """Name the rank that failed: the first whose recorded exit status is an error, else one that
     never recorded a status (killed by a signal). `ranks`: the world size, or the ranks to look at."""
     ranks = range(ranks) if isinstance(ranks, int) else ranks
-    exits = {}
-    for r in ranks:
-        f = logs / f"rank{r}.exit"
-        if f.exists():
-            exits[r] = f.read_text().split()
-    errors = sorted(((float(v[1]), r, int(v[0])) for r, v in exits.items() if v and v[0] not in ("0",)),
-                    key=lambda t: t[0])
+    exits = _exit_records(logs, ranks)
     vanished = [r for r in ranks if r not in exits and (logs / f"rank{r}.pid").exists()]
     if vanished:
         r = vanished[0]
         return (f"rank {r} died without an exit status (killed by a signal?); the launcher stopped the "
                 f"other ranks (exit {rc}). Logs: {logs}")
-    if errors:
-        _, r, code = errors[0]
+    first = first_error(logs, ranks)
+    if first is not None:
+        r, code = first
         return f"rank {r} exited with status {code}; the launcher stopped the other ranks. Logs: {logs}"
     return f"the deepspeed launcher exited with status {rc}. Logs: {logs}"
 

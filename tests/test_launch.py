@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from launch.multiproc import deepspeed_command
+from launch.multiproc import deepspeed_command, describe_failure, first_error
 from tests.trainutil import run_train
 
 
@@ -19,6 +19,19 @@ def test_deepspeed_command_single_node_and_per_node():
     assert "--no_ssh" in per_node and per_node[per_node.index("--node_rank") + 1] == "2"
     assert per_node[per_node.index("--num_nodes") + 1] == "3"
     assert per_node[per_node.index("--master_addr") + 1] == "10.0.0.1"
+
+
+def test_the_earliest_recorded_failure_is_the_one_reported(tmp_path):
+    # DeepSpeed's launcher passes on whichever failed rank it polls first; the supervisor reads the
+    # ranks' exit records instead, so a usage error (2) on rank 0 is not masked by the ranks it broke.
+    (tmp_path / "rank0.exit").write_text("2 100.5\n")
+    (tmp_path / "rank1.exit").write_text("1 101.0\n")
+    (tmp_path / "rank2.exit").write_text("0 99.0\n")
+    assert first_error(tmp_path, range(3)) == (0, 2)
+    assert "rank 0 exited with status 2" in describe_failure(tmp_path, 3, 1)
+    (tmp_path / "rank1.exit").write_text("1 100.0\n")
+    assert first_error(tmp_path, range(3)) == (1, 1)
+    assert first_error(tmp_path, range(2, 3)) is None
 
 
 @pytest.mark.dist
