@@ -231,7 +231,8 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
             models: Mapping[str, Any] | Any, *, episodes: int | None = None,
             generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
             reset_options: Mapping | Sequence[Mapping | None] | None = None, max_steps: int = 1000,
-            batch_agents: bool = True, max_len: int | None = None) -> Rollout:
+            batch_agents: bool = True, max_len: int | None = None,
+            env_seeds: Sequence[int] | None = None) -> Rollout:
     """Run K episodes to their ends with batched generation (see the module docstring).
 
     env: a callable making a new env (called K times) or a sequence of K envs (one per episode).
@@ -241,7 +242,9 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
     reset_options: options for every env's reset, or one per episode. max_steps: an episode still
     running after this many steps is an error. batch_agents: False = one generation call per agent
     instead of per model. max_len: the engines' positions per request (default: each model's
-    max_seq_len)."""
+    max_seq_len). env_seeds: the envs' reset seeds, one per episode, instead of each episode's first
+    draw (GRPO's groups: episodes of one initial state with their own action seeds); the draw is
+    made either way, so the action seeds do not change."""
     envs = _make_envs(env, episodes, seeds)
     K = len(envs)
     if seeds is None:
@@ -279,7 +282,10 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
 
     out = {a: AgentRollout(a, rewards=[[] for _ in range(K)], dones=[[] for _ in range(K)]) for a in agents}
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    env_seeds = [_draw(g) for g in gens]
+    drawn = [_draw(g) for g in gens]
+    if env_seeds is not None and len(env_seeds) != K:
+        raise ValueError(f"rollout: env_seeds has {len(env_seeds)} entries for {K} episodes")
+    env_seeds = drawn if env_seeds is None else [int(s) for s in env_seeds]
     obs: list[dict] = [{} for _ in range(K)]
     infos: list[dict] = [{} for _ in range(K)]
     for k, e in enumerate(envs):
