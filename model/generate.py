@@ -28,6 +28,15 @@ the device. Rows given one `generator` object (or neither, meaning torch's defau
 together: one `torch.multinomial` call per step over those rows in the order of the slots passed,
 the draws of a static batch decoder (`GPT.generate` relies on it).
 
+Adapters (per request): `prefill(..., adapters=)`, `stream`/`generate(..., adapters=)` take one
+name (or None) per prompt, kept with the request in its slot. A forward whose rows name at least one
+adapter runs inside `row_context(names of its rows, in batch order)`, a context manager the model
+supplies as `model.row_adapter_context` (agents.lora.add_adapters sets it) or the caller passes as
+`row_context=`: the model then applies each row's own adapter in the one batched forward (None: the
+base). A forward whose rows name none runs as without adapters, so a request without one gets
+whatever the model computes by itself (the base, or the adapter of an enclosing
+`agents.lora.use_adapter`). The engine imports nothing of the adapters.
+
 Tensor parallelism: the engine gathers the vocabulary-sharded logits with `gather_logits` (by
 default the head's own `lm_head.gather_logits` when it has one), so every rank samples from the
 full distribution and, with the same seeds, emits the same tokens. The kv heads per layer are the
@@ -37,10 +46,12 @@ token and is refused.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -374,6 +385,7 @@ class _Request:
     params: SamplingParams
     generator: torch.Generator | None
     prompt_len: int
+    adapter: str | None = None
     last: int = -1  # sampled, not yet in the cache
     n_generated: int = 0
     finished: bool = False
@@ -405,8 +417,10 @@ class DecodeEngine:
     max_len: positions per slot (default and maximum: the model's max_seq_len); a request's
     prompt plus generated tokens never exceed it. gather_logits: maps this process's logits
     [B, V_local] to full-vocabulary logits [B, V] (default: `model.lm_head.gather_logits` when the
-    head has one, else identity). The model is run in eval mode and without gradients; its
-    training mode is restored after every call.
+    head has one, else identity). row_context: names -> context manager in which the model applies
+    one adapter per row (default: `model.row_adapter_context` when it has one; see the module
+    docstring). The model is run in eval mode and without gradients; its training mode is restored
+    after every call.
 
     Steps: `prefill(prompts, slots, params)` starts requests in free slots and returns their first
     tokens; `decode(slots)` adds one token to each given running slot; `release(slot)` frees a
@@ -422,7 +436,8 @@ class DecodeEngine:
     as they are (enable_gqa) where a fused kernel takes them with a mask."""
 
     def __init__(self, model, max_slots: int, max_len: int | None = None,
-                 gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 row_context: Callable[[list[str | None]], Any] | None = None):
         cfg = model.config
         max_len = cfg.max_seq_len if max_len is None else max_len
         if max_slots < 1:
@@ -437,6 +452,7 @@ class DecodeEngine:
         self.max_slots, self.max_len = max_slots, max_len
         self.vocab_size = cfg.vocab_size
         self.gather_logits = gather_logits or getattr(model.lm_head, "gather_logits", None) or (lambda x: x)
+        self.row_context = row_context or getattr(model, "row_adapter_context", None)
         self.device = model.tok_emb.weight.device
         attn = model.blocks[0].attn  # the kv heads this process holds (fewer per tensor-parallel rank)
         self.cache = SlotKVCache(len(model.blocks), max_slots, attn.n_kv_head, max_len, attn.head_dim,
@@ -478,15 +494,18 @@ class DecodeEngine:
     # ---- steps ---------------------------------------------------------------------------------
 
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int] | None = None,
-                params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[StepOutput]:
+                params: SamplingParams | Sequence[SamplingParams] | None = None,
+                adapters: Sequence[str | None] | None = None) -> list[StepOutput]:
         """Start requests: each prompt (a non-empty token list shorter than max_len) into a free
         slot (default: the lowest free ones); params: one for all or one per prompt (default:
-        `SamplingParams()`). Runs the prompts as one right-padded batch and returns each one's
+        `SamplingParams()`); adapters: one adapter name (or None) per prompt, kept for the request's
+        whole life (default: none). Runs the prompts as one right-padded batch and returns each one's
         first token, in the order given."""
         n = len(prompts)
         if n == 0:
             return []
         params = self._params(params, n)
+        adapters = self._adapters(adapters, n)
         if slots is None:
             free = self.free_slots()
             if len(free) < n:
@@ -506,14 +525,14 @@ class DecodeEngine:
         T = max(lens)
         ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device)
         rows = list(range(len(self._slot_of), len(self._slot_of) + n))
-        self.cache.select(rows, lens, prefill=True)
-        with _Inference(self.model):
+        with _Inference(self.model), self._rows_context(adapters):
+            self.cache.select(rows, lens, prefill=True)
             h = self.model.hidden_states(ids, kv_cache=self.cache)
             last = torch.tensor(lens, device=self.device) - 1
             logits = self._logits(h[torch.arange(n, device=self.device), last][:, None])
-        for s, p, length, row in zip(slots, params, lens, rows):
+        for s, p, length, row, a in zip(slots, params, lens, rows, adapters):
             gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else p.generator
-            self._requests[s] = _Request(p, gen, length)
+            self._requests[s] = _Request(p, gen, length, a)
             self._row_of[s] = row
             self._slot_of.append(s)
         return self._emit(slots, logits)
@@ -533,8 +552,8 @@ class DecodeEngine:
         rows = [self._row_of[slots[i]] for i in order]
         reqs = [self._requests[slots[i]] for i in order]
         ids = torch.tensor([[r.last] for r in reqs], dtype=torch.long, device=self.device)
-        self.cache.select(rows, [self.cache.lengths[row] + 1 for row in rows], prefill=False)
-        with _Inference(self.model):
+        with _Inference(self.model), self._rows_context([r.adapter for r in reqs]):
+            self.cache.select(rows, [self.cache.lengths[row] + 1 for row in rows], prefill=False)
             logits = self._logits(self.model.hidden_states(ids, kv_cache=self.cache))
         if order != sorted(order):  # back to the caller's order, which also orders shared draws
             inverse = [0] * len(order)
@@ -546,12 +565,14 @@ class DecodeEngine:
     # ---- continuous batching ---------------------------------------------------------------------
 
     def stream(self, prompts: Sequence[Sequence[int]],
-               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[tuple[int, StepOutput]]:
+               params: SamplingParams | Sequence[SamplingParams] | None = None,
+               adapters: Sequence[str | None] | None = None) -> Iterator[tuple[int, StepOutput]]:
         """Decode all prompts with continuous batching over the free slots: every step admits
         waiting requests (in order) into the free slots with one prefill, then advances every
         running request by one token; finished requests are released at once. Yields
-        (index of the prompt, StepOutput) as tokens come."""
+        (index of the prompt, StepOutput) as tokens come. adapters: as in `prefill`."""
         params = self._params(params, len(prompts))
+        adapters = self._adapters(adapters, len(prompts))
         prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         waiting = deque(range(len(prompts)))
         owner: dict[int, int] = {}
@@ -561,7 +582,8 @@ class DecodeEngine:
                 raise ValueError(f"no free slot: all {self.max_slots} slots hold other requests")
             if waiting and free:
                 take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-                outs = self.prefill([prompts[i] for i in take], free[:len(take)], [params[i] for i in take])
+                outs = self.prefill([prompts[i] for i in take], free[:len(take)], [params[i] for i in take],
+                                    [adapters[i] for i in take])
                 owner.update((o.slot, i) for o, i in zip(outs, take))
                 yield from self._retire(outs, owner)
             running = sorted(owner)
@@ -569,10 +591,11 @@ class DecodeEngine:
                 yield from self._retire(self.decode(running), owner)
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapters: Sequence[str | None] | None = None) -> list[Completion]:
         """`stream` run to the end: one Completion per prompt, in the order given."""
         done = [Completion(list(p), [], [], [], "") for p in prompts]
-        for i, o in self.stream(prompts, params):
+        for i, o in self.stream(prompts, params, adapters):
             c = done[i]
             c.tokens.append(o.token)
             c.logprobs.append(o.logprob)
@@ -621,6 +644,31 @@ class DecodeEngine:
         if len(params) != n:
             raise ValueError(f"{n} prompts but {len(params)} SamplingParams")
         return params
+
+    def _adapters(self, adapters, n) -> list[str | None]:
+        if adapters is None:
+            return [None] * n
+        if isinstance(adapters, str):
+            raise ValueError(f"adapters takes one name (or None) per prompt, got the string {adapters!r}")
+        adapters = list(adapters)
+        if len(adapters) != n:
+            raise ValueError(f"{n} prompts but {len(adapters)} adapters")
+        bad = [a for a in adapters if a is not None and not isinstance(a, str)]
+        if bad:
+            raise ValueError(f"an adapter is a name or None, got {bad[0]!r}")
+        if self.row_context is None and any(a is not None for a in adapters):
+            raise ValueError("adapters given, but the model has no row_adapter_context (add adapters with "
+                             "agents.lora.add_adapters) and no row_context was passed")
+        if any(a is not None for a in adapters):
+            with self.row_context(adapters):  # the context checks the names: unknown ones fail here, not mid-stream
+                pass
+        return adapters
+
+    def _rows_context(self, names):
+        """The model's per-row adapter context for a step whose rows (batch order) use `names`."""
+        if any(a is not None for a in names):
+            return self.row_context(names)
+        return contextlib.nullcontext()
 
     def _slot_id(self, s) -> int:
         try:

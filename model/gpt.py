@@ -177,6 +177,10 @@ class GeluMLP(nn.Module):
         self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x):
+        if not isinstance(self.fc, nn.Linear):
+            # fc wrapped by another module (e.g. a LoRA layer, agents.lora): only its own forward
+            # knows its output, bias included.
+            return self.proj(self.ops.bias_gelu(self.fc(x), None))
         # The bias add is left to the op so a fused kernel does bias + GELU in one pass.
         h, bias = F.linear(x, self.fc.weight), self.fc.bias
         if bias is not None and bias.dtype != h.dtype and torch.is_autocast_enabled(h.device.type):
