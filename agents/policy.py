@@ -38,7 +38,9 @@ padding (where both values are 0). T is the policy's temperature (1 for a greedy
 top-p filters are not applied (the filtered distribution is not differentiable in the tokens it
 drops), so with a filter the engine's reported log-probability of a token (under the renormalised
 filtered distribution) is higher than this one. With T = 1 and no filter they are the same number,
-up to float32 rounding (tests/test_policy.py). The output head is evaluated at the generated
+up to float32 rounding (tests/test_policy.py). With `adapter` (an agent's LoRA adapter over a shared
+base, `agents.lora`) the values are those of the base with that adapter (`agents.lora.use_adapter`),
+and the rollout generates the agent's actions with it. The output head is evaluated at the generated
 positions only, and the per-token values come from the model's kernel namespace
 (`model.ops.token_logprob_and_entropy`). The model should be in eval mode (or have no dropout) for the
 values to be those the rollout sampled from.
@@ -127,12 +129,14 @@ class AgentPolicy:
         stop_at_newline  end an action at a token containing a line break (default True)
         stop_ids         the ids that end an action besides eos (default: found from the tokenizer
                          when stop_at_newline, else none)
+        adapter          the name of the agent's LoRA adapter in its model (agents.lora), or None
+                         (default): the model's own weights
     """
 
     def __init__(self, name: str, tokenizer: Any, *, role: str | None = None, template: str = DEFAULT_TEMPLATE,
                  max_prompt_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, max_new_tokens: int = 32, eos_id: int | None = None,
-                 stop_at_newline: bool = True, stop_ids: Sequence[int] | None = None):
+                 stop_at_newline: bool = True, stop_ids: Sequence[int] | None = None, adapter: str | None = None):
         if not isinstance(name, str) or not name:
             raise ValueError(f"AgentPolicy: name must be a non-empty string, got {name!r}")
         where = f"AgentPolicy {name!r}"
@@ -161,6 +165,8 @@ class AgentPolicy:
             raise ValueError(f"{where}: top_k must be an integer >= 0 or None, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {top_p!r}")
+        if adapter is not None and not (isinstance(adapter, str) and adapter):
+            raise ValueError(f"{where}: adapter must be a non-empty string (a LoRA adapter's name) or None, got {adapter!r}")
         self.name = name
         self.tokenizer = tokenizer
         self.role = name if role is None else str(role)
@@ -172,10 +178,12 @@ class AgentPolicy:
         self.eos_id = _eos_of(tokenizer) if eos_id is None else int(eos_id)
         self.stop_at_newline = bool(stop_at_newline)
         self._stop_ids = None if stop_ids is None else tuple(int(i) for i in stop_ids)
+        self.adapter = adapter
 
     def __repr__(self) -> str:
         return (f"AgentPolicy({self.name!r}, role={self.role!r}, temperature={self.temperature}, top_k={self.top_k}, "
-                f"top_p={self.top_p}, max_new_tokens={self.max_new_tokens})")
+                f"top_p={self.top_p}, max_new_tokens={self.max_new_tokens}"
+                + (f", adapter={self.adapter!r})" if self.adapter is not None else ")"))
 
     # ---- prompts ---------------------------------------------------------------------------------
 
@@ -238,8 +246,8 @@ class AgentPolicy:
     # ---- log-probabilities -------------------------------------------------------------------------
 
     def logprobs(self, model, prompts: Sequence[Sequence[int]], generated: Sequence[Sequence[int]]) -> PolicyTokens:
-        """`sequence_logprobs` at this policy's temperature."""
-        return sequence_logprobs(model, prompts, generated, temperature=self.logprob_temperature)
+        """`sequence_logprobs` at this policy's temperature, under its adapter."""
+        return sequence_logprobs(model, prompts, generated, temperature=self.logprob_temperature, adapter=self.adapter)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,13 +288,19 @@ def _device_of(model):
 
 
 def token_logprobs(model, input_ids, targets, *, temperature: float = 1.0,
-                   ignore_index: int = IGNORE_INDEX) -> PolicyTokens:
+                   ignore_index: int = IGNORE_INDEX, adapter: str | None = None) -> PolicyTokens:
     """Sequence layout: logprobs[n, t] = log p(targets[n, t] | input_ids[n, :t + 1]) and the exact
     entropy of that next-token distribution, p = softmax(logits / temperature), at the positions
     where targets != ignore_index (mask); 0 elsewhere. input_ids [N, T] right-padded (padding only
     after real tokens). Differentiable w.r.t. the model's parameters. A model with `hidden_states`
     and `head` (model.GPT, also inside a DeepSpeed engine as `.module`) evaluates its head at the
-    masked positions only; any other model is called as model(input_ids) -> logits [N, T, V]."""
+    masked positions only; any other model is called as model(input_ids) -> logits [N, T, V].
+    adapter: evaluate under that LoRA adapter of the model (`agents.lora.use_adapter`)."""
+    if adapter is not None:
+        from .lora import use_adapter  # peft only where adapters are used
+
+        with use_adapter(model, adapter):
+            return token_logprobs(model, input_ids, targets, temperature=temperature, ignore_index=ignore_index)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be > 0 for log-probabilities (use 1 for a greedy policy), got {temperature!r}")
     gpt = unwrap_model(model)
@@ -315,12 +329,12 @@ def token_logprobs(model, input_ids, targets, *, temperature: float = 1.0,
 
 
 def sequence_logprobs(model, prompts: Sequence[Sequence[int]], generated: Sequence[Sequence[int]], *,
-                      temperature: float = 1.0, pad_id: int = 0) -> PolicyTokens:
+                      temperature: float = 1.0, pad_id: int = 0, adapter: str | None = None) -> PolicyTokens:
     """Generated layout: [N, L] (L = the longest generated sequence) log-probabilities and exact
     entropies of each row's generated tokens given its prompt and the tokens before, mask 1 on
-    generated positions (see the module docstring)."""
+    generated positions (see the module docstring); adapter as in `token_logprobs`."""
     ids, targets = build_inputs(prompts, generated, pad_id=pad_id)
-    full = token_logprobs(model, ids, targets, temperature=temperature)
+    full = token_logprobs(model, ids, targets, temperature=temperature, adapter=adapter)
     dev = full.logprobs.device
     P = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
     G = torch.tensor([len(g) for g in generated], dtype=torch.long, device=dev)

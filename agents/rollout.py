@@ -17,7 +17,9 @@ infos have "turn" true, all of them when infos have no "turn") format their obse
 ALL those prompts of the step go through ONE call of a KV-cached continuous-batching
 `model.generate.DecodeEngine` per model: agents whose model is the same object are batched together
 (one engine per model, prompts of several agents in one call, each with its own sampling settings),
-agents with different models are generated model by model. `batch_agents=False` instead makes one call
+agents with different models are generated model by model. Agents that share a model and differ by
+their LoRA adapter (`AgentPolicy(..., adapter=name)`, agents.lora) are in that one call too, each
+prompt with its agent's adapter (the engine applies one adapter per row). `batch_agents=False` instead makes one call
 per agent (the agent-by-agent baseline of bench/bench_rollout.py; same tokens). The actions
 (`AgentPolicy.action_text`) go to `env.step`; episodes that end leave the batch while the others go on,
 so episodes of different lengths finish independently. `Rollout.calls` lists every generation call
@@ -318,7 +320,8 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
         completions: list[Any] = [None] * len(requests)
         for key, idx in by_group.items():
             engine = engine_for(groups[key][0])
-            done = engine.generate([requests[i][2] for i in idx], [requests[i][3] for i in idx])
+            done = engine.generate([requests[i][2] for i in idx], [requests[i][3] for i in idx],
+                                   adapters=[policies[requests[i][1]].adapter for i in idx])
             calls.append(("+".join(groups[key]), len(idx)))
             for i, c in zip(idx, done):
                 completions[i] = c
