@@ -11,9 +11,11 @@ from trainer.errors import UsageError
 from trainer.schema import Recipe
 
 
-def check_agents(recipe: Recipe) -> None:
+def check_agents(recipe: Recipe, world: int | None = None) -> None:
+    """`world`: the number of processes that will train (default: the recipe's launch.*)."""
     if not recipe.agents:
         return
+    check_loop_settings(recipe, world or recipe.world_size())
     from .envs import make_env
 
     try:
@@ -26,3 +28,26 @@ def check_agents(recipe: Recipe) -> None:
         raise UsageError(f"agents: env {recipe.env.name!r} has agents {', '.join(want)}; the recipe names "
                          f"{', '.join(got)}" + (f" (missing {', '.join(missing)})" if missing else "")
                          + (f" (unknown {', '.join(extra)})" if extra else ""))
+
+
+def check_loop_settings(recipe: Recipe, world: int) -> None:
+    """What the multi-agent loop (agents.train) supports: data parallel over `world` ranks with ZeRO 0-2,
+    whole GRPO groups per rank, full-weight agents with reinforce or grpo."""
+    rl = recipe.rl
+    if rl.episodes_per_step % (world * rl.group_size):
+        raise UsageError(f"rl.episodes_per_step={rl.episodes_per_step} must be a multiple of the processes "
+                         f"({world}) x rl.group_size ({rl.group_size})")
+    p = recipe.parallel
+    if p.tp > 1 or p.pp > 1 or p.zero_stage == 3:
+        raise UsageError("agents: the multi-agent loop runs data parallel with ZeRO 0-2 (parallel.tp = pp = 1, "
+                         f"zero_stage <= 2); got tp={p.tp} pp={p.pp} zero_stage={p.zero_stage}")
+    if recipe.sync.strategy != "allreduce" or recipe.sync.replicas not in (None, 1):
+        raise UsageError("agents: sync.* strategies apply to pre-training replicas; a multi-agent recipe keeps "
+                         "sync.strategy: allreduce")
+    for name, a in recipe.agents.items():
+        if a.algorithm == "ppo":
+            raise UsageError(f"agents.{name}.algorithm=ppo: PPO needs a value head, which the multi-agent loop "
+                             "does not build yet; use reinforce or grpo")
+        if a.adapter != "none":
+            raise UsageError(f"agents.{name}.adapter={a.adapter}: LoRA agents are not trained by this loop yet; "
+                             "use adapter: none (each agent its own full weights)")

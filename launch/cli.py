@@ -65,14 +65,14 @@ def cmd_train(args) -> int:
     from agents.sync.strategies import build_synchronizer
 
     sync = build_synchronizer(recipe, world)  # bad sync settings stop here, before any process starts
+    from launch.agents_chain import resolve_chain
+
+    # `recipe:` starting points are trained first by the first process (ranks find them finished).
+    recipe = resolve_chain(recipe, train_missing=not launched)
     if recipe.agents:
         from agents.config import check_agents
-        from trainer.errors import UsageError
 
-        check_agents(recipe)
-        raise UsageError("agents: recipes are checked (`python -m launch validate`) but not trained yet: the "
-                         "multi-agent RL loop is still being built (issue 12); this command would otherwise run "
-                         "the pre-training loop and ignore the agents")
+        check_agents(recipe, world)
     if world > 1 and not launched:
         from launch.multiproc import run_deepspeed
 
@@ -93,6 +93,10 @@ def cmd_train(args) -> int:
             from agents.sync.ps_sync import run_server
 
             run_server(recipe, dist.world_size, dist.rank)
+        elif recipe.agents:
+            from agents.train import train_agents
+
+            train_agents(recipe, dist)
         else:
             train(recipe, dist, sync=sync)
     except TrainingStopped as stop:

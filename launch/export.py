@@ -12,11 +12,6 @@ from trainer.errors import UsageError
 
 
 def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dict:
-    from tokenizers import Tokenizer
-
-    from model import GPT, GPTConfig
-    from model.hf import save_hf
-
     run = Path(run_dir)
     if not run.is_dir():
         raise UsageError(f"RUN={run_dir}: no such run directory")
@@ -24,11 +19,37 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
     if folder is None:
         raise UsageError(f"RUN={run_dir} has no finished checkpoint to export (checkpoints/latest is missing)")
     meta = ckpt.verify(folder)
-    cfg = GPTConfig(**{k: v for k, v in meta["model_config"].items()})
+    if meta.get("agent_model_configs"):  # a multi-agent run: one folder per agent, its own weights
+        return export_agents(run, folder, meta, out_dir)
+    state, note = export_state_dict(folder, meta)
+    tok_path = run / "tokenizer.json"
+    params = _write_hf(meta["model_config"], state, tok_path, folder, out_dir)
+    return {"checkpoint": str(folder), "out_dir": out_dir, "params": params, "note": note}
+
+
+def export_agents(run: Path, folder: Path, meta: dict, out_dir: str) -> dict:
+    """`out_dir/<agent>/` for every trained agent of a multi-agent run (agents.train): its weights and
+    the tokenizer it was trained with."""
+    params = 0
+    names = []
+    for agent, config in meta["agent_model_configs"].items():
+        state = consolidated_state_dict(folder, meta, f"agent_{agent}")
+        params += _write_hf(config, state, run / "tokenizers" / f"{agent}.json", folder, str(Path(out_dir) / agent))
+        names.append(agent)
+    return {"checkpoint": str(folder), "out_dir": out_dir, "params": params,
+            "note": f"one Hugging Face folder per agent: {', '.join(names)}"}
+
+
+def _write_hf(config: dict, state: dict, tok_path: Path, folder: Path, out_dir: str) -> int:
+    from tokenizers import Tokenizer
+
+    from model import GPT, GPTConfig
+    from model.hf import save_hf
+
+    cfg = GPTConfig(**dict(config))
     cfg.kernels = "torch"
     with torch.device("meta"):
         model = GPT(cfg, init=False)
-    state, note = export_state_dict(folder, meta)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -37,11 +58,9 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
         raise ckpt.CheckpointError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}")
     model.reset_buffers("cpu")
-    tok_path = run / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
     save_hf(model, out_dir, tokenizer=tokenizer)
-    return {"checkpoint": str(folder), "out_dir": out_dir, "params": sum(p.numel() for p in model.parameters()),
-            "note": note}
+    return sum(p.numel() for p in model.parameters())
 
 
 def export_state_dict(folder: Path, meta: dict) -> tuple[dict[str, torch.Tensor], str]:

@@ -51,9 +51,10 @@ def test_bad_multi_agent_settings_stop_with_one_line(overrides, words):
     assert len(lines) == 1 and words in lines[0], out.stderr
 
 
-def test_training_an_agents_recipe_is_refused_until_the_loop_exists(tmp_path):
-    """No silent fallback: the pre-training loop must not run an agents recipe and ignore its agents."""
+def test_an_agents_recipe_goes_to_the_agents_loop_not_pretraining(tmp_path):
+    """No silent fallback: an agents recipe is never run by the pre-training loop with its agents
+    ignored. Here the agents start from the recipe's model.* with no tokenizer: the agents loop says so."""
     out = _launch("train", "gpt-tiny", *PAIR, f"run.output_dir={tmp_path}")
     assert out.returncode == 2
-    assert "not trained yet" in out.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "gpt-tiny").exists()
+    assert "agents.speaker.init_from is null" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "gpt-tiny" / "summary.json").exists()

@@ -292,8 +292,10 @@ class Recipe(Section):
 
     def _check_agents(self) -> None:
         if not self.agents:
-            if self.env.name:
-                raise ValueError(f"env.name={self.env.name} needs agents: a mapping of agent names to their settings")
+            # data.path env:<name> (a corpus of random play, launch/agents_chain.py) reads env.* too.
+            if self.env.name and self.env.name != self.data.path.removeprefix("env:"):
+                raise ValueError(f"env.name={self.env.name} needs agents: a mapping of agent names to their settings "
+                                 f"(or data.path: env:{self.env.name}, a corpus of random play)")
             return
         if not self.env.name:
             raise ValueError(f"agents ({', '.join(self.agents)}) need an environment: set env.name")

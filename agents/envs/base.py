@@ -204,3 +204,9 @@ class TextParallelEnv(ParallelEnv):
 
     def _outcome(self) -> dict:
         raise NotImplementedError
+
+    def random_action(self, agent: str, rng: np.random.Generator) -> str:
+        """A well-formed action for `agent` in the current state, drawn from `rng` with no regard to
+        the reward: the text a random player writes. Pretraining corpora (agents.corpus) are built
+        from such play, so a base model learns the format of the game, not how to win it."""
+        raise NotImplementedError(f"{type(self).__name__} has no random_action; it cannot make a corpus")

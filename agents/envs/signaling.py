@@ -145,3 +145,8 @@ class SignalingEnv(TextParallelEnv):
     def _outcome(self) -> dict:
         return {"success": self.choice == self.target, "target": self.target, "choice": self.choice,
                 "blank_message": self._blank}
+
+    def random_action(self, agent: str, rng) -> str:
+        """speaker: one object name drawn uniformly (whatever the target); listener: one candidate."""
+        pool = self.objects if agent == "speaker" else self.candidates
+        return pool[int(rng.integers(len(pool)))]

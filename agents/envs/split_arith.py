@@ -129,3 +129,13 @@ class SplitArithEnv(TextParallelEnv):
     def _outcome(self) -> dict:
         return {"success": self.answer == self.expected, "answer": self.answer, "expected": self.expected,
                 "a": self.a, "b": self.b, "op": self.op}
+
+    def random_action(self, agent: str, rng) -> str:
+        """A message: the number the agent knows, or another operand; the answer: an integer drawn
+        uniformly between the smallest and largest results the ranges allow."""
+        lo, hi = self.min_operand, self.max_operand
+        if self._step >= self.turns:
+            results = [OPS[op](x, y) for op in self.ops for x in (lo, hi) for y in (lo, hi)]
+            return str(int(rng.integers(min(results), max(results) + 1)))
+        own = self.a if agent == "first" else self.b
+        return str(own) if rng.random() < 0.5 else str(int(rng.integers(lo, hi + 1)))

@@ -1,0 +1,70 @@
+r"""Pretraining corpora made by random play of an environment: the base a multi-agent recipe starts from.
+
+A policy trained by RL from a model that has never seen the game's text would spend its samples
+learning the format (a listener that names no candidate earns nothing and learns nothing). So a
+multi-agent recipe chain first pretrains a small base on transcripts of *random* play: each turn is
+written exactly as `AgentPolicy` will prompt the agent (its template filled in), followed by an action
+the env's `random_action` draws with no regard to the reward, and a line break (where a policy's action
+ends). The base learns what a well-formed action looks like in every situation and nothing about
+which action wins: in the signalling game its listener names a uniformly random candidate (success
+1/n) and its speaker names a random object, whatever the target.
+
+    path = write_corpus("signaling", {"n_objects": 10}, episodes=20000, seed=0, folder=".cache/data")
+
+writes (once; the name is a hash of the inputs) a JSON-lines file of one document per episode under
+`folder/env-corpus/`, which a recipe reads as `data.path` (`data.path: env:signaling` does this from
+the launcher with the recipe's `env.*`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from trainer.files import atomic_write_text
+
+from .envs import make_env
+from .policy import DEFAULT_TEMPLATE
+
+__all__ = ["ENV_PREFIX", "episode_text", "write_corpus"]
+
+ENV_PREFIX = "env:"
+FORMAT = 1
+
+
+def episode_text(env, rng: np.random.Generator, template: str = DEFAULT_TEMPLATE, max_steps: int = 64) -> str:
+    """One episode of random play as text: for every turn, the acting agent's prompt (the template
+    with its name as role, as `AgentPolicy` formats it) and " " + its action + a line break."""
+    obs, infos = env.reset(seed=int(rng.integers(2**63 - 1)))
+    parts = []
+    for _ in range(max_steps):
+        acting = env.turn_agents
+        actions = {}
+        for agent in acting:
+            action = env.random_action(agent, rng)
+            parts.append(template.format(agent=agent, role=agent, observation=obs[agent]) + " " + action + "\n")
+            actions[agent] = action
+        obs, _, terms, truncs, _ = env.step(actions)
+        if any(terms.values()) or any(truncs.values()) or not env.agents:
+            break
+    return "".join(parts)
+
+
+def write_corpus(env_name: str, env_args: dict, episodes: int, seed: int, folder: str | Path,
+                 template: str = DEFAULT_TEMPLATE) -> Path:
+    """The corpus file of `episodes` random episodes (written if it is not there yet)."""
+    key = json.dumps({"env": env_name, "args": env_args, "episodes": episodes, "seed": seed,
+                      "template": template, "format": FORMAT}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(folder) / "env-corpus" / f"{env_name}-{digest}.jsonl"
+    if path.exists():
+        return path
+    env = make_env(env_name, **env_args)
+    rng = np.random.default_rng(seed)
+    lines = [json.dumps({"text": episode_text(env, rng, template)}) for _ in range(episodes)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,479 @@
+r"""The multi-agent RL loop: several LLM agents, each with its own policy and DeepSpeed engine, trained
+together in one environment (`make train RECIPE=marl-...`).
+
+For each agent i the loop ascends  J(θⁱ) = E[Σ_t γⁱ^t r_tⁱ] + αⁱ·H(πⁱ)  (`agents.rl.objectives`):
+
+    every step:  draw rl.episodes_per_step episode seeds from the run's generator (every rank draws all
+                 of them; rank r plays its contiguous share, so the episodes do not depend on the
+                 number of processes) -> one batched rollout of this rank's episodes (agents.rollout:
+                 every acting agent's prompt of an env step in one KV-cached generation call per
+                 model) -> per agent: discounted returns with its γ, advantages (a baseline over the
+                 episodes of every rank, or GRPO's groups), the exact log-probabilities and entropies
+                 of what it generated under autograd, its loss, backward and step of its own engine.
+
+Engines: one `trainer.replica` per trainable agent over the same ranks (data parallel: DeepSpeed
+averages each agent's gradients over the ranks, each rank holding its share of the episodes; the
+loss is normalised by the global count over the number of ranks, so the mean is the global one);
+ZeRO 0-2 work as for pre-training, as several engines in one process do in DeepSpeed-Chat. A frozen
+agent (`trainable: false`) keeps a plain module and no optimizer.
+
+Where a policy starts (`agents.<name>.init_from`): a run directory of ours (its latest checkpoint,
+consolidated, and its tokenizer.json), a Hugging Face folder (its tokenizer.json), or null (the
+recipe's model.* from its seed, with `data.tokenizer`). The launcher resolves `recipe:<name>` to that
+recipe's run, training it first when it has not finished (launch/agents_chain.py).
+
+Checkpoints hold every trainable agent (weights, optimizer, its random stream) and the loop state
+(step, the episode generator, moving-average baselines): SIGKILL + `train.resume=auto` reproduces
+the uninterrupted run's metrics bit for bit on CPU (tests/test_marl_train.py).
+Metrics: `agent/<name>/return|entropy|success|invalid|kl|loss` per step in metrics.jsonl (and W&B),
+`agents.png` (return and entropy per agent), evaluation rows (greedy, fixed episodes; with
+`env.eval_options` a second evaluation), summary.json with the team's success and each agent's figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import yaml
+
+from trainer import checkpoint as ckpt
+from trainer import faults
+from trainer.consolidate import consolidate_once
+from trainer.dims import ParallelDims
+from trainer.distributed import DistInfo
+from trainer.errors import TrainingStopped, UsageError
+from trainer.files import atomic_write_text
+from trainer.model_setup import build_model
+from trainer.recipe import recipe_to_dict
+from trainer.replica import Replica, build_replica
+from trainer.resume import find_resume
+from trainer.run_context import RunContext
+from trainer.schema import AgentSection, ModelSection, Recipe
+from trainer.step import Stepper
+
+from .config import check_agents
+from .envs import make_env
+from .policy import AgentPolicy, token_logprobs
+from .rl import objectives as obj
+from .rollout import rollout
+from .tracking import AgentTracker
+
+__all__ = ["train_agents"]
+
+_SEED_HIGH = 2**63 - 1
+EVAL_SEED_OFFSET = 1_000_003
+
+
+# ---- where policies start -------------------------------------------------------------------------
+
+
+@dataclass
+class Base:
+    """A starting policy: the model settings, its full weights (None: initialise from the seed) and
+    the tokenizer file."""
+
+    source: str
+    model: ModelSection
+    tokenizer_path: Path
+    state: dict | None = None
+    checkpoint: Path | None = None
+    meta: dict | None = None
+
+
+def resolve_base(init_from: str | None, recipe: Recipe, agent: str) -> Base:
+    """What `agents.<agent>.init_from` names (see the module docstring); one line when unusable."""
+    key = f"agents.{agent}.init_from"
+    if init_from is None:
+        if not recipe.data.tokenizer:
+            raise UsageError(f"{key} is null (the recipe's model.* from its seed) and data.tokenizer is not set: "
+                             "give the agent a run or Hugging Face folder, or data.tokenizer")
+        return Base("recipe model.*", recipe.model, Path(recipe.data.tokenizer))
+    path = Path(init_from)
+    if not path.is_dir():
+        raise UsageError(f"{key}={init_from}: no such directory (a run directory of ours or a Hugging Face folder)")
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        raise UsageError(f"{key}={init_from} has no tokenizer.json")
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        folder = ckpt.latest_checkpoint(path / "checkpoints")
+        if folder is None:
+            raise UsageError(f"{key}={init_from}: the run has no finished checkpoint")
+        meta = ckpt.verify(folder)
+        names = meta.get("components", ["model"])
+        if len(names) != 1:
+            raise UsageError(f"{key}={init_from}: the run holds {len(names)} models ({', '.join(names)}); start "
+                             "from a single-model run or its export")
+        cfg = yaml.safe_load((path / "config.yaml").read_text())
+        model = ModelSection(**{**cfg["model"], "vocab_size": meta["model_config"]["vocab_size"]})
+        return Base(str(path), model, tok, checkpoint=folder, meta=meta)
+    if (path / "config.json").is_file():
+        return Base(str(path), recipe.model.model_copy(update={"init_from": str(path)}), tok)
+    raise UsageError(f"{key}={init_from} is neither a run directory (config.yaml, checkpoints/) nor a Hugging "
+                     "Face folder (config.json)")
+
+
+def agent_recipe(recipe: Recipe, settings: AgentSection, base: Base) -> Recipe:
+    """The recipe one agent's engine is built from: its model, its learning rate, one micro-batch
+    per step (the loop does one backward and one step per update)."""
+    return recipe.model_copy(update={
+        "model": base.model,
+        "optim": recipe.optim.model_copy(update={"lr": settings.lr}),
+        "parallel": recipe.parallel.model_copy(update={"micro_batch": 1, "global_batch": None}),
+    })
+
+
+# ---- one agent --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    name: str
+    settings: AgentSection
+    policy: AgentPolicy
+    module: torch.nn.Module  # what generates (the engine's module, or a frozen one)
+    replica: Replica | None = None  # None: frozen
+    stepper: Stepper | None = None
+    ref: torch.nn.Module | None = None  # the initial policy, for the KL figure
+    baseline: obj.MovingAverageBaseline | None = None
+    last: dict = field(default_factory=dict)
+
+
+def _tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def build_agents(recipe: Recipe, dims: ParallelDims, device: torch.device) -> dict[str, Agent]:
+    """Collective: every agent's policy and model (engines for the trainable ones), in recipe order."""
+    bases: dict[str | None, Base] = {}
+    agents = {}
+    for name, a in recipe.agents.items():
+        if a.init_from not in bases:
+            bases[a.init_from] = resolve_base(a.init_from, recipe, name)
+        base = bases[a.init_from]
+        tok = _tokenizer(base.tokenizer_path)
+        state = None
+        if base.checkpoint is not None:
+            if base.state is None:
+                base.state = consolidate_once(base.checkpoint, base.meta, dims,
+                                              base.meta.get("components", ["model"])[0])
+            state = base.state
+        sub = agent_recipe(recipe, a, base)
+        vocab = tok.get_vocab_size()
+        policy = AgentPolicy(name, tok, temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None,
+                             max_new_tokens=recipe.rl.max_new_tokens)
+        if a.trainable:
+            replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"agent_{name}")
+            module = replica.module
+            stepper = Stepper(replica.engine, dims, device)
+            ref = None
+            if recipe.rl.kl_ref:
+                ref = copy.deepcopy(module).eval().requires_grad_(False)
+            baseline = obj.MovingAverageBaseline(a.baseline_decay) if a.baseline == "ema" else None
+            agents[name] = Agent(name, a, policy, module, replica, stepper, ref, baseline)
+        else:
+            torch.manual_seed(recipe.train.seed)
+            module = build_model(sub, vocab)
+            if state is not None:
+                module.load_state_dict(state)
+            module = module.to(device).eval().requires_grad_(False)
+            agents[name] = Agent(name, a, policy, module)
+    return agents
+
+
+# ---- episodes ---------------------------------------------------------------------------------------
+
+
+def episode_seeds(gen: torch.Generator, episodes: int, group: int) -> tuple[list[int], list[int]]:
+    """The step's episode seeds and env seeds (episodes of one GRPO group share their env seed)."""
+    seeds = torch.randint(0, _SEED_HIGH, (episodes,), generator=gen).tolist()
+    groups = torch.randint(0, _SEED_HIGH, (episodes // group,), generator=gen).tolist()
+    return seeds, [groups[k // group] for k in range(episodes)]
+
+
+def _share(items: list, dims: ParallelDims) -> list:
+    n = len(items) // dims.dp
+    return items[dims.dp_rank * n:(dims.dp_rank + 1) * n]
+
+
+def _gather_floats(values: list[float], dims: ParallelDims) -> list[float]:
+    """Every rank's values, in rank order (collective over the data-parallel group)."""
+    if dims.dp == 1:
+        return list(values)
+    out = [None] * dims.dp
+    tdist.all_gather_object(out, list(values), group=dims.dp_group)
+    return [v for part in out for v in part]
+
+
+def _sum(values: list[float], dims: ParallelDims) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dims.dp > 1:
+        tdist.all_reduce(t, group=dims.dp_group)
+    return t.tolist()
+
+
+def _mean_or_none(total: float, count: float) -> float | None:
+    return total / count if count else None
+
+
+# ---- one agent's update -------------------------------------------------------------------------------
+
+
+def agent_update(agent: Agent, ar, recipe: Recipe, dims: ParallelDims, episodes_global: int) -> dict:
+    """Collective over the agent's engine: advantages, loss, backward and step. Returns its figures."""
+    a = agent.settings
+    steps = ar.step_tensors()
+    returns = obj.discounted_returns(steps.rewards, a.gamma, steps.step_mask, from_start=a.returns == "discounted")
+    row_returns = returns[steps.acted]  # [N] in the token batch's row order
+    # The baseline sees every rank's rows (in rank order), so advantages do not depend on the layout.
+    everyone = torch.tensor(_gather_floats(row_returns.tolist(), dims), dtype=torch.float64)
+    if a.algorithm == "grpo":
+        # Groups are consecutive episodes (one rank holds whole groups); an agent acts once per episode.
+        adv_all = obj.grpo_advantages(everyone, recipe.rl.group_size)
+    elif a.baseline == "ema":
+        adv_all = agent.baseline.advantages(everyone)
+    else:
+        adv_all = obj.reinforce_advantages(everyone, baseline=a.baseline)
+    counts = _gather_floats([float(len(row_returns))], dims)
+    start = int(sum(counts[:dims.dp_rank]))
+    adv = adv_all[start:start + len(row_returns)]
+    batch = ar.token_batch()
+    batch.set_advantages(adv)
+    total_rows, total_tokens = sum(counts), _sum([float(batch.mask.sum())], dims)[0]
+    norm = {"episodes": episodes_global, "rows": total_rows, "tokens": total_tokens}[recipe.rl.normalizer]
+    norm = max(norm, 1.0) / dims.dp  # DeepSpeed averages over the ranks: the mean is the global one
+    figures = {}
+
+    def loss_fn(engine, b):
+        if b.input_ids.shape[0] == 0:  # nothing to learn from on this rank: a zero that still syncs
+            return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+        pt = token_logprobs(engine.module, b.input_ids, b.targets, temperature=agent.policy.logprob_temperature)
+        out = obj.objective_loss(a.algorithm, pt.logprobs, pt.entropy, pt.mask, b.advantages, alpha=a.alpha,
+                                 normalizer=norm)
+        figures["policy_loss"] = float(out["policy"].detach())
+        figures["entropy_loss"] = float(out["entropy"].detach())
+        if agent.ref is not None:
+            with torch.no_grad():
+                ref = token_logprobs(agent.ref, b.input_ids, b.targets, temperature=agent.policy.logprob_temperature)
+            figures["kl"] = float(obj.kl_estimate(pt.logprobs.detach(), ref.logprobs, pt.mask))
+        return out["loss"]
+
+    agent.stepper.loss_fn = loss_fn
+    with agent.replica.component.rng.active():
+        result = agent.stepper.run([batch])
+    figures["loss"] = float(result.loss) if result.finite else None
+    figures["skipped"] = not result.finite
+    return figures
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+
+def evaluate(agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims, options: dict | None) -> dict:
+    """Collective: env.eval_episodes fixed episodes (the same at every evaluation), greedy actions."""
+    n = recipe.env.eval_episodes
+    n -= n % dims.dp
+    gen = torch.Generator().manual_seed((recipe.env.seed or recipe.train.seed) + EVAL_SEED_OFFSET)
+    seeds, env_seeds = episode_seeds(gen, n, 1)
+    greedy = {}
+    for name, ag in agents.items():
+        p = copy.copy(ag.policy)
+        p.temperature = 0.0
+        greedy[name] = p
+    env = _env_factory(recipe)
+    with torch.no_grad():
+        out = rollout(env, greedy, {k: v.module for k, v in agents.items()}, seeds=_share(seeds, dims),
+                      env_seeds=_share(env_seeds, dims), reset_options=options or None,
+                      max_steps=recipe.rl.max_env_steps)
+    return _episode_figures(out, dims, n)
+
+
+def _episode_figures(out, dims: ParallelDims, episodes: int) -> dict:
+    """Team success and per agent return, success, invalid actions and per-token entropy (collective)."""
+    names = list(out.agents)
+    local = []
+    for name in names:
+        ar = out.agents[name]
+        ents = [e for act in ar.actions for e in act.entropies]
+        succ = [s for s in ar.success if s is not None]
+        local += [sum(ar.returns), float(sum(succ)), float(len(succ)), float(sum(ar.invalid_actions)),
+                  float(len(ar.actions)), float(sum(ents)), float(len(ents))]
+    tot = _sum(local, dims)
+    per = {}
+    for i, name in enumerate(names):
+        ret, s, ns, inv, acts, ent, nt = tot[7 * i:7 * i + 7]
+        per[name] = {"return": ret / episodes, "success": _mean_or_none(s, ns),
+                     "invalid": _mean_or_none(inv, acts), "entropy": _mean_or_none(ent, nt)}
+    team = [v["success"] for v in per.values() if v["success"] is not None]
+    return {"success": team[0] if team else None, "agents": per}
+
+
+def _env_factory(recipe: Recipe):
+    return lambda: make_env(recipe.env.name, **recipe.env.args)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+
+def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
+    """Train every agent of `recipe` (see the module docstring). Collective over the world."""
+    dims = ParallelDims.build(dist.world_size, dist.rank)
+    check_agents(recipe, dist.world_size)  # the launcher checked already; a rank started otherwise checks here
+    ctx = RunContext(recipe, dims, dist.device)
+    cfg_dict = recipe_to_dict(recipe)
+    is_main = ctx.is_main
+    resume_from, resume_meta = find_resume(recipe, ctx.checkpoints, ctx.group)
+    agents = build_agents(recipe, dims, dist.device)
+    trainable = [ag for ag in agents.values() if ag.replica is not None]
+    names = [ag.replica.name for ag in trainable]
+    if is_main:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ctx.run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+        (ctx.run_dir / "tokenizers").mkdir(exist_ok=True)
+        for ag in agents.values():  # what `make export` puts beside each agent's weights
+            ag.policy.tokenizer.save(str(ctx.run_dir / "tokenizers" / f"{ag.name}.json"))
+    ctx.barrier()
+
+    gen = torch.Generator().manual_seed(recipe.env.seed if recipe.env.seed is not None else recipe.train.seed)
+    step = 0
+    if resume_from is not None:
+        if resume_meta.get("components") != names:
+            raise UsageError(f"checkpoint {resume_from} holds {resume_meta.get('components')}, this recipe trains "
+                             f"{names}: resume with the same agents")
+        loop_state = ckpt.load([ag.replica.component for ag in trainable], resume_from, resume_meta, ctx.rank)
+        step = loop_state["step"]
+        gen.set_state(loop_state["episode_generator"])
+        for ag in trainable:
+            if ag.baseline is not None:
+                ag.baseline.load_state_dict(loop_state["baselines"][ag.name])
+    tracker = AgentTracker.open(ctx, cfg_dict, step if resume_from is not None else None, list(agents))
+
+    def save(at: int) -> Path:
+        loop_state = {"step": at, "episode_generator": gen.get_state(),
+                      "baselines": {ag.name: ag.baseline.state_dict() for ag in trainable if ag.baseline}}
+        meta = {"step": at, "config": cfg_dict, "agents": list(agents), "world_size": dims.dp,
+                "zero_stage": recipe.parallel.zero_stage, "tp": 1, "pp": 1,
+                "model_config": trainable[0].replica.model_config.to_dict(),
+                "agent_model_configs": {ag.name: ag.replica.model_config.to_dict() for ag in trainable}}
+        return ctx.save([ag.replica.component for ag in trainable], at, loop_state, meta)
+
+    def run_eval(at: int, final: bool) -> dict:
+        row = evaluate(agents, recipe, dims, None)
+        flat = {"step": at, "eval_success": row["success"],
+                **{f"eval/{n}/{k}": v for n, d in row["agents"].items() for k, v in d.items()}}
+        if recipe.env.eval_options:
+            opt = evaluate(agents, recipe, dims, recipe.env.eval_options)
+            flat["eval_success_options"] = opt["success"]
+            row["with_options"] = opt
+        tracker.log(flat)
+        return row
+
+    if is_main:
+        who = ", ".join(f"{n} ({ag.settings.algorithm}, alpha {ag.settings.alpha}"
+                        + ("" if ag.replica else ", frozen") + ")" for n, ag in agents.items())
+        print(f"run: {ctx.run_dir}  agents: {who}  env: {recipe.env.name}  processes: {dims.dp}"
+              + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
+    bar = None
+    if is_main and recipe.train.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=recipe.train.max_steps, initial=step, desc="marl", unit="step", dynamic_ncols=True)
+    signals = ctx.watch_signals()
+    env = _env_factory(recipe)
+    E, G = recipe.rl.episodes_per_step, recipe.rl.group_size
+    stop_reason = None
+    last = {}
+    try:
+        while step < recipe.train.max_steps:
+            t0 = time.perf_counter()
+            seeds, env_seeds = episode_seeds(gen, E, G)
+            with torch.no_grad():
+                out = rollout(env, {n: ag.policy for n, ag in agents.items()},
+                              {n: ag.module for n, ag in agents.items()}, seeds=_share(seeds, dims),
+                              env_seeds=_share(env_seeds, dims), max_steps=recipe.rl.max_env_steps)
+            t_roll = time.perf_counter() - t0
+            figures = _episode_figures(out, dims, E)
+            updates = {ag.name: agent_update(ag, out.agents[ag.name], recipe, dims, E) for ag in trainable}
+            step += 1
+            dt = time.perf_counter() - t0
+            tokens = _sum([float(out.tokens)], dims)[0]
+            row = {"step": step, "success": figures["success"], "tokens_per_s": tokens / dt,
+                   "rollout_s": t_roll, "step_time_s": dt}
+            for n, d in figures["agents"].items():
+                row.update({f"agent/{n}/{k}": v for k, v in d.items()})
+                for k, v in updates.get(n, {}).items():
+                    row[f"agent/{n}/{k}"] = v
+                if n in updates:
+                    row[f"agent/{n}/lr"] = agents[n].replica.engine.get_lr()[0]
+            last = row
+            if step % recipe.train.log_every == 0 or step == recipe.train.max_steps:
+                tracker.log(row)
+            if bar is not None:
+                bar.set_postfix(success=f"{figures['success'] or 0:.2f}", refresh=False)
+                bar.update(1)
+            done = step == recipe.train.max_steps
+            if step % recipe.train.eval_every == 0 and not done:
+                ev = run_eval(step, final=False)
+                if bar is not None:
+                    bar.write(f"step {step}: eval success {ev['success']}")
+                if is_main:
+                    tracker.plot()
+            if recipe.train.checkpoint_every and step % recipe.train.checkpoint_every == 0 and not done:
+                save(step)
+            faults.maybe_kill(faults.KILL_AFTER_STEP, step)
+            stop_signal = signals.agreed(ctx.group)
+            if stop_signal:
+                stop_reason = stop_signal
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if stop_reason is not None:
+        folder = save(step)
+        if is_main:
+            tracker.finish()
+        raise TrainingStopped(f"{signal.Signals(stop_reason).name} received: saved checkpoint {folder} at step "
+                              f"{step}; continue with train.resume=auto", 128 + int(stop_reason))
+
+    folder = save(step)
+    final = run_eval(step, final=True)
+    summary = {
+        "run_dir": str(ctx.run_dir), "steps": step, "env": recipe.env.name, "success": final["success"],
+        # return, success, invalid: the greedy evaluation; entropy and KL: the sampling policy at the
+        # last training step (a greedy rollout's tokens say little about the policy's spread)
+        "agents": {n: {"return": d["return"], "success": d["success"], "invalid": d["invalid"],
+                       "entropy": last.get(f"agent/{n}/entropy"), "kl": last.get(f"agent/{n}/kl"),
+                       "train_return": last.get(f"agent/{n}/return")} for n, d in final["agents"].items()},
+        "train_success": last.get("success"), "checkpoint": str(folder),
+    }
+    if "with_options" in final:
+        summary["success_with_eval_options"] = final["with_options"]["success"]
+        summary["eval_options"] = recipe.env.eval_options
+    if is_main:
+        tracker.finish()
+        atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=1))
+        _print_summary(summary)
+    return summary
+
+
+def _print_summary(s: dict) -> None:
+    lines = [f"\nrun directory:  {s['run_dir']}", f"team success:   {_fmt(s['success'])} (greedy, evaluation episodes)"]
+    if "success_with_eval_options" in s:
+        lines.append(f"with {s['eval_options']}: success {_fmt(s['success_with_eval_options'])}")
+    for n, d in s["agents"].items():
+        lines.append(f"  {n:<12} return {_fmt(d['return'])}  invalid {_fmt(d['invalid'])}  "
+                     f"entropy {_fmt(d['entropy'])} nats/token while sampling  KL to the start {_fmt(d['kl'])}")
+    print("\n".join(lines), flush=True)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"

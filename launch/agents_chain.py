@@ -1,0 +1,79 @@
+"""Recipe chains of multi-agent runs, resolved by the launcher before any rank starts.
+
+- `agents.<name>.init_from: recipe:<other>` — the run that recipe makes (`<run.output_dir>/<its
+  run.name>`, in this recipe's output folder). When that run has not finished (no summary.json), the
+  launcher trains it first, as `make train RECIPE=<other>` would, with this recipe's run.output_dir
+  and data.cache_dir, then starts the agents from it. So `make train RECIPE=marl-signaling` pretrains
+  its base on the first call and reuses it afterwards.
+- `data.path: env:<env name>` — a corpus of random play of the recipe's `env.*`
+  (`agents.corpus.write_corpus`, `data.max_documents` episodes, default 20,000), written once into
+  `data.cache_dir` and read like any JSON-lines file.
+
+Ranks started by a launcher resolve the same names without training anything (the parent did).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.errors import UsageError
+from trainer.schema import Recipe
+
+RECIPE_PREFIX = "recipe:"
+DEFAULT_CORPUS_EPISODES = 20_000
+
+
+def chained_run_dir(recipe: Recipe, other: str) -> Path:
+    from trainer.recipe import load_recipe
+
+    sub = load_recipe(other, [])
+    return Path(recipe.run.output_dir) / sub.run.name
+
+
+def resolve_chain(recipe: Recipe, train_missing: bool) -> Recipe:
+    """`recipe` with every `recipe:` init_from replaced by its run directory (trained first when
+    `train_missing` and unfinished) and an `env:` data path replaced by its corpus file."""
+    recipe = resolve_corpus(recipe)
+    agents = dict(recipe.agents)
+    for name, a in agents.items():
+        if not (a.init_from or "").startswith(RECIPE_PREFIX):
+            continue
+        other = a.init_from[len(RECIPE_PREFIX):]
+        run_dir = chained_run_dir(recipe, other)
+        if not (run_dir / "summary.json").is_file():
+            if not train_missing:
+                raise UsageError(f"agents.{name}.init_from={a.init_from}: {run_dir} has not finished; train it "
+                                 f"first (make train RECIPE={other})")
+            _train_first(recipe, other, name)
+        agents[name] = a.model_copy(update={"init_from": str(run_dir)})
+    return recipe.model_copy(update={"agents": agents})
+
+
+def _train_first(recipe: Recipe, other: str, agent: str) -> None:
+    print(f"agents.{agent}.init_from=recipe:{other}: that run has not finished; training it first", flush=True)
+    cmd = [sys.executable, "-m", "launch", "train", other, f"run.output_dir={recipe.run.output_dir}",
+           f"data.cache_dir={recipe.data.cache_dir}", "train.resume=auto",
+           f"train.progress={str(recipe.train.progress).lower()}", f"tracking.wandb={recipe.tracking.wandb}"]
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise UsageError(f"agents.{agent}.init_from=recipe:{other}: training {other} failed (exit {rc}); see its "
+                         "output above")
+
+
+def resolve_corpus(recipe: Recipe) -> Recipe:
+    path = recipe.data.path
+    if not path.startswith("env:"):
+        return recipe
+    from agents.corpus import write_corpus
+    from agents.envs import make_env
+
+    env_name = path[len("env:"):]
+    try:
+        make_env(env_name, **recipe.env.args)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"data.path={path}: {e}") from None
+    episodes = recipe.data.max_documents or DEFAULT_CORPUS_EPISODES
+    file = write_corpus(env_name, dict(recipe.env.args), episodes, recipe.train.seed, recipe.data.cache_dir)
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": str(file), "max_documents": None})})

@@ -1,0 +1,157 @@
+"""The multi-agent RL loop end to end (`python -m launch train marl-signaling ...`): a tiny base
+pretrained on random play, two agents with their own engines, resume after SIGKILL bit for bit, two
+processes against one, export per agent, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.trainutil import REPO, env, metrics
+
+
+def run_train(root, name, *overrides, recipe, timeout=600, **env_extra):
+    """`python -m launch train RECIPE` with the recipe's own data (not the stdlib of tests.trainutil)."""
+    cmd = [sys.executable, "-m", "launch", "train", recipe, f"run.name={name}", f"run.output_dir={root}/runs",
+           f"data.cache_dir={root}/cache", *overrides]
+    return subprocess.run(cmd, cwd=root, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+
+BASE = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.max_seq_len=64", "model.kernels=torch",
+        "data.vocab_size=300", "data.seq_len=64", "data.max_documents=600", "parallel.micro_batch=8",
+        "train.max_steps=20", "train.eval_every=10", "train.checkpoint_every=10", "train.eval_batches=2",
+        "train.progress=false", "tracking.wandb=disabled", "train.sample_tokens=4", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A module-wide folder with a base trained on a small corpus of random signalling play."""
+    root = tmp_path_factory.mktemp("marl")
+    out = run_train(root, "base", *BASE, recipe="marl-signaling-base")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+def agents_args(root, *extra: str) -> list[str]:
+    base = root / "runs" / "base"
+    return [f"agents.speaker.init_from={base}", f"agents.listener.init_from={base}", "rl.episodes_per_step=8",
+            "rl.max_new_tokens=3", "env.eval_episodes=8", "train.eval_every=3", "train.progress=false",
+            "tracking.wandb=disabled", "agents.speaker.lr=3e-3", "agents.listener.lr=3e-3", *extra]
+
+
+def _marl(root, name, *extra, **env):
+    return run_train(root, name, *agents_args(root, *extra), recipe="marl-signaling", **env)
+
+
+def _rows(root, name):
+    return [r for r in metrics(root, name) if "agent/speaker/return" in r or "eval_success" in r]
+
+
+def test_training_logs_every_agent_and_writes_summary_and_plot(root):
+    out = _marl(root, "plain", "train.max_steps=4", "train.checkpoint_every=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = root / "runs" / "plain"
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["agents"]) == {"speaker", "listener"}
+    for name in ("speaker", "listener"):
+        d = summary["agents"][name]
+        assert 0.0 <= d["return"] <= 1.0 and d["entropy"] >= 0.0
+    assert 0.0 <= summary["success"] <= 1.0
+    # with the message blanked, the listener is at chance (a random candidate among 10, here 8 episodes)
+    assert "success_with_eval_options" in summary
+    rows = [r for r in metrics(root, "plain") if "agent/speaker/return" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for name in ("speaker", "listener"):
+            for key in ("return", "entropy", "success", "kl", "loss"):
+                assert r[f"agent/{name}/{key}"] is not None, (name, key)
+        # the shared reward: both agents' returns are the team's success
+        assert r["agent/speaker/return"] == r["agent/listener/return"] == r["success"]
+    assert (run / "agents.png").stat().st_size > 0
+    # the agents moved away from the base (KL > 0 after updates) and the checkpoint holds both
+    assert rows[-1]["agent/speaker/kl"] > 0
+    from trainer import checkpoint as ckpt
+
+    meta = ckpt.verify(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert meta["components"] == ["agent_speaker", "agent_listener"]
+
+
+def test_resume_after_sigkill_reproduces_every_metric_bit_for_bit(root):
+    full = _marl(root, "full", "train.max_steps=6", "train.checkpoint_every=3")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _marl(root, "killed", "train.max_steps=6", "train.checkpoint_every=3",
+                   RECIPES_FAULT_KILL_AFTER_STEP="4")
+    assert killed.returncode != 0
+    resumed = _marl(root, "killed", "train.max_steps=6", "train.checkpoint_every=3", "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _rows(root, "full"), _rows(root, "killed")
+    drop = ("step_time_s", "tokens_per_s", "rollout_s")
+    strip = [[{k: v for k, v in r.items() if k not in drop} for r in rows] for rows in (a, b)]
+    assert strip[0] == strip[1]
+    assert json.loads((root / "runs" / "full" / "summary.json").read_text())["agents"] == \
+        json.loads((root / "runs" / "killed" / "summary.json").read_text())["agents"]
+
+
+@pytest.mark.dist
+def test_two_processes_play_the_same_episodes_as_one(root):
+    one = _marl(root, "one", "train.max_steps=2", "train.checkpoint_every=100")
+    two = _marl(root, "two", "train.max_steps=2", "train.checkpoint_every=100", "launch.procs_per_node=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [r for r in metrics(root, "one") if "agent/speaker/return" in r]
+    b = [r for r in metrics(root, "two") if "agent/speaker/return" in r]
+    # the episodes do not depend on the number of processes: the same successes, and the same
+    # losses (the global baseline and normaliser) within float tolerance
+    assert [r["success"] for r in a] == [r["success"] for r in b]
+    for ra, rb in zip(a, b):
+        for name in ("speaker", "listener"):
+            assert ra[f"agent/{name}/loss"] == pytest.approx(rb[f"agent/{name}/loss"], abs=1e-5)
+            assert ra[f"agent/{name}/entropy"] == pytest.approx(rb[f"agent/{name}/entropy"], abs=1e-5)
+
+
+def test_export_writes_one_hugging_face_folder_per_agent(root, tmp_path):
+    out = _marl(root, "exp", "train.max_steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-m", "launch", "export", str(root / "runs" / "exp"), str(tmp_path / "hf")],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "exp" / "checkpoints")
+    meta = ckpt.verify(folder)
+    from model import GPT, GPTConfig
+
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    for name in ("speaker", "listener"):
+        # transformers' own model on the exported folder gives the logits of the agent's weights in our GPT
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / name).eval()
+        ours = GPT(GPTConfig(**{**meta["agent_model_configs"][name], "kernels": "torch"}), init=False)
+        ours.load_state_dict(consolidated_state_dict(folder, meta, f"agent_{name}"))
+        with torch.no_grad():
+            want = ours.eval()(ids)
+            want = want[0] if isinstance(want, tuple) else want
+            got = hf(ids).logits
+        assert torch.allclose(got[..., :want.shape[-1]], want, atol=1e-4), name
+        assert (tmp_path / "hf" / name / "tokenizer.json").exists()
+    a = consolidated_state_dict(folder, meta, "agent_speaker")
+    b = consolidated_state_dict(folder, meta, "agent_listener")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("agents.speaker.algorithm=ppo", "PPO needs a value head"),
+    ("parallel.zero_stage=3", "ZeRO 0-2"),
+    ("launch.procs_per_node=3", "multiple of the processes (3)"),
+    ("agents.speaker.init_from=/nonexistent/run", "no such directory"),
+])
+def test_bad_settings_stop_with_one_line(root, override, message):
+    out = _marl(root, "bad", "train.max_steps=2", override)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in out.stderr
