@@ -15,7 +15,7 @@ FAST_MARKERS = not dist and not slurm
 
 .DEFAULT_GOAL := help
 .PHONY: help train validate recipes export test test-fast lint docs kernels bench bench-train bench-parallel \
-        bench-generate bench-sync gpu-check gpu-wheels slurm clean
+        bench-generate bench-sync bench-agents gpu-check gpu-wheels slurm clean
 
 help: ## list the targets (this text)
 	@echo "usage: make <target> [RECIPE=name] [ARGS=\"key=value ...\"]   (docs: README.md, docs/)"
@@ -83,6 +83,14 @@ bench-sync: $(STAMP) ## every sync strategy at the same token budget; our ring a
 	$(PY) bench/bench_sync.py --replicas 4 --steps 200 $(ARGS)
 	$(PY) bench/bench_sync.py --replicas 8 --steps 100 $(ARGS)
 	$(PY) bench/bench_ring.py
+
+# The agents layer's speed goals, each a ratio measured side by side in one run: batched multi-agent
+# rollouts against agent by agent (rollout-cpu.md), 8 LoRA adapters per batch against none (lora-cpu.md),
+# a policy-gradient update against a pre-training step of the same model (pg-step-cpu.md).
+bench-agents: $(STAMP) ## agents: batched rollouts, per-row LoRA adapters, policy-gradient step (bench/results/)
+	$(PY) bench/bench_rollout.py --threads 1 --rounds 5
+	$(PY) bench/bench_lora.py --threads 1
+	$(PY) bench/bench_pg_step.py --threads 1
 
 # One script for a lent H100/H200 (see bench/gpu_check.sh); its table lands in bench/results/.
 gpu-check: ## on a GPU machine: build the CUDA kernels, run the gpu tests and benchmarks
