@@ -32,7 +32,7 @@ def check_agents(recipe: Recipe, world: int | None = None) -> None:
 
 def check_loop_settings(recipe: Recipe, world: int) -> None:
     """What the multi-agent loop (agents.train) supports: data parallel over `world` ranks with ZeRO 0-2,
-    whole GRPO groups per rank, full-weight agents with reinforce or grpo."""
+    whole GRPO groups per rank, reinforce or grpo."""
     rl = recipe.rl
     if rl.episodes_per_step % (world * rl.group_size):
         raise UsageError(f"rl.episodes_per_step={rl.episodes_per_step} must be a multiple of the processes "
@@ -48,6 +48,3 @@ def check_loop_settings(recipe: Recipe, world: int) -> None:
         if a.algorithm == "ppo":
             raise UsageError(f"agents.{name}.algorithm=ppo: PPO needs a value head, which the multi-agent loop "
                              "does not build yet; use reinforce or grpo")
-        if a.adapter != "none":
-            raise UsageError(f"agents.{name}.adapter={a.adapter}: LoRA agents are not trained by this loop yet; "
-                             "use adapter: none (each agent its own full weights)")

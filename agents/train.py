@@ -37,32 +37,25 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 import yaml
 
 from trainer import checkpoint as ckpt
 from trainer import faults
-from trainer.consolidate import consolidate_once
 from trainer.dims import ParallelDims
 from trainer.distributed import DistInfo
 from trainer.errors import TrainingStopped, UsageError
 from trainer.files import atomic_write_text
-from trainer.model_setup import build_model
 from trainer.recipe import recipe_to_dict
-from trainer.replica import Replica, build_replica
 from trainer.resume import find_resume
 from trainer.run_context import RunContext
-from trainer.schema import AgentSection, ModelSection, Recipe
-from trainer.step import Stepper
+from trainer.schema import Recipe
 
 from .config import check_agents
 from .envs import make_env
-from .policy import AgentPolicy, token_logprobs
-from .rl import objectives as obj
+from .learners import Agent, build_learners, sum_over_ranks, update
 from .rollout import rollout
 from .tracking import AgentTracker
 
@@ -70,124 +63,6 @@ __all__ = ["train_agents"]
 
 _SEED_HIGH = 2**63 - 1
 EVAL_SEED_OFFSET = 1_000_003
-
-
-# ---- where policies start -------------------------------------------------------------------------
-
-
-@dataclass
-class Base:
-    """A starting policy: the model settings, its full weights (None: initialise from the seed) and
-    the tokenizer file."""
-
-    source: str
-    model: ModelSection
-    tokenizer_path: Path
-    state: dict | None = None
-    checkpoint: Path | None = None
-    meta: dict | None = None
-
-
-def resolve_base(init_from: str | None, recipe: Recipe, agent: str) -> Base:
-    """What `agents.<agent>.init_from` names (see the module docstring); one line when unusable."""
-    key = f"agents.{agent}.init_from"
-    if init_from is None:
-        if not recipe.data.tokenizer:
-            raise UsageError(f"{key} is null (the recipe's model.* from its seed) and data.tokenizer is not set: "
-                             "give the agent a run or Hugging Face folder, or data.tokenizer")
-        return Base("recipe model.*", recipe.model, Path(recipe.data.tokenizer))
-    path = Path(init_from)
-    if not path.is_dir():
-        raise UsageError(f"{key}={init_from}: no such directory (a run directory of ours or a Hugging Face folder)")
-    tok = path / "tokenizer.json"
-    if not tok.is_file():
-        raise UsageError(f"{key}={init_from} has no tokenizer.json")
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        folder = ckpt.latest_checkpoint(path / "checkpoints")
-        if folder is None:
-            raise UsageError(f"{key}={init_from}: the run has no finished checkpoint")
-        meta = ckpt.verify(folder)
-        names = meta.get("components", ["model"])
-        if len(names) != 1:
-            raise UsageError(f"{key}={init_from}: the run holds {len(names)} models ({', '.join(names)}); start "
-                             "from a single-model run or its export")
-        cfg = yaml.safe_load((path / "config.yaml").read_text())
-        model = ModelSection(**{**cfg["model"], "vocab_size": meta["model_config"]["vocab_size"]})
-        return Base(str(path), model, tok, checkpoint=folder, meta=meta)
-    if (path / "config.json").is_file():
-        return Base(str(path), recipe.model.model_copy(update={"init_from": str(path)}), tok)
-    raise UsageError(f"{key}={init_from} is neither a run directory (config.yaml, checkpoints/) nor a Hugging "
-                     "Face folder (config.json)")
-
-
-def agent_recipe(recipe: Recipe, settings: AgentSection, base: Base) -> Recipe:
-    """The recipe one agent's engine is built from: its model, its learning rate, one micro-batch
-    per step (the loop does one backward and one step per update)."""
-    return recipe.model_copy(update={
-        "model": base.model,
-        "optim": recipe.optim.model_copy(update={"lr": settings.lr}),
-        "parallel": recipe.parallel.model_copy(update={"micro_batch": 1, "global_batch": None}),
-    })
-
-
-# ---- one agent --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Agent:
-    name: str
-    settings: AgentSection
-    policy: AgentPolicy
-    module: torch.nn.Module  # what generates (the engine's module, or a frozen one)
-    replica: Replica | None = None  # None: frozen
-    stepper: Stepper | None = None
-    ref: torch.nn.Module | None = None  # the initial policy, for the KL figure
-    baseline: obj.MovingAverageBaseline | None = None
-    last: dict = field(default_factory=dict)
-
-
-def _tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
-def build_agents(recipe: Recipe, dims: ParallelDims, device: torch.device) -> dict[str, Agent]:
-    """Collective: every agent's policy and model (engines for the trainable ones), in recipe order."""
-    bases: dict[str | None, Base] = {}
-    agents = {}
-    for name, a in recipe.agents.items():
-        if a.init_from not in bases:
-            bases[a.init_from] = resolve_base(a.init_from, recipe, name)
-        base = bases[a.init_from]
-        tok = _tokenizer(base.tokenizer_path)
-        state = None
-        if base.checkpoint is not None:
-            if base.state is None:
-                base.state = consolidate_once(base.checkpoint, base.meta, dims,
-                                              base.meta.get("components", ["model"])[0])
-            state = base.state
-        sub = agent_recipe(recipe, a, base)
-        vocab = tok.get_vocab_size()
-        policy = AgentPolicy(name, tok, temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None,
-                             max_new_tokens=recipe.rl.max_new_tokens)
-        if a.trainable:
-            replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"agent_{name}")
-            module = replica.module
-            stepper = Stepper(replica.engine, dims, device)
-            ref = None
-            if recipe.rl.kl_ref:
-                ref = copy.deepcopy(module).eval().requires_grad_(False)
-            baseline = obj.MovingAverageBaseline(a.baseline_decay) if a.baseline == "ema" else None
-            agents[name] = Agent(name, a, policy, module, replica, stepper, ref, baseline)
-        else:
-            torch.manual_seed(recipe.train.seed)
-            module = build_model(sub, vocab)
-            if state is not None:
-                module.load_state_dict(state)
-            module = module.to(device).eval().requires_grad_(False)
-            agents[name] = Agent(name, a, policy, module)
-    return agents
 
 
 # ---- episodes ---------------------------------------------------------------------------------------
@@ -205,74 +80,8 @@ def _share(items: list, dims: ParallelDims) -> list:
     return items[dims.dp_rank * n:(dims.dp_rank + 1) * n]
 
 
-def _gather_floats(values: list[float], dims: ParallelDims) -> list[float]:
-    """Every rank's values, in rank order (collective over the data-parallel group)."""
-    if dims.dp == 1:
-        return list(values)
-    out = [None] * dims.dp
-    tdist.all_gather_object(out, list(values), group=dims.dp_group)
-    return [v for part in out for v in part]
-
-
-def _sum(values: list[float], dims: ParallelDims) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dims.dp > 1:
-        tdist.all_reduce(t, group=dims.dp_group)
-    return t.tolist()
-
-
 def _mean_or_none(total: float, count: float) -> float | None:
     return total / count if count else None
-
-
-# ---- one agent's update -------------------------------------------------------------------------------
-
-
-def agent_update(agent: Agent, ar, recipe: Recipe, dims: ParallelDims, episodes_global: int) -> dict:
-    """Collective over the agent's engine: advantages, loss, backward and step. Returns its figures."""
-    a = agent.settings
-    steps = ar.step_tensors()
-    returns = obj.discounted_returns(steps.rewards, a.gamma, steps.step_mask, from_start=a.returns == "discounted")
-    row_returns = returns[steps.acted]  # [N] in the token batch's row order
-    # The baseline sees every rank's rows (in rank order), so advantages do not depend on the layout.
-    everyone = torch.tensor(_gather_floats(row_returns.tolist(), dims), dtype=torch.float64)
-    if a.algorithm == "grpo":
-        # Groups are consecutive episodes (one rank holds whole groups); an agent acts once per episode.
-        adv_all = obj.grpo_advantages(everyone, recipe.rl.group_size)
-    elif a.baseline == "ema":
-        adv_all = agent.baseline.advantages(everyone)
-    else:
-        adv_all = obj.reinforce_advantages(everyone, baseline=a.baseline)
-    counts = _gather_floats([float(len(row_returns))], dims)
-    start = int(sum(counts[:dims.dp_rank]))
-    adv = adv_all[start:start + len(row_returns)]
-    batch = ar.token_batch()
-    batch.set_advantages(adv)
-    total_rows, total_tokens = sum(counts), _sum([float(batch.mask.sum())], dims)[0]
-    norm = {"episodes": episodes_global, "rows": total_rows, "tokens": total_tokens}[recipe.rl.normalizer]
-    norm = max(norm, 1.0) / dims.dp  # DeepSpeed averages over the ranks: the mean is the global one
-    figures = {}
-
-    def loss_fn(engine, b):
-        if b.input_ids.shape[0] == 0:  # nothing to learn from on this rank: a zero that still syncs
-            return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-        pt = token_logprobs(engine.module, b.input_ids, b.targets, temperature=agent.policy.logprob_temperature)
-        out = obj.objective_loss(a.algorithm, pt.logprobs, pt.entropy, pt.mask, b.advantages, alpha=a.alpha,
-                                 normalizer=norm)
-        figures["policy_loss"] = float(out["policy"].detach())
-        figures["entropy_loss"] = float(out["entropy"].detach())
-        if agent.ref is not None:
-            with torch.no_grad():
-                ref = token_logprobs(agent.ref, b.input_ids, b.targets, temperature=agent.policy.logprob_temperature)
-            figures["kl"] = float(obj.kl_estimate(pt.logprobs.detach(), ref.logprobs, pt.mask))
-        return out["loss"]
-
-    agent.stepper.loss_fn = loss_fn
-    with agent.replica.component.rng.active():
-        result = agent.stepper.run([batch])
-    figures["loss"] = float(result.loss) if result.finite else None
-    figures["skipped"] = not result.finite
-    return figures
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -307,7 +116,7 @@ def _episode_figures(out, dims: ParallelDims, episodes: int) -> dict:
         succ = [s for s in ar.success if s is not None]
         local += [sum(ar.returns), float(sum(succ)), float(len(succ)), float(sum(ar.invalid_actions)),
                   float(len(ar.actions)), float(sum(ents)), float(len(ents))]
-    tot = _sum(local, dims)
+    tot = sum_over_ranks(local, dims)
     per = {}
     for i, name in enumerate(names):
         ret, s, ns, inv, acts, ent, nt = tot[7 * i:7 * i + 7]
@@ -332,9 +141,9 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
     cfg_dict = recipe_to_dict(recipe)
     is_main = ctx.is_main
     resume_from, resume_meta = find_resume(recipe, ctx.checkpoints, ctx.group)
-    agents = build_agents(recipe, dims, dist.device)
-    trainable = [ag for ag in agents.values() if ag.replica is not None]
-    names = [ag.replica.name for ag in trainable]
+    agents, learners = build_learners(recipe, dims, dist.device)
+    names = [lr.replica.name for lr in learners]
+    with_baseline = [ag for ag in agents.values() if ag.baseline is not None]
     if is_main:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(ctx.run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
@@ -349,22 +158,25 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         if resume_meta.get("components") != names:
             raise UsageError(f"checkpoint {resume_from} holds {resume_meta.get('components')}, this recipe trains "
                              f"{names}: resume with the same agents")
-        loop_state = ckpt.load([ag.replica.component for ag in trainable], resume_from, resume_meta, ctx.rank)
+        loop_state = ckpt.load([lr.replica.component for lr in learners], resume_from, resume_meta, ctx.rank)
         step = loop_state["step"]
         gen.set_state(loop_state["episode_generator"])
-        for ag in trainable:
-            if ag.baseline is not None:
-                ag.baseline.load_state_dict(loop_state["baselines"][ag.name])
+        for ag in with_baseline:
+            ag.baseline.load_state_dict(loop_state["baselines"][ag.name])
     tracker = AgentTracker.open(ctx, cfg_dict, step if resume_from is not None else None, list(agents))
 
     def save(at: int) -> Path:
         loop_state = {"step": at, "episode_generator": gen.get_state(),
-                      "baselines": {ag.name: ag.baseline.state_dict() for ag in trainable if ag.baseline}}
+                      "baselines": {ag.name: ag.baseline.state_dict() for ag in with_baseline}}
+        full = [lr for lr in learners if not lr.lora]
         meta = {"step": at, "config": cfg_dict, "agents": list(agents), "world_size": dims.dp,
                 "zero_stage": recipe.parallel.zero_stage, "tp": 1, "pp": 1,
-                "model_config": trainable[0].replica.model_config.to_dict(),
-                "agent_model_configs": {ag.name: ag.replica.model_config.to_dict() for ag in trainable}}
-        return ctx.save([ag.replica.component for ag in trainable], at, loop_state, meta)
+                "model_config": learners[0].replica.model_config.to_dict(),
+                # what `make export` needs: each full-weight agent's model, each LoRA engine's adapters
+                "agent_model_configs": {lr.agents[0]: lr.replica.model_config.to_dict() for lr in full},
+                "lora": {lr.replica.name: {"config": lr.replica.model_config.to_dict(), "adapters": lr.lora}
+                         for lr in learners if lr.lora}}
+        return ctx.save([lr.replica.component for lr in learners], at, loop_state, meta)
 
     def run_eval(at: int, final: bool) -> dict:
         row = evaluate(agents, recipe, dims, None)
@@ -379,7 +191,8 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
 
     if is_main:
         who = ", ".join(f"{n} ({ag.settings.algorithm}, alpha {ag.settings.alpha}"
-                        + ("" if ag.replica else ", frozen") + ")" for n, ag in agents.items())
+                        + (f", LoRA r={ag.settings.lora_rank}" if ag.adapter else "")
+                        + ("" if ag.learner else ", frozen") + ")" for n, ag in agents.items())
         print(f"run: {ctx.run_dir}  agents: {who}  env: {recipe.env.name}  processes: {dims.dp}"
               + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
     bar = None
@@ -402,10 +215,12 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
                               env_seeds=_share(env_seeds, dims), max_steps=recipe.rl.max_env_steps)
             t_roll = time.perf_counter() - t0
             figures = _episode_figures(out, dims, E)
-            updates = {ag.name: agent_update(ag, out.agents[ag.name], recipe, dims, E) for ag in trainable}
+            updates = {}
+            for lr in learners:
+                updates.update(update(lr, agents, out, recipe, dims, E))
             step += 1
             dt = time.perf_counter() - t0
-            tokens = _sum([float(out.tokens)], dims)[0]
+            tokens = sum_over_ranks([float(out.tokens)], dims)[0]
             row = {"step": step, "success": figures["success"], "tokens_per_s": tokens / dt,
                    "rollout_s": t_roll, "step_time_s": dt}
             for n, d in figures["agents"].items():
@@ -413,7 +228,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
                 for k, v in updates.get(n, {}).items():
                     row[f"agent/{n}/{k}"] = v
                 if n in updates:
-                    row[f"agent/{n}/lr"] = agents[n].replica.engine.get_lr()[0]
+                    row[f"agent/{n}/lr"] = _lr_of(agents[n])
             last = row
             if step % recipe.train.log_every == 0 or step == recipe.train.max_steps:
                 tracker.log(row)
@@ -463,6 +278,13 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=1))
         _print_summary(summary)
     return summary
+
+
+def _lr_of(agent: Agent) -> float:
+    """The agent's learning rate this step: a LoRA engine has one parameter group per training agent
+    (in order), a full-weight engine's groups (decay, no decay) share one rate."""
+    lrs = agent.learner.replica.engine.get_lr()
+    return lrs[agent.learner.agents.index(agent.name)] if agent.learner.lora else lrs[0]
 
 
 def _print_summary(s: dict) -> None:

@@ -19,7 +19,7 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
     if folder is None:
         raise UsageError(f"RUN={run_dir} has no finished checkpoint to export (checkpoints/latest is missing)")
     meta = ckpt.verify(folder)
-    if meta.get("agent_model_configs"):  # a multi-agent run: one folder per agent, its own weights
+    if "agent_model_configs" in meta:  # a multi-agent run: one folder per agent, its own weights
         return export_agents(run, folder, meta, out_dir)
     state, note = export_state_dict(folder, meta)
     tok_path = run / "tokenizer.json"
@@ -36,6 +36,18 @@ def export_agents(run: Path, folder: Path, meta: dict, out_dir: str) -> dict:
         state = consolidated_state_dict(folder, meta, f"agent_{agent}")
         params += _write_hf(config, state, run / "tokenizers" / f"{agent}.json", folder, str(Path(out_dir) / agent))
         names.append(agent)
+    for component, lora in meta.get("lora", {}).items():
+        # LoRA agents over one base: each folder holds the base with that agent's adapter merged
+        from agents.lora import add_adapters, merged_state_dict
+        from model import GPT, GPTConfig
+
+        model = GPT(GPTConfig(**{**lora["config"], "kernels": "torch"}), init=False)
+        add_adapters(model, lora["adapters"])
+        model.load_state_dict(consolidated_state_dict(folder, meta, component))
+        for agent in lora["adapters"]:
+            params += _write_hf(lora["config"], merged_state_dict(model, agent), run / "tokenizers" / f"{agent}.json",
+                                folder, str(Path(out_dir) / agent))
+            names.append(agent)
     return {"checkpoint": str(folder), "out_dir": out_dir, "params": params,
             "note": f"one Hugging Face folder per agent: {', '.join(names)}"}
 

@@ -155,3 +155,72 @@ def test_bad_settings_stop_with_one_line(root, override, message):
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in out.stderr
+
+
+LORA = ["agents.speaker.adapter=lora", "agents.listener.adapter=lora", "agents.speaker.lora_rank=4",
+        "agents.listener.lora_rank=2", "agents.speaker.lr=1e-2", "agents.listener.lr=5e-3"]
+
+
+def test_lora_agents_share_one_engine_resume_bit_for_bit_and_export_merged(root, tmp_path):
+    args = ["train.max_steps=4", "train.checkpoint_every=2", *LORA]
+    full = _marl(root, "lora", *args)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _marl(root, "lora-k", *args, RECIPES_FAULT_KILL_AFTER_STEP="3")
+    assert killed.returncode != 0
+    resumed = _marl(root, "lora-k", *args, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    drop = ("step_time_s", "tokens_per_s", "rollout_s")
+    a, b = ([{k: v for k, v in r.items() if k not in drop} for r in _rows(root, n)] for n in ("lora", "lora-k"))
+    assert a == b
+    rows = [r for r in metrics(root, "lora") if "agent/speaker/lr" in r]
+    assert rows[-1]["agent/speaker/lr"] == 1e-2 and rows[-1]["agent/listener/lr"] == 5e-3  # one group each
+
+    from agents.lora import add_adapters, merged_state_dict
+    from model import GPT, GPTConfig
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "lora" / "checkpoints")
+    meta = ckpt.verify(folder)
+    assert meta["components"] == ["lora_0"]  # one engine holds both adapters over one base
+    state = consolidated_state_dict(folder, meta, "lora_0")
+    base_folder = ckpt.latest_checkpoint(root / "runs" / "base" / "checkpoints")
+    base = consolidated_state_dict(base_folder, ckpt.verify(base_folder), "model")
+    # the base stayed frozen: every weight under the adapters is the base run's, bit for bit
+    for k, v in state.items():
+        if ".lora_" not in k:
+            assert torch.equal(v, base[k.replace(".base_layer", "")]), k
+    assert any(".lora_B.speaker" in k and v.abs().sum() > 0 for k, v in state.items())
+
+    res = subprocess.run([sys.executable, "-m", "launch", "export", str(root / "runs" / "lora"), str(tmp_path / "hf")],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    cfg = meta["lora"]["lora_0"]
+    model = GPT(GPTConfig(**{**cfg["config"], "kernels": "torch"}), init=False)
+    add_adapters(model, cfg["adapters"])
+    model.load_state_dict(state)
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    for name in ("speaker", "listener"):
+        ref = GPT(GPTConfig(**{**cfg["config"], "kernels": "torch"}), init=False)
+        ref.load_state_dict(merged_state_dict(model, name))
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / name).eval()
+        with torch.no_grad():
+            want = ref.eval()(ids)
+            want = want[0] if isinstance(want, tuple) else want
+            got = hf(ids).logits
+        assert torch.allclose(got[..., :want.shape[-1]], want, atol=1e-4), name
+
+
+def test_a_frozen_lora_agent_keeps_the_base(root):
+    out = _marl(root, "lora-frozen", "train.max_steps=2", *LORA, "agents.listener.trainable=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "lora-frozen" / "checkpoints")
+    state = consolidated_state_dict(folder, ckpt.verify(folder), "lora_0")
+    frozen_b = [v for k, v in state.items() if ".lora_B.listener" in k]
+    assert frozen_b and all(torch.count_nonzero(v) == 0 for v in frozen_b)  # peft's init B = 0, never stepped
+    assert any(torch.count_nonzero(v) > 0 for k, v in state.items() if ".lora_B.speaker" in k)

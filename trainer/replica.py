@@ -36,9 +36,11 @@ class Replica:
 
 
 def build_replica(recipe: Recipe, dims: ParallelDims, device: torch.device, vocab_size: int,
-                  state_dict: dict | None = None, name: str = "model", params=None) -> Replica:
+                  state_dict: dict | None = None, name: str = "model", params=None, prepare=None) -> Replica:
     """Collective over the replica's ranks. Builds the full model from `recipe.train.seed` on every
     rank (or loads `state_dict`, a consolidated checkpoint's weights), then `parallelize`s it.
+    `prepare(model) -> model` changes the full model before that (e.g. adds LoRA adapters); `params`
+    as in `parallelize`.
 
     The replica's random-number stream continues from the seeded generators after the build, so a
     single replica draws exactly what the process-wide generators would have given it."""
@@ -46,6 +48,8 @@ def build_replica(recipe: Recipe, dims: ParallelDims, device: torch.device, voca
     full = build_model(recipe, vocab_size)
     if state_dict is not None:
         full.load_state_dict(state_dict)
+    if prepare is not None:
+        full = prepare(full)
     config, n_params = full.config, full.num_params()
     flops = full.flops_per_token(recipe.data.seq_len)
     engine = parallelize(full, dims, recipe, device, params=params)

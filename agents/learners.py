@@ -1,0 +1,299 @@
+r"""The learners of a multi-agent run: where each agent's policy starts, the models and DeepSpeed
+engines that hold the agents' weights, and one policy-gradient update of an engine.
+
+Two kinds of agent (`agents.<name>.adapter`):
+    none  the agent's own full weights, its own engine (`trainer.replica`, component `agent_<name>`);
+    lora  one peft LoRA adapter per agent (`agents.lora`) over a frozen base shared by every LoRA agent
+          that starts from the same `init_from`: one model, one engine (component `lora_<i>`) whose
+          optimizer has one parameter group per trainable agent (its adapter, its lr); the rollout
+          generates all of them in one engine call, each row under its agent's adapter.
+A frozen agent (`trainable: false`) keeps a plain module (or its adapter out of the optimizer).
+
+The update of one engine sums the losses of its agents (each under its adapter): every agent's loss
+touches only its own parameters, so one backward and one step equal one per agent, except that the
+global gradient-norm clip (optim.grad_clip) then spans the engine's agents together.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import yaml
+
+from trainer import checkpoint as ckpt
+from trainer.consolidate import consolidate_once
+from trainer.dims import ParallelDims
+from trainer.errors import UsageError
+from trainer.model_setup import build_model
+from trainer.replica import Replica, build_replica
+from trainer.schema import AgentSection, ModelSection, Recipe
+from trainer.step import Stepper
+
+from .policy import AgentPolicy, token_logprobs
+from .rl import objectives as obj
+
+__all__ = ["Agent", "Base", "Learner", "build_learners", "resolve_base", "update"]
+
+
+# ---- where policies start -------------------------------------------------------------------------
+
+
+@dataclass
+class Base:
+    """A starting policy: the model settings, its full weights (None: initialise from the seed) and
+    the tokenizer file."""
+
+    source: str
+    model: ModelSection
+    tokenizer_path: Path
+    state: dict | None = None
+    checkpoint: Path | None = None
+    meta: dict | None = None
+
+
+def resolve_base(init_from: str | None, recipe: Recipe, agent: str) -> Base:
+    """What `agents.<agent>.init_from` names (see the module docstring); one line when unusable."""
+    key = f"agents.{agent}.init_from"
+    if init_from is None:
+        if not recipe.data.tokenizer:
+            raise UsageError(f"{key} is null (the recipe's model.* from its seed) and data.tokenizer is not set: "
+                             "give the agent a run or Hugging Face folder, or data.tokenizer")
+        return Base("recipe model.*", recipe.model, Path(recipe.data.tokenizer))
+    path = Path(init_from)
+    if not path.is_dir():
+        raise UsageError(f"{key}={init_from}: no such directory (a run directory of ours or a Hugging Face folder)")
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        raise UsageError(f"{key}={init_from} has no tokenizer.json")
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        folder = ckpt.latest_checkpoint(path / "checkpoints")
+        if folder is None:
+            raise UsageError(f"{key}={init_from}: the run has no finished checkpoint")
+        meta = ckpt.verify(folder)
+        names = meta.get("components", ["model"])
+        if len(names) != 1:
+            raise UsageError(f"{key}={init_from}: the run holds {len(names)} models ({', '.join(names)}); start "
+                             "from a single-model run or its export")
+        cfg = yaml.safe_load((path / "config.yaml").read_text())
+        model = ModelSection(**{**cfg["model"], "vocab_size": meta["model_config"]["vocab_size"]})
+        return Base(str(path), model, tok, checkpoint=folder, meta=meta)
+    if (path / "config.json").is_file():
+        return Base(str(path), recipe.model.model_copy(update={"init_from": str(path)}), tok)
+    raise UsageError(f"{key}={init_from} is neither a run directory (config.yaml, checkpoints/) nor a Hugging "
+                     "Face folder (config.json)")
+
+
+def agent_recipe(recipe: Recipe, settings: AgentSection, base: Base) -> Recipe:
+    """The recipe one agent's engine is built from: its model, its learning rate, one micro-batch
+    per step (the loop does one backward and one step per update)."""
+    return recipe.model_copy(update={
+        "model": base.model,
+        "optim": recipe.optim.model_copy(update={"lr": settings.lr}),
+        "parallel": recipe.parallel.model_copy(update={"micro_batch": 1, "global_batch": None}),
+    })
+
+
+
+
+# ---- agents and their engines -----------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    name: str
+    settings: AgentSection
+    policy: AgentPolicy
+    module: torch.nn.Module  # what generates (an engine's module, or a frozen one)
+    learner: Learner | None = None  # None: frozen
+    adapter: str | None = None
+    ref: torch.nn.Module | None = None  # the initial policy (a copy; None with an adapter: the base)
+    baseline: obj.MovingAverageBaseline | None = None
+
+    def reference_logprobs(self, ids, targets):
+        """Log-probabilities of the initial policy (for the KL figure)."""
+        if self.adapter is not None:
+            from .lora import use_adapter
+
+            with use_adapter(self.module, None):
+                return token_logprobs(self.module, ids, targets, temperature=self.policy.logprob_temperature)
+        return token_logprobs(self.ref, ids, targets, temperature=self.policy.logprob_temperature)
+
+
+@dataclass
+class Learner:
+    """One engine and the trainable agents whose weights it holds."""
+
+    replica: Replica
+    stepper: Stepper
+    agents: list[str] = field(default_factory=list)
+    lora: dict[str, dict] = field(default_factory=dict)  # adapter specs, for export
+
+
+def _tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def _lora_spec(a: AgentSection) -> dict:
+    return {"rank": a.lora_rank, "alpha": a.lora_alpha, "targets": list(a.lora_targets)}
+
+
+def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> tuple[dict[str, Agent], list[Learner]]:
+    """Collective: every agent (in recipe order) and the engines of the trainable ones."""
+    bases: dict[str | None, Base] = {}
+    states: dict[str | None, dict | None] = {}
+    for name, a in recipe.agents.items():
+        if a.init_from not in bases:
+            base = bases[a.init_from] = resolve_base(a.init_from, recipe, name)
+            states[a.init_from] = None if base.checkpoint is None else consolidate_once(
+                base.checkpoint, base.meta, dims, base.meta.get("components", ["model"])[0])
+    agents: dict[str, Agent] = {}
+    learners: list[Learner] = []
+    shared: dict[str | None, torch.nn.Module] = {}  # init_from -> the LoRA agents' model
+    for name, a in recipe.agents.items():
+        base, state = bases[a.init_from], states[a.init_from]
+        tok = _tokenizer(base.tokenizer_path)
+        vocab = tok.get_vocab_size()
+        adapter = name if a.adapter == "lora" else None
+        policy = AgentPolicy(name, tok, temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None,
+                             max_new_tokens=recipe.rl.max_new_tokens, adapter=adapter)
+        baseline = obj.MovingAverageBaseline(a.baseline_decay) if a.baseline == "ema" else None
+        sub = agent_recipe(recipe, a, base)
+        if adapter is not None:
+            if a.init_from not in shared:
+                shared[a.init_from] = _build_lora(recipe, a.init_from, sub, dims, device, vocab, state, learners)
+            module = shared[a.init_from]
+            learner = next((lr for lr in learners if lr.replica.module is module and name in lr.agents), None)
+            agents[name] = Agent(name, a, policy, module, learner, adapter, baseline=baseline)
+        elif a.trainable:
+            replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"agent_{name}")
+            learner = Learner(replica, Stepper(replica.engine, dims, device), [name])
+            learners.append(learner)
+            ref = copy.deepcopy(replica.module).eval().requires_grad_(False) if recipe.rl.kl_ref else None
+            agents[name] = Agent(name, a, policy, replica.module, learner, ref=ref, baseline=baseline)
+        else:
+            torch.manual_seed(recipe.train.seed)
+            module = build_model(sub, vocab)
+            if state is not None:
+                module.load_state_dict(state)
+            agents[name] = Agent(name, a, policy, module.to(device).eval().requires_grad_(False))
+    return agents, learners
+
+
+def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, state, learners) -> torch.nn.Module:
+    """The shared model of every LoRA agent starting from `init_from`: an engine when one of them trains."""
+    from .lora import adapter_parameters, add_adapters
+
+    members = [n for n, a in recipe.agents.items() if a.adapter == "lora" and a.init_from == init_from]
+    specs = {n: _lora_spec(recipe.agents[n]) for n in members}
+    training = [n for n in members if recipe.agents[n].trainable]
+
+    def prepare(model):
+        add_adapters(model, specs)
+        for n in members:
+            if n not in training:
+                for p in adapter_parameters(model, n):
+                    p.requires_grad_(False)
+        return model
+
+    if not training:
+        torch.manual_seed(recipe.train.seed)
+        model = build_model(sub, vocab)
+        if state is not None:
+            model.load_state_dict(state)
+        return prepare(model).to(device).eval()
+
+    def groups(module):  # one group per trainable agent: its adapter, its learning rate
+        return [{"params": adapter_parameters(module, n), "lr": recipe.agents[n].lr, "weight_decay": 0.0}
+                for n in training]
+
+    index = sum(1 for lr in learners if lr.lora)
+    replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"lora_{index}", prepare=prepare,
+                            params=groups)
+    learners.append(Learner(replica, Stepper(replica.engine, dims, device), training,
+                            {n: specs[n] for n in members}))
+    return replica.module
+
+
+# ---- one engine's update -------------------------------------------------------------------------------
+
+
+def _gather_floats(values: list[float], dims: ParallelDims) -> list[float]:
+    """Every rank's values, in rank order (collective over the data-parallel group)."""
+    if dims.dp == 1:
+        return list(values)
+    out = [None] * dims.dp
+    tdist.all_gather_object(out, list(values), group=dims.dp_group)
+    return [v for part in out for v in part]
+
+
+def sum_over_ranks(values: list[float], dims: ParallelDims) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dims.dp > 1:
+        tdist.all_reduce(t, group=dims.dp_group)
+    return t.tolist()
+
+
+def _agent_batch(agent: Agent, ar, recipe: Recipe, dims: ParallelDims, episodes_global: int):
+    """The agent's token batch with advantages (a baseline over every rank's rows, so they do not depend
+    on the layout) and its loss normaliser (global count / ranks: DeepSpeed averages over the ranks)."""
+    a = agent.settings
+    steps = ar.step_tensors()
+    returns = obj.discounted_returns(steps.rewards, a.gamma, steps.step_mask, from_start=a.returns == "discounted")
+    row_returns = returns[steps.acted]  # [N] in the token batch's row order
+    everyone = torch.tensor(_gather_floats(row_returns.tolist(), dims), dtype=torch.float64)
+    if a.algorithm == "grpo":
+        # Groups are consecutive episodes (one rank holds whole groups); an agent acts once per episode.
+        adv_all = obj.grpo_advantages(everyone, recipe.rl.group_size)
+    elif a.baseline == "ema":
+        adv_all = agent.baseline.advantages(everyone)
+    else:
+        adv_all = obj.reinforce_advantages(everyone, baseline=a.baseline)
+    counts = _gather_floats([float(len(row_returns))], dims)
+    start = int(sum(counts[:dims.dp_rank]))
+    batch = ar.token_batch()
+    batch.set_advantages(adv_all[start:start + len(row_returns)])
+    total_tokens = sum_over_ranks([float(batch.mask.sum())], dims)[0]
+    norm = {"episodes": episodes_global, "rows": sum(counts), "tokens": total_tokens}[recipe.rl.normalizer]
+    return batch, max(norm, 1.0) / dims.dp
+
+
+def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, dims: ParallelDims,
+           episodes_global: int) -> dict[str, dict]:
+    """Collective over the learner's engine: every one of its agents' loss, one backward and one step.
+    Returns each agent's figures (policy and entropy terms, KL to the start, the step's loss)."""
+    batches = {n: _agent_batch(agents[n], rollout.agents[n], recipe, dims, episodes_global) for n in learner.agents}
+    figures: dict[str, dict] = {n: {} for n in learner.agents}
+
+    def loss_fn(engine, _):
+        total = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0  # syncs when empty
+        for n, (b, norm) in batches.items():
+            ag, a = agents[n], agents[n].settings
+            if b.input_ids.shape[0] == 0:
+                continue
+            pt = token_logprobs(engine.module, b.input_ids, b.targets, temperature=ag.policy.logprob_temperature,
+                                adapter=ag.adapter)
+            out = obj.objective_loss(a.algorithm, pt.logprobs, pt.entropy, pt.mask, b.advantages, alpha=a.alpha,
+                                     normalizer=norm)
+            figures[n]["policy_loss"] = float(out["policy"].detach())
+            figures[n]["entropy_loss"] = float(out["entropy"].detach())
+            if recipe.rl.kl_ref:
+                with torch.no_grad():
+                    ref = ag.reference_logprobs(b.input_ids, b.targets)
+                figures[n]["kl"] = float(obj.kl_estimate(pt.logprobs.detach(), ref.logprobs, pt.mask))
+            total = total + out["loss"]
+        return total
+
+    learner.stepper.loss_fn = loss_fn
+    with learner.replica.component.rng.active():
+        result = learner.stepper.run([None])
+    for f in figures.values():
+        f["skipped"] = not result.finite
+    if len(learner.agents) == 1:
+        figures[learner.agents[0]]["loss"] = float(result.loss) if result.finite else None
+    return figures
