@@ -27,14 +27,32 @@ plan of the `row_adapters` context in force and adds
 
     y[b] = base(x[b]) + x[b] A_{a(b)}^T (s_{a(b)} B_{a(b)})^T,    a(b) = names[b], s = alpha / rank
 
-computed for all rows at once (method "bmm", the default): the adapters' A^T and (s B)^T are stacked
-once, zero-padded to the largest rank (slot 0 = zeros, the base rows), gathered per row and applied
-with two batched matmuls. The stack and the per-row gather are cached between forwards while the
-rows' names, the dtype and the adapter weights (their version counters) are unchanged, so the decode
-steps of one batch reuse them; under autograd they are rebuilt in each forward (differentiable).
-Method "group" instead runs each adapter on its rows (index_select, two matmuls, index_add_): fewer
-FLOPs, more small ops (bench/bench_lora.py measures both). `model/gpt.py` knows nothing of this: the
-engine enters `model.row_adapter_context(names)` (set here) around its forwards.
+computed for all rows at once. The adapters' A^T and (s B)^T are stacked once per batch, zero-padded
+to the largest rank R of the batch's adapters (a padded rank adds exact zeros), and applied by one of:
+
+    dense  h = x [A_1^T ... A_n^T] (all n adapters, [B, T, n R]) with the columns of other adapters
+           zeroed, then y += h [s_1 B_1 ... s_n B_n]^T: two GEMMs on the stacked weights as they are;
+           extra FLOPs grow with n R
+    bmm    each row's own A^T [B, in, R] and (s B)^T [B, R, out], gathered per row, two batched
+           matmuls (the add fused in baddbmm); cost grows with the rows, not the adapters
+    group  each adapter on its own rows (index_select, two matmuls, index_add): fewest FLOPs, most
+           small ops
+    auto   (default) per layer, dense while 4 n R <= the layer's input width, else bmm
+
+Measured by bench/bench_lora.py (bench/results/lora-cpu.md, decode of 32 rows, rank 8, a shared 2-core
+CPU whose noise is ~7%): with 8 adapters in the batch dense and bmm are both ~0.8-0.87x the speed of
+the batch without adapters and group ~0.6x; with 32 adapters bmm stays at ~0.85x and dense falls to
+~0.74x; with 2, dense is at least as fast as bmm. Hence auto. The stacks (and bmm's
+per-row gather) are cached between forwards while the rows' adapters, the dtype and the adapter
+weights (their version counters and storage) are unchanged, so the decode steps of one batch reuse
+them; under autograd they are rebuilt in each forward, from the parameters (differentiable: a
+training forward may mix agents too). `model/gpt.py` knows nothing of this: the engine enters
+`model.row_adapter_context(names)` (set here) around its forwards.
+
+Activation checkpointing recomputes the forward during backward: run `backward()` inside the same
+`use_adapter` / `row_adapters` context as the forward (checked: the same gradients as without
+checkpointing); outside it the recomputation sees another adapter (torch then usually stops with a
+CheckpointError).
 
 Targets: names of the `nn.Linear` modules inside the blocks, matched as peft matches them (the whole
 module path or its last components): q_proj, k_proj, v_proj, o_proj, and fc, proj (gpt2) or gate_proj,
@@ -62,7 +80,8 @@ from trainer.errors import UsageError
 __all__ = ["ROW_METHODS", "RowLoraLinear", "adapter_names", "adapter_parameters", "adapter_state_dict", "add_adapters",
            "load_adapter_state_dict", "merged_state_dict", "row_adapters", "use_adapter"]
 
-ROW_METHODS = ("bmm", "group")
+ROW_METHODS = ("auto", "dense", "bmm", "group")
+DEFAULT_METHOD = "auto"
 _SPEC_KEYS = {"rank", "alpha", "targets"}
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _NAME_ORDER = {n: i for i, n in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj", "gate_proj",
@@ -81,7 +100,9 @@ def _gpt(model) -> nn.Module:
 
 
 class _Rows:
-    """The plan of one `row_adapters` context: row b uses slot `slots[b]` of the stacks (0: the base)."""
+    """The plan of one `row_adapters` context: row b uses adapter slot `slots[b]` (0: the base, else
+    1 + the adapter's index in `distinct`); every adapter is padded to rank R, the largest rank of
+    `distinct`, so that all layers share one layout."""
 
     def __init__(self, names: tuple, method: str, hub: _Hub):
         self.names = names
@@ -90,7 +111,9 @@ class _Rows:
         self.distinct = tuple(dict.fromkeys(n for n in names if n is not None))
         slot = {n: i + 1 for i, n in enumerate(self.distinct)}
         self.slots = [slot[n] if n is not None else 0 for n in names]
+        self.R = max((hub.specs[n]["rank"] for n in self.distinct), default=1)
         self._device = self.idx = self.groups = None
+        self._masks: dict = {}
         self._generation = None
 
     def on(self, device) -> _Rows:
@@ -102,6 +125,13 @@ class _Rows:
                                                 dtype=torch.long, device=device)) for i, n in enumerate(self.distinct)]
             self._device = device
         return self
+
+    def mask(self, dtype) -> torch.Tensor:
+        """[B, 1, n R]: 1 on the R columns of each row's adapter (method "dense"), 0 elsewhere."""
+        if dtype not in self._masks:
+            cols = torch.arange(len(self.distinct) * self.R, device=self.idx.device) // self.R + 1
+            self._masks[dtype] = (cols[None, :] == self.idx[:, None]).to(dtype)[:, None, :]
+        return self._masks[dtype]
 
     @property
     def generation(self) -> int:
@@ -119,7 +149,7 @@ class _Hub:
     def __init__(self):
         self.specs: dict[str, dict] = {}
         self.rows: _Rows | None = None
-        self.method = "bmm"
+        self.method = DEFAULT_METHOD
         self.params: list[nn.Parameter] = []  # every adapter's parameters (add_adapters fills it)
         self._stamp: tuple | None = None
         self._generation = 0
@@ -171,47 +201,58 @@ class RowLoraLinear(PeftLoraLinear):
         if not rows.distinct:
             return y
         rows = rows.on(x.device)
-        if rows.method == "group":
+        method = rows.method
+        if method == "auto":  # dense while its extra FLOPs stay small against the layer's own (measured)
+            method = "dense" if 4 * len(rows.distinct) * rows.R <= x.shape[-1] else "bmm"
+        if method == "group":
             return _group_delta(self, x, y, rows)
-        At, Bt = self._row_weights(rows, y.dtype)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(y.dtype)
-        # y + (x A^T)(s B)^T in one baddbmm (the add fused, no extra [B, T, out] temporary).
-        return torch.baddbmm(y.reshape(y.shape[0], -1, y.shape[-1]), torch.bmm(x3, At), Bt).view(y.shape)
+        x3, y3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(y.dtype), y.reshape(y.shape[0], -1, y.shape[-1])
+        if method == "dense":
+            # Every adapter's x A^T at once ([B, T, n R]), the other adapters' columns zeroed, then
+            # y + h (s B)^T: two GEMMs with the adapters' weights as they are stacked.
+            A_cat, B_cat = self._weights(rows, method, y.dtype)
+            h = (x3 @ A_cat) * rows.mask(y.dtype)
+            return torch.addmm(y3.reshape(-1, y3.shape[-1]), h.reshape(-1, h.shape[-1]), B_cat).view(y.shape)
+        # bmm: each row's own A^T [B, in, R] and (s B)^T [B, R, out]; the add fused into baddbmm.
+        At, Bt = self._weights(rows, method, y.dtype)
+        return torch.baddbmm(y3, torch.bmm(x3, At), Bt).view(y.shape)
 
-    def _row_weights(self, rows: _Rows, dtype):
-        """Per-row A^T [B, in, r] and (s B)^T [B, r, out], r the largest rank of the rows' adapters."""
-        use_cache = not torch.is_grad_enabled()  # under autograd the stacks must be built from the parameters
-        stack_key = (rows.distinct, dtype, rows.generation) if use_cache else None
+    def _weights(self, rows: _Rows, method: str, dtype):
+        """The method's weights, cached while the rows' adapters (for bmm: the rows' names), the dtype and
+        the adapter weights are unchanged; rebuilt in every forward under autograd."""
+        use_cache = not torch.is_grad_enabled()
+        key = (method, rows.distinct, rows.R, dtype, rows.generation) if use_cache else None
         cache = self._row_cache if use_cache else None
-        if cache is not None and cache[0] == stack_key:
-            if cache[3] == rows.names:
-                return cache[4], cache[5]
-            At_all, Bt_all = cache[1], cache[2]
+        if cache is not None and cache[0] == key:
+            if method == "dense" or cache[1] == rows.names:
+                return cache[2]
+            At_all, Bt_all = cache[3]
         else:
-            At_all, Bt_all = self._stack(rows.distinct, dtype)
-        At, Bt = At_all.index_select(0, rows.idx), Bt_all.index_select(0, rows.idx)
+            At_all, Bt_all = self._stack(rows.distinct, rows.R, dtype)
+        if method == "dense":
+            n, d_in, R = At_all.shape[0] - 1, At_all.shape[1], rows.R
+            out = (At_all[1:].permute(1, 0, 2).reshape(d_in, n * R), Bt_all[1:].reshape(n * R, -1))
+        else:
+            out = (At_all.index_select(0, rows.idx), Bt_all.index_select(0, rows.idx))
         if use_cache:
-            self._row_cache = (stack_key, At_all, Bt_all, rows.names, At, Bt)
-        return At, Bt
+            self._row_cache = (key, rows.names, out, (At_all, Bt_all))
+        return out
 
-    def _stack(self, distinct: tuple, dtype):
-        """[1 + n, in, r] and [1 + n, r, out]: zeros (slot 0, the base) then each adapter's A^T and
-        (s B)^T padded with zeros to r (a padded rank adds exact zeros). An adapter this layer does not
-        have (other targets) gets zeros too."""
+    def _stack(self, distinct: tuple, R: int, dtype):
+        """[1 + n, in, R] and [1 + n, R, out]: zeros (slot 0, the base) then each adapter's A^T and
+        (s B)^T padded with zeros to rank R (a padded rank adds exact zeros). An adapter this layer does
+        not have (other targets) gets zeros too."""
         base = self.get_base_layer()
-        d_in, d_out = base.in_features, base.out_features
-        ranks = [self.lora_A[n].weight.shape[0] for n in distinct if n in self.lora_A]
-        r = max(ranks, default=1)
         dev = base.weight.device
-        At = [torch.zeros(d_in, r, dtype=dtype, device=dev)]
-        Bt = [torch.zeros(r, d_out, dtype=dtype, device=dev)]
+        At = [torch.zeros(base.in_features, R, dtype=dtype, device=dev)]
+        Bt = [torch.zeros(R, base.out_features, dtype=dtype, device=dev)]
         for n in distinct:
             if n not in self.lora_A:
                 At.append(At[0])
                 Bt.append(Bt[0])
                 continue
             A, B = self.lora_A[n].weight, self.lora_B[n].weight
-            pad = r - A.shape[0]
+            pad = R - A.shape[0]
             At.append(F.pad(A.t().to(dtype), (0, pad)))
             Bt.append(F.pad((B * self.scaling[n]).t().to(dtype), (0, 0, 0, pad)))
         return torch.stack(At), torch.stack(Bt)
