@@ -313,3 +313,35 @@ def test_rollout_batches_agents_with_adapters_of_one_base_in_one_call():
     plain = {a: AgentPolicy(a, tok, max_new_tokens=5, stop_at_newline=False) for a in pols}
     base = rollout(Duet, plain, m, episodes=K, generator=torch.Generator().manual_seed(8))
     assert any([x.tokens for x in base.agents[a].actions] != [x.tokens for x in out.agents[a].actions] for a in pols)
+
+
+def test_bench_table_is_consistent(tmp_path):
+    """bench/bench_lora.py --quick: every ratio is the plain GPT's median over the case's, the
+    per-row logits are within 1e-4 of the merged models and every row's greedy tokens equal its
+    merged model's."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.trainutil import REPO, env
+
+    out = tmp_path / "lora.md"
+    run = subprocess.run([sys.executable, "bench/bench_lora.py", "--quick", "--threads", "1", "--adapters", "2", "8",
+                          "--out", str(out)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = out.read_text()
+    assert "Command: `python bench/bench_lora.py --quick --threads 1 --adapters 2 8" in text
+    rows = re.findall(r"^\| (\d+) \| ([^|]+) \| [\d.]+ \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| ([\d,]+) \| ([\d.]+)x \|$",
+                      text, re.M)
+    assert len(rows) == 2 * 6
+    for n in ("2", "8"):
+        mine = {case.strip(): tuple(float(v.replace(",", "")) for v in vals) for m, case, *vals in rows if m == n}
+        assert set(mine) == {"plain GPT (no adapter)", "adapters added, every row base",
+                             *(f"per-row adapters, {m}" for m in ROW_METHODS)}
+        base_w, _, base_c, _ = mine["plain GPT (no adapter)"]  # tokens/s
+        for tw, rw, tc, rc in mine.values():
+            assert abs(rw - tw / base_w) <= 0.002 and abs(rc - tc / base_c) <= 0.002
+        diffs = re.search(rf"N={n}: max \|logit difference\|.*?: auto \*\*([\d.e+-]+)\*\*, dense ([\d.e+-]+), "
+                          rf"bmm ([\d.e+-]+), group ([\d.e+-]+);", text)
+        assert diffs and all(float(d) <= 1e-4 for d in diffs.groups())
+        assert f"N={n}: greedy tokens equal to each row's merged model generating alone: 32/32 rows" in text
