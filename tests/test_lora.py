@@ -1,6 +1,6 @@
 """agents.lora against independent references: a batch whose rows use 8 different adapters against
 each row run through a model whose weights the test merges itself (W + alpha/r B A, float64), for
-both per-row methods, in float32 and float64; the engine's per-row generation against each request
+every per-row method (auto, dense, bmm, group), in float32 and float64; the engine's per-row generation against each request
 generated alone under peft's own active adapter (greedy and seeded sampling, requests joining and
 leaving); a fresh adapter (B = 0) against the base, bit for bit; gradients against the merged model's
 weight gradient; save/load, the export's merged state dict against peft's in-place merge; one-line
