@@ -6,8 +6,13 @@ multi-agent recipe chain first pretrains a small base on transcripts of *random*
 written exactly as `AgentPolicy` will prompt the agent (its template filled in), followed by an action
 the env's `random_action` draws with no regard to the reward, and a line break (where a policy's action
 ends). The base learns what a well-formed action looks like in every situation and nothing about
-which action wins: in the signalling game its listener names a uniformly random candidate (success
-1/n) and its speaker names a random object, whatever the target.
+which action wins: in the signalling game its listener names a uniformly random candidate whatever
+the message (success 1/n). Random players do say what they see some of the time (the signalling
+speaker names the target half of the time, a split_arith player sends its own number half of the
+time): without that, the base speaker's next-token distribution ignores the target altogether, and
+policy-gradient updates of a network whose outputs do not depend on the target move every target's
+message together, so the speaker collapses onto one message before any protocol forms (measured:
+speaker entropy to ~0 within 100 steps at lr 1e-3, no progress in 300 steps at 1e-4).
 
     path = write_corpus("signaling", {"n_objects": 10}, episodes=20000, seed=0, folder=".cache/data")
 
@@ -32,7 +37,7 @@ from .policy import DEFAULT_TEMPLATE
 __all__ = ["ENV_PREFIX", "episode_text", "write_corpus"]
 
 ENV_PREFIX = "env:"
-FORMAT = 1
+FORMAT = 2  # 2: the signalling speaker of random play names the target half of the time
 
 
 def episode_text(env, rng: np.random.Generator, template: str = DEFAULT_TEMPLATE, max_steps: int = 64) -> str:

@@ -229,14 +229,16 @@ class AgentPolicy:
 
     def action_text(self, tokens: Sequence[int]) -> str:
         """The env's action for generated `tokens`: decoded without a final eos, cut at the first line
-        break (with stop_at_newline)."""
+        break (with stop_at_newline), without surrounding whitespace (the space a model writes after
+        the prompt's "name:" is layout: the env, and the transcripts a base was trained on
+        (agents.corpus), read "kite", not " kite")."""
         tokens = [int(t) for t in tokens]
         if tokens and self.eos_id is not None and tokens[-1] == self.eos_id:
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens) if tokens else ""
         if self.stop_at_newline:
             text = text.split("\n", 1)[0]
-        return text
+        return text.strip()
 
     @property
     def logprob_temperature(self) -> float:

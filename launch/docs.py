@@ -42,7 +42,13 @@ def recipes_table() -> str:
     for name in available_recipes():
         r = load_recipe(name)
         desc = r.run.description.replace("|", "\\|")
-        lines.append(f"| `{name}` | {r.model.style} | {r.world_size()} | {layout(r)} | {desc} |")
+        model, where = r.model.style, layout(r)
+        if r.agents:  # a multi-agent recipe: its agents start from runs (or recipes) of their own
+            starts = sorted({(a.init_from or "model.*").removeprefix("recipe:") for a in r.agents.values()})
+            model = "from " + ", ".join(f"`{x}`" for x in starts)
+            kinds = sorted({a.algorithm + (" + LoRA" if a.adapter == "lora" else "") for a in r.agents.values()})
+            where += f", {len(r.agents)} agents ({', '.join(kinds)}) in `{r.env.name}`"
+        lines.append(f"| `{name}` | {model} | {r.world_size()} | {where} | {desc} |")
     return "\n".join(lines) + "\n"
 
 

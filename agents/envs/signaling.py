@@ -147,6 +147,9 @@ class SignalingEnv(TextParallelEnv):
                 "blank_message": self._blank}
 
     def random_action(self, agent: str, rng) -> str:
-        """speaker: one object name drawn uniformly (whatever the target); listener: one candidate."""
-        pool = self.objects if agent == "speaker" else self.candidates
-        return pool[int(rng.integers(len(pool)))]
+        """speaker: the target's name half of the time, else an object drawn uniformly (a player who
+        often says what it sees, as split_arith's players often send their number); listener: a
+        candidate drawn uniformly, whatever the message (so random play succeeds 1 time in n)."""
+        if agent == "speaker":
+            return self.target if rng.random() < 0.5 else self.objects[int(rng.integers(len(self.objects)))]
+        return self.candidates[int(rng.integers(len(self.candidates)))]
