@@ -20,7 +20,7 @@ def run_train(root, name, *overrides, recipe, timeout=600, **env_extra):
            f"data.cache_dir={root}/cache", *overrides]
     return subprocess.run(cmd, cwd=root, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
 
-BASE = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.max_seq_len=64", "model.kernels=torch",
+BASE = ["model.n_layer=1", "model.n_head=2", "model.n_kv_head=2", "model.d_model=32", "model.max_seq_len=64", "model.kernels=torch",
         "data.vocab_size=300", "data.seq_len=64", "data.max_documents=600", "parallel.micro_batch=8",
         "train.max_steps=20", "train.eval_every=10", "train.checkpoint_every=10", "train.eval_batches=2",
         "train.progress=false", "tracking.wandb=disabled", "train.sample_tokens=4", "optim.warmup_steps=2"]
