@@ -43,7 +43,6 @@ import torch
 import yaml
 
 from trainer import checkpoint as ckpt
-from trainer import faults
 from trainer.dims import ParallelDims
 from trainer.distributed import DistInfo
 from trainer.errors import TrainingStopped, UsageError
@@ -200,6 +199,14 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=recipe.train.max_steps, initial=step, desc="marl", unit="step", dynamic_ncols=True)
+
+    def periodic_eval(at: int) -> None:
+        ev = run_eval(at, final=False)
+        if bar is not None:
+            bar.write(f"step {at}: eval success {ev['success']}")
+        if is_main:
+            tracker.plot()
+
     signals = ctx.watch_signals()
     env = _env_factory(recipe)
     E, G = recipe.rl.episodes_per_step, recipe.rl.group_size
@@ -235,17 +242,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
             if bar is not None:
                 bar.set_postfix(success=f"{figures['success'] or 0:.2f}", refresh=False)
                 bar.update(1)
-            done = step == recipe.train.max_steps
-            if step % recipe.train.eval_every == 0 and not done:
-                ev = run_eval(step, final=False)
-                if bar is not None:
-                    bar.write(f"step {step}: eval success {ev['success']}")
-                if is_main:
-                    tracker.plot()
-            if recipe.train.checkpoint_every and step % recipe.train.checkpoint_every == 0 and not done:
-                save(step)
-            faults.maybe_kill(faults.KILL_AFTER_STEP, step)
-            stop_signal = signals.agreed(ctx.group)
+            stop_signal = ctx.end_of_step(step, periodic_eval, save, signals)
             if stop_signal:
                 stop_reason = stop_signal
                 break

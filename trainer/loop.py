@@ -230,6 +230,13 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
         bar = tqdm(total=recipe.train.max_steps, initial=start_step, desc="train", unit="step",
                    dynamic_ncols=True)
 
+    def periodic_eval(at: int) -> None:
+        row = run_eval(at, full=False)
+        if bar is not None:
+            bar.write(f"step {at}: val_loss {row['val_loss']:.4f}  val_bpb {row['val_bpb']:.3f}")
+        if is_main:
+            tracker.plot()
+
     consecutive_nan = skipped_total = 0
     last_loss = float("nan")
     ema_tps = None
@@ -278,18 +285,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
                 if consecutive_nan >= recipe.train.max_nan_steps:
                     raise TrainingStopped(f"{consecutive_nan} consecutive non-finite losses up to step {step} "
                                           f"(train.max_nan_steps={recipe.train.max_nan_steps}); stopping", 3)
-            done = step == recipe.train.max_steps
-            if step % recipe.train.eval_every == 0 and not done:
-                row = run_eval(step, full=False)
-                if bar is not None:
-                    bar.write(f"step {step}: val_loss {row['val_loss']:.4f}  val_bpb {row['val_bpb']:.3f}")
-                if is_main:
-                    tracker.plot()
-            if recipe.train.checkpoint_every and step % recipe.train.checkpoint_every == 0 and not done:
-                save(step)
-            faults.maybe_kill(faults.KILL_AFTER_STEP, step)
             # Every rank of the replica stops at the same step, naming the same signal.
-            stop_signal = signals.agreed(ctx.group)
+            stop_signal = ctx.end_of_step(step, periodic_eval, save, signals)
             if stop_signal:
                 stop_reason = stop_signal
                 break

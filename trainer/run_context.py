@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import faults
 from .dims import ParallelDims
 from .distributed import barrier, max_int
 from .schema import Recipe
@@ -92,3 +93,16 @@ class RunContext:
         `components`: this rank's; `names`: every component of the run (default: this rank's)."""
         return ckpt.save(components, self.checkpoints, step, loop_state, meta, self.rank, self.is_main,
                          self.recipe.train.keep_checkpoints, extra, group=self.group, names=names)
+
+    def end_of_step(self, step: int, evaluate, save, signals: SignalWatch) -> int:
+        """Collective over the run: what every loop does after its step `step`. `evaluate(step)` and
+        `save(step)` at their intervals (not after the last step, which the loop ends with), the
+        fault hook of the tests, then the signal every rank agrees to stop for (0: go on)."""
+        train = self.recipe.train
+        if step < train.max_steps:
+            if step % train.eval_every == 0:
+                evaluate(step)
+            if train.checkpoint_every and step % train.checkpoint_every == 0:
+                save(step)
+        faults.maybe_kill(faults.KILL_AFTER_STEP, step)
+        return signals.agreed(self.group)
