@@ -223,13 +223,17 @@ def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, sta
 # ---- one engine's update -------------------------------------------------------------------------------
 
 
-def _gather_floats(values: list[float], dims: ParallelDims) -> list[float]:
-    """Every rank's values, in rank order (collective over the data-parallel group)."""
+def gather_objects(values: list, dims: ParallelDims) -> list:
+    """Every rank's list, concatenated in rank order (collective over the data-parallel group)."""
     if dims.dp == 1:
         return list(values)
     out = [None] * dims.dp
     tdist.all_gather_object(out, list(values), group=dims.dp_group)
     return [v for part in out for v in part]
+
+
+def _gather_floats(values: list[float], dims: ParallelDims) -> list[float]:
+    return gather_objects([float(v) for v in values], dims)
 
 
 def sum_over_ranks(values: list[float], dims: ParallelDims) -> list[float]:

@@ -102,7 +102,27 @@ def evaluate(agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims, optio
         out = rollout(env, greedy, {k: v.module for k, v in agents.items()}, seeds=_share(seeds, dims),
                       env_seeds=_share(env_seeds, dims), reset_options=options or None,
                       max_steps=recipe.rl.max_env_steps)
-    return _episode_figures(out, dims, n)
+    figures = _episode_figures(out, dims, n)
+    if recipe.env.eval_group_by:
+        figures["success_by"] = _success_by(out, recipe.env.eval_group_by, dims)
+    return figures
+
+
+def _success_by(out, key: str, dims) -> dict[str, float]:
+    """Team success per value of the final infos' `key` over every rank's episodes (collective)."""
+    from .learners import gather_objects
+
+    pairs = []
+    for infos in out.final_infos:
+        info = next(iter(infos.values()), {})
+        if key in info and info.get("success") is not None:
+            pairs.append((str(info[key]), bool(info["success"])))
+    totals: dict[str, list[int]] = {}
+    for value, ok in gather_objects(pairs, dims):
+        t = totals.setdefault(value, [0, 0])
+        t[0] += ok
+        t[1] += 1
+    return {v: wins / n for v, (wins, n) in sorted(totals.items())}
 
 
 def _episode_figures(out, dims: ParallelDims, episodes: int) -> dict:
@@ -267,6 +287,9 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
                        "train_return": last.get(f"agent/{n}/return")} for n, d in final["agents"].items()},
         "train_success": last.get("success"), "checkpoint": str(folder),
     }
+    if "success_by" in final:
+        summary["success_by"] = final["success_by"]
+        summary["success_min_by"] = min(final["success_by"].values()) if final["success_by"] else None
     if "with_options" in final:
         summary["success_with_eval_options"] = final["with_options"]["success"]
         summary["eval_options"] = recipe.env.eval_options
@@ -286,6 +309,9 @@ def _lr_of(agent: Agent) -> float:
 
 def _print_summary(s: dict) -> None:
     lines = [f"\nrun directory:  {s['run_dir']}", f"team success:   {_fmt(s['success'])} (greedy, evaluation episodes)"]
+    if s.get("success_by"):
+        lines.append("success by value: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in s["success_by"].items()))
     if "success_with_eval_options" in s:
         lines.append(f"with {s['eval_options']}: success {_fmt(s['success_with_eval_options'])}")
     for n, d in s["agents"].items():

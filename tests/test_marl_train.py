@@ -62,6 +62,10 @@ def test_training_logs_every_agent_and_writes_summary_and_plot(root):
     assert 0.0 <= summary["success"] <= 1.0
     # with the message blanked, the listener is at chance (a random candidate among 10, here 8 episodes)
     assert "success_with_eval_options" in summary
+    # env.eval_group_by: target -> success per object, from the final infos of every evaluation episode
+    by = summary["success_by"]
+    assert set(by) <= {"apple", "boat", "candle", "drum", "egg", "feather", "guitar", "hammer", "igloo", "jacket"}
+    assert summary["success_min_by"] == min(by.values())
     rows = [r for r in metrics(root, "plain") if "agent/speaker/return" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:

@@ -223,6 +223,8 @@ class EnvSection(Section):
     seed: NonNegInt | None = _f(None, "seed of the environment's episodes (null = train.seed)")
     eval_episodes: PosInt = _f(200, "episodes of each evaluation")
     eval_options: dict = _f({}, "reset options at evaluation (e.g. blank_message: true)")
+    eval_group_by: str | None = _f(None, "a key of the env's final infos (e.g. target): evaluation success is also "
+                                   "reported per value of it (summary success_by)")
 
 
 class RLSection(Section):
