@@ -43,6 +43,7 @@ import torch
 import yaml
 
 from trainer import checkpoint as ckpt
+from trainer import faults
 from trainer.dims import ParallelDims
 from trainer.distributed import DistInfo
 from trainer.errors import TrainingStopped, UsageError
@@ -149,6 +150,21 @@ def _env_factory(recipe: Recipe):
     return lambda: make_env(recipe.env.name, **recipe.env.args)
 
 
+def _faulty(factory):
+    """The test suite's env fault (trainer.faults ENV_RAISE_AT_STEP): envs whose step raises."""
+
+    def make():
+        env = factory()
+
+        def step(actions):
+            raise ValueError("injected env fault")
+
+        env.step = step
+        return env
+
+    return make
+
+
 # ---- the loop -------------------------------------------------------------------------------------------
 
 
@@ -229,6 +245,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
 
     signals = ctx.watch_signals()
     env = _env_factory(recipe)
+    env_faults = faults.env_raise_steps()
     E, G = recipe.rl.episodes_per_step, recipe.rl.group_size
     stop_reason = None
     last = {}
@@ -236,10 +253,19 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         while step < recipe.train.max_steps:
             t0 = time.perf_counter()
             seeds, env_seeds = episode_seeds(gen, E, G)
-            with torch.no_grad():
-                out = rollout(env, {n: ag.policy for n, ag in agents.items()},
-                              {n: ag.module for n, ag in agents.items()}, seeds=_share(seeds, dims),
-                              env_seeds=_share(env_seeds, dims), max_steps=recipe.rl.max_env_steps)
+            try:
+                with torch.no_grad():
+                    out = rollout(_faulty(env) if step + 1 in env_faults else env,
+                                  {n: ag.policy for n, ag in agents.items()},
+                                  {n: ag.module for n, ag in agents.items()}, seeds=_share(seeds, dims),
+                                  env_seeds=_share(env_seeds, dims), max_steps=recipe.rl.max_env_steps)
+            except RuntimeError as e:
+                if not str(e).startswith("env "):
+                    raise
+                # The env's own failure: say where, keep the last checkpoint as it is (nothing is saved).
+                kept = ckpt.latest_checkpoint(ctx.checkpoints, warn=lambda _: None)
+                raise TrainingStopped(f"step {step + 1}: {e}; " + (f"the last checkpoint {kept} is kept, continue with "
+                                      "train.resume=auto once the env is fixed" if kept else "no checkpoint yet"), 1) from None
             t_roll = time.perf_counter() - t0
             figures = _episode_figures(out, dims, E)
             updates = {}

@@ -228,3 +228,15 @@ def test_a_frozen_lora_agent_keeps_the_base(root):
     frozen_b = [v for k, v in state.items() if ".lora_B.listener" in k]
     assert frozen_b and all(torch.count_nonzero(v) == 0 for v in frozen_b)  # peft's init B = 0, never stepped
     assert any(torch.count_nonzero(v) > 0 for k, v in state.items() if ".lora_B.speaker" in k)
+
+
+def test_an_env_that_raises_stops_the_run_naming_where_and_keeps_the_last_checkpoint(root):
+    out = _marl(root, "envfault", "train.max_steps=6", "train.checkpoint_every=2", RECIPES_FAULT_ENV_RAISE_AT_STEP="4")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert "step 4: env 'signaling' raised at episode 0" in last and "acting agent(s) speaker" in last, last
+    assert "injected env fault" in last and "step_00000002 is kept" in last and "Traceback" not in out.stderr
+    from trainer import checkpoint as ckpt
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "envfault" / "checkpoints")
+    assert folder.name == "step_00000002" and ckpt.verify(folder)["step"] == 2

@@ -7,6 +7,7 @@ Set through environment variables so the production code path is the one under t
     RECIPES_FAULT_KILL_IN_RESAVE=8     SIGKILL the saving rank while step 8 is saved again over a finished
                                        step_8/ (moved aside, the new one not yet in place)
     RECIPES_FAULT_RANK=1               apply the kills above on this rank only (default: every rank)
+    RECIPES_FAULT_ENV_RAISE_AT_STEP=5  a multi-agent run's env raises in its first env step of training step 5
 Unset (the default), none of these does anything.
 """
 
@@ -24,6 +25,11 @@ NAN_STEPS = "RECIPES_FAULT_NAN_STEPS"
 KILL_AFTER_STEP = "RECIPES_FAULT_KILL_AFTER_STEP"
 KILL_IN_SAVE = "RECIPES_FAULT_KILL_IN_SAVE"
 KILL_IN_RESAVE = "RECIPES_FAULT_KILL_IN_RESAVE"
+ENV_RAISE_AT_STEP = "RECIPES_FAULT_ENV_RAISE_AT_STEP"
+
+
+def env_raise_steps() -> set[int]:
+    return _steps(ENV_RAISE_AT_STEP)
 
 
 def nan_steps() -> set[int]:
