@@ -18,6 +18,7 @@ class AgentTracker(Tracker):
         tracker = cls(ctx.run_dir, cfg_dict, t.wandb, t.project, t.entity, t.group, t.tags, resume_step=resume_step)
         tracker.agents = list(agents)
         tracker.plot_path = ctx.run_dir / "agents.png"
+        ctx.tracker = tracker  # the run context finishes it when the run stops for a signal
         return tracker
 
     def figure(self):

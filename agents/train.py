@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -296,11 +295,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         if bar is not None:
             bar.close()
     if stop_reason is not None:
-        folder = save(step)
-        if is_main:
-            tracker.finish()
-        raise TrainingStopped(f"{signal.Signals(stop_reason).name} received: saved checkpoint {folder} at step "
-                              f"{step}; continue with train.resume=auto", 128 + int(stop_reason))
+        ctx.stop(step, stop_reason, save)
 
     folder = save(step)
     final = run_eval(step, final=True)

@@ -240,3 +240,29 @@ def test_an_env_that_raises_stops_the_run_naming_where_and_keeps_the_last_checkp
 
     folder = ckpt.latest_checkpoint(root / "runs" / "envfault" / "checkpoints")
     assert folder.name == "step_00000002" and ckpt.verify(folder)["step"] == 2
+
+
+def test_sigterm_saves_every_agent_then_resume_finishes_the_run(root):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "launch", "train", "marl-signaling", "run.name=term", f"run.output_dir={root}/runs",
+           f"data.cache_dir={root}/cache", *agents_args(root, "train.max_steps=100000", "train.eval_every=1000")]
+    proc = subprocess.Popen(cmd, cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mpath = root / "runs" / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (mpath.exists() and mpath.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM received: saved checkpoint" in err.strip().splitlines()[-1]
+    from trainer import checkpoint as ckpt
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "term" / "checkpoints")
+    meta = ckpt.verify(folder)
+    assert meta["components"] == ["agent_speaker", "agent_listener"] and meta["step"] >= 2
+    assert (root / "runs" / "term" / "agents.png").exists()  # the tracker was finished (plot written)
+    out = _marl(root, "term", f"train.max_steps={meta['step'] + 1}", "train.resume=auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((root / "runs" / "term" / "summary.json").read_text())["steps"] == meta["step"] + 1

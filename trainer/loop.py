@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -295,14 +294,7 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
             bar.close()
 
     if stop_reason is not None:
-        folder = save(step)
-        if shared:
-            sync.close()
-        name = signal.Signals(stop_reason).name
-        if is_main:
-            tracker.finish()
-        raise TrainingStopped(f"{name} received: saved checkpoint {folder} at step {step}; continue with "
-                              f"train.resume=auto", 128 + int(stop_reason))
+        ctx.stop(step, stop_reason, save, sync.close if shared else None)
 
     # ---- end of run: checkpoint, full evaluation, sample, summary --------------------------------
     folder = save(step)

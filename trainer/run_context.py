@@ -17,6 +17,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .dims import ParallelDims
 from .distributed import barrier, max_int
+from .errors import TrainingStopped
 from .schema import Recipe
 from .tracking import NullTracker, Tracker
 
@@ -106,3 +107,14 @@ class RunContext:
                 save(step)
         faults.maybe_kill(faults.KILL_AFTER_STEP, step)
         return signals.agreed(self.group)
+
+    def stop(self, step: int, signum: int, save, close=None) -> None:
+        """Collective: the run stops for signal `signum` after step `step`: `save(step)`, `close()`
+        (e.g. a sync strategy's servers), the tracker finished, then TrainingStopped with 128 + signum."""
+        folder = save(step)
+        if close is not None:
+            close()
+        if self.is_main:
+            self.tracker.finish()
+        raise TrainingStopped(f"{signal.Signals(signum).name} received: saved checkpoint {folder} at step {step}; "
+                              "continue with train.resume=auto", 128 + int(signum))
