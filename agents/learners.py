@@ -44,15 +44,14 @@ __all__ = ["Agent", "Base", "Learner", "build_learners", "resolve_base", "update
 
 @dataclass
 class Base:
-    """A starting policy: the model settings, its full weights (None: initialise from the seed) and
-    the tokenizer file."""
+    """A starting policy: the model settings, the tokenizer file, and the checkpoint its weights come
+    from (None: initialise from the seed; `state` holds them once consolidated)."""
 
-    source: str
     model: ModelSection
     tokenizer_path: Path
-    state: dict | None = None
     checkpoint: Path | None = None
     meta: dict | None = None
+    state: dict | None = None
 
 
 def resolve_base(init_from: str | None, recipe: Recipe, agent: str) -> Base:
@@ -62,7 +61,7 @@ def resolve_base(init_from: str | None, recipe: Recipe, agent: str) -> Base:
         if not recipe.data.tokenizer:
             raise UsageError(f"{key} is null (the recipe's model.* from its seed) and data.tokenizer is not set: "
                              "give the agent a run or Hugging Face folder, or data.tokenizer")
-        return Base("recipe model.*", recipe.model, Path(recipe.data.tokenizer))
+        return Base(recipe.model, Path(recipe.data.tokenizer))
     path = Path(init_from)
     if not path.is_dir():
         raise UsageError(f"{key}={init_from}: no such directory (a run directory of ours or a Hugging Face folder)")
@@ -80,9 +79,9 @@ def resolve_base(init_from: str | None, recipe: Recipe, agent: str) -> Base:
                              "from a single-model run or its export")
         cfg = yaml.safe_load((path / "config.yaml").read_text())
         model = ModelSection(**{**cfg["model"], "vocab_size": meta["model_config"]["vocab_size"]})
-        return Base(str(path), model, tok, checkpoint=folder, meta=meta)
+        return Base(model, tok, checkpoint=folder, meta=meta)
     if (path / "config.json").is_file():
-        return Base(str(path), recipe.model.model_copy(update={"init_from": str(path)}), tok)
+        return Base(recipe.model.model_copy(update={"init_from": str(path)}), tok)
     raise UsageError(f"{key}={init_from} is neither a run directory (config.yaml, checkpoints/) nor a Hugging "
                      "Face folder (config.json)")
 
@@ -146,18 +145,20 @@ def _lora_spec(a: AgentSection) -> dict:
 def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> tuple[dict[str, Agent], list[Learner]]:
     """Collective: every agent (in recipe order) and the engines of the trainable ones."""
     bases: dict[str | None, Base] = {}
-    states: dict[str | None, dict | None] = {}
+    tokenizers = {}  # one per base: agents sharing a base share its tokenizer
     for name, a in recipe.agents.items():
         if a.init_from not in bases:
             base = bases[a.init_from] = resolve_base(a.init_from, recipe, name)
-            states[a.init_from] = None if base.checkpoint is None else consolidate_once(
-                base.checkpoint, base.meta, dims, base.meta.get("components", ["model"])[0])
+            if base.checkpoint is not None:
+                base.state = consolidate_once(base.checkpoint, base.meta, dims,
+                                              base.meta.get("components", ["model"])[0])
+            tokenizers[a.init_from] = _tokenizer(base.tokenizer_path)
     agents: dict[str, Agent] = {}
     learners: list[Learner] = []
     shared: dict[str | None, torch.nn.Module] = {}  # init_from -> the LoRA agents' model
     for name, a in recipe.agents.items():
-        base, state = bases[a.init_from], states[a.init_from]
-        tok = _tokenizer(base.tokenizer_path)
+        base, state = bases[a.init_from], bases[a.init_from].state
+        tok = tokenizers[a.init_from]
         vocab = tok.get_vocab_size()
         adapter = name if a.adapter == "lora" else None
         policy = AgentPolicy(name, tok, temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None,
@@ -223,17 +224,18 @@ def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, sta
 # ---- one engine's update -------------------------------------------------------------------------------
 
 
-def gather_objects(values: list, dims: ParallelDims) -> list:
-    """Every rank's list, concatenated in rank order (collective over the data-parallel group)."""
+def gather_per_rank(values: list, dims: ParallelDims) -> list[list]:
+    """Every rank's list, in rank order (collective over the data-parallel group)."""
     if dims.dp == 1:
-        return list(values)
+        return [list(values)]
     out = [None] * dims.dp
     tdist.all_gather_object(out, list(values), group=dims.dp_group)
-    return [v for part in out for v in part]
+    return out
 
 
-def _gather_floats(values: list[float], dims: ParallelDims) -> list[float]:
-    return gather_objects([float(v) for v in values], dims)
+def gather_objects(values: list, dims: ParallelDims) -> list:
+    """Every rank's list, concatenated in rank order (collective over the data-parallel group)."""
+    return [v for part in gather_per_rank(values, dims) for v in part]
 
 
 def sum_over_ranks(values: list[float], dims: ParallelDims) -> list[float]:
@@ -250,7 +252,8 @@ def _agent_batch(agent: Agent, ar, recipe: Recipe, dims: ParallelDims, episodes_
     steps = ar.step_tensors()
     returns = obj.discounted_returns(steps.rewards, a.gamma, steps.step_mask, from_start=a.returns == "discounted")
     row_returns = returns[steps.acted]  # [N] in the token batch's row order
-    everyone = torch.tensor(_gather_floats(row_returns.tolist(), dims), dtype=torch.float64)
+    parts = gather_per_rank(row_returns.tolist(), dims)  # every rank's rows: their returns and counts
+    everyone = torch.tensor([v for part in parts for v in part], dtype=torch.float64)
     if a.algorithm == "grpo":
         # Groups are consecutive episodes (one rank holds whole groups); an agent acts once per episode.
         adv_all = obj.grpo_advantages(everyone, recipe.rl.group_size)
@@ -258,12 +261,13 @@ def _agent_batch(agent: Agent, ar, recipe: Recipe, dims: ParallelDims, episodes_
         adv_all = agent.baseline.advantages(everyone)
     else:
         adv_all = obj.reinforce_advantages(everyone, baseline=a.baseline)
-    counts = _gather_floats([float(len(row_returns))], dims)
-    start = int(sum(counts[:dims.dp_rank]))
+    start = sum(len(part) for part in parts[:dims.dp_rank])
     batch = ar.token_batch()
     batch.set_advantages(adv_all[start:start + len(row_returns)])
-    total_tokens = sum_over_ranks([float(batch.mask.sum())], dims)[0]
-    norm = {"episodes": episodes_global, "rows": sum(counts), "tokens": total_tokens}[recipe.rl.normalizer]
+    if recipe.rl.normalizer == "tokens":  # the same setting on every rank: the collective runs on all or none
+        norm = sum_over_ranks([float(batch.mask.sum())], dims)[0]
+    else:
+        norm = episodes_global if recipe.rl.normalizer == "episodes" else float(len(everyone))
     return batch, max(norm, 1.0) / dims.dp
 
 

@@ -58,9 +58,9 @@ from model.generate import DecodeEngine
 
 from .policy import IGNORE_INDEX, AgentPolicy, build_inputs, unwrap_model
 
-__all__ = ["Action", "AgentRollout", "Rollout", "StepTensors", "TokenBatch", "build_token_batch", "rollout"]
+__all__ = ["SEED_HIGH", "Action", "AgentRollout", "Rollout", "StepTensors", "TokenBatch", "build_token_batch", "rollout"]
 
-_SEED_HIGH = 2**63 - 1
+SEED_HIGH = 2**63 - 1
 
 
 @dataclass
@@ -211,7 +211,7 @@ class Rollout:
 
 
 def _draw(g: torch.Generator) -> int:
-    return int(torch.randint(0, _SEED_HIGH, (1,), generator=g))
+    return int(torch.randint(0, SEED_HIGH, (1,), generator=g))
 
 
 def _env_name(env) -> str:
@@ -250,7 +250,7 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
     envs = _make_envs(env, episodes, seeds)
     K = len(envs)
     if seeds is None:
-        seeds = torch.randint(0, _SEED_HIGH, (K,), generator=generator).tolist()
+        seeds = torch.randint(0, SEED_HIGH, (K,), generator=generator).tolist()
     seeds = [int(s) for s in seeds]
     if isinstance(reset_options, Mapping) or reset_options is None:
         options = [reset_options] * K

@@ -54,13 +54,12 @@ from trainer.schema import Recipe
 
 from .config import check_agents
 from .envs import make_env
-from .learners import Agent, build_learners, sum_over_ranks, update
-from .rollout import rollout
+from .learners import Agent, build_learners, gather_objects, sum_over_ranks, update
+from .rollout import SEED_HIGH, rollout
 from .tracking import AgentTracker
 
 __all__ = ["train_agents"]
 
-_SEED_HIGH = 2**63 - 1
 EVAL_SEED_OFFSET = 1_000_003
 
 
@@ -69,8 +68,8 @@ EVAL_SEED_OFFSET = 1_000_003
 
 def episode_seeds(gen: torch.Generator, episodes: int, group: int) -> tuple[list[int], list[int]]:
     """The step's episode seeds and env seeds (episodes of one GRPO group share their env seed)."""
-    seeds = torch.randint(0, _SEED_HIGH, (episodes,), generator=gen).tolist()
-    groups = torch.randint(0, _SEED_HIGH, (episodes // group,), generator=gen).tolist()
+    seeds = torch.randint(0, SEED_HIGH, (episodes,), generator=gen).tolist()
+    groups = torch.randint(0, SEED_HIGH, (episodes // group,), generator=gen).tolist()
     return seeds, [groups[k // group] for k in range(episodes)]
 
 
@@ -110,8 +109,6 @@ def evaluate(agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims, optio
 
 def _success_by(out, key: str, dims) -> dict[str, float]:
     """Team success per value of the final infos' `key` over every rank's episodes (collective)."""
-    from .learners import gather_objects
-
     pairs = []
     for infos in out.final_infos:
         info = next(iter(infos.values()), {})
@@ -212,7 +209,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
                          for lr in learners if lr.lora}}
         return ctx.save([lr.replica.component for lr in learners], at, loop_state, meta)
 
-    def run_eval(at: int, final: bool) -> dict:
+    def run_eval(at: int) -> dict:
         row = evaluate(agents, recipe, dims, None)
         flat = {"step": at, "eval_success": row["success"],
                 **{f"eval/{n}/{k}": v for n, d in row["agents"].items() for k, v in d.items()}}
@@ -236,7 +233,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         bar = tqdm(total=recipe.train.max_steps, initial=step, desc="marl", unit="step", dynamic_ncols=True)
 
     def periodic_eval(at: int) -> None:
-        ev = run_eval(at, final=False)
+        ev = run_eval(at)
         if bar is not None:
             bar.write(f"step {at}: eval success {ev['success']}")
         if is_main:
@@ -298,7 +295,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         ctx.stop(step, stop_reason, save)
 
     folder = save(step)
-    final = run_eval(step, final=True)
+    final = run_eval(step)
     summary = {
         "run_dir": str(ctx.run_dir), "steps": step, "env": recipe.env.name, "success": final["success"],
         # return, success, invalid: the greedy evaluation; entropy and KL: the sampling policy at the
