@@ -33,6 +33,7 @@ from trainer.files import atomic_write_text
 
 from .envs import make_env
 from .policy import DEFAULT_TEMPLATE
+from .rollout import SEED_HIGH
 
 __all__ = ["ENV_PREFIX", "episode_text", "write_corpus"]
 
@@ -43,7 +44,7 @@ FORMAT = 2  # 2: the signalling speaker of random play names the target half of 
 def episode_text(env, rng: np.random.Generator, template: str = DEFAULT_TEMPLATE, max_steps: int = 64) -> str:
     """One episode of random play as text: for every turn, the acting agent's prompt (the template
     with its name as role, as `AgentPolicy` formats it) and " " + its action + a line break."""
-    obs, infos = env.reset(seed=int(rng.integers(2**63 - 1)))
+    obs, infos = env.reset(seed=int(rng.integers(SEED_HIGH)))
     parts = []
     for _ in range(max_steps):
         acting = env.turn_agents

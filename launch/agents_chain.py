@@ -63,17 +63,15 @@ def _train_first(recipe: Recipe, other: str, agent: str) -> None:
 
 
 def resolve_corpus(recipe: Recipe) -> Recipe:
-    path = recipe.data.path
-    if not path.startswith("env:"):
-        return recipe
-    from agents.corpus import write_corpus
-    from agents.envs import make_env
+    from agents.corpus import ENV_PREFIX, write_corpus
 
-    env_name = path[len("env:"):]
-    try:
-        make_env(env_name, **recipe.env.args)
+    path = recipe.data.path
+    if not path.startswith(ENV_PREFIX):
+        return recipe
+    episodes = recipe.data.max_documents or DEFAULT_CORPUS_EPISODES
+    try:  # an unknown env or argument is found when the env is made (a cached corpus had a good one)
+        file = write_corpus(path[len(ENV_PREFIX):], dict(recipe.env.args), episodes, recipe.train.seed,
+                            recipe.data.cache_dir)
     except (ValueError, TypeError) as e:
         raise UsageError(f"data.path={path}: {e}") from None
-    episodes = recipe.data.max_documents or DEFAULT_CORPUS_EPISODES
-    file = write_corpus(env_name, dict(recipe.env.args), episodes, recipe.train.seed, recipe.data.cache_dir)
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": str(file), "max_documents": None})})

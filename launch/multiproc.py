@@ -274,7 +274,7 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
         # A rank that had not seen the signal yet when the ranks agreed to stop reports SIGTERM; the
         # launcher passes on whichever rank exited first. Report the signal this supervisor got.
         rc = 128 + int(stop["signal"])
-    if rc not in (0, 2) and not stopped:
+    if rc not in (0, 2) and not stopped:  # 2: a usage error that rank 0 has already reported in one line
         first = first_error(logs, local_ranks)
         if first is not None and first[1] == 2:
             # A usage error (reported in one line by the rank that found it) ended the job; DeepSpeed's
@@ -283,8 +283,8 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
             if first[0] != 0:
                 print(f"error: rank {first[0]} refused the recipe; see {logs / f'rank{first[0]}.log'}",
                       file=sys.stderr, flush=True)
-    if rc not in (0, 2) and not stopped:  # 2: a usage error that rank 0 has already reported in one line
-        print(f"error: {describe_failure(logs, local_ranks, rc)}", file=sys.stderr, flush=True)
+        else:
+            print(f"error: {describe_failure(logs, local_ranks, rc)}", file=sys.stderr, flush=True)
     return rc
 
 
