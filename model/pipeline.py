@@ -81,14 +81,6 @@ def num_pipeline_layers(config: GPTConfig) -> int:
     return config.n_layer + 3
 
 
-def final_norm_index(config: GPTConfig) -> int:
-    return config.n_layer + 1
-
-
-def head_index(config: GPTConfig) -> int:
-    return config.n_layer + 2
-
-
 # --------------------------------------------------------------------------------------------------
 # Layers
 

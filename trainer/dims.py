@@ -133,10 +133,6 @@ class ParallelDims:
     def dp_group(self):
         return self.grid.get_data_parallel_group()
 
-    @property
-    def pp_group(self):
-        return self.grid.get_pipe_parallel_group()
-
     def describe(self) -> str:
         s = f"dp={self.dp} tp={self.tp} pp={self.pp}"
         return s if self.replicas == 1 else f"replica {self.replica}/{self.replicas}: {s}"

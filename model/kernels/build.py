@@ -290,12 +290,6 @@ def load(backend: str, verbose: bool = False) -> object:
         return lib
 
 
-def reset_cache() -> None:
-    """Forget cached failures (tests).  A library already loaded in this process stays loaded."""
-    with _STATE_LOCK:
-        _FAILED.clear()
-
-
 # -------------------------------------------------------------------------------------------- main
 
 
