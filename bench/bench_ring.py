@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -32,13 +31,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from launch.multiproc import free_port  # noqa: E402
+
 MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(fn, x: torch.Tensor) -> float:
@@ -120,7 +115,7 @@ def main(argv=None) -> int:
     start = time.time()
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.spawn(_worker, args=(R, _free_port(), args, q), nprocs=R, join=True)
+    mp.spawn(_worker, args=(R, free_port(), args, q), nprocs=R, join=True)
     rows = q.get()
     load1 = os.getloadavg()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script by torch.distributed.run
     sys.path.insert(0, str(REPO))
 
+from launch.multiproc import free_port  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from model.pipeline import (  # noqa: E402
     _Source,
@@ -200,12 +200,6 @@ def reference_run(style: str) -> dict:
 # Two processes, two pipeline stages.
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
@@ -215,7 +209,7 @@ def dist_run(tmp_path_factory):
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
                PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).resolve()), str(out)]
+           "--master_port", str(free_port()), str(Path(__file__).resolve()), str(out)]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-6000:])

@@ -374,13 +374,14 @@ def _spawn_forkserver(fn, world, *args):
 
     import torch.multiprocessing as mp
 
-    from tests.test_tensor_parallel import _entry, _free_port
+    from launch.multiproc import free_port
+    from tests.test_tensor_parallel import _entry
 
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the server (started here unless already running) passes it on
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", __name__])
     try:
-        mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True,
+        mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
                            start_method="forkserver")
     finally:
         if old is None:

@@ -32,7 +32,6 @@ import io
 import math
 import os
 import random
-import socket
 import time
 
 import pytest
@@ -49,6 +48,7 @@ from agents.sync.param_server import (
     StalenessBound,
 )
 from agents.sync.ring import SentBytes, comm_bytes
+from launch.multiproc import free_port
 
 WORLD = 4
 N = 1001  # uneven shards over 2 servers: 500 and 501
@@ -482,12 +482,6 @@ def _world(rank: int, world: int, refs: dict):
     _failure_case(rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, fn, *args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -507,7 +501,7 @@ def test_parameter_server():
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.spawn(_entry, args=(WORLD, _free_port(), _world, _references()), nprocs=WORLD, join=True)
+        mp.spawn(_entry, args=(WORLD, free_port(), _world, _references()), nprocs=WORLD, join=True)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.distributed as dist
 
 from agents.sync import ring
 from agents.sync.ring import SentBytes, ring_all_reduce
+from launch.multiproc import free_port
 
 BIG = 10**6 + 7  # the size the exactness and byte checks run at, besides 0, 1 and R-1
 
@@ -282,12 +282,6 @@ def _worker(rank: int, world: int):
 # ------------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, fn):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -306,7 +300,7 @@ def spawn(fn, world):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it: no oversubscription on small hosts
     try:
-        mp.spawn(_entry, args=(world, _free_port(), fn), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), fn), nprocs=world, join=True)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS")

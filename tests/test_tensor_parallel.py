@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from launch.multiproc import free_port
 from model import GPT, GPTConfig
 from model import tensor_parallel as tpm
 from model.tensor_parallel import apply_tensor_parallel, merge_state_dicts, shard_state_dict
@@ -99,12 +99,6 @@ def test_shard_validation():
 # ------------------------------------------------------------------------------- multi-process (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -130,7 +124,7 @@ def spawn(fn, world, *args):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it: no oversubscription on small hosts
     try:
-        mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS")
