@@ -32,7 +32,7 @@ def check_agents(recipe: Recipe, world: int | None = None) -> None:
 
 def check_loop_settings(recipe: Recipe, world: int) -> None:
     """What the multi-agent loop (agents.train) supports: data parallel over `world` ranks with ZeRO 0-2,
-    whole GRPO groups per rank, reinforce or grpo."""
+    whole GRPO groups per rank, the same number of optimizer steps for the agents of one engine."""
     rl = recipe.rl
     if rl.episodes_per_step % (world * rl.group_size):
         raise UsageError(f"rl.episodes_per_step={rl.episodes_per_step} must be a multiple of the processes "
@@ -44,7 +44,20 @@ def check_loop_settings(recipe: Recipe, world: int) -> None:
     if recipe.sync.strategy != "allreduce" or recipe.sync.replicas not in (None, 1):
         raise UsageError("agents: sync.* strategies apply to pre-training replicas; a multi-agent recipe keeps "
                          "sync.strategy: allreduce")
+    # The LoRA agents over one base share one engine and so one optimizer step per pass: they must
+    # make the same number of passes per batch (an Adam step moves a parameter whose gradient is 0).
+    engines: dict[str | None, list[str]] = {}
     for name, a in recipe.agents.items():
-        if a.algorithm == "ppo":
-            raise UsageError(f"agents.{name}.algorithm=ppo: PPO needs a value head, which the multi-agent loop "
-                             "does not build yet; use reinforce or grpo")
+        if a.adapter == "lora" and a.trainable:
+            engines.setdefault(a.init_from, []).append(name)
+
+    def passes(a) -> int:
+        return a.ppo_epochs if a.algorithm == "ppo" else 1
+
+    for init_from, names in engines.items():
+        counts = {n: passes(recipe.agents[n]) for n in names}
+        if len(set(counts.values())) > 1:
+            raise UsageError(f"agents {', '.join(names)} train LoRA adapters on one base ({init_from}) with one "
+                             "optimizer, so they make the same number of steps per batch; got "
+                             + ", ".join(f"{n} {c}" for n, c in counts.items())
+                             + " (ppo makes agents.<name>.ppo_epochs, reinforce and grpo 1)")

@@ -112,6 +112,19 @@ class Agent:
     ref: torch.nn.Module | None = None  # the initial policy (a copy; None with an adapter: the base)
     baseline: obj.MovingAverageBaseline | None = None
 
+    @property
+    def passes(self) -> int:
+        """Optimizer steps per batch of episodes: ppo_epochs for PPO, else one."""
+        return self.settings.ppo_epochs if self.settings.algorithm == "ppo" else 1
+
+    def value_head(self, module) -> torch.nn.Module | None:
+        """The agent's value head in `module` (its engine's model), None unless it trains by PPO."""
+        if self.settings.algorithm != "ppo" or not self.settings.trainable:
+            return None
+        from .value import value_head
+
+        return value_head(module, self.name)
+
     def reference_logprobs(self, ids, targets):
         """Log-probabilities of the initial policy (for the KL figure)."""
         if self.adapter is not None:
@@ -172,7 +185,8 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
             learner = next((lr for lr in learners if lr.replica.module is module and name in lr.agents), None)
             agents[name] = Agent(name, a, policy, module, learner, adapter, baseline=baseline)
         elif a.trainable:
-            replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"agent_{name}")
+            replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"agent_{name}",
+                                    prepare=_with_value_heads([name] if a.algorithm == "ppo" else []))
             learner = Learner(replica, Stepper(replica.engine, dims, device), [name])
             learners.append(learner)
             ref = copy.deepcopy(replica.module).eval().requires_grad_(False) if recipe.rl.kl_ref else None
@@ -186,6 +200,15 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
     return agents, learners
 
 
+def _with_value_heads(names: list[str]):
+    """A `build_replica` prepare step adding the PPO agents' value heads (agents.value); None when none."""
+    if not names:
+        return None
+    from .value import add_value_heads
+
+    return lambda model: add_value_heads(model, names)
+
+
 def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, state, learners) -> torch.nn.Module:
     """The shared model of every LoRA agent starting from `init_from`: an engine when one of them trains."""
     from .lora import adapter_parameters, add_adapters
@@ -193,6 +216,7 @@ def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, sta
     members = [n for n, a in recipe.agents.items() if a.adapter == "lora" and a.init_from == init_from]
     specs = {n: _lora_spec(recipe.agents[n]) for n in members}
     training = [n for n in members if recipe.agents[n].trainable]
+    critics = [n for n in training if recipe.agents[n].algorithm == "ppo"]
 
     def prepare(model):
         add_adapters(model, specs)
@@ -200,7 +224,7 @@ def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, sta
             if n not in training:
                 for p in adapter_parameters(model, n):
                     p.requires_grad_(False)
-        return model
+        return _with_value_heads(critics)(model) if critics else model
 
     if not training:
         torch.manual_seed(recipe.train.seed)
@@ -209,9 +233,11 @@ def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, sta
             model.load_state_dict(state)
         return prepare(model).to(device).eval()
 
-    def groups(module):  # one group per trainable agent: its adapter, its learning rate
-        return [{"params": adapter_parameters(module, n), "lr": recipe.agents[n].lr, "weight_decay": 0.0}
-                for n in training]
+    def groups(module):  # one group per trainable agent: its adapter (and value head), its learning rate
+        from .value import value_parameters
+
+        return [{"params": adapter_parameters(module, n) + (value_parameters(module, n) if n in critics else []),
+                 "lr": recipe.agents[n].lr, "weight_decay": 0.0} for n in training]
 
     index = sum(1 for lr in learners if lr.lora)
     replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"lora_{index}", prepare=prepare,
@@ -245,16 +271,40 @@ def sum_over_ranks(values: list[float], dims: ParallelDims) -> list[float]:
     return t.tolist()
 
 
-def _agent_batch(agent: Agent, ar, recipe: Recipe, dims: ParallelDims, episodes_global: int):
+@dataclass
+class AgentBatch:
+    """One agent's rows for an update: tokens with advantages, the loss normaliser, and for PPO the
+    rows' return targets and the log-probabilities and values before the update (no gradient)."""
+
+    tokens: object  # rollout.TokenBatch
+    norm: float
+    returns: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+
+
+def _agent_batch(agent: Agent, ar, module, recipe: Recipe, dims: ParallelDims, episodes_global: int) -> AgentBatch:
     """The agent's token batch with advantages (a baseline over every rank's rows, so they do not depend
-    on the layout) and its loss normaliser (global count / ranks: DeepSpeed averages over the ranks)."""
+    on the layout) and its loss normaliser (global count / ranks: DeepSpeed averages over the ranks).
+    PPO: A = G - V(s) under the policy before the update, whitened over every rank's rows."""
     a = agent.settings
     steps = ar.step_tensors()
     returns = obj.discounted_returns(steps.rewards, a.gamma, steps.step_mask, from_start=a.returns == "discounted")
     row_returns = returns[steps.acted]  # [N] in the token batch's row order
-    parts = gather_per_rank(row_returns.tolist(), dims)  # every rank's rows: their returns and counts
+    batch = ar.token_batch()
+    old = None
+    if a.algorithm == "ppo":
+        with torch.no_grad():
+            old = token_logprobs(module, batch.input_ids, batch.targets, temperature=agent.policy.logprob_temperature,
+                                 adapter=agent.adapter, value_head=agent.value_head(module))
+        rows = list(zip(row_returns.tolist(), old.values.double().tolist()))
+    else:
+        rows = row_returns.tolist()
+    parts = gather_per_rank(rows, dims)  # every rank's rows: their returns (and values) and counts
     everyone = torch.tensor([v for part in parts for v in part], dtype=torch.float64)
-    if a.algorithm == "grpo":
+    if a.algorithm == "ppo":
+        adv_all = obj.normalize_advantages(everyone[:, 0] - everyone[:, 1]) if len(everyone) else everyone
+    elif a.algorithm == "grpo":
         # Groups are consecutive episodes (one rank holds whole groups); an agent acts once per episode.
         adv_all = obj.grpo_advantages(everyone, recipe.rl.group_size)
     elif a.baseline == "ema":
@@ -262,46 +312,66 @@ def _agent_batch(agent: Agent, ar, recipe: Recipe, dims: ParallelDims, episodes_
     else:
         adv_all = obj.reinforce_advantages(everyone, baseline=a.baseline)
     start = sum(len(part) for part in parts[:dims.dp_rank])
-    batch = ar.token_batch()
     batch.set_advantages(adv_all[start:start + len(row_returns)])
     if recipe.rl.normalizer == "tokens":  # the same setting on every rank: the collective runs on all or none
         norm = sum_over_ranks([float(batch.mask.sum())], dims)[0]
     else:
         norm = episodes_global if recipe.rl.normalizer == "episodes" else float(len(everyone))
-    return batch, max(norm, 1.0) / dims.dp
+    norm = max(norm, 1.0) / dims.dp
+    if old is None:
+        return AgentBatch(batch, norm)
+    return AgentBatch(batch, norm, row_returns.float(), old.logprobs, old.values)
 
 
 def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, dims: ParallelDims,
            episodes_global: int) -> dict[str, dict]:
-    """Collective over the learner's engine: every one of its agents' loss, one backward and one step.
-    Returns each agent's figures (policy and entropy terms, KL to the start, the step's loss)."""
-    batches = {n: _agent_batch(agents[n], rollout.agents[n], recipe, dims, episodes_global) for n in learner.agents}
+    """Collective over the learner's engine: every one of its agents' loss, one backward and one step
+    per pass (PPO agents make agents.<name>.ppo_epochs passes over the batch; the agents of one
+    engine make the same number, config.check_loop_settings). Returns each agent's figures (policy and
+    entropy terms, KL to the start on the first pass; PPO's value loss, clip fraction and approximate
+    KL to the rollout policy on the last pass; the step's loss)."""
+    module = learner.replica.module
+    with learner.replica.component.rng.active():
+        batches = {n: _agent_batch(agents[n], rollout.agents[n], module, recipe, dims, episodes_global)
+                   for n in learner.agents}
     figures: dict[str, dict] = {n: {} for n in learner.agents}
+    first = [True]
 
     def loss_fn(engine, _):
         total = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0  # syncs when empty
-        for n, (b, norm) in batches.items():
-            ag, a = agents[n], agents[n].settings
+        for n, ab in batches.items():
+            ag, a, b = agents[n], agents[n].settings, batches[n].tokens
             if b.input_ids.shape[0] == 0:
                 continue
+            head = ag.value_head(engine.module)
             pt = token_logprobs(engine.module, b.input_ids, b.targets, temperature=ag.policy.logprob_temperature,
-                                adapter=ag.adapter)
+                                adapter=ag.adapter, value_head=head)
             out = obj.objective_loss(a.algorithm, pt.logprobs, pt.entropy, pt.mask, b.advantages, alpha=a.alpha,
-                                     normalizer=norm)
-            figures[n]["policy_loss"] = float(out["policy"].detach())
-            figures[n]["entropy_loss"] = float(out["entropy"].detach())
-            if recipe.rl.kl_ref:
-                with torch.no_grad():
-                    ref = ag.reference_logprobs(b.input_ids, b.targets)
-                figures[n]["kl"] = float(obj.kl_estimate(pt.logprobs.detach(), ref.logprobs, pt.mask))
+                                     old_logprobs=ab.old_logprobs, values=pt.values, returns=ab.returns,
+                                     clip_eps=a.clip_eps, vf_coef=a.vf_coef, normalizer=ab.norm)
+            f = figures[n]
+            if first[0]:
+                f["policy_loss"] = float(out["policy"].detach())
+                f["entropy_loss"] = float(out["entropy"].detach())
+                if recipe.rl.kl_ref:
+                    with torch.no_grad():
+                        ref = ag.reference_logprobs(b.input_ids, b.targets)
+                    f["kl"] = float(obj.kl_estimate(pt.logprobs.detach(), ref.logprobs, pt.mask))
+            if a.algorithm == "ppo":
+                f["value_loss"] = float(out["value"].detach())
+                f.update(obj.ppo_stats(pt.logprobs.detach(), ab.old_logprobs, pt.mask, a.clip_eps))
             total = total + out["loss"]
         return total
 
     learner.stepper.loss_fn = loss_fn
+    finite = True
     with learner.replica.component.rng.active():
-        result = learner.stepper.run([None])
+        for _ in range(max(agents[n].passes for n in learner.agents)):
+            result = learner.stepper.run([None])
+            finite = finite and result.finite
+            first[0] = False
     for f in figures.values():
-        f["skipped"] = not result.finite
+        f["skipped"] = not finite
     if len(learner.agents) == 1:
         figures[learner.agents[0]]["loss"] = float(result.loss) if result.finite else None
     return figures

@@ -112,6 +112,7 @@ class PolicyTokens:
     logprobs: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor
+    values: torch.Tensor | None = None  # [N] V(s) of each row's state, when a value head was given
 
 
 class AgentPolicy:
@@ -290,19 +291,23 @@ def _device_of(model):
 
 
 def token_logprobs(model, input_ids, targets, *, temperature: float = 1.0,
-                   ignore_index: int = IGNORE_INDEX, adapter: str | None = None) -> PolicyTokens:
+                   ignore_index: int = IGNORE_INDEX, adapter: str | None = None,
+                   value_head: torch.nn.Module | None = None) -> PolicyTokens:
     """Sequence layout: logprobs[n, t] = log p(targets[n, t] | input_ids[n, :t + 1]) and the exact
     entropy of that next-token distribution, p = softmax(logits / temperature), at the positions
     where targets != ignore_index (mask); 0 elsewhere. input_ids [N, T] right-padded (padding only
     after real tokens). Differentiable w.r.t. the model's parameters. A model with `hidden_states`
     and `head` (model.GPT, also inside a DeepSpeed engine as `.module`) evaluates its head at the
     masked positions only; any other model is called as model(input_ids) -> logits [N, T, V].
-    adapter: evaluate under that LoRA adapter of the model (`agents.lora.use_adapter`)."""
+    adapter: evaluate under that LoRA adapter of the model (`agents.lora.use_adapter`).
+    value_head: also V(s) = value_head(h) at each row's last prompt token (`agents.value`), from the
+    same forward, in `values` [N] (float32)."""
     if adapter is not None:
         from .lora import use_adapter  # peft only where adapters are used
 
         with use_adapter(model, adapter):
-            return token_logprobs(model, input_ids, targets, temperature=temperature, ignore_index=ignore_index)
+            return token_logprobs(model, input_ids, targets, temperature=temperature, ignore_index=ignore_index,
+                                  value_head=value_head)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be > 0 for log-probabilities (use 1 for a greedy policy), got {temperature!r}")
     gpt = unwrap_model(model)
@@ -314,12 +319,21 @@ def token_logprobs(model, input_ids, targets, *, temperature: float = 1.0,
     mask = targets != ignore_index
     if input_ids.shape[0] == 0:
         empty = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
-        return PolicyTokens(empty, empty.clone(), mask)
+        values = torch.zeros(0, dtype=torch.float32, device=dev) if value_head is not None else None
+        return PolicyTokens(empty, empty.clone(), mask, values)
     ops = getattr(gpt, "ops", None)
     per_token = getattr(ops, "token_logprob_and_entropy", reference.token_logprob_and_entropy)
+    values = None
     if hasattr(gpt, "hidden_states") and hasattr(gpt, "head"):
         h = gpt.hidden_states(input_ids)
         logits = gpt.head(h[mask])  # [M, V]: the head only where a generated token is scored
+        if value_head is not None:
+            from .value import state_positions
+
+            rows = torch.arange(h.shape[0], device=dev)
+            values = value_head(gpt.final_norm(h[rows, state_positions(mask)])).squeeze(-1).float()
+    elif value_head is not None:
+        raise ValueError("a value head needs a model with hidden_states and head (model.GPT)")
     else:
         logits = model(input_ids)[mask]
     logits = logits.float()
@@ -327,7 +341,7 @@ def token_logprobs(model, input_ids, targets, *, temperature: float = 1.0,
         logits = logits / temperature
     lp, ent = per_token(logits, targets[mask])
     zeros = torch.zeros(mask.shape, dtype=lp.dtype, device=dev)
-    return PolicyTokens(zeros.masked_scatter(mask, lp), zeros.masked_scatter(mask, ent), mask)
+    return PolicyTokens(zeros.masked_scatter(mask, lp), zeros.masked_scatter(mask, ent), mask, values)
 
 
 def sequence_logprobs(model, prompts: Sequence[Sequence[int]], generated: Sequence[Sequence[int]], *,

@@ -32,8 +32,10 @@ def export_agents(run: Path, folder: Path, meta: dict, out_dir: str) -> dict:
     the tokenizer it was trained with."""
     params = 0
     names = []
+    from agents.value import strip_value_heads  # a PPO agent's value head is not part of its policy
+
     for agent, config in meta["agent_model_configs"].items():
-        state = consolidated_state_dict(folder, meta, f"agent_{agent}")
+        state = strip_value_heads(consolidated_state_dict(folder, meta, f"agent_{agent}"))
         params += _write_hf(config, state, run / "tokenizers" / f"{agent}.json", folder, str(Path(out_dir) / agent))
         names.append(agent)
     for component, lora in meta.get("lora", {}).items():
@@ -43,7 +45,7 @@ def export_agents(run: Path, folder: Path, meta: dict, out_dir: str) -> dict:
 
         model = GPT(GPTConfig(**{**lora["config"], "kernels": "torch"}), init=False)
         add_adapters(model, lora["adapters"])
-        model.load_state_dict(consolidated_state_dict(folder, meta, component))
+        model.load_state_dict(strip_value_heads(consolidated_state_dict(folder, meta, component)))
         for agent in lora["adapters"]:
             params += _write_hf(lora["config"], merged_state_dict(model, agent), run / "tokenizers" / f"{agent}.json",
                                 folder, str(Path(out_dir) / agent))

@@ -22,13 +22,14 @@ def run_train(root, name, *overrides, recipe, timeout=600, **env_extra):
 
 BASE = ["model.n_layer=1", "model.n_head=2", "model.n_kv_head=2", "model.d_model=32", "model.max_seq_len=64", "model.kernels=torch",
         "data.vocab_size=300", "data.seq_len=64", "data.max_documents=600", "parallel.micro_batch=8",
-        "train.max_steps=20", "train.eval_every=10", "train.checkpoint_every=10", "train.eval_batches=2",
+        "train.max_steps=200", "train.eval_every=100", "train.checkpoint_every=100", "train.eval_batches=2",
         "train.progress=false", "tracking.wandb=disabled", "train.sample_tokens=4", "optim.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A module-wide folder with a base trained on a small corpus of random signalling play."""
+    """A module-wide folder with a base trained on a small corpus of random signalling play (long
+    enough for its listener to name a candidate now and then, so that returns vary)."""
     root = tmp_path_factory.mktemp("marl")
     out = run_train(root, "base", *BASE, recipe="marl-signaling-base")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -148,14 +149,15 @@ def test_export_writes_one_hugging_face_folder_per_agent(root, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("agents.speaker.algorithm=ppo", "PPO needs a value head"),
-    ("parallel.zero_stage=3", "ZeRO 0-2"),
-    ("launch.procs_per_node=3", "multiple of the processes (3)"),
-    ("agents.speaker.init_from=/nonexistent/run", "no such directory"),
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.zero_stage=3"], "ZeRO 0-2"),
+    (["launch.procs_per_node=3"], "multiple of the processes (3)"),
+    (["agents.speaker.init_from=/nonexistent/run"], "no such directory"),
+    (["agents.speaker.adapter=lora", "agents.listener.adapter=lora", "agents.speaker.algorithm=ppo",
+      "agents.speaker.ppo_epochs=2"], "got speaker 2, listener 1"),
 ])
-def test_bad_settings_stop_with_one_line(root, override, message):
-    out = _marl(root, "bad", "train.max_steps=2", override)
+def test_bad_settings_stop_with_one_line(root, overrides, message):
+    out = _marl(root, "bad", "train.max_steps=2", *overrides)
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in out.stderr
@@ -215,6 +217,58 @@ def test_lora_agents_share_one_engine_resume_bit_for_bit_and_export_merged(root,
             want = want[0] if isinstance(want, tuple) else want
             got = hf(ids).logits
         assert torch.allclose(got[..., :want.shape[-1]], want, atol=1e-4), name
+
+
+PPO = ["agents.speaker.algorithm=ppo", "agents.speaker.ppo_epochs=2", "agents.listener.algorithm=ppo",
+       "agents.listener.ppo_epochs=3", "agents.listener.adapter=lora", "agents.listener.lora_rank=2",
+       "agents.listener.lr=5e-3"]
+
+
+def test_ppo_agents_train_value_heads_resume_bit_for_bit_and_export_without_them(root, tmp_path):
+    """A full-weight PPO speaker (its own engine, 2 passes) and a LoRA PPO listener (3 passes)."""
+    args = ["train.max_steps=4", "train.checkpoint_every=2", "env.args.n_objects=2", "rl.max_new_tokens=4", *PPO]  # returns vary
+    full = _marl(root, "ppo", *args)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _marl(root, "ppo-k", *args, RECIPES_FAULT_KILL_AFTER_STEP="3")
+    assert killed.returncode != 0
+    resumed = _marl(root, "ppo-k", *args, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    drop = ("step_time_s", "tokens_per_s", "rollout_s")
+    a, b = ([{k: v for k, v in r.items() if k not in drop} for r in _rows(root, n)] for n in ("ppo", "ppo-k"))
+    assert a == b
+    rows = [r for r in metrics(root, "ppo") if "agent/speaker/return" in r]
+    assert 0 < sum(r["success"] for r in rows) < len(rows)
+    for name in ("speaker", "listener"):
+        for r in rows:
+            assert r[f"agent/{name}/value_loss"] >= 0 and 0 <= r[f"agent/{name}/clip_fraction"] <= 1
+        # the figures of the last pass: the policy has moved from the one that played the episodes
+        assert any(r[f"agent/{name}/approx_kl"] > 0 for r in rows), name
+
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "ppo" / "checkpoints")
+    meta = ckpt.verify(folder)
+    assert meta["components"] == ["agent_speaker", "lora_0"]
+    speaker, lora = (consolidated_state_dict(folder, meta, c) for c in meta["components"])
+    # each value head trained from zero, the LoRA agent's beside its adapter
+    assert speaker["value_heads.speaker.weight"].abs().sum() > 0
+    assert lora["value_heads.listener.weight"].abs().sum() > 0
+    res = subprocess.run([sys.executable, "-m", "launch", "export", str(root / "runs" / "ppo"), str(tmp_path / "hf")],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    from model import GPT, GPTConfig
+
+    ours = GPT(GPTConfig(**{**meta["agent_model_configs"]["speaker"], "kernels": "torch"}), init=False)
+    ours.load_state_dict({k: v for k, v in speaker.items() if not k.startswith("value_heads.")})
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        want = ours.eval()(ids)
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "speaker").eval()(ids).logits
+    assert torch.allclose(got[..., :want.shape[-1]], want, atol=1e-4)
+    assert (tmp_path / "hf" / "listener" / "config.json").exists()
 
 
 def test_a_frozen_lora_agent_keeps_the_base(root):

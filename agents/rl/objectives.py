@@ -359,7 +359,8 @@ def objective_loss(algorithm: str, logprobs, entropy, mask, advantages, *, alpha
                               + vf_coef * value_loss(values, returns)
 
     (advantages from `reinforce_advantages`, `grpo_advantages`, or for PPO returns - V or
-    `normalize_advantages` of it.) Returns {"loss", "policy", "entropy", "value"} (value 0 unless
+    `normalize_advantages` of it; values and returns [N], one per row, with the value loss divided by
+    the same Z as the policy term.) Returns {"loss", "policy", "entropy", "value"} (value 0 unless
     ppo; entropy is the term -alpha H / Z, so its gradient is -alpha grad H / Z)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
@@ -369,7 +370,7 @@ def objective_loss(algorithm: str, logprobs, entropy, mask, advantages, *, alpha
         if old_logprobs is None or values is None or returns is None:
             raise ValueError("ppo needs old_logprobs, values and returns")
         pol = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, normalizer)
-        val = value_loss(values, returns, None, old_values, value_clip_eps, "rows")
+        val = value_loss(values, returns, None, old_values, value_clip_eps, normalizer)
         if not (isinstance(vf_coef, (int, float)) and vf_coef >= 0 and math.isfinite(vf_coef)):
             raise ValueError(f"vf_coef must be a number >= 0, got {vf_coef!r}")
         return {"loss": pol + h + vf_coef * val, "policy": pol, "entropy": h, "value": val}
