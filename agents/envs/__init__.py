@@ -20,11 +20,12 @@ from collections.abc import Callable
 from .base import CHARSET, WAIT, TextParallelEnv, clean
 from .signaling import SignalingEnv
 from .split_arith import SplitArithEnv
+from .traffic import TrafficEnv
 
 __all__ = ["CHARSET", "ENVS", "WAIT", "SignalingEnv", "SplitArithEnv", "TextParallelEnv", "clean",
            "env_arguments", "make_env", "register_env"]
 
-ENVS: dict[str, Callable] = {"signaling": SignalingEnv, "split_arith": SplitArithEnv}
+ENVS: dict[str, Callable] = {"signaling": SignalingEnv, "split_arith": SplitArithEnv, "traffic": TrafficEnv}
 
 
 def register_env(name: str, constructor: Callable) -> None:
