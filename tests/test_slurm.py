@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -380,10 +381,60 @@ def test_hybrid_runs_one_replica_per_node(two_nodes, root):
     assert [r["consensus_dist"] for r in rows if r.get("step") in (2, 4, 6) and "consensus_dist" in r] == [0.0] * 3
 
 
-def test_ci_installs_slurm_before_make_test_or_says_why_the_tests_skip(monkeypatch):
-    ci = (REPO / ".ci" / "run").read_text()
-    assert "apt-get install -y slurm-wlm munge" in ci
-    assert ci.index("apt-get install") < ci.rindex("make test") and ci.rstrip().endswith("make test")
-    monkeypatch.setenv("RECIPES_SLURM_UNAVAILABLE", "CI could not install slurm-wlm and munge (apt-get failed)")
-    assert unavailable_reason() == "CI could not install slurm-wlm and munge (apt-get failed)"
+# ---- .ci/run, run for real with stub programs ------------------------------------------------------
+SLURM_PROGRAMS = ("sbatch", "srun", "scontrol", "scancel", "squeue", "slurmctld", "slurmd", "munged", "mungekey")
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    (folder / name).write_text("#!/bin/sh\n" + body + "\n")
+    (folder / name).chmod(0o755)
+
+
+def _run_ci(tmp_path: Path, apt_get: str, slurm_present: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
+    """A copy of .ci/run in an empty checkout with stubs first on PATH: `make` writes make.log,
+    `id -u` says root, `apt-get` appends its arguments to apt.log and runs `apt_get`; the Slurm
+    programs are stubs made here (slurm_present) or by that apt-get."""
+    if any(shutil.which(b, path="/usr/bin:/bin:/usr/sbin:/sbin") for b in SLURM_PROGRAMS):
+        pytest.skip("Slurm is installed on this machine: .ci/run would find it whatever the stubs do")
+    checkout, stubs = tmp_path / "checkout", tmp_path / "stubs"
+    (checkout / ".ci").mkdir(parents=True)
+    stubs.mkdir()
+    shutil.copy(REPO / ".ci" / "run", checkout / ".ci" / "run")
+    # make's line: its arguments | the skip reason it was given | where it ran | whether sbatch was there
+    _stub(stubs, "make", f'echo "$*|${{RECIPES_SLURM_UNAVAILABLE-unset}}|$PWD|$(command -v sbatch || echo none)"'
+                         f' > {tmp_path}/make.log')
+    _stub(stubs, "id", "echo 0")
+    _stub(stubs, "apt-get", f'echo "$*" >> {tmp_path}/apt.log\n{apt_get}')
+    for name in SLURM_PROGRAMS if slurm_present else ():
+        _stub(stubs, name, "exit 0")
+    out = subprocess.run(["bash", str(checkout / ".ci" / "run")], env={"PATH": f"{stubs}:/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    return out, checkout
+
+
+def test_ci_says_why_the_slurm_tests_skip_when_apt_get_fails(tmp_path, monkeypatch):
+    out, checkout = _run_ci(tmp_path, 'echo "E: Unable to locate package slurm-wlm"; exit 100')
+    assert out.returncode == 0, out.stderr
+    reason = "CI could not install slurm-wlm and munge (apt-get failed: E: Unable to locate package slurm-wlm)"
+    assert (tmp_path / "make.log").read_text() == f"test|{reason}|{checkout}|none\n"
+    assert f"warning: {reason}; the Slurm tests will be skipped" in out.stderr
+    monkeypatch.setenv("RECIPES_SLURM_UNAVAILABLE", reason)
+    assert unavailable_reason() == reason  # what the Slurm tests' skip line says
+
+
+def test_ci_installs_slurm_before_make_test(tmp_path):
+    stubs = tmp_path / "stubs"
+    install = "; ".join(f'printf "#!/bin/sh\\n" > {stubs}/{b}; chmod +x {stubs}/{b}' for b in SLURM_PROGRAMS)
+    out, checkout = _run_ci(tmp_path, f'case "$*" in *install*) {install};; esac')
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "apt.log").read_text().splitlines() == ["update", "install -y slurm-wlm munge"]
+    # make test ran after the install, without a skip reason: the Slurm tests run
+    assert (tmp_path / "make.log").read_text() == f"test|unset|{checkout}|{stubs}/sbatch\n"
+
+
+def test_ci_leaves_an_installed_slurm_alone(tmp_path):
+    out, checkout = _run_ci(tmp_path, "exit 1", slurm_present=True)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "apt.log").exists()
+    assert (tmp_path / "make.log").read_text() == f"test|unset|{checkout}|{tmp_path}/stubs/sbatch\n"
 
