@@ -335,13 +335,20 @@ def test_length_limit_of_the_cache():
     assert out[0].tokens == naive_greedy(m, [1] * 7, 3)
 
 
-def test_bf16_autocast_cache_dtype():
-    m = build("llama")
+@pytest.mark.parametrize("style", STYLES)
+def test_bf16_autocast_keeps_a_bf16_cache_and_picks_the_cache_free_greedy_tokens(style):
+    """Six requests through two slots (so rows are refilled mid-run) under bf16 autocast: the cache
+    is bf16 (half the memory) and every token is what a cache-free bf16 pass ranks first."""
+    from tests.test_generate import assert_cache_free_greedy_under_bf16
+
+    m = build(style)
     engine = DecodeEngine(m, max_slots=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = engine.generate(PROMPTS[:3], SamplingParams(temperature=0, max_new_tokens=4))
+        out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     assert engine.cache.k[0].dtype == torch.bfloat16
-    assert [len(c.tokens) for c in out] == [4, 4, 4]
+    for p, c in zip(PROMPTS, out, strict=True):
+        assert len(c.tokens) == 8
+        assert_cache_free_greedy_under_bf16(m, p, list(c.tokens))
 
 
 @pytest.mark.parametrize("style", STYLES)
