@@ -31,7 +31,7 @@ def test_parallel_api_test_and_seed_test_pass():
 
 def test_observation_text_matches_sumo_rl_numeric_observation():
     env = TrafficEnv(net="2x2grid", num_seconds=200, delta_time=5)
-    assert env.possible_agents == ["1", "2", "5", "6"] and env.turn_agents == []
+    assert env.possible_agents == ["tl_1", "tl_2", "tl_5", "tl_6"] and env.turn_agents == []
     obs, infos = env.reset(seed=1)
     assert env.turn_agents == env.possible_agents and all(i["turn"] for i in infos.values())
     rng = np.random.default_rng(0)
@@ -42,7 +42,7 @@ def test_observation_text_matches_sumo_rl_numeric_observation():
             assert len(text) <= env.observation_space(a).max_length and len(text) < 200
             assert text.endswith(f"Next phase (0-{env._phases[a] - 1})?")
             o = parse_observation(text)
-            ts = env.sim.traffic_signals[a]
+            ts = env.sim.traffic_signals[env.ts_ids[a]]
             n_phases, lanes = ts.num_green_phases, ts.lanes
             assert len(num) == n_phases + 1 + 2 * len(lanes) == n_phases + 1 + 2 * len(o["lanes"])
             assert num[:n_phases].tolist() == [1.0 if i == o["phase"] else 0.0 for i in range(n_phases)]
@@ -54,7 +54,7 @@ def test_observation_text_matches_sumo_rl_numeric_observation():
                 assert num[n_phases + 1 + len(lanes) + i] == pytest.approx(min(1.0, halted / capacity), abs=1e-6)
                 checked += vehicles > 0
             # the green lanes of each phase, from the light's controlled links
-            links = conn.trafficlight.getControlledLinks(a)
+            links = conn.trafficlight.getControlledLinks(env.ts_ids[a])
             names = list(o["lanes"])
             for p, green in zip(ts.green_phases, o["green"]):
                 expected = {lk[0][0] for s, lk in enumerate(links) if lk and p.state[s] in "Gg"}
@@ -68,26 +68,26 @@ def test_observation_text_matches_sumo_rl_numeric_observation():
 def test_invalid_actions_are_counted_and_keep_the_phase():
     env = TrafficEnv(**SHORT)
     obs, _ = env.reset(seed=0)
-    assert parse_observation(obs["t"])["phase"] == 0
+    assert parse_observation(obs["tl_t"])["phase"] == 0
     for _ in range(2):  # hold phase 0 past yellow + min green
-        obs, *_ = env.step({"t": "0"})
+        obs, *_ = env.step({"tl_t": "0"})
     expected = 0
     for i, action in enumerate(["go!", "2", "-1", 1, "", None, "phase 1 please"]):
-        obs, rewards, terms, truncs, infos = env.step({"t": action} if action is not None else {})
+        obs, rewards, terms, truncs, infos = env.step({"tl_t": action} if action is not None else {})
         bad = action != "phase 1 please"
-        assert infos["t"]["invalid"] is bad and infos["t"]["invalid_actions"] == min(i + 1, 6)
-        assert isinstance(rewards["t"], float) and not terms["t"] and not truncs["t"]
+        assert infos["tl_t"]["invalid"] is bad and infos["tl_t"]["invalid_actions"] == min(i + 1, 6)
+        assert isinstance(rewards["tl_t"], float) and not terms["tl_t"] and not truncs["tl_t"]
         if not bad:
             expected = 1
-        assert parse_observation(obs["t"])["phase"] == expected
+        assert parse_observation(obs["tl_t"])["phase"] == expected
         assert env.sim.traffic_signals["t"].green_phase == expected
     while env.agents:
-        obs, rewards, terms, truncs, infos = env.step({"t": "1"})
-    assert truncs["t"] and not terms["t"] and infos["t"]["invalid_actions"] == 6
-    assert {"mean_waiting_time", "teleports", "vehicles", "backlog"} <= set(infos["t"])
-    assert "success" not in infos["t"]
+        obs, rewards, terms, truncs, infos = env.step({"tl_t": "1"})
+    assert truncs["tl_t"] and not terms["tl_t"] and infos["tl_t"]["invalid_actions"] == 6
+    assert {"mean_waiting_time", "teleports", "vehicles", "backlog"} <= set(infos["tl_t"])
+    assert "success" not in infos["tl_t"]
     with pytest.raises(RuntimeError, match="episode is over"):
-        env.step({"t": "0"})
+        env.step({"tl_t": "0"})
     env.reset(seed=0)
     with pytest.raises(ValueError, match="unknown agent 'x'"):
         env.step({"x": "0"})
@@ -96,11 +96,11 @@ def test_invalid_actions_are_counted_and_keep_the_phase():
 
 def _episode(env, seed, policy):
     obs, _ = env.reset(seed=seed)
-    texts = [obs["t"]]
+    texts = [obs["tl_t"]]
     while env.agents:
-        obs, rewards, _, _, infos = env.step({"t": policy(obs["t"])})
-        texts.append(obs.get("t", "") + f" r={rewards['t']}")
-    return texts, infos["t"]
+        obs, rewards, _, _, infos = env.step({"tl_t": policy(obs["tl_t"])})
+        texts.append(obs.get("tl_t", "") + f" r={rewards['tl_t']}")
+    return texts, infos["tl_t"]
 
 
 def test_same_seed_same_episode_and_state_dict_resumes():
@@ -133,8 +133,9 @@ def test_final_infos_and_fixed_time_baseline_share_the_demand():
 def test_a_second_simultaneous_env_falls_back_to_traci_with_the_same_episode():
     first, second = TrafficEnv(num_seconds=60, delta_time=10), TrafficEnv(num_seconds=60, delta_time=10)
     o1, _ = first.reset(seed=5)
-    if first.backend != "libsumo":
+    if traffic._libsumo is False:
         pytest.skip("libsumo is not installed")
+    assert first.backend == "libsumo"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         o2, _ = second.reset(seed=5)
@@ -142,8 +143,8 @@ def test_a_second_simultaneous_env_falls_back_to_traci_with_the_same_episode():
     # one warning per process (an earlier test may have had it)
     assert any("one simulation per process" in str(w.message) for w in caught) or "busy" in traffic._warned
     while first.agents:
-        o1, r1, *_, i1 = first.step({"t": max_queue(o1["t"])})
-        o2, r2, *_, i2 = second.step({"t": max_queue(o2["t"])})
+        o1, r1, *_, i1 = first.step({"tl_t": max_queue(o1["tl_t"])})
+        o2, r2, *_, i2 = second.step({"tl_t": max_queue(o2["tl_t"])})
         assert o1 == o2 and r1 == r2
     assert i1 == i2 and first.backend is None and second.backend is None  # closed at the episode's end
     third = TrafficEnv(num_seconds=60, delta_time=10)
@@ -175,8 +176,8 @@ def test_random_action_is_a_valid_phase_and_render():
     env = TrafficEnv(net="2x2grid", render_mode="ansi", **SHORT)
     env.reset(seed=0)
     rng = np.random.default_rng(0)
-    drawn = {env.random_action("1", rng) for _ in range(50)}
-    assert drawn == {str(i) for i in range(env._phases["1"])}
-    assert env.render().startswith("[1]\nPhase 0 for 0s, must hold.\nHalted/vehicles: ")
+    drawn = {env.random_action("tl_1", rng) for _ in range(50)}
+    assert drawn == {str(i) for i in range(env._phases["tl_1"])}
+    assert env.render().startswith("[tl_1]\nPhase 0 for 0s, must hold.\nHalted/vehicles: ")
     env.close()
     assert env.render() == "(episode over)"
