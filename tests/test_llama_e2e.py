@@ -1,11 +1,13 @@
-"""The Llama style end to end through the command line: `llama-tiny` (reduced by overrides) trained
-with tensor parallelism 2 on 2 processes, exported with `python -m launch export`, loaded by
-`transformers` as a LlamaForCausalLM whose logits are ours."""
+"""The Llama style end to end through the command line: recipe `llama-tiny` (reduced by overrides)
+trained on one process and with tensor parallelism 2 on 2 processes, each exported with
+`python -m launch export` and loaded by `transformers` as a LlamaForCausalLM whose logits are ours."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,20 +16,21 @@ from tests.trainutil import env, metrics, run_train
 
 # TINY (tests/trainutil.py) makes it 2 layers of width 64 with 4 heads; llama-tiny's 2 KV heads stay,
 # so each tensor-parallel rank holds 2 query heads sharing 1 KV head and half the vocabulary.
-TP2 = ["train.max_steps=8", "train.checkpoint_every=8", "launch.procs_per_node=2", "parallel.tp=2",
-       "parallel.micro_batch=4", "model.n_kv_head=2"]
+SINGLE = ["train.max_steps=8", "train.checkpoint_every=8", "parallel.micro_batch=4"]
+TP2 = [*SINGLE, "launch.procs_per_node=2", "parallel.tp=2"]
 
 
-@pytest.mark.dist
-def test_llama_tp2_trains_exports_and_matches_transformers(tmp_path):
-    out = run_train(tmp_path, "llama", *TP2, recipe="llama-tiny")
+def _train_export_compare(root: Path, overrides: list[str], world: str) -> dict:
+    """Train llama-tiny, export it, and check transformers' logits against ours from the checkpoint;
+    returns the checkpoint's meta."""
+    out = run_train(root, "llama", *overrides, recipe="llama-tiny")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "world: 2 (dp=1 tp=2 pp=1 zero=0)" in out.stdout
-    losses = [r["loss"] for r in metrics(tmp_path, "llama") if "loss" in r]
+    assert f"world: {world}" in out.stdout
+    losses = [r["loss"] for r in metrics(root, "llama") if "loss" in r]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.1  # it learns
 
-    run_dir, hf_dir = tmp_path / "runs" / "llama", tmp_path / "hf"
-    res = subprocess.run([sys.executable, "-m", "launch", "export", str(run_dir), str(hf_dir)], cwd=tmp_path,
+    run_dir, hf_dir = root / "runs" / "llama", root / "hf"
+    res = subprocess.run([sys.executable, "-m", "launch", "export", str(run_dir), str(hf_dir)], cwd=root,
                          env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step_00000008" in res.stdout
@@ -49,7 +52,6 @@ def test_llama_tp2_trains_exports_and_matches_transformers(tmp_path):
 
     folder = ckpt.latest_checkpoint(run_dir / "checkpoints")
     meta = ckpt.verify(folder)
-    assert meta.get("tp") == 2
     ours = GPT(GPTConfig(**{**meta["model_config"], "kernels": "torch"})).eval()
     ours.load_state_dict(consolidated_state_dict(folder, meta))
     with torch.no_grad():
@@ -57,4 +59,16 @@ def test_llama_tp2_trains_exports_and_matches_transformers(tmp_path):
         torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-4)
         # and the trained model is not the initial one: its loss on real text is below ln(vocab)
         loss = torch.nn.functional.cross_entropy(theirs[0, :-1], ids[0, 1:])
-    assert loss.item() < torch.log(torch.tensor(float(meta["model_config"]["vocab_size"]))).item()
+    assert loss.item() < math.log(meta["model_config"]["vocab_size"])
+    return meta
+
+
+def test_llama_tiny_trains_exports_and_matches_transformers(tmp_path):
+    meta = _train_export_compare(tmp_path, SINGLE, "1 (dp=1 tp=1 pp=1 zero=0)")
+    assert meta.get("tp", 1) == 1
+
+
+@pytest.mark.dist
+def test_llama_tp2_trains_exports_and_matches_transformers(tmp_path):
+    meta = _train_export_compare(tmp_path, TP2, "2 (dp=1 tp=2 pp=1 zero=0)")
+    assert meta.get("tp") == 2
