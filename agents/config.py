@@ -8,7 +8,7 @@ line (UsageError, exit 2) for anything else; the launcher calls it before any pr
 from __future__ import annotations
 
 from trainer.errors import UsageError
-from trainer.schema import Recipe
+from trainer.schema import SHARED_POLICY_KEYS, AgentSection, Recipe
 
 
 def check_agents(recipe: Recipe, world: int | None = None) -> None:
@@ -30,6 +30,18 @@ def check_agents(recipe: Recipe, world: int | None = None) -> None:
                          + (f" (unknown {', '.join(extra)})" if extra else ""))
 
 
+def agent_settings(recipe: Recipe) -> dict[str, AgentSection]:
+    """Every agent's settings, an agent with `policy_of` taking the keys of the policy it shares
+    (trainer.schema.SHARED_POLICY_KEYS) from the agent that owns it."""
+    out = {}
+    for name, a in recipe.agents.items():
+        if a.policy_of is not None:
+            owner = recipe.agents[a.policy_of]
+            a = a.model_copy(update={k: getattr(owner, k) for k in SHARED_POLICY_KEYS})
+        out[name] = a
+    return out
+
+
 def check_loop_settings(recipe: Recipe, world: int) -> None:
     """What the multi-agent loop (agents.train) supports: data parallel over `world` ranks with ZeRO 0-2,
     whole GRPO groups per rank, the same number of optimizer steps for the agents of one engine."""
@@ -47,7 +59,7 @@ def check_loop_settings(recipe: Recipe, world: int) -> None:
     # The LoRA agents over one base share one engine and so one optimizer step per pass: they must
     # make the same number of passes per batch (an Adam step moves a parameter whose gradient is 0).
     engines: dict[str | None, list[str]] = {}
-    for name, a in recipe.agents.items():
+    for name, a in agent_settings(recipe).items():
         if a.adapter == "lora" and a.trainable:
             engines.setdefault(a.init_from, []).append(name)
 
@@ -55,7 +67,7 @@ def check_loop_settings(recipe: Recipe, world: int) -> None:
         return a.ppo_epochs if a.algorithm == "ppo" else 1
 
     for init_from, names in engines.items():
-        counts = {n: passes(recipe.agents[n]) for n in names}
+        counts = {n: passes(agent_settings(recipe)[n]) for n in names}
         if len(set(counts.values())) > 1:
             raise UsageError(f"agents {', '.join(names)} train LoRA adapters on one base ({init_from}) with one "
                              "optimizer, so they make the same number of steps per batch; got "

@@ -33,6 +33,7 @@ from trainer.replica import Replica, build_replica
 from trainer.schema import AgentSection, ModelSection, Recipe
 from trainer.step import Stepper
 
+from .config import agent_settings
 from .policy import AgentPolicy, token_logprobs
 from .rl import objectives as obj
 
@@ -111,6 +112,10 @@ class Agent:
     adapter: str | None = None
     ref: torch.nn.Module | None = None  # the initial policy (a copy; None with an adapter: the base)
     baseline: obj.MovingAverageBaseline | None = None
+    policy_name: str = ""  # the agent whose policy this one uses (agents.<name>.policy_of); itself by default
+
+    def __post_init__(self):
+        self.policy_name = self.policy_name or self.name
 
     @property
     def passes(self) -> int:
@@ -123,7 +128,7 @@ class Agent:
             return None
         from .value import value_head
 
-        return value_head(module, self.name)
+        return value_head(module, self.policy_name)
 
     def reference_logprobs(self, ids, targets):
         """Log-probabilities of the initial policy (for the KL figure)."""
@@ -141,8 +146,9 @@ class Learner:
 
     replica: Replica
     stepper: Stepper
-    agents: list[str] = field(default_factory=list)
+    agents: list[str] = field(default_factory=list)  # whose losses each update sums (with agents sharing a policy)
     lora: dict[str, dict] = field(default_factory=dict)  # adapter specs, for export
+    groups: list[str] = field(default_factory=list)  # a LoRA engine's optimizer groups: one per trained adapter
 
 
 def _tokenizer(path: Path):
@@ -156,10 +162,13 @@ def _lora_spec(a: AgentSection) -> dict:
 
 
 def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> tuple[dict[str, Agent], list[Learner]]:
-    """Collective: every agent (in recipe order) and the engines of the trainable ones."""
+    """Collective: every agent (in recipe order) and the engines of the trainable ones. An agent with
+    `policy_of` acts with the other agent's module (and adapter, value head) and its loss joins that
+    agent's update: one shared policy for several roles."""
+    settings = agent_settings(recipe)
     bases: dict[str | None, Base] = {}
     tokenizers = {}  # one per base: agents sharing a base share its tokenizer
-    for name, a in recipe.agents.items():
+    for name, a in settings.items():
         if a.init_from not in bases:
             base = bases[a.init_from] = resolve_base(a.init_from, recipe, name)
             if base.checkpoint is not None:
@@ -169,7 +178,9 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
     agents: dict[str, Agent] = {}
     learners: list[Learner] = []
     shared: dict[str | None, torch.nn.Module] = {}  # init_from -> the LoRA agents' model
-    for name, a in recipe.agents.items():
+    for name, a in settings.items():
+        if a.policy_of is not None:
+            continue
         base, state = bases[a.init_from], bases[a.init_from].state
         tok = tokenizers[a.init_from]
         vocab = tok.get_vocab_size()
@@ -180,7 +191,8 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
         sub = agent_recipe(recipe, a, base)
         if adapter is not None:
             if a.init_from not in shared:
-                shared[a.init_from] = _build_lora(recipe, a.init_from, sub, dims, device, vocab, state, learners)
+                shared[a.init_from] = _build_lora(recipe, settings, a.init_from, sub, dims, device, vocab, state,
+                                                  learners)
             module = shared[a.init_from]
             learner = next((lr for lr in learners if lr.replica.module is module and name in lr.agents), None)
             agents[name] = Agent(name, a, policy, module, learner, adapter, baseline=baseline)
@@ -197,7 +209,19 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
             if state is not None:
                 module.load_state_dict(state)
             agents[name] = Agent(name, a, policy, module.to(device).eval().requires_grad_(False))
-    return agents, learners
+    for name, a in settings.items():
+        if a.policy_of is None:
+            continue
+        owner = agents[a.policy_of]
+        policy = copy.copy(owner.policy)
+        policy.name, policy.role = name, name
+        policy.temperature, policy.top_p = a.temperature, a.top_p if a.top_p < 1 else None
+        baseline = obj.MovingAverageBaseline(a.baseline_decay) if a.baseline == "ema" else None
+        agents[name] = Agent(name, a, policy, owner.module, owner.learner, owner.adapter, owner.ref, baseline,
+                             policy_name=owner.name)
+        if owner.learner is not None:
+            owner.learner.agents.append(name)
+    return {n: agents[n] for n in recipe.agents}, learners
 
 
 def _with_value_heads(names: list[str]):
@@ -209,14 +233,16 @@ def _with_value_heads(names: list[str]):
     return lambda model: add_value_heads(model, names)
 
 
-def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, state, learners) -> torch.nn.Module:
-    """The shared model of every LoRA agent starting from `init_from`: an engine when one of them trains."""
+def _build_lora(recipe: Recipe, settings: dict[str, AgentSection], init_from, sub: Recipe, dims, device, vocab,
+                state, learners) -> torch.nn.Module:
+    """The shared model of every LoRA agent starting from `init_from` (one adapter per agent that owns
+    its policy): an engine when one of them trains."""
     from .lora import adapter_parameters, add_adapters
 
-    members = [n for n, a in recipe.agents.items() if a.adapter == "lora" and a.init_from == init_from]
-    specs = {n: _lora_spec(recipe.agents[n]) for n in members}
-    training = [n for n in members if recipe.agents[n].trainable]
-    critics = [n for n in training if recipe.agents[n].algorithm == "ppo"]
+    members = [n for n, a in settings.items() if a.adapter == "lora" and a.init_from == init_from and a.policy_of is None]
+    specs = {n: _lora_spec(settings[n]) for n in members}
+    training = [n for n in members if settings[n].trainable]
+    critics = [n for n in training if settings[n].algorithm == "ppo"]
 
     def prepare(model):
         add_adapters(model, specs)
@@ -237,13 +263,13 @@ def _build_lora(recipe: Recipe, init_from, sub: Recipe, dims, device, vocab, sta
         from .value import value_parameters
 
         return [{"params": adapter_parameters(module, n) + (value_parameters(module, n) if n in critics else []),
-                 "lr": recipe.agents[n].lr, "weight_decay": 0.0} for n in training]
+                 "lr": settings[n].lr, "weight_decay": 0.0} for n in training]
 
     index = sum(1 for lr in learners if lr.lora)
     replica = build_replica(sub, dims, device, vocab, state_dict=state, name=f"lora_{index}", prepare=prepare,
                             params=groups)
-    learners.append(Learner(replica, Stepper(replica.engine, dims, device), training,
-                            {n: specs[n] for n in members}))
+    learners.append(Learner(replica, Stepper(replica.engine, dims, device), list(training),
+                            {n: specs[n] for n in members}, groups=list(training)))
     return replica.module
 
 

@@ -85,20 +85,24 @@ def _mean_or_none(total: float, count: float) -> float | None:
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 
-def evaluate(agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims, options: dict | None) -> dict:
-    """Collective: env.eval_episodes fixed episodes (the same at every evaluation), greedy actions."""
+def evaluate(agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims, options: dict | None,
+             swap: dict[str, str] | None = None) -> dict:
+    """Collective: env.eval_episodes fixed episodes (the same at every evaluation), greedy actions.
+    swap: agent -> the agent whose policy (model and adapter) it acts with, prompts unchanged."""
     n = recipe.env.eval_episodes
     n -= n % dims.dp
     gen = torch.Generator().manual_seed((recipe.env.seed or recipe.train.seed) + EVAL_SEED_OFFSET)
     seeds, env_seeds = episode_seeds(gen, n, 1)
-    greedy = {}
+    greedy, models = {}, {}
     for name, ag in agents.items():
+        source = agents[(swap or {}).get(name, name)]
         p = copy.copy(ag.policy)
         p.temperature = 0.0
-        greedy[name] = p
+        p.adapter = source.policy.adapter
+        greedy[name], models[name] = p, source.module
     env = _env_factory(recipe)
     with torch.no_grad():
-        out = rollout(env, greedy, {k: v.module for k, v in agents.items()}, seeds=_share(seeds, dims),
+        out = rollout(env, greedy, models, seeds=_share(seeds, dims),
                       env_seeds=_share(env_seeds, dims), reset_options=options or None,
                       max_steps=recipe.rl.max_env_steps)
     figures = _episode_figures(out, dims, n)
@@ -217,12 +221,16 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
             opt = evaluate(agents, recipe, dims, recipe.env.eval_options)
             flat["eval_success_options"] = opt["success"]
             row["with_options"] = opt
+        if recipe.env.eval_swap:
+            row["swapped"] = evaluate(agents, recipe, dims, None, recipe.env.eval_swap)
+            flat["eval_success_swapped"] = row["swapped"]["success"]
         tracker.log(flat)
         return row
 
     if is_main:
         who = ", ".join(f"{n} ({ag.settings.algorithm}, alpha {ag.settings.alpha}"
                         + (f", LoRA r={ag.settings.lora_rank}" if ag.adapter else "")
+                        + (f", policy of {ag.policy_name}" if ag.policy_name != n else "")
                         + ("" if ag.learner else ", frozen") + ")" for n, ag in agents.items())
         print(f"run: {ctx.run_dir}  agents: {who}  env: {recipe.env.name}  processes: {dims.dp}"
               + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
@@ -308,6 +316,9 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
     if "success_by" in final:
         summary["success_by"] = final["success_by"]
         summary["success_min_by"] = min(final["success_by"].values()) if final["success_by"] else None
+    if "swapped" in final:
+        summary["success_swapped"] = final["swapped"]["success"]
+        summary["eval_swap"] = recipe.env.eval_swap
     if "with_options" in final:
         summary["success_with_eval_options"] = final["with_options"]["success"]
         summary["eval_options"] = recipe.env.eval_options
@@ -322,7 +333,7 @@ def _lr_of(agent: Agent) -> float:
     """The agent's learning rate this step: a LoRA engine has one parameter group per training agent
     (in order), a full-weight engine's groups (decay, no decay) share one rate."""
     lrs = agent.learner.replica.engine.get_lr()
-    return lrs[agent.learner.agents.index(agent.name)] if agent.learner.lora else lrs[0]
+    return lrs[agent.learner.groups.index(agent.policy_name)] if agent.learner.lora else lrs[0]
 
 
 def _print_summary(s: dict) -> None:
@@ -330,6 +341,8 @@ def _print_summary(s: dict) -> None:
     if s.get("success_by"):
         lines.append("success by value: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in s["success_by"].items()))
+    if "success_swapped" in s:
+        lines.append(f"with policies swapped {s['eval_swap']}: success {_fmt(s['success_swapped'])}")
     if "success_with_eval_options" in s:
         lines.append(f"with {s['eval_options']}: success {_fmt(s['success_with_eval_options'])}")
     for n, d in s["agents"].items():

@@ -271,6 +271,36 @@ def test_ppo_agents_train_value_heads_resume_bit_for_bit_and_export_without_them
     assert (tmp_path / "hf" / "listener" / "config.json").exists()
 
 
+def test_a_shared_policy_is_one_engine_and_swapping_it_changes_nothing(root):
+    """agents.listener.policy_of=speaker: both roles act and learn with the speaker's weights (one
+    engine, both losses in each update); env.eval_swap then swaps a policy with itself."""
+    out = _marl(root, "shared", "train.max_steps=3", "env.args.n_objects=2", "rl.max_new_tokens=4",
+                "agents.listener.policy_of=speaker",
+                "env.eval_swap={speaker: listener, listener: speaker}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "listener (reinforce, alpha 0.001, policy of speaker)" in out.stdout
+    summary = json.loads((root / "runs" / "shared" / "summary.json").read_text())
+    assert summary["success_swapped"] == summary["success"]
+    from trainer import checkpoint as ckpt
+
+    meta = ckpt.verify(ckpt.latest_checkpoint(root / "runs" / "shared" / "checkpoints"))
+    assert meta["components"] == ["agent_speaker"]
+    rows = [r for r in metrics(root, "shared") if "agent/listener/policy_loss" in r]
+    assert len(rows) == 3 and all(r["agent/listener/lr"] == r["agent/speaker/lr"] for r in rows)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["agents.listener.policy_of=judge"], "agents.listener.policy_of=judge: must name another agent"),
+    (["agents.listener.policy_of=speaker", "agents.listener.lr=1e-3"],
+     "agents.listener.lr comes from speaker (0.003); leave it unset (got 0.001)"),
+    (["env.eval_swap={speaker: judge}"], "env.eval_swap: speaker: judge names an agent"),
+])
+def test_bad_shared_policy_settings_stop_with_one_line(root, overrides, message):
+    out = _marl(root, "bad-shared", "train.max_steps=1", *overrides)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+
+
 def test_a_frozen_lora_agent_keeps_the_base(root):
     out = _marl(root, "lora-frozen", "train.max_steps=2", *LORA, "agents.listener.trainable=false")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -188,6 +188,11 @@ class SyncSection(Section):
     compress_rank: PosInt = _f(4, "powersgd: rank of the low-rank approximation")
 
 
+# what an agent with policy_of takes from the agent whose policy it uses
+SHARED_POLICY_KEYS = ("init_from", "adapter", "lora_rank", "lora_alpha", "lora_targets", "lr", "trainable", "algorithm",
+                      "ppo_epochs")
+
+
 class AgentSection(Section):
     """One LLM agent of a multi-agent RL recipe (`agents: {name: {...}}`)."""
 
@@ -215,6 +220,9 @@ class AgentSection(Section):
     clip_eps: float = _f(0.2, "ppo ratio clip", gt=0.0, lt=1.0)
     vf_coef: float = _f(0.5, "ppo value-loss weight", ge=0.0)
     ppo_epochs: PosInt = _f(1, "ppo passes over each batch of episodes")
+    policy_of: str | None = _f(None, "another agent whose policy (weights or adapter, and value head) this one acts "
+                               "and learns with: one shared policy for several roles; its init_from, adapter, "
+                               "lora_*, lr and trainable are that agent's")
 
 
 class EnvSection(Section):
@@ -225,6 +233,8 @@ class EnvSection(Section):
     eval_options: dict = _f({}, "reset options at evaluation (e.g. blank_message: true)")
     eval_group_by: str | None = _f(None, "a key of the env's final infos (e.g. target): evaluation success is also "
                                    "reported per value of it (summary success_by)")
+    eval_swap: dict[str, str] = _f({}, "agent -> agent whose policy it uses in an extra evaluation (e.g. {first: "
+                                   "second, second: first} swaps two trained adapters; summary success_swapped)")
 
 
 class RLSection(Section):
@@ -310,8 +320,29 @@ class Recipe(Section):
                              f"rl.group_size={self.rl.group_size}")
         if not any(a.trainable for a in self.agents.values()):
             raise ValueError("every agent has trainable=false: nothing to train")
+        self._check_shared_policies()
+        for who, whose in self.env.eval_swap.items():
+            if who not in self.agents or whose not in self.agents:
+                raise ValueError(f"env.eval_swap: {who}: {whose} names an agent this recipe does not have; agents: "
+                                 f"{', '.join(self.agents)}")
         if self.sync.strategy != "allreduce":
             raise ValueError("agents: recipes train each agent with its own engine; sync.strategy must stay allreduce")
+
+    def _check_shared_policies(self) -> None:
+        for name, a in self.agents.items():
+            owner = a.policy_of
+            if owner is None:
+                continue
+            key = f"agents.{name}.policy_of={owner}"
+            if owner not in self.agents or owner == name:
+                raise ValueError(f"{key}: must name another agent of this recipe ({', '.join(self.agents)})")
+            if self.agents[owner].policy_of is not None:
+                raise ValueError(f"{key}: {owner} itself uses {self.agents[owner].policy_of}'s policy; name the agent "
+                                 "that owns it")
+            for k in SHARED_POLICY_KEYS:
+                if k in a.model_fields_set and getattr(a, k) != getattr(self.agents[owner], k):
+                    raise ValueError(f"{key}: agents.{name}.{k} comes from {owner} ({getattr(self.agents[owner], k)!r}); "
+                                     f"leave it unset (got {getattr(a, k)!r})")
 
     def _check_sync(self) -> None:
         s, p = self.sync, self.parallel
