@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import re
 import warnings
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 from agents.envs import make_env, traffic
-from agents.envs.traffic import NETS, TrafficEnv, sumo_seed
+from agents.envs.traffic import NETS, TrafficEnv, make_simulation, sumo_seed
 from agents.envs.traffic_baselines import fixed_time, max_queue, parse_observation, play
 
 SHORT = {"num_seconds": 100, "delta_time": 10}
@@ -128,6 +129,23 @@ def test_final_infos_and_fixed_time_baseline_share_the_demand():
     assert heuristic["steps"] == 30 and heuristic["invalid_actions"] == 0
     assert heuristic["vehicles"] == fixed["vehicles"]  # the demand does not depend on the lights
     assert heuristic["mean_waiting_time"] < fixed["mean_waiting_time"]
+
+
+def test_waiting_time_is_sumos_own_tripinfo_waiting_time(tmp_path):
+    trips = tmp_path / "trips.xml"
+    sim = make_simulation("single-intersection", 300, 10, 2, 5, "diff-waiting-time", 300, fixed_ts=True,
+                          sumo_args=f"--tripinfo-output {trips} --tripinfo-output.write-unfinished")
+    sim.reset(seed=4)
+    while not sim.step(None)[2]["__all__"]:
+        pass
+    m = sim.episode_metrics()
+    sim.close()
+    rows = ET.parse(trips).getroot().findall("tripinfo")
+    assert len(rows) == m["departed"] > 100
+    waiting = sum(float(r.get("waitingTime")) for r in rows) / len(rows)
+    # SUMO counts speed <= 0.1 m/s as waiting, the halting count speed < 0.1 m/s
+    assert m["network_waiting_time"] == pytest.approx(waiting, rel=1e-3)
+    assert m["mean_waiting_time"] >= m["network_waiting_time"]
 
 
 def test_a_second_simultaneous_env_falls_back_to_traci_with_the_same_episode():

@@ -54,11 +54,12 @@ the seed of `reset(seed=s)`). Same seed, same actions -> same observations. `sta
 `load_state_dict()` save and restore the generator and the episode counter.
 
 libsumo and several envs in one process. With the `libsumo` package SUMO runs inside this process
-(~30x faster than TraCI's socket per call, bench: docs/agents.md). libsumo holds ONE simulation per
+(4-6x faster per episode than TraCI here, ~30x with traci.start's 1 s wait and a call per query, which
+this env avoids: bench/results/traffic-baselines-cpu.md). libsumo holds ONE simulation per
 process: a second `libsumo.start` silently replaces the first (measured, SUMO 1.28). So the first env
 whose episode starts while no libsumo simulation is loaded takes libsumo, and an env that starts an
 episode while another env's libsumo simulation runs falls back to TraCI (a SUMO process and a socket,
-~1 s to start and ~30x slower per step), with one warning per process. An env closes its simulation
+~0.1 s to start, 4-6x slower per episode), with one warning per process. An env closes its simulation
 when its episode ends (and on `close()`), so envs used one after the other all get libsumo; K
 simultaneous episodes (agents.rollout with K > 1) run one on libsumo and K - 1 on TraCI. Without
 libsumo installed every env uses TraCI (one warning). SUMO_HOME is set from the `eclipse-sumo` wheel
@@ -93,6 +94,7 @@ if "SUMO_HOME" not in os.environ:
     os.environ["SUMO_HOME"] = sumo.SUMO_HOME
 
 import sumo_rl.environment.env as _srl  # noqa: E402  (needs SUMO_HOME)
+import traci.constants as tc  # noqa: E402
 import traci.main as _traci  # noqa: E402  (the pure-python TraCI, even under LIBSUMO_AS_TRACI)
 from sumo_rl.environment.traffic_signal import TrafficSignal  # noqa: E402
 
@@ -153,26 +155,37 @@ def _free_libsumo():
             _libsumo = False
     if _libsumo is False:
         _warn_once("missing", "traffic: libsumo is not installed; SUMO runs through TraCI (a process and "
-                              "a socket), ~30x slower: pip install libsumo (pinned in requirements.txt)")
+                              "a socket), 4-6x slower: pip install libsumo (pinned in requirements.txt)")
         return None
     holder = _holder() if _holder is not None else None
     if (holder is not None and holder.sumo is not None) or _libsumo.isLoaded():
         _warn_once("busy", "traffic: libsumo runs one simulation per process and another env's episode "
                            "holds it; this env (and any other simultaneous one) runs SUMO through TraCI, "
-                           "~30x slower per step")
+                           "4-6x slower per episode")
         return None
     return _libsumo
 
 
 class _QuietTraci:
-    """TraCI whose SUMO processes write their stdout (a progress line per step) to /dev/null."""
+    """TraCI whose `start` sends SUMO's stdout (a progress line per step) to /dev/null and polls for
+    SUMO's socket every 20 ms (traci.start tries once, then sleeps 1 s: ~1 s per start)."""
 
     def __getattr__(self, name):
         return getattr(_traci, name)
 
     @staticmethod
-    def start(cmd, **kwargs):
-        return _traci.start(cmd, stdout=subprocess.DEVNULL, **kwargs)
+    def start(cmd, label="default", **_):
+        for _attempt in range(3):  # a port taken between getFreeSocketPort and SUMO's bind: another port
+            port = _traci.getFreeSocketPort()
+            proc = subprocess.Popen(cmd + ["--remote-port", str(port)], stdout=subprocess.DEVNULL)
+            try:
+                _traci.connect(port, numRetries=1000, proc=proc, waitBetweenRetries=0.02, label=label)
+            except _traci.TraCIException:
+                proc.kill()
+                continue
+            _traci.switch(label)
+            return
+        raise _traci.FatalTraCIError("traffic: could not connect to SUMO through TraCI")
 
 
 @contextlib.contextmanager
@@ -214,7 +227,12 @@ class _Simulation(_srl.SumoEnvironment):
             super()._start_simulation()
         if self._lib is not None:
             _holder = weakref.ref(self)
-        self._edges = list(self.sumo.edge.getIDList())
+        # One subscription result per simulated second instead of a call per edge (a socket round trip
+        # each under TraCI).
+        self.sumo.simulation.subscribe([tc.VAR_DEPARTED_VEHICLES_NUMBER, tc.VAR_TELEPORT_STARTING_VEHICLES_NUMBER,
+                                        tc.VAR_PENDING_VEHICLES])
+        for e in self.sumo.edge.getIDList():
+            self.sumo.edge.subscribe(e, [tc.LAST_STEP_VEHICLE_HALTING_NUMBER])
         self._reset_counts()
 
     @property
@@ -224,13 +242,13 @@ class _Simulation(_srl.SumoEnvironment):
 
     def _sumo_step(self):
         self.sumo.simulationStep()
-        sim = self.sumo.simulation
-        self.departed += sim.getDepartedNumber()
-        self.teleports += sim.getStartingTeleportNumber()
-        self.backlog = len(sim.getPendingVehicles())
+        sim = self.sumo.simulation.getSubscriptionResults()
+        self.departed += sim[tc.VAR_DEPARTED_VEHICLES_NUMBER]
+        self.teleports += sim[tc.VAR_TELEPORT_STARTING_VEHICLES_NUMBER]
+        self.backlog = len(sim[tc.VAR_PENDING_VEHICLES])
         self.insertion_seconds += self.backlog
-        edge = self.sumo.edge
-        self.halted_seconds += sum(edge.getLastStepHaltingNumber(e) for e in self._edges)
+        edges = self.sumo.edge.getAllSubscriptionResults()
+        self.halted_seconds += sum(r[tc.LAST_STEP_VEHICLE_HALTING_NUMBER] for r in edges.values())
 
     def episode_metrics(self) -> dict:
         vehicles = self.departed + self.backlog
@@ -267,16 +285,17 @@ def check_args(net: str, num_seconds: int, delta_time: int, yellow_time: int, mi
 
 
 def make_simulation(net: str, num_seconds: int, delta_time: int, yellow_time: int, min_green: int,
-                    reward_fn: str, time_to_teleport: int, fixed_ts: bool = False) -> _Simulation:
+                    reward_fn: str, time_to_teleport: int, fixed_ts: bool = False,
+                    sumo_args: str = "") -> _Simulation:
     """The sumo-rl simulation of a TrafficEnv's settings (fixed_ts=True: SUMO's own programme runs and
-    actions are ignored); its episode's seed is reset(seed=sumo seed)'s."""
+    actions are ignored; sumo_args: more SUMO options); its episode's seed is reset(seed=sumo seed)'s."""
     check_args(net, num_seconds, delta_time, yellow_time, min_green, reward_fn, time_to_teleport)
     net_file, route_file = net_files(net)
     return _Simulation(net_file=net_file, route_file=route_file, num_seconds=num_seconds, delta_time=delta_time,
                        yellow_time=yellow_time, min_green=min_green, reward_fn=reward_fn,
                        time_to_teleport=time_to_teleport, max_depart_delay=-1, waiting_time_memory=10**6,
                        add_system_info=False, add_per_agent_info=False, sumo_warnings=False, fixed_ts=fixed_ts,
-                       additional_sumo_cmd=_SUMO_FLAGS, sumo_seed=0)
+                       additional_sumo_cmd=f"{_SUMO_FLAGS} {sumo_args}", sumo_seed=0)
 
 
 def _lane_names(n: int) -> list[str]:
