@@ -178,7 +178,7 @@ def test_bad_arguments_name_the_allowed_values():
     with pytest.raises(ValueError, match="unknown reward_fn 'speed'; reward_fns: diff-waiting-time, "
                                          "average-speed, queue, pressure"):
         make_env("traffic", reward_fn="speed")
-    with pytest.raises(ValueError, match=r"yellow_time must be an integer in \[0, 4\], got 5"):
+    with pytest.raises(ValueError, match=r"yellow_time must be an integer in \[1, 4\], got 5"):
         TrafficEnv(delta_time=5, yellow_time=5)
     with pytest.raises(ValueError, match="num_seconds must be an integer >= 10"):
         TrafficEnv(num_seconds=5)

@@ -10,7 +10,7 @@ observations and actions in text.
 Agents are named "tl_<id>" after the lights' SUMO ids (single-intersection: "tl_t"; 2x2grid: "tl_1",
 "tl_2", "tl_5", "tl_6"). Every light acts at every step (all agents are in `turn_agents`, infos "turn" is True for all): each
 step applies every light's chosen green phase and advances SUMO by `delta_time` simulated seconds
-(sumo-rl's `SumoEnvironment.step`); an episode is `num_seconds // delta_time` steps and ends by
+(sumo-rl's `SumoEnvironment.step`); an episode is ceil(num_seconds / delta_time) steps and ends by
 truncation (the simulation has no terminal state). Rewards are sumo-rl's `reward_fn` for each light
 (default "diff-waiting-time": the drop, over the step, of the accumulated waiting time on the light's
 incoming lanes, in 100 s units).
@@ -277,7 +277,8 @@ def check_args(net: str, num_seconds: int, delta_time: int, yellow_time: int, mi
     net_files(net)
     check_int("traffic", "delta_time", delta_time, 1)
     check_int("traffic", "num_seconds", num_seconds, delta_time)
-    check_int("traffic", "yellow_time", yellow_time, 0, delta_time - 1)  # sumo-rl: delta_time > yellow_time
+    # sumo-rl: delta_time > yellow_time; a yellow of 0 s would never end (its update tests == yellow_time)
+    check_int("traffic", "yellow_time", yellow_time, 1, delta_time - 1)
     check_int("traffic", "min_green", min_green, 0)
     check_int("traffic", "time_to_teleport", time_to_teleport, -1)
     if reward_fn not in REWARD_FNS:
@@ -308,7 +309,7 @@ class TrafficEnv(ParallelEnv):
         num_seconds       simulated seconds per episode (>= delta_time; default 1200)
         delta_time        simulated seconds per step (default 10: 120 decisions per episode, and
                           every decision may switch: 10 >= yellow_time + min_green)
-        yellow_time       seconds of yellow when a light changes phase (< delta_time; default 2)
+        yellow_time       seconds of yellow when a light changes phase (1..delta_time - 1; default 2)
         min_green         a change is applied only yellow_time + min_green s after the last (default 5)
         reward_fn         sumo-rl's reward: diff-waiting-time (default), average-speed, queue, pressure
         time_to_teleport  SUMO teleports a vehicle stuck this long (s; -1 never; default 300, SUMO's)
