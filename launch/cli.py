@@ -57,8 +57,9 @@ def cmd_train(args) -> int:
     # supervisor): the world size is the launcher's; launch.* only says how many processes to start here.
     launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
     if launched:
-        from launch.multiproc import adopt_launcher_env
+        from launch.multiproc import adopt_launcher_env, check_accelerate_env
 
+        check_accelerate_env(recipe)
         adopt_launcher_env()
     world = int(os.environ["WORLD_SIZE"]) if launched else recipe.world_size()
     check_layout(recipe, world)

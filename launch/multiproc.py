@@ -99,6 +99,33 @@ def adopt_launcher_env(env: dict | None = None) -> None:
         env["LOCAL_SIZE"] = env["LOCAL_WORLD_SIZE"]
 
 
+def check_accelerate_env(recipe: Recipe, env: dict | None = None) -> None:
+    """`accelerate launch` passes its own training settings to the ranks in ACCELERATE_* variables;
+    nothing here reads them (the recipe is the one source of the DeepSpeed config, precision and
+    compilation), so a setting that asks for something the recipe does not say is refused, in one
+    line naming the recipe key to use, instead of being silently ignored."""
+    env = os.environ if env is None else env
+    from trainer.errors import UsageError
+
+    hint = "; accelerate only starts the processes here (docs/launchers.md)"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UsageError("accelerate launch --use_deepspeed (or a DEEPSPEED accelerate config) passes DeepSpeed "
+                         "settings this project does not read: the recipe is the DeepSpeed config; launch with "
+                         "--multi_gpu" + hint)
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise UsageError("accelerate launch --use_fsdp (or an FSDP accelerate config) asks for FSDP: this project "
+                         "shards with DeepSpeed ZeRO (parallel.zero_stage); launch with --multi_gpu" + hint)
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision != "no" and not (precision == "bf16" and recipe.train.precision == "bf16"):
+        raise UsageError(f"accelerate launch --mixed_precision {precision} is not applied by this project: use "
+                         f"--mixed_precision no and the recipe's train.precision (now {recipe.train.precision}; "
+                         "fp32 or bf16)" + hint)
+    dynamo = env.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if dynamo != "no":
+        raise UsageError(f"accelerate launch --dynamo_backend {dynamo} is not applied by this project: use "
+                         "--dynamo_backend no and the recipe's train.compile=true" + hint)
+
+
 @dataclass(frozen=True)
 class NodeLayout:
     """Where this node's launcher sits in a multi-node job (one launcher per node, no ssh)."""

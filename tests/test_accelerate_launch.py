@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.multiproc import adopt_launcher_env
+from launch.multiproc import adopt_launcher_env, check_accelerate_env
 from tests.trainutil import REPO, env, metrics, run_train, train_cmd
+from trainer.errors import UsageError
+from trainer.recipe import load_recipe
 
 ZERO1 = ["train.max_steps=4", "parallel.micro_batch=4", "train.eval_every=2"]
 RECIPE = "gpt-tiny-zero1"  # 2 processes, ZeRO-1
@@ -44,6 +46,44 @@ def test_torchrun_local_world_size_becomes_deepspeeds_local_size():
     e = {"LOCAL_WORLD_SIZE": "2", "LOCAL_SIZE": "4"}  # set by our launcher: kept
     adopt_launcher_env(e)
     assert e["LOCAL_SIZE"] == "4"
+
+
+# What accelerate's launcher puts in each rank's environment (accelerate/utils/launch.py) for the
+# documented command, and for options whose settings this project would not apply.
+DOCUMENTED_ENV = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+
+
+@pytest.mark.parametrize("extra, precision, refused", [
+    ({}, "auto", None),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16", None),  # the same as the recipe's: nothing ignored
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "auto", "--use_deepspeed"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "auto", "--use_fsdp"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "fp32", "--mixed_precision bf16"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "auto", "--mixed_precision fp16"),
+    ({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, "auto", "--dynamo_backend inductor"),
+])
+def test_accelerate_settings_the_recipe_does_not_say_are_refused(extra, precision, refused):
+    recipe = load_recipe(RECIPE, [f"train.precision={precision}"])
+    environ = {**DOCUMENTED_ENV, **extra}
+    if refused is None:
+        check_accelerate_env(recipe, environ)
+        return
+    with pytest.raises(UsageError, match=f"^accelerate launch {refused} ") as err:
+        check_accelerate_env(recipe, environ)
+    assert "\n" not in str(err.value)
+
+
+def test_a_rank_refuses_accelerates_deepspeed_settings_in_one_line(tmp_path):
+    """A rank as `accelerate launch --use_deepspeed` starts it: exit 2 and one line, before any
+    process group or data (the whole run: docs/launchers.md)."""
+    rank_env = {**env(ACCELERATE_USE_DEEPSPEED="true", **DOCUMENTED_ENV),  # env() drops rank variables: set after
+                "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    out = subprocess.run(train_cmd(tmp_path, "refused", recipe=RECIPE), cwd=tmp_path, env=rank_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: accelerate launch --use_deepspeed "), out.stderr
+    assert not (tmp_path / "runs" / "refused").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.dist
