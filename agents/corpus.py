@@ -39,6 +39,8 @@ __all__ = ["ENV_PREFIX", "episode_text", "write_corpus"]
 
 ENV_PREFIX = "env:"
 FORMAT = 2  # 2: the signalling speaker of random play names the target half of the time
+# per env, where its random player changed since: 3 = split_arith's answer repeats a number it saw half of the time
+FORMATS = {"split_arith": 3}
 
 
 def episode_text(env, rng: np.random.Generator, template: str = DEFAULT_TEMPLATE, max_steps: int = 64) -> str:
@@ -63,7 +65,7 @@ def write_corpus(env_name: str, env_args: dict, episodes: int, seed: int, folder
                  template: str = DEFAULT_TEMPLATE) -> Path:
     """The corpus file of `episodes` random episodes (written if it is not there yet)."""
     key = json.dumps({"env": env_name, "args": env_args, "episodes": episodes, "seed": seed,
-                      "template": template, "format": FORMAT}, sort_keys=True)
+                      "template": template, "format": FORMATS.get(env_name, FORMAT)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(folder) / "env-corpus" / f"{env_name}-{digest}.jsonl"
     if path.exists():

@@ -131,10 +131,19 @@ class SplitArithEnv(TextParallelEnv):
                 "a": self.a, "b": self.b, "op": self.op}
 
     def random_action(self, agent: str, rng) -> str:
-        """A message: the number the agent knows, or another operand; the answer: an integer drawn
-        uniformly between the smallest and largest results the ranges allow."""
+        """A message: the number the agent knows, or another operand; the answer: half of the time a
+        number the agent has seen (the one it knows or one in a message, uniformly), else an integer
+        drawn uniformly between the smallest and largest results the ranges allow. A random player
+        that repeats what it sees gives a base whose answers depend on the numbers in its prompt;
+        one whose answers ignore them gives policy-gradient updates that move every task's answer
+        together, and the answering agent collapses onto one number (measured: entropy 1.09 -> 0.36
+        nats/token in 300 steps at success ~0.15, the frequency of the commonest sum)."""
         lo, hi = self.min_operand, self.max_operand
         if self._step >= self.turns:
+            seen = [self.a if agent == "first" else self.b]
+            seen += [int(m.group()) for _, msg in self.transcript for m in [_INT.search(msg)] if m]
+            if rng.random() < 0.5:
+                return str(seen[int(rng.integers(len(seen)))])
             results = [OPS[op](x, y) for op in self.ops for x in (lo, hi) for y in (lo, hi)]
             return str(int(rng.integers(min(results), max(results) + 1)))
         own = self.a if agent == "first" else self.b
