@@ -7,7 +7,8 @@
         obs, rewards, terminations, truncations, infos = env.step(actions)
 
 Registered names (`ENVS`): signaling (`SignalingEnv`, the Lewis referential game), split_arith
-(`SplitArithEnv`, arithmetic split between two agents). `make_env(name, **kwargs)` is what a recipe's
+(`SplitArithEnv`, arithmetic split between two agents), traffic (`TrafficEnv`, traffic lights on
+SUMO through sumo-rl, every light acting at every step). `make_env(name, **kwargs)` is what a recipe's
 `env:` section calls (`env.name` and the rest as keyword arguments); an unknown name or argument is a
 ValueError in one line that names the known ones. `register_env(name, constructor)` adds one.
 """
