@@ -44,10 +44,16 @@ def recipes_table() -> str:
         desc = r.run.description.replace("|", "\\|")
         model, where = r.model.style, layout(r)
         if r.agents:  # a multi-agent recipe: its agents start from runs (or recipes) of their own
-            starts = sorted({(a.init_from or "model.*").removeprefix("recipe:") for a in r.agents.values()})
+            from agents.config import agent_settings
+
+            agents = agent_settings(r)  # an agent sharing another's policy as that policy's settings
+            starts = sorted({(a.init_from or "model.*").removeprefix("recipe:") for a in agents.values()})
             model = "from " + ", ".join(f"`{x}`" for x in starts)
-            kinds = sorted({a.algorithm + (" + LoRA" if a.adapter == "lora" else "") for a in r.agents.values()})
-            where += f", {len(r.agents)} agents ({', '.join(kinds)}) in `{r.env.name}`"
+            kinds = sorted({a.algorithm + (" + LoRA" if a.adapter == "lora" else "") for a in agents.values()})
+            shared = sum(a.policy_of is not None for a in agents.values())
+            policies = len(agents) - shared
+            where += (f", {len(agents)} agents ({', '.join(kinds)}"
+                      + (f"; {policies} polic{'y' if policies == 1 else 'ies'}" if shared else "") + f") in `{r.env.name}`")
         lines.append(f"| `{name}` | {model} | {r.world_size()} | {where} | {desc} |")
     return "\n".join(lines) + "\n"
 
