@@ -110,7 +110,7 @@ def main() -> None:
         for name, fn in variants.items():
             results[name].append(fn(data))
     from model import GPT, GPTConfig
-    from trainer.evaluation import peak_flops
+    from model.flops import peak_flops
 
     peak, source = peak_flops(dist.device, recipe.train.peak_tflops)
     m = recipe.model

@@ -176,13 +176,15 @@ def test_cpu_peak_measured_for_real_is_short_and_plausible():
     import time
 
     t0 = time.perf_counter()
-    rate, source = E.peak_flops(torch.device("cpu"), None)
+    rate, source = F.peak_flops(torch.device("cpu"), None)
     took = time.perf_counter() - t0
     threads = torch.get_num_threads()
     assert source.startswith(f"measured CPU sgemm 1536x1536x1536 on {threads} thread")
     assert took < 5.0  # budget 0.5 s: products of 0.04 s (0.2 s on a busy machine), at least 3
     # (how fast is not asserted: a shared machine makes any timing noisy)
-    assert 1e9 < rate < 200e9 * threads  # < 200 GFLOP/s fp32 per core on any CPU we know
+    # fp32 per core: at most 2 AVX-512 FMA units x 16 lanes x 2 FLOP = 64 FLOP/cycle; at <= 6 GHz that is
+    # 384 GFLOP/s (a Xeon of this project's machines measured 206 per core at its turbo clock)
+    assert 1e9 < rate < 384e9 * threads
 
 
 def test_peak_sources(monkeypatch):
@@ -190,14 +192,14 @@ def test_peak_sources(monkeypatch):
         raise AssertionError("must not measure")
 
     monkeypatch.setattr(F, "measure_matmul_flops", no_measure)
-    assert E.peak_flops(torch.device("cpu"), 0.25) == (0.25e12, "train.peak_tflops = 0.25 TFLOP/s")
+    assert F.peak_flops(torch.device("cpu"), 0.25) == (0.25e12, "train.peak_tflops = 0.25 TFLOP/s")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    peak, source = E.peak_flops(torch.device("cuda", 0), None)
+    peak, source = F.peak_flops(torch.device("cuda", 0), None)
     assert peak == 989e12 and "H100 datasheet bf16 dense peak" in source
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert E.peak_flops(torch.device("cuda", 0), None)[0] == 756e12
+    assert F.peak_flops(torch.device("cuda", 0), None)[0] == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
-    assert E.peak_flops(torch.device("cuda", 0), None) == (0.0, "unknown GPU 'Mystery GPU': set train.peak_tflops")
+    assert F.peak_flops(torch.device("cuda", 0), None) == (0.0, "unknown GPU 'Mystery GPU': set train.peak_tflops")
 
 
 # ------------------------------------------------------------------------------------------- loss.png

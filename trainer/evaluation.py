@@ -1,4 +1,4 @@
-"""Validation loss, bits per byte, the gzip baseline and text samples (MFU's device peak: model.flops)."""
+"""Validation loss, bits per byte, the gzip baseline and text samples."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import math
 
 import torch
 
-from model.flops import peak_flops  # noqa: F401  (for the loop: one device's peak for MFU)
-
-from .data import TokenBlocks, eval_sample, iterate_eval  # noqa: F401  (eval_sample: for the loop)
+from .data import TokenBlocks, iterate_eval
 
 
 @torch.no_grad()

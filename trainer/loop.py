@@ -25,21 +25,21 @@ from pathlib import Path
 import torch
 import yaml
 
+from model.flops import peak_flops
+
 from . import checkpoint as ckpt
 from . import faults, optim_state
 from .consolidate import consolidate_once
-from .data import DataSpec, ShardedSampler, TokenBlocks, prepare_data
+from .data import DataSpec, ShardedSampler, TokenBlocks, eval_sample, prepare_data
 from .dims import ParallelDims
 from .distributed import DistInfo, barrier
 from .ds_config import resolve_precision
 from .errors import TrainingStopped, UsageError
 from .evaluation import (
     bits_per_byte,
-    eval_sample,
     evaluate,
     evaluate_pipeline,
     gzip_bits_per_byte,
-    peak_flops,
     sample_text,
 )
 from .files import atomic_write_text
