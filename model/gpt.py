@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
-from .generate import DecodeEngine, SamplingParams, sample_next  # noqa: F401  (sample_next: re-export)
+from .generate import DecodeEngine, SamplingParams
 from .kernels import get_ops
 from .kernels.reference import rope_cache
 
@@ -442,7 +442,7 @@ class GPT(nn.Module):
 
         input_ids: [B, T] left-padded tensor (with `attention_mask`, 0 at padding), a 1-D tensor,
         or a list of token lists of any lengths. temperature 0 = greedy; top_k and top_p (nucleus)
-        filter before sampling (`sample_next`). A sequence stops at `eos_id`; generation stops when
+        filter before sampling (`model.generate.sample_next`). A sequence stops at `eos_id`; generation stops when
         all sequences have finished. `generator` (default: torch's) draws the whole batch with one
         multinomial call per step, rows that already finished included, so a seeded call gives the
         tokens of the static batch decoder this method used to be.

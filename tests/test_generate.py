@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.gpt import sample_next
+from model.generate import sample_next
 
 V = 101
 STYLES = ["gpt2", "llama"]
