@@ -16,16 +16,13 @@ Rows already in the JSON beside the table are kept (reruns add the missing ones)
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from marl_runs import Rows, run_recipe  # noqa: E402
 from record_losses import cpu_name, write_results  # noqa: E402
 
 SETTINGS = {
@@ -36,16 +33,7 @@ SETTINGS = {
 
 
 def run_one(setting: str, seed: int, runs: Path) -> dict:
-    name = f"signaling-{setting}-s{seed}"
-    cmd = [sys.executable, "-m", "launch", "train", "marl-signaling", f"run.name={name}", f"run.output_dir={runs}",
-           f"train.seed={seed}", "train.progress=false", "tracking.wandb=disabled", *SETTINGS[setting]]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
-    s = json.loads((runs / name / "summary.json").read_text())
+    s, wall = run_recipe("marl-signaling", f"signaling-{setting}-s{seed}", runs, [f"train.seed={seed}", *SETTINGS[setting]])
     return {"setting": setting, "seed": seed, "success": s["success"], "min_by_object": s["success_min_by"],
             "blanked": s["success_with_eval_options"], "speaker_entropy": s["agents"]["speaker"]["entropy"],
             "listener_entropy": s["agents"]["listener"]["entropy"], "wall_s": wall}
@@ -78,17 +66,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/signaling-cpu.md"))
     args = ap.parse_args()
     out = Path(args.out)
-    store = out.with_suffix(".json")
-    rows = json.loads(store.read_text()) if store.exists() else []
-    done = {(r["setting"], r["seed"]) for r in rows}
+    done = Rows(out)
     for setting in args.settings:
         for seed in range(1, (args.seeds if setting == "recipe" else min(3, args.seeds)) + 1):
-            if (setting, seed) in done:
-                continue
-            rows.append(run_one(setting, seed, Path(args.runs)))
-            store.parent.mkdir(parents=True, exist_ok=True)
-            store.write_text(json.dumps(rows, indent=1))
-            print(f"{setting} seed {seed}: {rows[-1]}", flush=True)
+            if not done.has(setting=setting, seed=seed):
+                done.add(run_one(setting, seed, Path(args.runs)))
+    rows = done.rows
     cmd = "python bench/bench_signaling.py " + " ".join(sys.argv[1:])
     write_results(out, "# marl-signaling over seeds and entropy weights\n\n"
                   f"Command: `{cmd.strip()}` ({cpu_name()}, 1 thread per run, 300 steps of 64 episodes; "
