@@ -201,14 +201,10 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
                                     prepare=_with_value_heads([name] if a.algorithm == "ppo" else []))
             learner = Learner(replica, Stepper(replica.engine, dims, device), [name])
             learners.append(learner)
-            ref = copy.deepcopy(replica.module).eval().requires_grad_(False) if recipe.rl.kl_ref else None
+            ref = _frozen_copy(sub, vocab, state, recipe.train.seed, device) if recipe.rl.kl_ref else None
             agents[name] = Agent(name, a, policy, replica.module, learner, ref=ref, baseline=baseline)
         else:
-            torch.manual_seed(recipe.train.seed)
-            module = build_model(sub, vocab)
-            if state is not None:
-                module.load_state_dict(state)
-            agents[name] = Agent(name, a, policy, module.to(device).eval().requires_grad_(False))
+            agents[name] = Agent(name, a, policy, _frozen_copy(sub, vocab, state, recipe.train.seed, device))
     for name, a in settings.items():
         if a.policy_of is None:
             continue
@@ -222,6 +218,18 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
         if owner.learner is not None:
             owner.learner.agents.append(name)
     return {n: agents[n] for n in recipe.agents}, learners
+
+
+def _frozen_copy(sub: Recipe, vocab: int, state: dict | None, seed: int, device) -> torch.nn.Module:
+    """The starting policy as a plain module without gradients (a frozen agent, or the reference of
+    the KL figure): built from the base's weights, not copied from an engine, whose parameters ZeRO-3
+    partitions. The process-wide generators are left as they were."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build_model(sub, vocab)
+    if state is not None:
+        module.load_state_dict(state)
+    return module.to(device).eval().requires_grad_(False)
 
 
 def _with_value_heads(names: list[str]):
