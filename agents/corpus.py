@@ -14,6 +14,12 @@ policy-gradient updates of a network whose outputs do not depend on the target m
 message together, so the speaker collapses onto one message before any protocol forms (measured:
 speaker entropy to ~0 within 100 steps at lr 1e-3, no progress in 300 steps at 1e-4).
 
+An env may define its corpus player apart from its random player: `env.corpus_action(agent, rng)` when
+the env has it, else `env.random_action(agent, rng)`. The traffic env's corpus player picks the
+max-queue phase (read from the observation) half of the time and a uniformly random phase otherwise,
+while its `random_action` stays uniform (the "random play" of its baselines). An episode is written to
+its end (traffic: ceil(num_seconds / delta_time) decisions), or to `max_steps` env steps when given.
+
     path = write_corpus("signaling", {"n_objects": 10}, episodes=20000, seed=0, folder=".cache/data")
 
 writes (once; the name is a hash of the inputs) a JSON-lines file of one document per episode under
@@ -40,19 +46,25 @@ __all__ = ["ENV_PREFIX", "episode_text", "write_corpus"]
 ENV_PREFIX = "env:"
 FORMAT = 2  # 2: the signalling speaker of random play names the target half of the time
 # per env, where its random player changed since: 3 = split_arith's answer repeats a number it saw half of the time
-FORMATS = {"split_arith": 3}
+# 4 = traffic's corpus player (max-queue half of the time) and whole episodes (no 64-step cap)
+FORMATS = {"split_arith": 3, "traffic": 4}
+MAX_EPISODE_STEPS = 100_000  # a guard against an env that never ends
 
 
-def episode_text(env, rng: np.random.Generator, template: str = DEFAULT_TEMPLATE, max_steps: int = 64) -> str:
+def episode_text(env, rng: np.random.Generator, template: str = DEFAULT_TEMPLATE,
+                 max_steps: int | None = None) -> str:
     """One episode of random play as text: for every turn, the acting agent's prompt (the template
-    with its name as role, as `AgentPolicy` formats it) and " " + its action + a line break."""
+    with its name as role, as `AgentPolicy` formats it) and " " + its action + a line break; the
+    episode to its end, or its first `max_steps` env steps. The action is `env.corpus_action` when the
+    env has one, else `env.random_action`."""
     obs, infos = env.reset(seed=int(rng.integers(SEED_HIGH)))
+    player = getattr(env, "corpus_action", None) or env.random_action
     parts = []
-    for _ in range(max_steps):
+    for _ in range(MAX_EPISODE_STEPS if max_steps is None else max_steps):
         acting = env.turn_agents
         actions = {}
         for agent in acting:
-            action = env.random_action(agent, rng)
+            action = player(agent, rng)
             parts.append(template.format(agent=agent, role=agent, observation=obs[agent]) + " " + action + "\n")
             actions[agent] = action
         obs, _, terms, truncs, _ = env.step(actions)

@@ -28,6 +28,10 @@ the uninterrupted run's metrics bit for bit on CPU (tests/test_marl_train.py).
 Metrics: `agent/<name>/return|entropy|success|invalid|kl|loss` per step in metrics.jsonl (and W&B),
 `agents.png` (return and entropy per agent), evaluation rows (greedy, fixed episodes; with
 `env.eval_options` a second evaluation), summary.json with the team's success and each agent's figures.
+With `env.eval_metrics` (keys of the env's final infos, e.g. traffic's mean_waiting_time and teleports)
+each evaluation also averages those over its episodes (`eval_metric/<key>`; summary `eval_metrics`), and
+an env with a `baseline_metrics(seed)` method (traffic: SUMO's fixed-time programme) is run once on the
+same evaluation episodes: summary `baseline` and `eval_ratio` (evaluation / baseline, per key).
 """
 
 from __future__ import annotations
@@ -85,14 +89,19 @@ def _mean_or_none(total: float, count: float) -> float | None:
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 
+def eval_seeds(recipe: Recipe, dims: ParallelDims) -> tuple[int, tuple[list[int], list[int]]]:
+    """The evaluation's episode count and its (episode seeds, env seeds): the same at every evaluation."""
+    n = recipe.env.eval_episodes
+    n -= n % dims.dp
+    gen = torch.Generator().manual_seed((recipe.env.seed or recipe.train.seed) + EVAL_SEED_OFFSET)
+    return n, episode_seeds(gen, n, 1)
+
+
 def evaluate(agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims, options: dict | None,
              swap: dict[str, str] | None = None) -> dict:
     """Collective: env.eval_episodes fixed episodes (the same at every evaluation), greedy actions.
     swap: agent -> the agent whose policy (model and adapter) it acts with, prompts unchanged."""
-    n = recipe.env.eval_episodes
-    n -= n % dims.dp
-    gen = torch.Generator().manual_seed((recipe.env.seed or recipe.train.seed) + EVAL_SEED_OFFSET)
-    seeds, env_seeds = episode_seeds(gen, n, 1)
+    n, (seeds, env_seeds) = eval_seeds(recipe, dims)
     greedy, models = {}, {}
     for name, ag in agents.items():
         source = agents[(swap or {}).get(name, name)]
@@ -106,9 +115,50 @@ def evaluate(agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims, optio
                       env_seeds=_share(env_seeds, dims), reset_options=options or None,
                       max_steps=recipe.rl.max_env_steps)
     figures = _episode_figures(out, dims, n)
+    if recipe.env.eval_metrics:
+        figures["metrics"] = _final_info_means(out.final_infos, recipe.env.eval_metrics, dims)
     if recipe.env.eval_group_by:
         figures["success_by"] = _success_by(out, recipe.env.eval_group_by, dims)
     return figures
+
+
+def _final_value(infos: dict[str, dict], key: str):
+    """`key` of an episode's final infos (the first agent's info that has it), or None."""
+    return next((info[key] for info in infos.values() if info.get(key) is not None), None)
+
+
+def _final_info_means(finals: list[dict], keys: list[str], dims) -> dict[str, float | None]:
+    """Collective: each key's mean over every rank's episodes (`finals`: one dict per episode, agent ->
+    final info); None where no episode has it."""
+    local = []
+    for key in keys:
+        values = [float(v) for f in finals if (v := _final_value(f, key)) is not None]
+        local += [float(sum(values)), float(len(values))]
+    tot = sum_over_ranks(local, dims)
+    return {k: _mean_or_none(tot[2 * i], tot[2 * i + 1]) for i, k in enumerate(keys)}
+
+
+def baseline_summary(recipe: Recipe, dims: ParallelDims, metrics: dict[str, float | None]) -> dict:
+    """Collective: with env.eval_metrics, summary `eval_metrics` (the final evaluation's means) and, when
+    the env has `baseline_metrics(seed)`, that baseline on the evaluation episodes' env seeds (each rank
+    its share): `baseline` (the same keys' means) and `eval_ratio` (evaluation / baseline; None where
+    the baseline is 0 or missing)."""
+    keys = recipe.env.eval_metrics
+    if not keys:
+        return {}
+    out = {"eval_metrics": metrics}
+    env = _env_factory(recipe)()
+    fn = getattr(env, "baseline_metrics", None)
+    if fn is None:
+        return out
+    try:
+        finals = [{"baseline": fn(s)} for s in _share(eval_seeds(recipe, dims)[1][1], dims)]
+    finally:
+        env.close()
+    base = _final_info_means(finals, keys, dims)
+    out["baseline"] = base
+    out["eval_ratio"] = {k: (metrics[k] / base[k] if metrics.get(k) is not None and base[k] else None) for k in keys}
+    return out
 
 
 def _success_by(out, key: str, dims) -> dict[str, float]:
@@ -216,7 +266,8 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
     def run_eval(at: int) -> dict:
         row = evaluate(agents, recipe, dims, None)
         flat = {"step": at, "eval_success": row["success"],
-                **{f"eval/{n}/{k}": v for n, d in row["agents"].items() for k, v in d.items()}}
+                **{f"eval/{n}/{k}": v for n, d in row["agents"].items() for k, v in d.items()},
+                **{f"eval_metric/{k}": v for k, v in row.get("metrics", {}).items()}}
         if recipe.env.eval_options:
             opt = evaluate(agents, recipe, dims, recipe.env.eval_options)
             flat["eval_success_options"] = opt["success"]
@@ -322,6 +373,7 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
     if "with_options" in final:
         summary["success_with_eval_options"] = final["with_options"]["success"]
         summary["eval_options"] = recipe.env.eval_options
+    summary.update(baseline_summary(recipe, dims, final.get("metrics", {})))
     if is_main:
         tracker.finish()
         atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=1))
@@ -345,6 +397,11 @@ def _print_summary(s: dict) -> None:
         lines.append(f"with policies swapped {s['eval_swap']}: success {_fmt(s['success_swapped'])}")
     if "success_with_eval_options" in s:
         lines.append(f"with {s['eval_options']}: success {_fmt(s['success_with_eval_options'])}")
+    if "eval_metrics" in s:
+        lines.append("evaluation: " + ", ".join(f"{k} {_fmt(v)}" for k, v in s["eval_metrics"].items()))
+    if "baseline" in s:
+        lines.append("baseline:   " + ", ".join(f"{k} {_fmt(v)}" for k, v in s["baseline"].items())
+                     + "  ratio: " + ", ".join(f"{k} {_fmt(v)}" for k, v in s["eval_ratio"].items()))
     for n, d in s["agents"].items():
         lines.append(f"  {n:<12} return {_fmt(d['return'])}  invalid {_fmt(d['invalid'])}  "
                      f"entropy {_fmt(d['entropy'])} nats/token while sampling  KL to the start {_fmt(d['kl'])}")

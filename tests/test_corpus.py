@@ -58,3 +58,34 @@ def test_the_corpus_file_is_written_once_and_keyed_by_its_inputs(tmp_path):
     assert b != a
     docs = [json.loads(line)["text"] for line in a.read_text().splitlines()]
     assert len(docs) == 20 and all("Answer:\nsecond: " in d for d in docs)
+
+
+def test_traffic_episodes_are_written_whole_with_the_corpus_player():
+    env = make_env("traffic", net="2x2grid", num_seconds=200, delta_time=10)  # 20 decisions per light
+    text = episode_text(env, np.random.default_rng(0))
+    turns = text.count("\nNext phase (0-3)?\n")
+    assert turns == 20 * 4  # every decision of every light, past the old 64-step cap's share
+    answers = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("tl_") and ": " in line]
+    assert len(answers) == turns and set(answers) <= {"0", "1", "2", "3"}
+    assert episode_text(env, np.random.default_rng(0), max_steps=5).count("Next phase") == 5 * 4
+
+
+def test_an_env_without_a_corpus_player_plays_its_random_action():
+    class Env:
+        possible_agents = agents = ["a"]
+        turn_agents = ["a"]
+
+        def reset(self, seed=None):
+            self.t = 0
+            return {"a": "obs"}, {}
+
+        def random_action(self, agent, rng):
+            return "r"
+
+        def step(self, actions):
+            self.t += 1
+            done = self.t >= 100  # longer than the old 64-step cap
+            return {"a": "obs"}, {"a": 0.0}, {"a": done}, {"a": False}, {}
+
+    text = episode_text(Env(), np.random.default_rng(0), template="{observation}:")
+    assert text == "obs: r\n" * 100

@@ -199,3 +199,32 @@ def test_random_action_is_a_valid_phase_and_render():
     assert env.render().startswith("[tl_1]\nPhase 0 for 0s, must hold.\nHalted/vehicles: ")
     env.close()
     assert env.render() == "(episode over)"
+
+
+def test_baseline_metrics_is_fixed_time_on_the_episode_reset_seed_starts():
+    env = TrafficEnv(**SHORT)
+    base = env.baseline_metrics(3)
+    fixed = fixed_time(seed=3, **SHORT)
+    assert {k: v for k, v in base.items() if k != "wall_s"} == {k: v for k, v in fixed.items() if k != "wall_s"}
+    assert base["sumo_seed"] == sumo_seed(3)
+    played = play(env, max_queue, seed=3)
+    assert played["vehicles"] == base["vehicles"]  # the same demand as the agents' episode of that seed
+
+
+def test_corpus_action_is_max_queue_about_half_of_the_time_and_random_action_stays_uniform():
+    env = TrafficEnv(net="2x2grid", num_seconds=300, delta_time=10)
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    same = total = 0
+    while env.agents:
+        for a in env.agents:
+            o = parse_observation(obs[a])
+            scores = [sum(o["lanes"][n][0] for n in names) for names in o["green"]]
+            if scores.count(max(scores)) == 1 and max(scores) > 0:  # a clear max-queue phase
+                total += 1
+                same += env.corpus_action(a, rng) == max_queue(obs[a])
+        obs, *_ = env.step({a: max_queue(obs[a]) for a in env.agents})
+    assert total > 30
+    assert abs(same / total - (0.5 + 0.5 / 4)) < 0.15  # half max-queue, else uniform over 4 phases
+    draws = [env.random_action("tl_1", rng) for _ in range(2000)]
+    assert all(abs(draws.count(str(p)) / 2000 - 0.25) < 0.04 for p in range(4))

@@ -235,6 +235,9 @@ class EnvSection(Section):
                                    "reported per value of it (summary success_by)")
     eval_swap: dict[str, str] = _f({}, "agent -> agent whose policy it uses in an extra evaluation (e.g. {first: "
                                    "second, second: first} swaps two trained adapters; summary success_swapped)")
+    eval_metrics: list[str] = _f([], "keys of the env's final infos (e.g. mean_waiting_time, teleports) averaged over "
+                                 "the evaluation episodes (summary eval_metrics); an env with baseline_metrics(seed) "
+                                 "also gives summary baseline and eval_ratio on the same episodes")
 
 
 class RLSection(Section):

@@ -325,6 +325,8 @@ class TrafficEnv(ParallelEnv):
         self.render_mode = render_mode
         self.net = net
         self.num_seconds, self.delta_time = num_seconds, delta_time
+        self.args = dict(net=net, num_seconds=num_seconds, delta_time=delta_time, yellow_time=yellow_time,
+                         min_green=min_green, reward_fn=reward_fn, time_to_teleport=time_to_teleport)
         self.sim = make_simulation(net, num_seconds, delta_time, yellow_time, min_green, reward_fn,
                                    time_to_teleport)
         # agent "tl_<id>" for the light <id> of the net (a name that stays a string as a YAML key)
@@ -477,6 +479,26 @@ class TrafficEnv(ParallelEnv):
     def random_action(self, agent: str, rng: np.random.Generator) -> str:
         """A green phase of the light drawn uniformly, as text (random play, for agents.corpus)."""
         return str(int(rng.integers(self._phases[agent])))
+
+    def corpus_action(self, agent: str, rng: np.random.Generator, p_max_queue: float = 0.5) -> str:
+        """The corpus player's action (agents.corpus): with probability `p_max_queue` the max-queue
+        phase of the current observation (the green phase whose lanes hold the most halted vehicles,
+        traffic_baselines.max_queue), else a uniformly random phase. A base pretrained on this play
+        reads the lanes (its greedy choice is max-queue's when it learned the mixture) without being
+        told what wins; one pretrained on uniform play would ignore the observation altogether."""
+        if rng.random() < p_max_queue:
+            from .traffic_baselines import max_queue
+
+            return max_queue(self.observe(agent))
+        return self.random_action(agent, rng)
+
+    def baseline_metrics(self, seed: int) -> dict:
+        """The final infos of SUMO's fixed-time programme on the episode `reset(seed=seed)` starts (same
+        net, demand and SUMO seed; traffic_baselines.fixed_time): what agents.train compares its
+        evaluation against (env.eval_metrics -> summary baseline and eval_ratio)."""
+        from .traffic_baselines import fixed_time
+
+        return fixed_time(seed, **self.args)
 
     def close(self) -> None:
         self.sim.close()
