@@ -394,11 +394,16 @@ def _run_ci(tmp_path: Path, apt_get: str, slurm_present: bool = False) -> tuple[
     """A copy of .ci/run in an empty checkout with stubs first on PATH: `make` writes make.log,
     `id -u` says root, `apt-get` appends its arguments to apt.log and runs `apt_get`; the Slurm
     programs are stubs made here (slurm_present) or by that apt-get."""
-    if any(shutil.which(b, path="/usr/bin:/bin:/usr/sbin:/sbin") for b in SLURM_PROGRAMS):
-        pytest.skip("Slurm is installed on this machine: .ci/run would find it whatever the stubs do")
-    checkout, stubs = tmp_path / "checkout", tmp_path / "stubs"
+    # PATH is the stubs and links to the few tools the script uses, so a Slurm installed here is not
+    # seen; the script itself adds /usr/sbin:/sbin, where Debian's slurm-wlm puts only the daemons.
+    if all(shutil.which(b, path="/usr/sbin:/sbin") for b in SLURM_PROGRAMS):
+        pytest.skip("every Slurm program is in /usr/sbin or /sbin here: .ci/run would find them whatever the stubs do")
+    checkout, stubs, tools = tmp_path / "checkout", tmp_path / "stubs", tmp_path / "tools"
     (checkout / ".ci").mkdir(parents=True)
     stubs.mkdir()
+    tools.mkdir()
+    for tool in ("dirname", "mktemp", "grep", "tail", "rm", "chmod"):
+        (tools / tool).symlink_to(shutil.which(tool))
     shutil.copy(REPO / ".ci" / "run", checkout / ".ci" / "run")
     # make's line: its arguments | the skip reason it was given | where it ran | whether sbatch was there
     _stub(stubs, "make", f'echo "$*|${{RECIPES_SLURM_UNAVAILABLE-unset}}|$PWD|$(command -v sbatch || echo none)"'
@@ -407,7 +412,7 @@ def _run_ci(tmp_path: Path, apt_get: str, slurm_present: bool = False) -> tuple[
     _stub(stubs, "apt-get", f'echo "$*" >> {tmp_path}/apt.log\n{apt_get}')
     for name in SLURM_PROGRAMS if slurm_present else ():
         _stub(stubs, name, "exit 0")
-    out = subprocess.run(["bash", str(checkout / ".ci" / "run")], env={"PATH": f"{stubs}:/usr/bin:/bin"},
+    out = subprocess.run([shutil.which("bash"), str(checkout / ".ci" / "run")], env={"PATH": f"{stubs}:{tools}"},
                          capture_output=True, text=True, timeout=60)
     return out, checkout
 
