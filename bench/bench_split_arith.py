@@ -9,7 +9,7 @@ success with the two adapters swapped (env.eval_swap), each agent's entropy, inv
 wall time. Goals (issue 12): per-role beats shared by >= 30 points of success; swapping the adapters
 cuts success by >= 50% (relative).
 
-    python bench/bench_split_arith.py [--seeds 3] [--settings per-role shared] [--steps N]
+    python bench/bench_split_arith.py [--seeds 3] [--settings per-role shared] [--steps N] [--parallel 2]
                                       [--out bench/results/split-arith-cpu.md]
 """
 
@@ -69,18 +69,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--settings", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the recipes')")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (one thread each)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench-split-arith"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/split-arith-cpu.md"))
     args = ap.parse_args()
     out = Path(args.out)
     done = Rows(out)
-    for seed in range(1, args.seeds + 1):
-        for setting in args.settings:
-            if not done.has(setting=setting, seed=seed):
-                done.add(run_one(setting, seed, args.steps, Path(args.runs)))
+    done.run_missing([({"setting": setting, "seed": seed},
+                       lambda setting=setting, seed=seed: run_one(setting, seed, args.steps, Path(args.runs)))
+                      for seed in range(1, args.seeds + 1) for setting in args.settings], args.parallel)
+    done.rows.sort(key=lambda r: (r["setting"] != "per-role", r["seed"]))
     cmd = "python bench/bench_split_arith.py " + " ".join(sys.argv[1:])
     write_results(out, "# marl-split-arith: per-role adapters against one shared policy\n\n"
-                  f"Command: `{cmd.strip()}` ({cpu_name()}, 1 thread per run, 64 episodes per step; greedy "
+                  f"Command: `{cmd.strip()}` ({cpu_name()}, 1 thread per run, {args.parallel} at a time, 64 episodes per step; greedy "
                   "evaluation on 200 fixed episodes; operands 0..4, one message, then the answer)\n\n"
                   + table(done.rows) + "\n")
 

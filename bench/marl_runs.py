@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,12 +36,22 @@ class Rows:
     def __init__(self, table: Path):
         self.store = Path(table).with_suffix(".json")
         self.rows: list[dict] = json.loads(self.store.read_text()) if self.store.exists() else []
+        self._lock = threading.Lock()
+
+    def run_missing(self, jobs: Iterable[tuple[dict, Callable[[], dict]]], parallel: int = 1) -> None:
+        """For each (key, make_row) whose key has no row yet, make_row() and store it; `parallel` runs
+        at a time (each a subprocess with one thread)."""
+        todo = [make for key, make in jobs if not self.has(**key)]
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            for future in [pool.submit(make) for make in todo]:
+                self.add(future.result())
 
     def has(self, **key) -> bool:
         return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.store.parent.mkdir(parents=True, exist_ok=True)
-        self.store.write_text(json.dumps(self.rows, indent=1))
-        print(row, flush=True)
+        with self._lock:
+            self.rows.append(row)
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            self.store.write_text(json.dumps(self.rows, indent=1))
+            print(row, flush=True)
