@@ -88,11 +88,12 @@ bench-sync: $(STAMP) ## every sync strategy at the same token budget; our ring a
 # rollouts against agent by agent (rollout-cpu.md), 8 LoRA adapters per batch against none (lora-cpu.md),
 # a policy-gradient update against a pre-training step of the same model (pg-step-cpu.md); then
 # marl-signaling over seeds and entropy weights (signaling-cpu.md, about an hour).
-bench-agents: $(STAMP) ## agents: batched rollouts, per-row LoRA adapters, policy-gradient step (bench/results/)
+bench-agents: $(STAMP) ## agents: rollouts, LoRA batching, policy-gradient step, signaling and split-arith learning (bench/results/)
 	$(PY) bench/bench_rollout.py --threads 1 --rounds 5
 	$(PY) bench/bench_lora.py --threads 1
 	$(PY) bench/bench_pg_step.py --threads 1
 	$(PY) bench/bench_signaling.py
+	$(PY) bench/bench_split_arith.py --parallel 2
 
 # One script for a lent H100/H200 (see bench/gpu_check.sh); its table lands in bench/results/.
 gpu-check: ## on a GPU machine: build the CUDA kernels, run the gpu tests and benchmarks
