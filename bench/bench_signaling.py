@@ -7,7 +7,8 @@ env.eval_group_by: target), the success with the message blanked (chance 0.1), e
 at the end and the wall time. Goal (issue 12): success >= 0.99 on every object in at least 9 of 10
 seeds; blanked, success at chance.
 
-    python bench/bench_signaling.py [--seeds 10] [--settings recipe speaker-only none]
+    python bench/bench_signaling.py [--seeds 10] [--other-seeds 3] [--parallel 1]
+                                    [--settings recipe speaker-only none]
                                     [--out bench/results/signaling-cpu.md]
 
 Rows already in the JSON beside the table are kept (reruns add the missing ones).
@@ -60,18 +61,19 @@ def table(rows: list[dict], seeds: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=10, help="seeds of the recipe's setting (3 for the others)")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds of the recipe's setting")
+    ap.add_argument("--other-seeds", type=int, default=3, help="seeds of the other settings")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (one thread each)")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench-signaling"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/signaling-cpu.md"))
     args = ap.parse_args()
     out = Path(args.out)
     done = Rows(out)
-    for setting in args.settings:
-        for seed in range(1, (args.seeds if setting == "recipe" else min(3, args.seeds)) + 1):
-            if not done.has(setting=setting, seed=seed):
-                done.add(run_one(setting, seed, Path(args.runs)))
-    rows = done.rows
+    done.run_missing([({"setting": setting, "seed": seed}, lambda setting=setting, seed=seed: run_one(setting, seed, Path(args.runs)))
+                      for setting in args.settings
+                      for seed in range(1, (args.seeds if setting == "recipe" else args.other_seeds) + 1)], args.parallel)
+    rows = sorted(done.rows, key=lambda r: (list(SETTINGS).index(r["setting"]), r["seed"]))
     cmd = "python bench/bench_signaling.py " + " ".join(sys.argv[1:])
     write_results(out, "# marl-signaling over seeds and entropy weights\n\n"
                   f"Command: `{cmd.strip()}` ({cpu_name()}, 1 thread per run, 300 steps of 64 episodes; "
