@@ -68,6 +68,7 @@ def test_traffic_episodes_are_written_whole_with_the_corpus_player():
     answers = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("tl_") and ": " in line]
     assert len(answers) == turns and set(answers) <= {"0", "1", "2", "3"}
     assert episode_text(env, np.random.default_rng(0), max_steps=5).count("Next phase") == 5 * 4
+    env.close()  # the cut episode holds libsumo (one simulation per process) until closed
 
 
 def test_an_env_without_a_corpus_player_plays_its_random_action():
