@@ -357,6 +357,46 @@ def _agent_batch(agent: Agent, ar, module, recipe: Recipe, dims: ParallelDims, e
     return AgentBatch(batch, norm, row_returns.float(), old.logprobs, old.values)
 
 
+def _zero_loss(module) -> torch.Tensor:
+    """A loss of 0 that reaches every trainable weight, for a rank with no rows this step: its
+    backward joins the engine's gradient collectives like the other ranks'. Under ZeRO-3 a weight
+    outside a forward is an empty shard (its gradient would not fit), so it goes through a forward."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if params and hasattr(params[0], "ds_id"):
+        ids = torch.zeros((1, 1), dtype=torch.long, device=params[0].device)
+        return module(ids).float().sum() * 0.0
+    return sum(p.sum() for p in params) * 0.0
+
+
+LOSS_TERMS = ("policy_loss", "entropy_loss", "value_loss")  # each rank's share of the job's loss
+TOKEN_MEANS = ("kl", "clip_fraction", "approx_kl")  # means over each rank's tokens
+
+
+def _reduce_figures(figures: dict[str, dict], agents: dict[str, Agent], recipe: Recipe, dims: ParallelDims) -> None:
+    """Collective: each agent's figures over every rank, in place: the loss terms averaged over the
+    ranks (each rank's term is its rows over the global count / ranks, as DeepSpeed averages
+    gradients), the per-token means weighted by each rank's tokens. A rank without rows adds 0."""
+    names = sorted(figures)
+    keys = {n: [k for k in LOSS_TERMS + TOKEN_MEANS if _has_figure(agents[n], recipe, k)] for n in names}
+    local = []
+    for n in names:
+        f, t = figures[n], figures[n].get("tokens", 0.0)
+        local += [f.get(k, 0.0) * (t if k in TOKEN_MEANS else 1.0) for k in keys[n]] + [t]
+    total, i = sum_over_ranks(local, dims), 0
+    for n in names:
+        t = total[i + len(keys[n])]
+        for k in keys[n]:
+            figures[n][k] = total[i] / (t if k in TOKEN_MEANS else dims.dp) if (t or k not in TOKEN_MEANS) else None
+            i += 1
+        i += 1
+
+
+def _has_figure(agent: Agent, recipe: Recipe, key: str) -> bool:
+    if key in ("value_loss", "clip_fraction", "approx_kl"):
+        return agent.settings.algorithm == "ppo"
+    return key != "kl" or recipe.rl.kl_ref
+
+
 def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, dims: ParallelDims,
            episodes_global: int) -> dict[str, dict]:
     """Collective over the learner's engine: every one of its agents' loss, one backward and one step
@@ -372,7 +412,7 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
     first = [True]
 
     def loss_fn(engine, _):
-        total = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0  # syncs when empty
+        total = None
         for n, ab in batches.items():
             ag, a, b = agents[n], agents[n].settings, batches[n].tokens
             if b.input_ids.shape[0] == 0:
@@ -384,6 +424,7 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
                                      old_logprobs=ab.old_logprobs, values=pt.values, returns=ab.returns,
                                      clip_eps=a.clip_eps, vf_coef=a.vf_coef, normalizer=ab.norm)
             f = figures[n]
+            f["tokens"] = float(pt.mask.sum())
             if first[0]:
                 f["policy_loss"] = float(out["policy"].detach())
                 f["entropy_loss"] = float(out["entropy"].detach())
@@ -394,8 +435,8 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
             if a.algorithm == "ppo":
                 f["value_loss"] = float(out["value"].detach())
                 f.update(obj.ppo_stats(pt.logprobs.detach(), ab.old_logprobs, pt.mask, a.clip_eps))
-            total = total + out["loss"]
-        return total
+            total = out["loss"] if total is None else total + out["loss"]
+        return _zero_loss(engine.module) if total is None else total
 
     learner.stepper.loss_fn = loss_fn
     finite = True
@@ -404,7 +445,10 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
             result = learner.stepper.run([None])
             finite = finite and result.finite
             first[0] = False
+    if dims.dp > 1:
+        _reduce_figures(figures, agents, recipe, dims)
     for f in figures.values():
+        f.pop("tokens", None)
         f["skipped"] = not finite
     if len(learner.agents) == 1:
         figures[learner.agents[0]]["loss"] = float(result.loss) if result.finite else None

@@ -117,6 +117,47 @@ def test_two_processes_play_the_same_episodes_as_one(root):
             assert ra[f"agent/{name}/entropy"] == pytest.approx(rb[f"agent/{name}/entropy"], abs=1e-5)
 
 
+@pytest.mark.dist
+def test_zero3_over_two_processes_trains_as_zero0_on_one_and_exports(root, tmp_path):
+    """Full-weight agents (a PPO speaker with its value head, a REINFORCE listener) with their weights,
+    gradients and Adam moments partitioned by ZeRO-3 over two ranks: the episodes and figures of one
+    unpartitioned process; the checkpoint consolidates for export."""
+    args = ["train.max_steps=2", "train.checkpoint_every=100", "env.args.n_objects=2", "rl.max_new_tokens=4",
+            "agents.speaker.algorithm=ppo", "agents.speaker.ppo_epochs=2"]
+    one = _marl(root, "z0", *args)
+    three = _marl(root, "z3", *args, "parallel.zero_stage=3", "launch.procs_per_node=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert three.returncode == 0, three.stderr[-3000:]
+    a = [r for r in metrics(root, "z0") if "agent/speaker/return" in r]
+    b = [r for r in metrics(root, "z3") if "agent/speaker/return" in r]
+    assert [r["success"] for r in a] == [r["success"] for r in b] and len(a) == 2
+    for ra, rb in zip(a, b):
+        for key in ("speaker/loss", "speaker/value_loss", "speaker/entropy", "listener/loss", "listener/kl"):
+            assert ra[f"agent/{key}"] == pytest.approx(rb[f"agent/{key}"], abs=1e-5), key
+    # SIGKILL after step 1 (checkpointed) and resume: the partitioned run's figures bit for bit
+    z3 = [*args[:1], "train.checkpoint_every=1", *args[2:], "parallel.zero_stage=3", "launch.procs_per_node=2"]
+    killed = _marl(root, "z3-k", *z3, RECIPES_FAULT_KILL_AFTER_STEP="1")
+    assert killed.returncode != 0
+    resumed = _marl(root, "z3-k", *z3, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    drop = ("step_time_s", "tokens_per_s", "rollout_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(root, "z3-k")] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in _rows(root, "z3")]
+    res = subprocess.run([sys.executable, "-m", "launch", "export", str(root / "runs" / "z3"), str(tmp_path / "hf")],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "z0" / "checkpoints")
+    want = consolidated_state_dict(folder, ckpt.verify(folder), "agent_speaker")
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "speaker").state_dict()
+    # the same weights after the same two steps, whichever layout trained them
+    assert torch.allclose(got["model.embed_tokens.weight"], want["tok_emb.weight"], atol=1e-5)
+
+
 def test_export_writes_one_hugging_face_folder_per_agent(root, tmp_path):
     out = _marl(root, "exp", "train.max_steps=2")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -150,7 +191,8 @@ def test_export_writes_one_hugging_face_folder_per_agent(root, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel.zero_stage=3"], "ZeRO 0-2"),
+    (["parallel.tp=2", "launch.procs_per_node=2"], "tp = pp = 1"),
+    (["parallel.zero_stage=3", "agents.speaker.adapter=lora"], "LoRA agents train with ZeRO 0-2"),
     (["launch.procs_per_node=3"], "multiple of the processes (3)"),
     (["agents.speaker.init_from=/nonexistent/run"], "no such directory"),
     (["agents.speaker.adapter=lora", "agents.listener.adapter=lora", "agents.speaker.algorithm=ppo",
