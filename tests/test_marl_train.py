@@ -51,6 +51,21 @@ def _rows(root, name):
     return [r for r in metrics(root, name) if "agent/speaker/return" in r or "eval_success" in r]
 
 
+def _timeless_rows(root, name):
+    """The run's step and evaluation rows without the wall-clock figures."""
+    return [{k: v for k, v in r.items() if k not in ("step_time_s", "tokens_per_s", "rollout_s")}
+            for r in _rows(root, name)]
+
+
+def _killed_and_resumed(root, name, args, kill_after: int) -> list[dict]:
+    """Run `name` until SIGKILL after step `kill_after`, resume it to the end; its timeless rows."""
+    killed = _marl(root, name, *args, RECIPES_FAULT_KILL_AFTER_STEP=str(kill_after))
+    assert killed.returncode != 0
+    resumed = _marl(root, name, *args, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return _timeless_rows(root, name)
+
+
 def test_training_logs_every_agent_and_writes_summary_and_plot(root):
     out = _marl(root, "plain", "train.max_steps=4", "train.checkpoint_every=2")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -85,17 +100,10 @@ def test_training_logs_every_agent_and_writes_summary_and_plot(root):
 
 
 def test_resume_after_sigkill_reproduces_every_metric_bit_for_bit(root):
-    full = _marl(root, "full", "train.max_steps=6", "train.checkpoint_every=3")
+    args = ["train.max_steps=6", "train.checkpoint_every=3"]
+    full = _marl(root, "full", *args)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _marl(root, "killed", "train.max_steps=6", "train.checkpoint_every=3",
-                   RECIPES_FAULT_KILL_AFTER_STEP="4")
-    assert killed.returncode != 0
-    resumed = _marl(root, "killed", "train.max_steps=6", "train.checkpoint_every=3", "train.resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _rows(root, "full"), _rows(root, "killed")
-    drop = ("step_time_s", "tokens_per_s", "rollout_s")
-    strip = [[{k: v for k, v in r.items() if k not in drop} for r in rows] for rows in (a, b)]
-    assert strip[0] == strip[1]
+    assert _killed_and_resumed(root, "killed", args, 4) == _timeless_rows(root, "full")
     assert json.loads((root / "runs" / "full" / "summary.json").read_text())["agents"] == \
         json.loads((root / "runs" / "killed" / "summary.json").read_text())["agents"]
 
@@ -136,13 +144,7 @@ def test_zero3_over_two_processes_trains_as_zero0_on_one_and_exports(root, tmp_p
             assert ra[f"agent/{key}"] == pytest.approx(rb[f"agent/{key}"], abs=1e-5), key
     # SIGKILL after step 1 (checkpointed) and resume: the partitioned run's figures bit for bit
     z3 = [*args[:1], "train.checkpoint_every=1", *args[2:], "parallel.zero_stage=3", "launch.procs_per_node=2"]
-    killed = _marl(root, "z3-k", *z3, RECIPES_FAULT_KILL_AFTER_STEP="1")
-    assert killed.returncode != 0
-    resumed = _marl(root, "z3-k", *z3, "train.resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    drop = ("step_time_s", "tokens_per_s", "rollout_s")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(root, "z3-k")] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in _rows(root, "z3")]
+    assert _killed_and_resumed(root, "z3-k", z3, 1) == _timeless_rows(root, "z3")
     res = subprocess.run([sys.executable, "-m", "launch", "export", str(root / "runs" / "z3"), str(tmp_path / "hf")],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -213,13 +215,7 @@ def test_lora_agents_share_one_engine_resume_bit_for_bit_and_export_merged(root,
     args = ["train.max_steps=4", "train.checkpoint_every=2", *LORA]
     full = _marl(root, "lora", *args)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _marl(root, "lora-k", *args, RECIPES_FAULT_KILL_AFTER_STEP="3")
-    assert killed.returncode != 0
-    resumed = _marl(root, "lora-k", *args, "train.resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    drop = ("step_time_s", "tokens_per_s", "rollout_s")
-    a, b = ([{k: v for k, v in r.items() if k not in drop} for r in _rows(root, n)] for n in ("lora", "lora-k"))
-    assert a == b
+    assert _killed_and_resumed(root, "lora-k", args, 3) == _timeless_rows(root, "lora")
     rows = [r for r in metrics(root, "lora") if "agent/speaker/lr" in r]
     assert rows[-1]["agent/speaker/lr"] == 1e-2 and rows[-1]["agent/listener/lr"] == 5e-3  # one group each
 
@@ -271,13 +267,7 @@ def test_ppo_agents_train_value_heads_resume_bit_for_bit_and_export_without_them
     args = ["train.max_steps=4", "train.checkpoint_every=2", "env.args.n_objects=2", "rl.max_new_tokens=4", *PPO]  # returns vary
     full = _marl(root, "ppo", *args)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _marl(root, "ppo-k", *args, RECIPES_FAULT_KILL_AFTER_STEP="3")
-    assert killed.returncode != 0
-    resumed = _marl(root, "ppo-k", *args, "train.resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    drop = ("step_time_s", "tokens_per_s", "rollout_s")
-    a, b = ([{k: v for k, v in r.items() if k not in drop} for r in _rows(root, n)] for n in ("ppo", "ppo-k"))
-    assert a == b
+    assert _killed_and_resumed(root, "ppo-k", args, 3) == _timeless_rows(root, "ppo")
     rows = [r for r in metrics(root, "ppo") if "agent/speaker/return" in r]
     assert 0 < sum(r["success"] for r in rows) < len(rows)
     for name in ("speaker", "listener"):
