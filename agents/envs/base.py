@@ -38,7 +38,7 @@ import numpy as np
 from gymnasium.spaces import Text
 from pettingzoo import ParallelEnv
 
-__all__ = ["CHARSET", "WAIT", "TextParallelEnv", "clean", "text_space"]
+__all__ = ["CHARSET", "WAIT", "EpisodeStream", "TextParallelEnv", "clean", "text_space"]
 
 CHARSET = "".join(chr(c) for c in range(32, 127)) + "\n"
 WAIT = "Wait."
@@ -66,7 +66,34 @@ def check_int(owner: str, name: str, value, lo: int, hi: int | None = None) -> i
     return int(value)
 
 
-class TextParallelEnv(ParallelEnv):
+class EpisodeStream:
+    """`state_dict()` / `load_state_dict()` of an env's random generator (`np_random`) and episode
+    counter (`episodes`), so a resumed run draws the episodes an uninterrupted one would. Loading
+    ends the running episode (`_end_episode`)."""
+
+    np_random: np.random.Generator | None
+    episodes: int
+
+    def state_dict(self) -> dict:
+        """The env's random state and episode counter (plain Python objects, picklable)."""
+        rng = None if self.np_random is None else copy.deepcopy(self.np_random.bit_generator.state)
+        return {"rng": rng, "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; the next reset() without a seed continues from there."""
+        if state.get("rng") is None:
+            self.np_random = None
+        else:
+            self.np_random = np.random.default_rng()
+            self.np_random.bit_generator.state = copy.deepcopy(state["rng"])
+        self.episodes = int(state["episodes"])
+        self._end_episode()
+
+    def _end_episode(self) -> None:
+        raise NotImplementedError
+
+
+class TextParallelEnv(EpisodeStream, ParallelEnv):
     """Base of the turn-based text envs. A subclass sets `possible_agents`, `metadata` and calls
     `_init_spaces(obs_max, act_max)`, then implements
 
@@ -165,21 +192,7 @@ class TextParallelEnv(ParallelEnv):
             return None
         return "\n\n".join(f"[{a}]\n{self._observe(a)}" for a in self.turn_agents) or "(episode over)"
 
-    # ---------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """The env's random state and episode counter (plain Python objects, picklable)."""
-        rng = None if self.np_random is None else copy.deepcopy(self.np_random.bit_generator.state)
-        return {"rng": rng, "episodes": self.episodes}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`; the next reset() without a seed continues from there."""
-        if state.get("rng") is None:
-            self.np_random = None
-        else:
-            self.np_random = np.random.default_rng()
-            self.np_random.bit_generator.state = copy.deepcopy(state["rng"])
-        self.episodes = int(state["episodes"])
+    def _end_episode(self) -> None:
         self.agents = []
 
     # Subclass hooks --------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 from pettingzoo import ParallelEnv
 
-from .base import check_int, text_space
+from .base import EpisodeStream, check_int, text_space
 
 __all__ = ["NETS", "REWARD_FNS", "TrafficEnv", "make_simulation", "net_files", "sumo_seed"]
 
@@ -303,7 +303,7 @@ def _lane_names(n: int) -> list[str]:
     return list(string.ascii_uppercase[:n]) if n <= 26 else [f"L{i}" for i in range(n)]
 
 
-class TrafficEnv(ParallelEnv):
+class TrafficEnv(EpisodeStream, ParallelEnv):
     """One agent per traffic light of a sumo-rl net (see the module docstring). Arguments:
         net               a net shipped with sumo_rl (NETS; default "single-intersection", one light)
         num_seconds       simulated seconds per episode (>= delta_time; default 1200)
@@ -504,19 +504,5 @@ class TrafficEnv(ParallelEnv):
         self.sim.close()
         self.agents = []
 
-    # ---------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """The env's random state and episode counter (plain Python objects, picklable)."""
-        rng = None if self.np_random is None else copy.deepcopy(self.np_random.bit_generator.state)
-        return {"rng": rng, "episodes": self.episodes}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`; the next reset() without a seed continues from there."""
-        if state.get("rng") is None:
-            self.np_random = None
-        else:
-            self.np_random = np.random.default_rng()
-            self.np_random.bit_generator.state = copy.deepcopy(state["rng"])
-        self.episodes = int(state["episodes"])
+    def _end_episode(self) -> None:  # EpisodeStream.load_state_dict
         self.close()
