@@ -82,3 +82,18 @@ def test_flops_scale_with_batch_and_only_attention_with_length():
     assert counts[1, T] == counts[3, T]
     assert counts[1, 2 * T] - counts[1, T] == 12 * L * D * T
 
+
+
+def test_the_final_mfu_uses_the_higher_of_the_start_and_end_ceilings(monkeypatch):
+    """A busy moment at start-up must not leave the run an MFU above 100%: on CPU the ceiling is
+    measured again at the end and the higher kept; a given or datasheet peak is never replaced."""
+    from model import flops
+
+    measured = iter([(250e9, "measured again"), (100e9, "measured lower")])
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda dtype: next(measured))
+    cpu, start = torch.device("cpu"), (200e9, "measured at start")
+    assert flops.end_of_run_peak(cpu, None, torch.float32, start) == (250e9, "measured again (at the end of the run, "
+                                                                      "above the start's)")
+    assert flops.end_of_run_peak(cpu, None, torch.float32, start) == start
+    assert flops.end_of_run_peak(cpu, 0.3, torch.float32, start) == start  # train.peak_tflops
+    assert flops.end_of_run_peak(torch.device("cuda"), None, torch.bfloat16, start) == start

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from model.flops import peak_flops
+from model.flops import end_of_run_peak, peak_flops
 
 from . import checkpoint as ckpt
 from . import faults, optim_state
@@ -300,6 +300,10 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     folder = save(step)
     if shared:
         sync.close()
+    if ema_tps:
+        peak_device, peak_source = end_of_run_peak(dist.device, recipe.train.peak_tflops, _compute_dtype(precision),
+                                                   (peak_device, peak_source))
+        peak, mfu_source = peak_device * job_world, {"peak_flops": peak_device, "peak_flops_source": peak_source}
     final = run_eval(step, full=True)
     sample = _end_sample(recipe, replica, data, dist.device) if dims.replica == 0 else ""
     summary = {
@@ -406,6 +410,9 @@ def _print_summary(s: dict) -> None:
         + (f"throughput:      {s['tokens_per_s']:,.0f} tokens/s   MFU {s['mfu'] or 0:.1%} of "
            f"{s['peak_flops'] / 1e12:.3f} TFLOP/s per device ({s['peak_flops_source']})\n"
            if s["tokens_per_s"] else "throughput:      no training step in this run\n")
+        + ("warning:         MFU above 100%: the measured ceiling is below the rate this run reached (the "
+           "machine was busier while it was measured); set train.peak_tflops for a fixed ceiling\n"
+           if (s["mfu"] or 0) > 1 else "")
         + f"sample:\n{s['sample']}\n",
         flush=True,
     )
