@@ -27,7 +27,7 @@ def test_a_signaling_pair_validates_with_per_agent_settings():
     assert cfg["agents"]["speaker"]["alpha"] == 0.01 and cfg["agents"]["speaker"]["gamma"] == 1.0
     assert cfg["agents"]["listener"]["gamma"] == 0.9 and cfg["agents"]["listener"]["algorithm"] == "grpo"
     assert cfg["env"] == {"name": "signaling", "args": {"n_objects": 4}, "seed": None, "eval_episodes": 200,
-                          "eval_options": {}, "eval_group_by": None}
+                          "eval_options": {}, "eval_group_by": None, "eval_swap": {}, "eval_metrics": []}
 
 
 @pytest.mark.parametrize("overrides, words", [
