@@ -43,9 +43,8 @@ def agent_settings(recipe: Recipe) -> dict[str, AgentSection]:
 
 
 def check_loop_settings(recipe: Recipe, world: int) -> None:
-    """What the multi-agent loop (agents.train) supports: data parallel over `world` ranks with ZeRO 0-3
-    (0-2 with LoRA agents), whole GRPO groups per rank, the same number of optimizer steps for the
-    agents of one engine."""
+    """What the multi-agent loop (agents.train) supports: data parallel over `world` ranks with ZeRO 0-3,
+    whole GRPO groups per rank, the same number of optimizer steps for the agents of one engine."""
     rl = recipe.rl
     if rl.episodes_per_step % (world * rl.group_size):
         raise UsageError(f"rl.episodes_per_step={rl.episodes_per_step} must be a multiple of the processes "
@@ -54,10 +53,6 @@ def check_loop_settings(recipe: Recipe, world: int) -> None:
     if p.tp > 1 or p.pp > 1:
         raise UsageError("agents: the multi-agent loop runs data parallel (parallel.tp = pp = 1) with ZeRO 0-3; "
                          f"got tp={p.tp} pp={p.pp}")
-    lora = [n for n, a in agent_settings(recipe).items() if a.adapter == "lora"]
-    if p.zero_stage == 3 and lora:
-        raise UsageError(f"agents {', '.join(lora)}: LoRA agents train with ZeRO 0-2 (peft's layers read weights that "
-                         "ZeRO-3 partitions); got parallel.zero_stage=3")
     if recipe.sync.strategy != "allreduce" or recipe.sync.replicas not in (None, 1):
         raise UsageError("agents: sync.* strategies apply to pre-training replicas; a multi-agent recipe keeps "
                          "sync.strategy: allreduce")

@@ -246,16 +246,28 @@ class RowLoraLinear(PeftLoraLinear):
         dev = base.weight.device
         At = [torch.zeros(base.in_features, R, dtype=dtype, device=dev)]
         Bt = [torch.zeros(R, base.out_features, dtype=dtype, device=dev)]
-        for n in distinct:
-            if n not in self.lora_A:
-                At.append(At[0])
-                Bt.append(Bt[0])
-                continue
-            A, B = self.lora_A[n].weight, self.lora_B[n].weight
-            pad = R - A.shape[0]
-            At.append(F.pad(A.t().to(dtype), (0, pad)))
-            Bt.append(F.pad((B * self.scaling[n]).t().to(dtype), (0, 0, 0, pad)))
-        return torch.stack(At), torch.stack(Bt)
+        mine = [n for n in distinct if n in self.lora_A]
+        with _gathered([p for n in mine for p in (self.lora_A[n].weight, self.lora_B[n].weight)]):
+            for n in distinct:
+                if n not in self.lora_A:
+                    At.append(At[0])
+                    Bt.append(Bt[0])
+                    continue
+                A, B = self.lora_A[n].weight, self.lora_B[n].weight
+                pad = R - A.shape[0]
+                At.append(F.pad(A.t().to(dtype), (0, pad)))
+                Bt.append(F.pad((B * self.scaling[n]).t().to(dtype), (0, 0, 0, pad)))
+            return torch.stack(At), torch.stack(Bt)
+
+
+def _gathered(params: list[nn.Parameter]):
+    """The adapters' weights whole while they are read outside their modules' forward: under DeepSpeed
+    ZeRO-3 each rank holds a shard, gathered by hooks only around a module's own call."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _group_delta(layer: RowLoraLinear, x, y, rows: _Rows):

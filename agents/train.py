@@ -14,7 +14,7 @@ For each agent i the loop ascends  J(θⁱ) = E[Σ_t γⁱ^t r_tⁱ] + αⁱ·H(
 Engines: one `trainer.replica` per trainable agent over the same ranks (data parallel: DeepSpeed
 averages each agent's gradients over the ranks, each rank holding its share of the episodes; the
 loss is normalised by the global count over the number of ranks, so the mean is the global one);
-ZeRO 0-3 (0-2 with LoRA) work as for pre-training, as several engines in one process do in DeepSpeed-Chat. A frozen
+ZeRO 0-3 work as for pre-training, as several engines in one process do in DeepSpeed-Chat. A frozen
 agent (`trainable: false`) keeps a plain module and no optimizer.
 
 Where a policy starts (`agents.<name>.init_from`): a run directory of ours (its latest checkpoint,
