@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from marl_runs import run_recipe  # noqa: E402
 from record_losses import cpu_name, write_results  # noqa: E402
 
 RECIPE = "marl-traffic"
@@ -35,15 +34,7 @@ BEFORE_RL = ["train.max_steps=1", "agents.tl_1.lr=1e-12", "train.checkpoint_ever
 
 def run(name: str, runs: Path, overrides: list[str]) -> tuple[dict, float]:
     """`python -m launch train marl-traffic run.name=NAME ...` on one thread; its summary and wall time."""
-    cmd = [sys.executable, "-m", "launch", "train", RECIPE, f"run.name={name}", f"run.output_dir={runs}",
-           f"data.cache_dir={runs / 'cache'}", "train.progress=false", "tracking.wandb=disabled", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads((runs / name / "summary.json").read_text()), wall
+    return run_recipe(RECIPE, name, runs, [f"data.cache_dir={runs / 'cache'}", *overrides])
 
 
 def figures(s: dict) -> dict:

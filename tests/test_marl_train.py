@@ -125,6 +125,20 @@ def test_two_processes_play_the_same_episodes_as_one(root):
             assert ra[f"agent/{name}/entropy"] == pytest.approx(rb[f"agent/{name}/entropy"], abs=1e-5)
 
 
+def _zero3_matches_zero0(root, prefix: str, args: list[str], keys) -> None:
+    """Runs `<prefix>0` (ZeRO-0, one process) and `<prefix>3` (ZeRO-3, two): the same episodes (team
+    successes) and the same per-agent figures `keys` within 1e-5 at every step."""
+    one = _marl(root, f"{prefix}0", *args)
+    two = _marl(root, f"{prefix}3", *args, "parallel.zero_stage=3", "launch.procs_per_node=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = ([r for r in metrics(root, f"{prefix}{z}") if "agent/speaker/return" in r] for z in (0, 3))
+    assert [r["success"] for r in a] == [r["success"] for r in b] and len(a) == 2
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert ra[f"agent/{key}"] == pytest.approx(rb[f"agent/{key}"], abs=1e-5), key
+
+
 @pytest.mark.dist
 def test_zero3_over_two_processes_trains_as_zero0_on_one_and_exports(root, tmp_path):
     """Full-weight agents (a PPO speaker with its value head, a REINFORCE listener) with their weights,
@@ -132,16 +146,8 @@ def test_zero3_over_two_processes_trains_as_zero0_on_one_and_exports(root, tmp_p
     unpartitioned process; the checkpoint consolidates for export."""
     args = ["train.max_steps=2", "train.checkpoint_every=100", "env.args.n_objects=2", "rl.max_new_tokens=4",
             "agents.speaker.algorithm=ppo", "agents.speaker.ppo_epochs=2"]
-    one = _marl(root, "z0", *args)
-    three = _marl(root, "z3", *args, "parallel.zero_stage=3", "launch.procs_per_node=2")
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert three.returncode == 0, three.stderr[-3000:]
-    a = [r for r in metrics(root, "z0") if "agent/speaker/return" in r]
-    b = [r for r in metrics(root, "z3") if "agent/speaker/return" in r]
-    assert [r["success"] for r in a] == [r["success"] for r in b] and len(a) == 2
-    for ra, rb in zip(a, b):
-        for key in ("speaker/loss", "speaker/value_loss", "speaker/entropy", "listener/loss", "listener/kl"):
-            assert ra[f"agent/{key}"] == pytest.approx(rb[f"agent/{key}"], abs=1e-5), key
+    _zero3_matches_zero0(root, "z", args, ("speaker/loss", "speaker/value_loss", "speaker/entropy", "listener/loss",
+                                           "listener/kl"))
     # SIGKILL after step 1 (checkpointed) and resume: the partitioned run's figures bit for bit
     z3 = [*args[:1], "train.checkpoint_every=1", *args[2:], "parallel.zero_stage=3", "launch.procs_per_node=2"]
     assert _killed_and_resumed(root, "z3-k", z3, 1) == _timeless_rows(root, "z3")
@@ -166,16 +172,8 @@ def test_lora_agents_under_zero3_over_two_processes_train_as_zero0_on_one(root):
     rollout's per-row adapters gather their shards (agents.lora._gathered)."""
     args = ["train.max_steps=2", "train.checkpoint_every=100", "env.args.n_objects=2", "rl.max_new_tokens=4", *LORA,
             "agents.listener.algorithm=ppo"]
-    one = _marl(root, "lz0", *args)
-    two = _marl(root, "lz3", *args, "parallel.zero_stage=3", "launch.procs_per_node=2")
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = [r for r in metrics(root, "lz0") if "agent/speaker/return" in r]
-    b = [r for r in metrics(root, "lz3") if "agent/speaker/return" in r]
-    assert [r["success"] for r in a] == [r["success"] for r in b] and len(a) == 2
-    for ra, rb in zip(a, b):
-        for key in ("speaker/policy_loss", "speaker/kl", "listener/value_loss", "listener/entropy", "listener/kl"):
-            assert ra[f"agent/{key}"] == pytest.approx(rb[f"agent/{key}"], abs=1e-5), key
+    _zero3_matches_zero0(root, "lz", args, ("speaker/policy_loss", "speaker/kl", "listener/value_loss",
+                                            "listener/entropy", "listener/kl"))
 
 
 def test_export_writes_one_hugging_face_folder_per_agent(root, tmp_path):
