@@ -42,6 +42,11 @@ def agent_settings(recipe: Recipe) -> dict[str, AgentSection]:
     return out
 
 
+def optimizer_passes(a: AgentSection) -> int:
+    """Optimizer steps an agent makes per batch of episodes: ppo_epochs for PPO, else one."""
+    return a.ppo_epochs if a.algorithm == "ppo" else 1
+
+
 def check_loop_settings(recipe: Recipe, world: int) -> None:
     """What the multi-agent loop (agents.train) supports: data parallel over `world` ranks with ZeRO 0-3,
     whole GRPO groups per rank, the same number of optimizer steps for the agents of one engine."""
@@ -58,16 +63,13 @@ def check_loop_settings(recipe: Recipe, world: int) -> None:
                          "sync.strategy: allreduce")
     # The LoRA agents over one base share one engine and so one optimizer step per pass: they must
     # make the same number of passes per batch (an Adam step moves a parameter whose gradient is 0).
+    settings = agent_settings(recipe)
     engines: dict[str | None, list[str]] = {}
-    for name, a in agent_settings(recipe).items():
+    for name, a in settings.items():
         if a.adapter == "lora" and a.trainable:
             engines.setdefault(a.init_from, []).append(name)
-
-    def passes(a) -> int:
-        return a.ppo_epochs if a.algorithm == "ppo" else 1
-
     for init_from, names in engines.items():
-        counts = {n: passes(agent_settings(recipe)[n]) for n in names}
+        counts = {n: optimizer_passes(settings[n]) for n in names}
         if len(set(counts.values())) > 1:
             raise UsageError(f"agents {', '.join(names)} train LoRA adapters on one base ({init_from}) with one "
                              "optimizer, so they make the same number of steps per batch; got "

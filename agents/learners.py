@@ -16,7 +16,6 @@ global gradient-norm clip (optim.grad_clip) then spans the engine's agents toget
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from trainer.replica import Replica, build_replica
 from trainer.schema import AgentSection, ModelSection, Recipe
 from trainer.step import Stepper
 
-from .config import agent_settings
+from .config import agent_settings, optimizer_passes
 from .policy import AgentPolicy, token_logprobs
 from .rl import objectives as obj
 
@@ -117,11 +116,6 @@ class Agent:
     def __post_init__(self):
         self.policy_name = self.policy_name or self.name
 
-    @property
-    def passes(self) -> int:
-        """Optimizer steps per batch of episodes: ppo_epochs for PPO, else one."""
-        return self.settings.ppo_epochs if self.settings.algorithm == "ppo" else 1
-
     def value_head(self, module) -> torch.nn.Module | None:
         """The agent's value head in `module` (its engine's model), None unless it trains by PPO."""
         if self.settings.algorithm != "ppo" or not self.settings.trainable:
@@ -185,9 +179,7 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
         tok = tokenizers[a.init_from]
         vocab = tok.get_vocab_size()
         adapter = name if a.adapter == "lora" else None
-        policy = AgentPolicy(name, tok, temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None,
-                             max_new_tokens=recipe.rl.max_new_tokens, adapter=adapter)
-        baseline = obj.MovingAverageBaseline(a.baseline_decay) if a.baseline == "ema" else None
+        policy, baseline = _policy(name, a, tok, recipe, adapter), _baseline(a)
         sub = agent_recipe(recipe, a, base)
         if adapter is not None:
             if a.init_from not in shared:
@@ -209,15 +201,23 @@ def build_learners(recipe: Recipe, dims: ParallelDims, device: torch.device) -> 
         if a.policy_of is None:
             continue
         owner = agents[a.policy_of]
-        policy = copy.copy(owner.policy)
-        policy.name, policy.role = name, name
-        policy.temperature, policy.top_p = a.temperature, a.top_p if a.top_p < 1 else None
-        baseline = obj.MovingAverageBaseline(a.baseline_decay) if a.baseline == "ema" else None
-        agents[name] = Agent(name, a, policy, owner.module, owner.learner, owner.adapter, owner.ref, baseline,
+        policy = _policy(name, a, owner.policy.tokenizer, recipe, owner.adapter)
+        agents[name] = Agent(name, a, policy, owner.module, owner.learner, owner.adapter, owner.ref, _baseline(a),
                              policy_name=owner.name)
         if owner.learner is not None:
             owner.learner.agents.append(name)
     return {n: agents[n] for n in recipe.agents}, learners
+
+
+def _policy(name: str, a: AgentSection, tokenizer, recipe: Recipe, adapter: str | None) -> AgentPolicy:
+    """How agent `name` prompts and samples (its own settings), acting with `adapter` (None: the
+    module's own weights)."""
+    return AgentPolicy(name, tokenizer, temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None,
+                       max_new_tokens=recipe.rl.max_new_tokens, adapter=adapter)
+
+
+def _baseline(a: AgentSection) -> obj.MovingAverageBaseline | None:
+    return obj.MovingAverageBaseline(a.baseline_decay) if a.baseline == "ema" else None
 
 
 def _frozen_copy(sub: Recipe, vocab: int, state: dict | None, seed: int, device) -> torch.nn.Module:
@@ -261,11 +261,7 @@ def _build_lora(recipe: Recipe, settings: dict[str, AgentSection], init_from, su
         return _with_value_heads(critics)(model) if critics else model
 
     if not training:
-        torch.manual_seed(recipe.train.seed)
-        model = build_model(sub, vocab)
-        if state is not None:
-            model.load_state_dict(state)
-        return prepare(model).to(device).eval()
+        return prepare(_frozen_copy(sub, vocab, state, recipe.train.seed, device)).to(device).eval()
 
     def groups(module):  # one group per trainable agent: its adapter (and value head), its learning rate
         from .value import value_parameters
@@ -414,7 +410,7 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
     def loss_fn(engine, _):
         total = None
         for n, ab in batches.items():
-            ag, a, b = agents[n], agents[n].settings, batches[n].tokens
+            ag, a, b = agents[n], agents[n].settings, ab.tokens
             if b.input_ids.shape[0] == 0:
                 continue
             head = ag.value_head(engine.module)
@@ -441,7 +437,7 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
     learner.stepper.loss_fn = loss_fn
     finite = True
     with learner.replica.component.rng.active():
-        for _ in range(max(agents[n].passes for n in learner.agents)):
+        for _ in range(max(optimizer_passes(agents[n].settings) for n in learner.agents)):
             result = learner.stepper.run([None])
             finite = finite and result.finite
             first[0] = False

@@ -222,7 +222,7 @@ class AgentSection(Section):
     ppo_epochs: PosInt = _f(1, "ppo passes over each batch of episodes")
     policy_of: str | None = _f(None, "another agent whose policy (weights or adapter, and value head) this one acts "
                                "and learns with: one shared policy for several roles; its init_from, adapter, "
-                               "lora_*, lr and trainable are that agent's")
+                               "lora_*, lr, trainable, algorithm and ppo_epochs are that agent's")
 
 
 class EnvSection(Section):
