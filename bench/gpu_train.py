@@ -560,4 +560,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The project's rank exit (trainer/rank_exit.py), loaded by path: the GPU machine's Python may
+    # lack what the trainer package needs, and that file needs nothing.
+    spec = importlib.util.spec_from_file_location("rank_exit", REPO / "trainer" / "rank_exit.py")
+    rank_exit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rank_exit)
+    code = main()
+    if rank_exit.is_launched_rank():  # a torchrun rank: see end_process there
+        rank_exit.end_process(code)
+    sys.exit(code)

@@ -104,25 +104,17 @@ def cmd_train(args) -> int:
         if dist.is_main:
             print(f"stopped: {stop}", file=sys.stderr, flush=True)
         code = stop.exit_code
-    except _usage_errors():
+    except _usage_errors() as e:
         code = EXIT_USAGE
+        if launched:  # the launcher repeats it when this rank is the one that refused
+            from launch.multiproc import record_usage_error
+
+            record_usage_error(recipe, str(e))
         raise
     finally:
         if exit_box is not None:
             exit_box["code"] = code if sys.exc_info()[0] is None or code == EXIT_USAGE else 1
         destroy()
-    if launched and recipe.agents:
-        # A rank of a multi-agent run ends here, its run saved and its exit recorded, without the
-        # interpreter's teardown: with several ZeRO-3 engines in one process, a C++ thread outlived
-        # it now and then ("terminate called without an active exception", about 1 two-rank run in
-        # 4, after a complete run), and the launcher then reported the job failed. Root cause not
-        # found yet; what atexit would do for this path (exit record, flushed output) is done here.
-        from launch.multiproc import record_exit
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        record_exit(recipe, code)
-        os._exit(code)
     return code
 
 

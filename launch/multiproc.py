@@ -259,7 +259,7 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
     first = (layout.node_rank if layout else 0) * ppn
     local_ranks = range(first, first + ppn) if layout else range(recipe.world_size())
     for r in local_ranks:  # on a shared file system, the other nodes' records are theirs to clear
-        for stale in (logs / f"rank{r}.pid", logs / f"rank{r}.exit"):
+        for stale in (logs / f"rank{r}.pid", logs / f"rank{r}.exit", logs / f"rank{r}.error"):
             stale.unlink(missing_ok=True)
     hostfile = None
     if layout is not None:
@@ -307,8 +307,10 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
             # A usage error (reported in one line by the rank that found it) ended the job; DeepSpeed's
             # launcher passes on whichever failed rank it polls first, often one the usage error broke.
             rc = 2
-            if first[0] != 0:
-                print(f"error: rank {first[0]} refused the recipe; see {logs / f'rank{first[0]}.log'}",
+            if first[0] != 0:  # rank 0's line is on this terminal already; another rank's is in its log
+                why = logs / f"rank{first[0]}.error"
+                msg = why.read_text().strip() if why.exists() else "it refused the recipe"
+                print(f"error: {msg} (rank {first[0]}; log: {logs / f'rank{first[0]}.log'})",
                       file=sys.stderr, flush=True)
         else:
             print(f"error: {describe_failure(logs, local_ranks, rc)}", file=sys.stderr, flush=True)
@@ -369,6 +371,13 @@ def record_exit(recipe: Recipe, code: int) -> None:
     rank = int(os.environ.get("RANK", "0"))
     path = logs_dir(recipe) / f"rank{rank}.exit"
     path.write_text(f"{code} {time.time()}\n")
+
+
+def record_usage_error(recipe: Recipe, msg: str) -> None:
+    """The one-line usage error a rank found, for the launcher to print when that rank was the first
+    to refuse (a rank other than 0 writes to its log, not to the terminal)."""
+    rank = int(os.environ.get("RANK", "0"))
+    (logs_dir(recipe) / f"rank{rank}.error").write_text(msg + "\n")
 
 
 def register_exit_record(recipe: Recipe) -> dict:

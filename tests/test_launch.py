@@ -34,6 +34,39 @@ def test_the_earliest_recorded_failure_is_the_one_reported(tmp_path):
     assert first_error(tmp_path, range(2, 3)) is None
 
 
+RANK_END = """
+import atexit, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from trainer.rank_exit import end_process
+out = Path({out!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+def late():
+    time.sleep(0.3)
+    (out / "thread").write_text("joined")
+threading.Thread(target=late).start()
+sys.stdout.write("buffered, not flushed")
+end_process(3)
+(out / "after").write_text("end_process returned")
+"""
+
+
+def test_a_rank_ends_as_a_normal_exit_would_without_the_teardown(tmp_path):
+    """end_process: the status given, other threads joined, atexit handlers run, buffered output
+    written; nothing after it runs."""
+    import subprocess
+    import sys
+
+    from tests.trainutil import REPO
+
+    script = RANK_END.format(repo=str(REPO), out=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "buffered, not flushed"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    assert not (tmp_path / "after").exists()
+
+
 @pytest.mark.dist
 def test_rank_logs_and_console(tmp_path):
     out = run_train(tmp_path, "two", "train.max_steps=3", "launch.procs_per_node=2", "parallel.zero_stage=1",
