@@ -41,7 +41,7 @@ export: $(STAMP) ## export a run as a Hugging Face folder: make export RUN=runs/
 	$(PY) -m launch export $(RUN) $(OUT)
 
 test: $(STAMP) ## the whole test suite (PYTEST_ARGS passes options to pytest)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the quick part: single-process tests only (no `dist` or `slurm` marker)
 	$(PY) -m pytest -q -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
