@@ -3,6 +3,7 @@
     train RECIPE [key=value ...]     train a recipe (one process here; several via the deepspeed launcher)
     validate RECIPE [key=value ...]  resolve and validate a recipe, print it as YAML, write nothing
     export RUN_DIR OUT_DIR           write a run's latest checkpoint as a Hugging Face folder
+                                     (--format onnx | onnx-int8: an ONNX Runtime folder instead)
     slurm RECIPE [key=value ...]     render launch/sbatch template for a recipe and submit it (sbatch)
     recipes                          list the recipes in recipes/
     docs [--write | --check]         print the config reference as a markdown table; --write regenerates
@@ -121,7 +122,7 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from launch.export import export_run
 
-    out = export_run(args.run_dir, args.out_dir, args.checkpoint)
+    out = export_run(args.run_dir, args.out_dir, args.checkpoint, args.format)
     print(f"exported {out['checkpoint']} to {out['out_dir']} ({out['params'] / 1e6:.2f}M parameters)"
           + (f": {out['note']}" if out["note"] else ""))
     return 0
@@ -186,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("recipe", help="recipe name in recipes/ or a path to a .yaml file")
         s.add_argument("overrides", nargs="*", help="dotted.key=value overrides (YAML values)")
         s.set_defaults(fn=fn)
-    s = sub.add_parser("export", help="export a run to a Hugging Face folder")
+    s = sub.add_parser("export", help="export a run to a Hugging Face (or ONNX Runtime) folder")
     s.add_argument("run_dir")
     s.add_argument("out_dir")
+    s.add_argument("--format", default="hf", help="hf (default), onnx, or onnx-int8 (the ONNX model and an "
+                   "int8-weight copy)")
     s.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's latest)")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("slurm", help="render the sbatch script of a recipe and submit it")

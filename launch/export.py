@@ -1,4 +1,6 @@
-"""Export a trained run as a Hugging Face folder (`make export RUN=runs/<name> OUT=<dir>`)."""
+"""Export a trained run (`make export RUN=runs/<name> OUT=<dir> [FORMAT=hf|onnx|onnx-int8]`): a Hugging
+Face folder (default), or an ONNX Runtime folder with the KV cache as explicit inputs
+(`launch.onnx_export`), its weights optionally quantised to int8."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ from trainer.consolidate import consolidated_state_dict
 from trainer.errors import UsageError
 
 
-def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dict:
+def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None, fmt: str = "hf") -> dict:
+    from launch.onnx_export import FORMATS
+
+    if fmt not in FORMATS:
+        raise UsageError(f"FORMAT={fmt}: unknown export format; allowed: {', '.join(FORMATS)}")
     run = Path(run_dir)
     if not run.is_dir():
         raise UsageError(f"RUN={run_dir}: no such run directory")
@@ -20,23 +26,23 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None) -> dic
         raise UsageError(f"RUN={run_dir} has no finished checkpoint to export (checkpoints/latest is missing)")
     meta = ckpt.verify(folder)
     if "agent_model_configs" in meta:  # a multi-agent run: one folder per agent, its own weights
-        return export_agents(run, folder, meta, out_dir)
+        return export_agents(run, folder, meta, out_dir, fmt)
     state, note = export_state_dict(folder, meta)
     tok_path = run / "tokenizer.json"
-    params = _write_hf(meta["model_config"], state, tok_path, folder, out_dir)
+    params = _write(meta["model_config"], state, tok_path, folder, out_dir, fmt)
     return {"checkpoint": str(folder), "out_dir": out_dir, "params": params, "note": note}
 
 
-def export_agents(run: Path, folder: Path, meta: dict, out_dir: str) -> dict:
+def export_agents(run: Path, folder: Path, meta: dict, out_dir: str, fmt: str = "hf") -> dict:
     """`out_dir/<agent>/` for every trained agent of a multi-agent run (agents.train): its weights and
-    the tokenizer it was trained with."""
+    the tokenizer it was trained with, in format `fmt`."""
     params = 0
     names = []
     from agents.value import strip_value_heads  # a PPO agent's value head is not part of its policy
 
     for agent, config in meta["agent_model_configs"].items():
         state = strip_value_heads(consolidated_state_dict(folder, meta, f"agent_{agent}"))
-        params += _write_hf(config, state, run / "tokenizers" / f"{agent}.json", folder, str(Path(out_dir) / agent))
+        params += _write(config, state, run / "tokenizers" / f"{agent}.json", folder, str(Path(out_dir) / agent), fmt)
         names.append(agent)
     for component, lora in meta.get("lora", {}).items():
         # LoRA agents over one base: each folder holds the base with that agent's adapter merged
@@ -47,18 +53,15 @@ def export_agents(run: Path, folder: Path, meta: dict, out_dir: str) -> dict:
         add_adapters(model, lora["adapters"])
         model.load_state_dict(strip_value_heads(consolidated_state_dict(folder, meta, component)))
         for agent in lora["adapters"]:
-            params += _write_hf(lora["config"], merged_state_dict(model, agent), run / "tokenizers" / f"{agent}.json",
-                                folder, str(Path(out_dir) / agent))
+            params += _write(lora["config"], merged_state_dict(model, agent), run / "tokenizers" / f"{agent}.json",
+                             folder, str(Path(out_dir) / agent), fmt)
             names.append(agent)
     return {"checkpoint": str(folder), "out_dir": out_dir, "params": params,
-            "note": f"one Hugging Face folder per agent: {', '.join(names)}"}
+            "note": f"one {'Hugging Face' if fmt == 'hf' else fmt} folder per agent: {', '.join(names)}"}
 
 
-def _write_hf(config: dict, state: dict, tok_path: Path, folder: Path, out_dir: str) -> int:
-    from tokenizers import Tokenizer
-
+def _write(config: dict, state: dict, tok_path: Path, folder: Path, out_dir: str, fmt: str) -> int:
     from model import GPT, GPTConfig
-    from model.hf import save_hf
 
     cfg = GPTConfig(**dict(config))
     cfg.kernels = "torch"
@@ -72,8 +75,16 @@ def _write_hf(config: dict, state: dict, tok_path: Path, folder: Path, out_dir: 
         raise ckpt.CheckpointError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}")
     model.reset_buffers("cpu")
-    tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
-    save_hf(model, out_dir, tokenizer=tokenizer)
+    if fmt == "hf":
+        from tokenizers import Tokenizer
+
+        from model.hf import save_hf
+
+        save_hf(model, out_dir, tokenizer=Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None)
+    else:
+        from launch.onnx_export import write_onnx_folder
+
+        write_onnx_folder(model.eval(), out_dir, tok_path, int8=fmt == "onnx-int8")
     return sum(p.numel() for p in model.parameters())
 
 
