@@ -10,12 +10,16 @@ RECIPE      ?= gpt-tiny
 ARGS        ?=
 RUN         ?=
 OUT         ?=
+# `=`, not `?=`: a HOST or PORT in the environment (shells set HOST to the machine's name) must not
+# decide where `make serve` listens; HOST=... PORT=... on the command line do.
+PORT        = 8000
+HOST        = 127.0.0.1
 PYTEST_ARGS ?=
 FAST_MARKERS = not dist and not slurm
 
 .DEFAULT_GOAL := help
 .PHONY: help train validate recipes export test test-fast lint docs kernels bench bench-train bench-parallel \
-        bench-generate bench-sync bench-agents gpu-check gpu-wheels slurm clean
+        bench-generate bench-sync bench-agents gpu-check gpu-wheels slurm clean serve bench-serve
 
 help: ## list the targets (this text)
 	@echo "usage: make <target> [RECIPE=name] [ARGS=\"key=value ...\"]   (docs: README.md, docs/)"
@@ -36,9 +40,15 @@ validate: $(STAMP) ## print RECIPE's resolved config with ARGS applied; writes n
 recipes: $(STAMP) ## list the recipes in recipes/
 	@$(PY) -m launch recipes
 
-export: $(STAMP) ## export a run as a Hugging Face folder: make export RUN=runs/<name> OUT=<dir>
-	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=runs/<name> OUT=<dir>" >&2; exit 2; }
-	$(PY) -m launch export $(RUN) $(OUT)
+export: $(STAMP) ## export a run: make export RUN=runs/<name> OUT=<dir> [FORMAT=hf|onnx|onnx-int8]
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=runs/<name> OUT=<dir> [FORMAT=hf|onnx|onnx-int8]" >&2; exit 2; }
+	$(PY) -m launch export $(RUN) $(OUT) --format $(or $(FORMAT),hf)
+
+# OpenAI-compatible HTTP server over a trained run's models, one per agent (docs/serving.md); SIGTERM/Ctrl-C
+# finishes the requests in flight.
+serve: $(STAMP) ## serve a run over the OpenAI API: make serve RUN=runs/<name> [PORT=8000 HOST=127.0.0.1]
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=runs/<name> [PORT=8000] [HOST=127.0.0.1]" >&2; exit 2; }
+	$(PY) -m serve $(RUN) --host $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP) ## the whole test suite (PYTEST_ARGS passes options to pytest)
 	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)
@@ -83,6 +93,11 @@ bench-sync: $(STAMP) ## every sync strategy at the same token budget; our ring a
 	$(PY) bench/bench_sync.py --replicas 4 --steps 200 $(ARGS)
 	$(PY) bench/bench_sync.py --replicas 8 --steps 100 $(ARGS)
 	$(PY) bench/bench_ring.py
+
+# 16 concurrent OpenAI clients against the same 16 requests one at a time on one server: tokens/s ratio,
+# time per output token, TTFT, latency -> bench/results/serve-cpu.md and .json.
+bench-serve: $(STAMP) ## serving: 16 concurrent clients against one at a time (bench/results/serve-cpu.md)
+	$(PY) bench/bench_serve.py $(ARGS)
 
 # The agents layer's speed goals, each a ratio measured side by side in one run: batched multi-agent
 # rollouts against agent by agent (rollout-cpu.md), 8 LoRA adapters per batch against none (lora-cpu.md),

@@ -1,0 +1,14 @@
+"""An OpenAI-compatible HTTP server for trained runs (`make serve RUN=runs/<name>`, docs/serving.md).
+
+One job per module, lower ones first:
+    loader.py     a run directory -> its models (single model, or one name per agent: own weights or a
+                  LoRA adapter over a shared base), with tokenizers; through trainer/ and launch/export
+    protocol.py   the OpenAI request bodies checked and turned into rows to generate; the error contract
+    chat.py       the chat template of each model style
+    text.py       one choice's tokens -> text deltas: incremental detokenisation and stop strings
+    scheduler.py  the continuous-batching loop over model.generate.DecodeEngine in one background thread
+    metrics.py    Prometheus counters and the one-line JSON request log
+    app.py        the Starlette ASGI app: routes, streaming, disconnects, errors
+    cli.py        `python -m serve RUN [--host --port ...]`: load, build, run under uvicorn
+Nothing below serve/ imports it.
+"""
