@@ -1,0 +1,81 @@
+"""serve/'s pieces without a server: text deltas with multi-byte characters and stop strings, the chat
+templates, request checking (fast; the HTTP behaviour is in tests/test_serve.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.chat import render
+from serve.text import ChoiceText
+
+
+class ByteTokenizer:
+    """Token i is byte i, decoded as a byte-level BPE decodes: invalid UTF-8 becomes U+FFFD."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _run(text: bytes, stop=(), finish_at=None):
+    c = ChoiceText(ByteTokenizer(), stop)
+    deltas = []
+    for i, b in enumerate(text):
+        last = i == len(text) - 1
+        deltas.append(c.add(b, "length" if last else None))
+        if c.finish_reason:
+            break
+    return c, deltas
+
+
+def test_a_multibyte_character_is_sent_once_complete():
+    c, deltas = _run("a€b".encode())  # € is 3 bytes
+    assert deltas == ["a", "", "", "€", "b"] and c.text == "a€b" and c.finish_reason == "length"
+
+
+def test_a_stop_string_cuts_the_text_and_its_prefix_is_held_back():
+    c, deltas = _run(b"hello END world", stop=["END", "xyz"])
+    assert c.text == "hello " and c.finish_reason == "stop" and "".join(deltas) == "hello "
+    assert deltas[:6] == ["h", "e", "l", "l", "o", " "] and deltas[6:] == ["", "", ""]  # "E", "EN" held back
+    c, deltas = _run(b"ENTER", stop=["END"])  # a prefix that turns out not to be the stop string
+    assert c.text == "ENTER" and "".join(deltas) == "ENTER" and c.finish_reason == "length"
+
+
+def test_eos_from_the_engine_finishes_with_stop():
+    c = ChoiceText(ByteTokenizer())
+    assert c.add(ord("x"), None) == "x"
+    assert c.add(ord("y"), "eos") == "y" and c.finish_reason == "stop"
+    with pytest.raises(RuntimeError):
+        c.add(ord("z"), None)
+
+
+def test_chat_templates():
+    msgs = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "2+2?")]
+    assert render("gpt2", msgs) == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: 2+2?\n\nAssistant:"
+    assert render("llama", msgs) == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. [INST] 2+2? [/INST]"
+    with pytest.raises(ValueError, match="no chat template"):
+        render("rwkv", msgs)
+
+
+def test_request_checks_without_a_server():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from serve.loader import ServedModel
+    from serve.protocol import APIError, parse_request
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    m = {"m": ServedModel("m", "model", None, tok, "gpt2", 8, None)}
+    req = parse_request({"model": "m", "prompt": "a b a", "n": 2, "seed": 5, "temperature": 0.5, "top_p": 1},
+                        m, is_chat=False)
+    assert req.prompts == [[0, 1, 0]] and req.max_tokens == 5  # default 16, capped by the room left in 8
+    assert [p.seed for p in req.params] == [5, 6] and req.top_p is None and req.params[0].temperature == 0.5
+    chat = parse_request({"model": "m", "messages": [{"role": "user", "content": "a"}]}, m, is_chat=True)
+    assert chat.max_tokens == 8 - len(chat.prompts[0])  # chat: the rest of the context
+    for body, param in [({"model": "m", "prompt": "a b a", "max_tokens": 6}, "max_tokens"),  # 3 + 6 > 8
+                        ({"model": "m", "prompt": "a a a a a a a a"}, "prompt"),
+                        ({"model": "m", "prompt": "a", "stream": "yes"}, "stream"),
+                        ({"model": "m", "prompt": "a", "max_tokens": True}, "max_tokens"),
+                        ({"model": "m", "prompt": "a", "n": 17}, "n")]:
+        with pytest.raises(APIError) as e:
+            parse_request(body, m, is_chat=False)
+        assert e.value.status == 400 and e.value.param == param, body
