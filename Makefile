@@ -19,7 +19,7 @@ FAST_MARKERS = not dist and not slurm
 
 .DEFAULT_GOAL := help
 .PHONY: help train validate recipes export test test-fast lint docs kernels bench bench-train bench-parallel \
-        bench-generate bench-sync bench-agents gpu-check gpu-wheels slurm clean serve bench-serve
+        bench-generate bench-onnx bench-sync bench-agents gpu-check gpu-wheels slurm clean serve bench-serve
 
 help: ## list the targets (this text)
 	@echo "usage: make <target> [RECIPE=name] [ARGS=\"key=value ...\"]   (docs: README.md, docs/)"
@@ -86,6 +86,9 @@ bench-parallel: $(STAMP) ## per-rank ZeRO 0-3 memory against the paper's formula
 # (bench/static_generate.py) on 16 requests of ragged and of equal lengths -> bench/results/generate-cpu.md.
 bench-generate: $(STAMP) ## decoding engine against the static-batch decoder
 	$(PY) bench/bench_generate.py $(ARGS)
+
+bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 and int8 weight-only PyTorch against eager (bench/results/onnx-cpu.md)
+	$(PY) bench/bench_onnx.py $(ARGS)
 
 # Every sync strategy side by side at the same token budget, 4 replicas, then 8 (bench/results/sync-cpu*.md),
 # and our ring all-reduce against gloo's (bench/results/ring-cpu.md).
