@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from .job import ClientGone, Job
+from .job import ClientGone, Job, LoopHandoff
 from .loader import LoadedRun
 from .metrics import Metrics, log_request
 from .protocol import APIError, parse_body, parse_request
@@ -40,9 +40,11 @@ def error_response(e: APIError) -> JSONResponse:
 
 def build_app(run: LoadedRun, scheduler: Scheduler, metrics: Metrics) -> Starlette:
     created = int(time.time())
+    handoff: list[LoopHandoff] = []  # the serving loop's, made at startup
 
     @asynccontextmanager
     async def lifespan(app):
+        handoff.append(LoopHandoff(asyncio.get_running_loop()))
         scheduler.start()
         yield
         # uvicorn calls this after in-flight requests have been answered (graceful shutdown on SIGTERM).
@@ -81,7 +83,7 @@ def build_app(run: LoadedRun, scheduler: Scheduler, metrics: Metrics) -> Starlet
             log_request(id=rid, endpoint=endpoint, status=e.status, error=e.message,
                         latency_s=round(time.perf_counter() - started, 6))
             return error_response(e)
-        job = Job(req, scheduler, started)
+        job = Job(req, scheduler, handoff[0], started)
         try:
             job.submit()
         except RuntimeError as e:  # shutting down
