@@ -192,8 +192,9 @@ def main(argv=None) -> int:
               "throughput_ratio": throughput_ratio, "p99_tpot_vs_lone": tpot_ratio, "engine_alone": floor,
               "goals": {"throughput_ratio_min": 4.0, "p99_tpot_vs_lone_max": 2.0}}
     out = Path(args.out)
-    out.with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    report["json"] = out.with_suffix(".json").name
     write_results(out, markdown(report))
     return 0
 
@@ -214,7 +215,7 @@ def markdown(r: dict) -> str:
         "at the start (other processes share the CPUs)  ",
         f"Run `{r['run']}` (model `{r['model_id']}`), 16 streamed requests of ragged prompts, up to {r['max_tokens']} "
         f"new tokens each (seeded sampling, T=0.8), {seq['rounds']} rounds of each phase, interleaved. "
-        f"Raw figures: [{Path(r.get('json', 'serve-cpu.json')).name}](serve-cpu.json).", "",
+        f"Raw figures: {r['json']}.", "",
         "| phase | output tokens | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | e2e p50 ms | "
         "e2e p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
