@@ -82,6 +82,8 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
+            if self._thread.ident is not None and not self._thread.is_alive():  # started, then crashed
+                raise RuntimeError("the decoding loop has stopped")
             self._inbox.extend(rows)
             self._cond.notify()
 
@@ -98,6 +100,20 @@ class Scheduler:
         return bool(self._inbox) or any(self._waiting.values()) or any(self._running.values())
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:
+            # A bug here, not an engine error (those fail their batch only): no row may wait forever, and
+            # /health turns 503 as the thread is gone.
+            with self._cond:
+                rows = self._inbox + [r for q in self._waiting.values() for r in q] + [
+                    r for running in self._running.values() for r in running.values()]
+                self._inbox = []
+            for r in rows:
+                self._fail(r, RuntimeError(f"the decoding loop stopped: {e!r}"))
+            raise
+
+    def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
         while True:

@@ -33,6 +33,21 @@ def run(tmp_path_factory):
     return root / "runs" / "roles"
 
 
+def test_an_agent_acting_with_anothers_policy_is_served_by_it_under_its_own_name(run):
+    """marl-split-arith-shared: `second` has `policy_of: first`; both names, one adapter."""
+    from serve.loader import load_run
+
+    base = run.parent / "base"
+    out = run_train(run.parent.parent, "shared", f"agents.first.init_from={base}", "rl.episodes_per_step=8",
+                    "rl.max_new_tokens=3", "env.eval_episodes=8", "train.max_steps=1", "train.eval_every=1",
+                    "train.progress=false", "tracking.wandb=disabled", recipe="marl-split-arith-shared")
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = load_run(run.parent / "shared")
+    assert list(loaded.models) == ["first", "second"] and list(loaded.modules) == ["lora_0"]
+    assert [(m.name, m.module_key, m.adapter) for m in loaded.models.values()] == [
+        ("first", "lora_0", "first"), ("second", "lora_0", "first")]
+
+
 @pytest.fixture(scope="module")
 def references(run):
     """Per agent: the base with that agent's adapter merged (agents.lora.merged_state_dict), a plain GPT."""

@@ -79,3 +79,31 @@ def test_request_checks_without_a_server():
         with pytest.raises(APIError) as e:
             parse_request(body, m, is_chat=False)
         assert e.value.status == 400 and e.value.param == param, body
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the traceback is printed, as meant
+def test_a_crash_of_the_decoding_loop_fails_its_rows_instead_of_leaving_them_waiting():
+    import threading
+
+    from model import GPT, GPTConfig
+    from model.generate import SamplingParams
+    from serve.metrics import Metrics
+    from serve.scheduler import Row, Scheduler
+
+    model = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=16, kernels="torch")).eval()
+    scheduler = Scheduler({"model": model}, 2, Metrics())
+    got, done = [], threading.Event()
+
+    def boom(key):
+        raise KeyError("a bug")
+
+    scheduler._step = boom
+    scheduler.submit([Row("model", [1, 2], SamplingParams(max_new_tokens=3), None,
+                          lambda item: (got.append(item), done.set()))])
+    scheduler.start()
+    assert done.wait(10)
+    assert isinstance(got[0], RuntimeError) and "a bug" in str(got[0])
+    scheduler._thread.join(10)
+    assert not scheduler.alive
+    with pytest.raises(RuntimeError, match="decoding loop has stopped"):
+        scheduler.submit([])
