@@ -7,6 +7,7 @@ One job per module, lower ones first:
     chat.py       the chat template of each model style
     text.py       one choice's tokens -> text deltas: incremental detokenisation and stop strings
     scheduler.py  the continuous-batching loop over model.generate.DecodeEngine in one background thread
+    job.py        one HTTP request in flight: its rows, their text, usage, timings, cancellation
     metrics.py    Prometheus counters and the one-line JSON request log
     app.py        the Starlette ASGI app: routes, streaming, disconnects, errors
     cli.py        `python -m serve RUN [--host --port ...]`: load, build, run under uvicorn

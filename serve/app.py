@@ -86,14 +86,16 @@ def build_app(run: LoadedRun, scheduler: Scheduler, metrics: Metrics) -> Starlet
         job = Job(req, scheduler, handoff[0], started)
         try:
             job.submit()
-        except RuntimeError as e:  # shutting down
-            err = APIError(503, str(e), type="server_error", code="shutting_down")
+        except RuntimeError as e:  # shutting down, or the decoding loop has stopped
+            err = APIError(503, str(e), type="server_error", code="unavailable")
             metrics.request_refused(endpoint, err.status)
+            log_request(id=rid, endpoint=endpoint, status=err.status, error=err.message)
             return error_response(err)
         metrics.request_started()
         watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
         meta = {"id": rid, "object": "chat.completion" if is_chat else "text_completion", "created": int(time.time()),
                 "model": req.model.name}
+
         def finish(status: int, error: str | None = None):
             watcher.cancel()
             metrics.request_finished(endpoint, status, job.ttft(), job.latency() if status == 200 else None)
@@ -104,7 +106,7 @@ def build_app(run: LoadedRun, scheduler: Scheduler, metrics: Metrics) -> Starlet
                         ttft_s=_round(job.ttft()), latency_s=_round(time.perf_counter() - started), error=error)
 
         if req.stream:
-            return _SSE(_stream(job, meta, is_chat), finish, watcher)
+            return _SSE(_stream(job, meta, is_chat), finish)
 
         try:
             async for _ in job.events():
@@ -185,8 +187,8 @@ class _SSE:
     """A text/event-stream response that reports how it ended: 200 when every chunk was sent, 499 when the
     client went away, 500 (with an error event in the stream) when generation failed."""
 
-    def __init__(self, chunks, finish, watcher: asyncio.Task):
-        self.chunks, self.finish, self.watcher = chunks, finish, watcher
+    def __init__(self, chunks, finish):
+        self.chunks, self.finish = chunks, finish
 
     async def __call__(self, scope, receive, send):
         await send({"type": "http.response.start", "status": 200,
