@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         run_recipe("gpt-tiny", "onnx-bench", work / "runs", overrides)
         run = work / "runs" / "onnx-bench"
     model, meta = load_run(run)
-    seq = model.config.max_seq_len
+    seq = meta["config"]["data"]["seq_len"]  # the length it was trained on (learned positions beyond are untrained)
     tokens = val_tokens(meta, 2 * seq + 2 if a.quick else a.val_tokens)
     folder = work / "tiny"
     write_onnx_folder(model, folder, None, int8=True)
