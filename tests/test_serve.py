@@ -306,7 +306,7 @@ def test_a_client_that_disconnects_frees_its_slots(server):
     assert records and records[-1]["client_gone"] is True
     # the same without streaming: the client gives up while the response is being generated
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", timeout=0.3,
+        httpx.post(server.url + "/v1/completions", timeout=0.1,
                    json={"model": "tiny", "prompt": "def", "max_tokens": max_tokens, "n": n, "temperature": 1.0})
     server.wait_idle()
     assert len([r for r in server.log_records() if r.get("status") == 499]) == len(records) + 1
