@@ -10,6 +10,8 @@ from __future__ import annotations
 from trainer.errors import UsageError
 from trainer.schema import SHARED_POLICY_KEYS, AgentSection, Recipe
 
+from .games.settings import GAME_ENV, check_game_settings
+
 
 def check_agents(recipe: Recipe, world: int | None = None) -> None:
     """`world`: the number of processes that will train (default: the recipe's launch.*)."""
@@ -22,6 +24,8 @@ def check_agents(recipe: Recipe, world: int | None = None) -> None:
         env = make_env(recipe.env.name, **recipe.env.args)
     except (ValueError, TypeError) as e:
         raise UsageError(f"env: {e}") from None
+    if recipe.env.name == GAME_ENV:
+        check_game_settings(recipe, world or recipe.world_size())
     want, got = list(env.possible_agents), list(recipe.agents)
     if sorted(want) != sorted(got):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))

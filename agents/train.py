@@ -58,6 +58,7 @@ from trainer.schema import Recipe
 
 from .config import check_agents
 from .envs import make_env
+from .games.settings import GAME_ENV
 from .learners import Agent, build_learners, gather_objects, sum_over_ranks, update
 from .rollout import SEED_HIGH, rollout
 from .tracking import AgentTracker
@@ -220,6 +221,10 @@ def _faulty(factory):
 
 def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
     """Train every agent of `recipe` (see the module docstring). Collective over the world."""
+    if recipe.env.name == GAME_ENV:  # two-player OpenSpiel games: self-play to an equilibrium
+        from .games.selfplay import train_game
+
+        return train_game(recipe, dist)
     dims = ParallelDims.build(dist.world_size, dist.rank)
     check_agents(recipe, dist.world_size)  # the launcher checked already; a rank started otherwise checks here
     ctx = RunContext(recipe, dims, dist.device)
