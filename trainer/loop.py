@@ -28,7 +28,7 @@ import yaml
 from model.flops import end_of_run_peak, peak_flops
 
 from . import checkpoint as ckpt
-from . import faults, optim_state
+from . import distill, faults, optim_state
 from .consolidate import consolidate_once
 from .data import DataSpec, ShardedSampler, TokenBlocks, eval_sample, prepare_data
 from .dims import ParallelDims
@@ -148,7 +148,12 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
     plain_grads = recipe.parallel.zero_stage == 0 and precision == "fp32" and dims.tp == dims.pp == 1
     # Gradients exchanged across replicas: a non-finite loss anywhere skips the step everywhere.
     veto_group = dims.job_group if shared and sync.exchanges_gradients else dims.replica_group
-    stepper = Stepper(engine, dims, dist.device, plain_grads=plain_grads, veto_group=veto_group)
+    teacher = None
+    if recipe.distill.teacher:  # knowledge distillation (trainer/distill.py): the step's loss is the KL term
+        teacher = distill.load_teacher(recipe.distill.teacher, data.tokenizer_path, dist.device, recipe.model.kernels,
+                                       _compute_dtype(precision) if precision == "bf16" else None)
+    stepper = Stepper(engine, dims, dist.device, plain_grads=plain_grads, veto_group=veto_group,
+                      loss_fn=distill.loss_fn(recipe, teacher, dist.device) if teacher is not None else None)
     if shared:
         sync.attach(stepper, replica, sample_counts)
     start_step = 0
@@ -318,6 +323,8 @@ def train(recipe: Recipe, dist: DistInfo, dims: ParallelDims | None = None, sync
         **mfu_source,
         "skipped_steps": skipped_total, "checkpoint": str(folder), "sample": sample,
     }
+    if teacher is not None:
+        summary.update(distill.compare(teacher, module, summary, val_blocks, recipe, dims, dist.device))
     if is_main:
         tracker.log_sample(step, recipe.train.sample_prompt, sample)
         tracker.finish()

@@ -250,6 +250,15 @@ class RLSection(Section):
     kl_ref: bool = _f(True, "track the KL divergence of each agent to its initial policy")
 
 
+class DistillSection(Section):
+    teacher: str | None = _f(None, "knowledge distillation: the teacher, a run directory of ours or recipe:<name> "
+                             "(trained first when missing); the student (this recipe's model.*) learns its "
+                             "token distributions; data.tokenizer defaults to the teacher's")
+    alpha: float = _f(1.0, "weight of the distillation loss; 1 - alpha goes to the next-token cross-entropy",
+                      ge=0.0, le=1.0)
+    temperature: float = _f(1.0, "softmax temperature of both models in the distillation loss (scaled by T^2)", gt=0.0)
+
+
 class Recipe(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -264,6 +273,7 @@ class Recipe(Section):
         {}, "multi-agent RL: agent name -> its policy, algorithm and settings (see agents.<name>.*)")
     env: EnvSection = EnvSection()
     rl: RLSection = RLSection()
+    distill: DistillSection = DistillSection()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Recipe:
@@ -301,9 +311,22 @@ class Recipe(Section):
                              "or train.compile=false")
         self._check_sync()
         self._check_agents()
+        self._check_distill()
         if self.train.resume not in ("none", "auto") and not self.train.resume.strip():
             raise ValueError("train.resume must be none, auto or a checkpoint path")
         return self
+
+    def _check_distill(self) -> None:
+        if self.distill.teacher is None:
+            return
+        p = self.parallel
+        if p.tp > 1 or p.pp > 1:
+            # The loss reads the student's whole logits: tensor parallelism shards them over the
+            # vocabulary, and the pipeline engine computes its own loss on the last stage.
+            raise ValueError(f"distill.teacher needs parallel.tp=1 and parallel.pp=1 (got tp={p.tp}, pp={p.pp}); "
+                             "ZeRO 0-3 and data parallelism are allowed")
+        if self.agents or self.sync.strategy != "allreduce":
+            raise ValueError("distill.teacher cannot be combined with agents or a sync strategy")
 
     def _check_agents(self) -> None:
         if not self.agents:
