@@ -94,8 +94,8 @@ class InfoStates:
     def check_table(self, table: np.ndarray) -> None:
         if table.shape != self.legal.shape:
             raise ValueError(f"a policy table of this game is {self.legal.shape}, got {table.shape}")
-        if np.any(table[~self.legal] != 0) or not np.allclose(table.sum(axis=1), 1.0, atol=1e-9):
-            raise ValueError("a policy table has 0 on illegal actions and rows summing to 1")
+        if np.any(table[~self.legal] != 0) or np.any(table < 0) or not np.allclose(table.sum(axis=1), 1.0, atol=1e-9):
+            raise ValueError("a policy table has probabilities >= 0, 0 on illegal actions and rows summing to 1")
 
 
 class AveragePolicy:
@@ -178,7 +178,7 @@ def load_policy_json(path: Path, game):
         i = tab.state_lookup[s]
         p = np.asarray(probs, dtype=np.float64)
         legal = tab.legal_actions_mask[i].astype(bool)
-        if p.shape != legal.shape or np.any(p[~legal] != 0) or not np.isclose(p.sum(), 1.0, atol=1e-9):
+        if p.shape != legal.shape or np.any(p[~legal] != 0) or np.any(p < 0) or not np.isclose(p.sum(), 1.0, atol=1e-9):
             raise ValueError(f"{path}: the row of {s!r} is not a distribution over its legal actions: {probs}")
         tab.action_probability_array[i] = p
     return tab

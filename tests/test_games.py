@@ -1,0 +1,203 @@
+"""Games (agents.envs.games, agents.games): the env against pyspiel, the measurement (our table and
+policy.json path into OpenSpiel's nash_conv on known policies), the average policy against OpenSpiel's
+own mixture of strategies, and the policy's action distribution against a float64 softmax."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyspiel
+import pytest
+import torch
+from pettingzoo.test import parallel_api_test
+
+from agents.envs import make_env
+from agents.games.actions import action_names, action_token_ids, game_tokenizer, legal_logprobs
+from agents.games.tables import AveragePolicy, InfoStates, load_policy_json, nash_conv, write_policy_json
+
+GAMES = ["kuhn_poker", "leduc_poker", "matrix_rps", "matrix_brps", "matrix_mp"]
+
+
+def _kuhn():
+    game = pyspiel.load_game("kuhn_poker")
+    return game, InfoStates(game)
+
+
+def _kuhn_nash(space: InfoStates, alpha: float) -> np.ndarray:
+    """Kuhn's Nash family (Kuhn 1950): player 0 bets a jack with alpha, a king with 3 alpha, calls a bet
+    after checking with a queen with alpha + 1/3 (a king always, a jack never); player 1 bets a jack
+    after a check 1/3, a king always, calls a bet with a queen 1/3, a king always. Cards 0 J, 1 Q, 2 K;
+    actions 0 Pass, 1 Bet."""
+    bet = {"0": alpha, "1": 0.0, "2": 3 * alpha, "0pb": 0.0, "1pb": alpha + 1 / 3, "2pb": 1.0,
+           "0p": 1 / 3, "1p": 0.0, "2p": 1.0, "0b": 0.0, "1b": 1 / 3, "2b": 1.0}
+    table = np.zeros(space.legal.shape)
+    for s, i in space.index.items():
+        table[i] = [1 - bet[s], bet[s]]
+    return table
+
+
+# ---- the measurement ---------------------------------------------------------------------------------
+
+
+def test_nash_conv_of_known_kuhn_policies_through_policy_json(tmp_path):
+    game, space = _kuhn()
+    assert len(space) == 12
+
+    def through_json(table):
+        path = tmp_path / "policy.json"
+        write_policy_json(path, "kuhn_poker", {}, space, table)
+        from open_spiel.python.algorithms import exploitability
+
+        return exploitability.nash_conv(game, load_policy_json(path, game))
+
+    uniform = space.uniform()
+    assert nash_conv(game, space, uniform) == pytest.approx(11 / 12, abs=1e-12)
+    assert through_json(uniform) == pytest.approx(11 / 12, abs=1e-12)
+    always_pass = np.zeros(space.legal.shape)
+    always_pass[:, 0] = 1.0  # check when possible, fold to a bet
+    assert through_json(always_pass) == pytest.approx(2.0, abs=1e-12)
+    for alpha in (0.0, 0.1, 1 / 3):
+        assert through_json(_kuhn_nash(space, alpha)) == pytest.approx(0.0, abs=1e-12)
+    off = _kuhn_nash(space, 0.2)
+    off[space.index["1b"]] = [0.5, 0.5]  # player 1 calls a bet with a queen half of the time, not a third
+    assert through_json(off) > 0.01
+
+
+def test_policy_json_rejects_a_missing_state_or_an_illegal_action(tmp_path):
+    import json
+
+    game, space = _kuhn()
+    path = tmp_path / "policy.json"
+    write_policy_json(path, "kuhn_poker", {}, space, space.uniform())
+    doc = json.loads(path.read_text())
+    del doc["policy"]["0"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="1 information states missing"):
+        load_policy_json(path, game)
+    leduc = pyspiel.load_game("leduc_poker")
+    lspace = InfoStates(leduc)
+    bad = lspace.uniform()
+    bad[0] = [1.0, 0.0, 0.0]  # folding is illegal at the first decision
+    with pytest.raises(ValueError, match="illegal"):
+        write_policy_json(path, "leduc_poker", {}, lspace, bad)
+
+
+def test_average_policy_is_openspiels_mixture_of_the_strategies():
+    """Two Kuhn strategies averaged with their own reach weights are the realisation-equivalent mixture
+    OpenSpiel's PolicyAggregator computes."""
+    from open_spiel.python import policy as os_policy
+    from open_spiel.python.algorithms import policy_aggregator
+
+    from agents.games.tables import tabular_policy
+
+    game, space = _kuhn()
+    rng = np.random.default_rng(0)
+    tables = []
+    for _ in range(2):
+        t = rng.random(space.legal.shape)
+        tables.append(t / t.sum(axis=1, keepdims=True))
+    avg = AveragePolicy(space)
+    for t in tables:
+        avg.add(t)
+    mixed = policy_aggregator.PolicyAggregator(game).aggregate(
+        [0, 1], [[tabular_policy(game, space, t) for t in tables]] * 2, [[0.5, 0.5]] * 2)
+    want = os_policy.tabular_policy_from_callable(game, mixed)
+    for s, i in space.index.items():
+        np.testing.assert_allclose(avg.table()[i], want.action_probability_array[want.state_lookup[s]], atol=1e-12)
+
+
+# ---- the env -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("game", GAMES)
+def test_env_passes_pettingzoo_parallel_api_test(game):
+    parallel_api_test(make_env("openspiel", game=game), num_cycles=50)
+
+
+@pytest.mark.parametrize("game", ["kuhn_poker", "leduc_poker", "matrix_brps"])
+def test_observations_and_legal_actions_are_pyspiels(game):
+    """Random play through the env, replayed move by move in pyspiel: at every decision the acting
+    player observes pyspiel's information-state string and is offered exactly its legal actions."""
+    env = make_env("openspiel", game=game)
+    rng = np.random.default_rng(1)
+    for episode in range(20):
+        obs, infos = env.reset(seed=episode)
+        seen = []
+        while env.agents:
+            agent = env.turn_agents[0]
+            seen.append((agent, obs[agent], infos[agent]["legal_action_ids"], infos[agent]["legal_actions"]))
+            other = next(a for a in env.agents if a != agent)
+            assert obs[other] == "Wait." and infos[other]["legal_actions"] == []
+            obs, rewards, _, _, infos = env.step({agent: env.random_action(agent, rng)})
+        final_returns = env.state.returns()
+        # replay the history (deal included) in a fresh pyspiel state
+        state = env.game.new_initial_state()
+        decisions = iter(seen)
+        for action in env.state.history():
+            if not state.is_chance_node():
+                agent, text, legal, names = next(decisions)
+                p = state.current_player()
+                assert agent == f"player_{p}"
+                assert text == state.information_state_string(p)
+                assert legal == state.legal_actions(p)
+                assert list(np.flatnonzero(state.legal_actions_mask(p))) == legal
+                assert names == [state.action_to_string(p, a) for a in legal]
+            state.apply_action(action)
+        assert state.is_terminal() and state.returns() == final_returns
+        assert rewards == {"player_0": final_returns[0], "player_1": final_returns[1]}
+
+
+def test_an_illegal_action_is_counted_and_the_same_player_acts_again():
+    env = make_env("openspiel", game="leduc_poker")
+    obs, _ = env.reset(seed=0)
+    obs2, rewards, _, _, infos = env.step({"player_0": "Fold"})  # no bet to fold to
+    assert infos["player_0"]["invalid"] and infos["player_0"]["invalid_actions"] == 1
+    assert env.turn_agents == ["player_0"] and obs2["player_0"] == obs["player_0"]
+    _, _, _, _, infos = env.step({"player_0": " call "})
+    assert not infos["player_0"]["invalid"] and env.turn_agents == ["player_1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"game": "chess_960"}, "unknown game 'chess_960'"),
+    ({"game": "kuhn_poker", "params": {"players": 3}}, "has 3 players"),
+    ({"game": "matrix_pd"}, "not zero-sum"),
+])
+def test_bad_games_are_one_line_value_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        make_env("openspiel", **args)
+
+
+# ---- the policy's action distribution ----------------------------------------------------------------------
+
+
+def test_action_probabilities_are_a_float64_softmax_over_the_legal_actions_logits():
+    from model import GPT, GPTConfig
+
+    game = pyspiel.load_game("leduc_poker")
+    tok = game_tokenizer(game)
+    names = action_names(game)
+    assert names == ["Fold", "Call", "Raise"]
+    tokens = action_token_ids(tok, names)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(style="llama", vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                        d_model=32, max_seq_len=128)).eval()
+    space = InfoStates(game)
+    rows = list(range(0, len(space), 97))
+    prompts = [tok.encode(space.strings[i]).ids for i in rows]
+    assert len({len(p) for p in prompts}) > 1  # right padding is exercised
+    legal = torch.from_numpy(space.legal[rows])
+    with torch.no_grad():
+        got = legal_logprobs(gpt, prompts, legal, tokens).exp().double()
+        for n, (p, mask) in enumerate(zip(prompts, legal)):
+            logits = gpt.double()(torch.tensor([p]))[0, -1, tokens].double()
+            gpt.float()
+            want = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+            assert torch.allclose(got[n], want, atol=1e-6, rtol=0)
+            assert (got[n][~mask] == 0).all()
+
+
+def test_a_name_that_is_not_one_token_is_refused():
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "Pass": 1}, unk_token="<unk>"))
+    with pytest.raises(ValueError, match="'Bet' is not one token"):
+        action_token_ids(tok, ["Pass", "Bet"])
