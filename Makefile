@@ -46,9 +46,9 @@ export: $(STAMP) ## export a run: make export RUN=runs/<name> OUT=<dir> [FORMAT=
 
 # OpenAI-compatible HTTP server over a trained run's models, one per agent (docs/serving.md); SIGTERM/Ctrl-C
 # finishes the requests in flight.
-serve: $(STAMP) ## serve a run over the OpenAI API: make serve RUN=runs/<name> [PORT=8000 HOST=127.0.0.1]
-	@test -n "$(RUN)" || { echo "usage: make serve RUN=runs/<name> [PORT=8000] [HOST=127.0.0.1]" >&2; exit 2; }
-	$(PY) -m serve $(RUN) --host $(HOST) --port $(PORT) $(ARGS)
+serve: $(STAMP) ## serve a run over the OpenAI API: make serve RUN=runs/<name> [PORT=8000 HOST=127.0.0.1 REPLICAS=1]
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=runs/<name> [PORT=8000] [HOST=127.0.0.1] [REPLICAS=N]" >&2; exit 2; }
+	$(PY) -m serve $(RUN) --host $(HOST) --port $(PORT) --replicas $(or $(REPLICAS),1) $(ARGS)
 
 test: $(STAMP) ## the whole test suite (PYTEST_ARGS passes options to pytest)
 	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)

@@ -14,6 +14,8 @@ import sys
 from trainer.checkpoint import CheckpointError
 from trainer.errors import UsageError
 
+from .routing import POLICIES
+
 __all__ = ["main"]
 
 
@@ -26,11 +28,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="KV-cache slots per module: the most rows decoded together (default 16)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder of the run (default: its latest)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding loop (default: torch's)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N > 1: N replica processes on loopback ports behind a router on --host/--port (serve.router)")
+    p.add_argument("--policy", default="cache_aware", choices=POLICIES,
+                   help="the router's rule (serve.routing; default cache_aware)")
+    p.add_argument("--cache-slack", type=int, default=4,
+                   help="cache_aware: a prefix stays on its replica while that replica has fewer than this many "
+                        "requests in flight more than the least-loaded one (default 4)")
+    p.add_argument("--prefix-block", type=int, default=32, help="characters per prefix block of the router (default 32)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replicas != 1:
+        return serve_replicas(args)
     from .app import build_app
     from .loader import load_run
     from .metrics import Metrics
@@ -64,4 +76,44 @@ def main(argv=None) -> int:
     # access_log off: every request already gets one JSON line from the app.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     print(json.dumps({"event": "stopped", "run": str(run.run_dir)}), file=sys.stderr, flush=True)
+    return 0
+
+
+def serve_replicas(args: argparse.Namespace) -> int:
+    """N replica processes behind the router (serve.router), the router in this process."""
+    from .router import Workers, build_router_app
+    from .routing import Router
+
+    for flag, value, low in (("--replicas", args.replicas, 1), ("--max-slots", args.max_slots, 1),
+                             ("--cache-slack", args.cache_slack, 1), ("--prefix-block", args.prefix_block, 1)):
+        if value < low:
+            print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
+    worker_args = ["--max-slots", str(args.max_slots)]
+    if args.threads is not None:
+        worker_args += ["--threads", str(args.threads)]
+    if args.checkpoint is not None:
+        worker_args += ["--checkpoint", args.checkpoint]
+    import uvicorn
+
+    workers = Workers(args.run, args.replicas, worker_args)
+    try:
+        rc = workers.start()
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if rc is not None:  # the replica printed its one-line error
+        return rc
+    try:
+        router = Router(workers.urls, args.policy, slack=args.cache_slack, block=args.prefix_block)
+        app = build_router_app(router, workers)
+        print(json.dumps({"event": "router", "run": args.run, "replicas": workers.urls, "policy": args.policy,
+                          "slack": args.cache_slack, "url": f"http://{args.host}:{args.port}/v1"}),
+              file=sys.stderr, flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # as in main(): uvicorn's graceful shutdown, then exit 0
+            signal.signal(sig, lambda *_: None)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        workers.stop()  # after uvicorn's shutdown this finds them stopped already
+    print(json.dumps({"event": "stopped", "run": args.run, "replicas": args.replicas}), file=sys.stderr, flush=True)
     return 0

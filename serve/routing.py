@@ -1,0 +1,141 @@
+"""Which replica takes a request: least-loaded, cache-aware with a load cap (or round-robin, for comparison).
+
+State, all on the router's event loop (no locks): per replica its requests in flight (counted at dispatch,
+uncounted when the response has been passed on in full), how many it was sent, and its prefix hits. The
+prefix index maps a request's prefix blocks to the replica that served that prefix last.
+
+Prefix blocks: the request's text (completions: the prompt; a list of prompts: the first one; token ids:
+their decimal form; chat: each message's role and content) cut into blocks of `block` characters, the last
+block possibly shorter, each block's key the hash of the model name and every character up to its end
+(a chain, as vLLM's prefix-cache blocks). The request's prefix owner is the replica recorded for the
+longest of its blocks found in the index; after dispatch every block of the request is recorded for the
+replica it went to (the index keeps the `capacity` most recently used blocks).
+
+The rule (cache_aware):
+    live  = the replicas in rotation; least = the one with the fewest requests in flight (ties: the one sent
+            the fewest requests, then the lowest index)
+    owner = the prefix owner, if it is live
+    send to owner  if owner.in_flight < least.in_flight + slack      (a prefix hit)
+    else to least                                                   (a spill when there was an owner)
+So a prefix stays on its replica while that replica has fewer than `slack` more requests in flight than the
+least-loaded one; beyond that the prefix spills over, and the replica it spilled to becomes its owner. No
+replica ever runs more than `slack` requests above the least-loaded one on account of prefixes.
+
+round_robin: live replicas in turn, whatever their load (the baseline of bench/bench_serve.py). A "prefix
+hit" is counted for both policies the same way: the request had a prefix owner and went to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+__all__ = ["POLICIES", "Choice", "Replica", "Router", "prefix_text"]
+
+POLICIES = ("cache_aware", "least_loaded", "round_robin")
+
+
+@dataclass(eq=False)
+class Replica:
+    index: int
+    url: str
+    alive: bool = True
+    in_flight: int = 0
+    routed: int = 0
+    prefix_hits: int = 0
+    failed: int = 0  # requests that got a 503 because this replica failed under them
+
+
+@dataclass
+class Choice:
+    replica: Replica
+    had_owner: bool
+    hit: bool
+    blocks: list[bytes]
+
+
+def prefix_text(body) -> str:
+    """The text whose prefix decides the routing ("" when the body has none we understand: then there is
+    no owner and the request goes to the least-loaded replica, which answers any error)."""
+    if not isinstance(body, dict):
+        return ""
+    if "messages" in body:
+        msgs = body["messages"]
+        if not isinstance(msgs, list):
+            return ""
+        return "".join(f"{m.get('role')}\x1f{m.get('content')}\x1e" for m in msgs if isinstance(m, dict))
+    p = body.get("prompt")
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, list):
+        return ",".join(str(t) for t in p) + ","
+    return p if isinstance(p, str) else ""
+
+
+class Router:
+    def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = 4, block: int = 32,
+                 capacity: int = 100_000):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; one of {', '.join(POLICIES)}")
+        if slack < 1 or block < 1:
+            raise ValueError(f"slack and block must be >= 1, got {slack} and {block}")
+        self.replicas = [Replica(i, u) for i, u in enumerate(urls)]
+        self.policy, self.slack, self.block, self.capacity = policy, slack, block, capacity
+        self._owner: OrderedDict[bytes, int] = OrderedDict()
+        self._turn = 0
+        self.lookups = 0  # requests with a prefix text
+        self.spills = 0  # requests whose owner was over the cap
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive]
+
+    def blocks(self, model: str, text: str) -> list[bytes]:
+        h = hashlib.blake2b(model.encode(), digest_size=16)
+        out = []
+        for i in range(0, len(text), self.block):
+            h.update(text[i:i + self.block].encode("utf-8", "surrogatepass"))
+            out.append(h.copy().digest())
+        return out
+
+    def choose(self, model: str, text: str) -> Choice:
+        """Pick a live replica (LookupError when none is left). Call `dispatched` once it is sent."""
+        live = self.live()
+        if not live:
+            raise LookupError("no replica is in rotation")
+        blocks = self.blocks(model, text) if text else []
+        owner = None
+        for key in reversed(blocks):
+            i = self._owner.get(key)
+            if i is not None:
+                owner = self.replicas[i] if self.replicas[i].alive else None
+                break
+        least = min(live, key=lambda r: (r.in_flight, r.routed, r.index))
+        if self.policy == "round_robin":
+            pick = live[self._turn % len(live)]
+            self._turn += 1
+        elif self.policy == "least_loaded" or owner is None:
+            pick = least
+        elif owner.in_flight < least.in_flight + self.slack:
+            pick = owner
+        else:
+            pick = least
+            self.spills += 1
+        return Choice(pick, owner is not None, owner is pick, blocks)
+
+    def dispatched(self, c: Choice) -> None:
+        r = c.replica
+        r.in_flight += 1
+        r.routed += 1
+        if c.blocks:
+            self.lookups += 1
+        if c.hit:
+            r.prefix_hits += 1
+        for key in c.blocks:
+            self._owner[key] = r.index
+            self._owner.move_to_end(key)
+        while len(self._owner) > self.capacity:
+            self._owner.popitem(last=False)
+
+    def done(self, r: Replica) -> None:
+        r.in_flight -= 1
