@@ -79,3 +79,9 @@ def check_loop_settings(recipe: Recipe, world: int) -> None:
                              "optimizer, so they make the same number of steps per batch; got "
                              + ", ".join(f"{n} {c}" for n, c in counts.items())
                              + " (ppo makes agents.<name>.ppo_epochs, reinforce and grpo 1)")
+        owners = [n for n in names if settings[n].policy_of is None]
+        if recipe.train.schedule == "alternating" and len(owners) > 1 and p.zero_stage > 0:
+            # A frozen adapter's weights and Adam state are put back after its engine's step
+            # (agents.schedule); ZeRO 1-3 keep them in flat partitions that cannot be put back per adapter.
+            raise UsageError(f"train.schedule=alternating with LoRA agents {', '.join(owners)} on one base needs "
+                             f"parallel.zero_stage=0 (got {p.zero_stage}); full-weight agents alternate under any stage")

@@ -16,6 +16,7 @@ global gradient-norm clip (optim.grad_clip) then spans the engine's agents toget
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -394,17 +395,23 @@ def _has_figure(agent: Agent, recipe: Recipe, key: str) -> bool:
 
 
 def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, dims: ParallelDims,
-           episodes_global: int) -> dict[str, dict]:
+           episodes_global: int, active: set[str] | None = None) -> dict[str, dict]:
     """Collective over the learner's engine: every one of its agents' loss, one backward and one step
     per pass (PPO agents make agents.<name>.ppo_epochs passes over the batch; the agents of one
     engine make the same number, config.check_loop_settings). Returns each agent's figures (policy and
     entropy terms, KL to the start on the first pass; PPO's value loss, clip fraction and approximate
-    KL to the rollout policy on the last pass; the step's loss)."""
+    KL to the rollout policy on the last pass; the step's loss).
+
+    `active` (an alternating schedule's phase, agents.schedule): the policy owners that update; the
+    others' losses are left out and their adapters put back after the step (`_frozen_groups`)."""
     module = learner.replica.module
+    members = [n for n in learner.agents if active is None or agents[n].policy_name in active]
+    if not members:
+        return {}
     with learner.replica.component.rng.active():
         batches = {n: _agent_batch(agents[n], rollout.agents[n], module, recipe, dims, episodes_global)
-                   for n in learner.agents}
-    figures: dict[str, dict] = {n: {} for n in learner.agents}
+                   for n in members}
+    figures: dict[str, dict] = {n: {} for n in members}
     first = [True]
 
     def loss_fn(engine, _):
@@ -436,8 +443,9 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
 
     learner.stepper.loss_fn = loss_fn
     finite = True
-    with learner.replica.component.rng.active():
-        for _ in range(max(optimizer_passes(agents[n].settings) for n in learner.agents)):
+    frozen = [i for i, g in enumerate(learner.groups) if active is not None and g not in active]
+    with learner.replica.component.rng.active(), _frozen_groups(learner, frozen):
+        for _ in range(max(optimizer_passes(agents[n].settings) for n in members)):
             result = learner.stepper.run([None])
             finite = finite and result.finite
             first[0] = False
@@ -446,6 +454,34 @@ def update(learner: Learner, agents: dict[str, Agent], rollout, recipe: Recipe, 
     for f in figures.values():
         f.pop("tokens", None)
         f["skipped"] = not finite
-    if len(learner.agents) == 1:
-        figures[learner.agents[0]]["loss"] = float(result.loss) if result.finite else None
+    if len(members) == 1:
+        figures[members[0]]["loss"] = float(result.loss) if result.finite else None
     return figures
+
+
+@contextlib.contextmanager
+def _frozen_groups(learner: Learner, indices: list[int]):
+    """Put the optimizer groups `indices` of a LoRA engine (frozen adapters of an alternating phase)
+    back as they were after the block: their weights and their AdamW state, bit for bit. A step
+    leaves neither alone even with no gradient from the loss: AdamW moves a parameter by its
+    momentum, and the engine may hand it a zero gradient."""
+    if not indices:
+        yield
+        return
+    opt = learner.replica.engine.optimizer
+    if not isinstance(opt, torch.optim.Optimizer) or len(opt.param_groups) != len(learner.groups):
+        raise UsageError(f"train.schedule=alternating: the engine of {', '.join(learner.groups)} does not keep "
+                         f"one optimizer group per adapter ({type(opt).__name__}); use parallel.zero_stage=0 in fp32")
+    params = [p for i in indices for p in opt.param_groups[i]["params"]]
+    kept = [(p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()})
+            for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, (data, state) in zip(params, kept):
+                p.copy_(data)
+                if state:
+                    opt.state[p] = state
+                else:
+                    opt.state.pop(p, None)

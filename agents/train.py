@@ -15,7 +15,8 @@ Engines: one `trainer.replica` per trainable agent over the same ranks (data par
 averages each agent's gradients over the ranks, each rank holding its share of the episodes; the
 loss is normalised by the global count over the number of ranks, so the mean is the global one);
 ZeRO 0-3 work as for pre-training, as several engines in one process do in DeepSpeed-Chat. A frozen
-agent (`trainable: false`) keeps a plain module and no optimizer.
+agent (`trainable: false`) keeps a plain module and no optimizer. With `train.schedule: alternating`
+the agents take turns to update, phase by phase (agents/schedule.py); the others act, frozen.
 
 Where a policy starts (`agents.<name>.init_from`): a run directory of ours (its latest checkpoint,
 consolidated, and its tokenizer.json), a Hugging Face folder (its tokenizer.json), or null (the
@@ -61,6 +62,7 @@ from .envs import make_env
 from .games.settings import GAME_ENV
 from .learners import Agent, build_learners, gather_objects, sum_over_ranks, update
 from .rollout import SEED_HIGH, rollout
+from .schedule import active_agents, phase_index
 from .tracking import AgentTracker
 
 __all__ = ["train_agents"]
@@ -329,13 +331,16 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
             t_roll = time.perf_counter() - t0
             figures = _episode_figures(out, dims, E)
             updates = {}
+            active = active_agents(recipe, step)  # None: everyone; else this phase's policy owners
             for lr in learners:
-                updates.update(update(lr, agents, out, recipe, dims, E))
+                updates.update(update(lr, agents, out, recipe, dims, E, active))
             step += 1
             dt = time.perf_counter() - t0
             tokens = sum_over_ranks([float(out.tokens)], dims)[0]
             row = {"step": step, "success": figures["success"], "tokens_per_s": tokens / dt,
                    "rollout_s": t_roll, "step_time_s": dt}
+            if active is not None:
+                row["phase"] = phase_index(recipe, step - 1)
             for n, d in figures["agents"].items():
                 row.update({f"agent/{n}/{k}": v for k, v in d.items()})
                 for k, v in updates.get(n, {}).items():

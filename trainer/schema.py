@@ -90,6 +90,13 @@ class TrainSection(Section):
                                      "this many batches spread evenly over the split (null = the full split); the "
                                      "final evaluation also reports the full split (val_loss_full)")
     checkpoint_every: PosInt | None = _f(None, "save a checkpoint every N steps (null = only at the end)")
+    schedule: Literal["simultaneous", "alternating"] = _f(
+        "simultaneous", "multi-agent runs: every trainable agent updates at every step, or the phases of "
+        "train.phase_order take turns (the others act but stay frozen: weights and optimizer state unchanged)")
+    phase_steps: PosInt = _f(50, "train.schedule=alternating: steps per phase")
+    phase_order: list[str] = _f([], "train.schedule=alternating: the phases in order, each an agent name or "
+                                "names joined by '+' (updated together), repeated; [] = each trainable agent alone, "
+                                "in the order of agents")
     keep_checkpoints: PosInt = _f(2, "newest checkpoints kept on disk")
     resume: str = _f("none", "none | auto (latest checkpoint of this run) | path of a checkpoint folder")
     seed: NonNegInt = _f(1234, "seed of initialisation, data order and dropout")
@@ -328,7 +335,22 @@ class Recipe(Section):
         if self.agents or self.sync.strategy != "allreduce":
             raise ValueError("distill.teacher cannot be combined with agents or a sync strategy")
 
+    def _check_phases(self) -> None:
+        t = self.train
+        if t.schedule != "alternating":
+            if t.phase_order:
+                raise ValueError("train.phase_order needs train.schedule=alternating")
+            return
+        owners = {n for n, a in self.agents.items() if a.trainable and not a.policy_of}
+        for phase in t.phase_order:
+            for name in phase.split("+"):
+                if name not in owners:
+                    raise ValueError(f"train.phase_order: {phase!r} names {name!r}, which is not a trainable agent "
+                                     f"owning its policy; allowed: {', '.join(sorted(owners))} (join with '+')")
+
     def _check_agents(self) -> None:
+        if not self.agents and self.train.schedule == "alternating":
+            raise ValueError("train.schedule=alternating needs agents (it alternates which agents update)")
         if not self.agents:
             # data.path env:<name> (a corpus of random play, launch/agents_chain.py) reads env.* too.
             if self.env.name and self.env.name != self.data.path.removeprefix("env:"):
@@ -346,6 +368,7 @@ class Recipe(Section):
                              f"rl.group_size={self.rl.group_size}")
         if not any(a.trainable for a in self.agents.values()):
             raise ValueError("every agent has trainable=false: nothing to train")
+        self._check_phases()
         self._check_shared_policies()
         for who, whose in self.env.eval_swap.items():
             if who not in self.agents or whose not in self.agents:
