@@ -232,7 +232,7 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
             if not r.alive:
                 return None
             with suppress(httpx.HTTPError, ValueError):
-                return (await state["client"].get(r.url + "/health", timeout=5)).json()
+                return (await state["client"].get(r.url + "/health", timeout=1)).json()
             return None
 
         answers = await asyncio.gather(*(one(r) for r in router.replicas))
@@ -276,7 +276,7 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
             if not r.alive:
                 return ""
             with suppress(httpx.HTTPError):
-                return (await state["client"].get(r.url + "/metrics", timeout=5)).text
+                return (await state["client"].get(r.url + "/metrics", timeout=1)).text
             return ""
 
         seen: set[str] = set()

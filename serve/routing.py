@@ -7,8 +7,8 @@ prefix index maps a request's prefix blocks to the replica that served that pref
 Prefix blocks: the request's text (completions: the prompt; a list of prompts: the first one; token ids:
 their decimal form; chat: each message's role and content) cut into blocks of `block` characters, the last
 block possibly shorter, each block's key the hash of the model name and every character up to its end
-(a chain, as vLLM's prefix-cache blocks). The request's prefix owner is the replica recorded for the
-longest of its blocks found in the index; after dispatch every block of the request is recorded for the
+(a chain, as vLLM's prefix-cache blocks). The request's prefix owner is the live replica recorded for the
+longest of its blocks found in the index for a live replica; after dispatch every block of the request is recorded for the
 replica it went to (the index keeps the `capacity` most recently used blocks).
 
 The rule (cache_aware):
@@ -105,10 +105,10 @@ class Router:
             raise LookupError("no replica is in rotation")
         blocks = self.blocks(model, text) if text else []
         owner = None
-        for key in reversed(blocks):
+        for key in reversed(blocks):  # the longest prefix recorded for a live replica
             i = self._owner.get(key)
-            if i is not None:
-                owner = self.replicas[i] if self.replicas[i].alive else None
+            if i is not None and self.replicas[i].alive:
+                owner = self.replicas[i]
                 break
         least = min(live, key=lambda r: (r.in_flight, r.routed, r.index))
         if self.policy == "round_robin":

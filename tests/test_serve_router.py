@@ -1,0 +1,287 @@
+"""Replicas behind the router (`python -m serve RUN --replicas N`, serve/router.py, serve/routing.py): a tiny
+run trained here, 2 replica processes and the router on loopback ports, queried with the official `openai`
+client. Texts are checked against the model's own greedy decode (what one server returns, tests/test_serve.py);
+where requests went is read from the router's /health (per-replica counts) and /metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serve.routing import Router
+from tests.test_serve import CONTEXT, PROMPTS, Server, encode, greedy_reference, metric
+from tests.trainutil import REPO, env, train_once
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SLACK = 2
+LONG = 200  # new tokens of a request held in flight while others are routed
+SHARED = "import os\nimport sys\n\ndef main(argv):\n    "  # > one 32-character prefix block
+SUFFIXES = ["parser = ", "args = ", "for x in ", "if len(", "return ", "print(", "with open(", "x = [", "try:\n"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("router")
+    train_once(root, "tiny", "train.max_steps=60", f"model.max_seq_len={CONTEXT}")
+    return root / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def reference(run):
+    """(model, tokenizer) rebuilt from the checkpoint by trainer/ alone, as in tests/test_serve.py."""
+    from tokenizers import Tokenizer
+
+    from model import GPT, GPTConfig
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(run / "checkpoints")
+    meta = ckpt.verify(folder)
+    model = GPT(GPTConfig(**{**meta["model_config"], "kernels": "torch"})).eval()
+    model.load_state_dict(consolidated_state_dict(folder, meta))
+    return model, Tokenizer.from_file(str(run / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def router(run):
+    s = Server(run, "--replicas", "2", "--max-slots", "8", "--threads", "1", "--cache-slack", str(SLACK))
+    yield s
+    s.close()
+
+
+def state(server: Server) -> dict:
+    return httpx.get(server.url + "/health", timeout=10).json()
+
+
+def routed(server: Server) -> list[int]:
+    return [r["routed"] for r in state(server)["replicas"]]
+
+
+class Held:
+    """A greedy request of LONG tokens in a thread (streamed or not); `first` is set when a streamed one has
+    its first chunk; `result` is its text or the exception it raised."""
+
+    def __init__(self, server: Server, prompt: str, stream: bool):
+        self.result = None
+        self.first = threading.Event()
+        self.thread = threading.Thread(target=self._go, args=(server, prompt, stream), daemon=True)
+        self.thread.start()
+
+    def _go(self, server, prompt, stream):
+        try:
+            r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=LONG, temperature=0,
+                                                 stream=stream)
+            if stream:
+                text = []
+                for c in r:
+                    self.first.set()
+                    text += [c.choices[0].text] if c.choices else []
+                r = "".join(text)
+            else:
+                r = r.choices[0].text
+            self.result = r
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            self.result = e
+        self.first.set()
+
+    def join(self):
+        self.thread.join(120)
+        assert not self.thread.is_alive()
+        return self.result
+
+
+@contextmanager
+def paused(pid: int):
+    """The replica process stopped (SIGSTOP): what the router sends it stays in flight (the kernel still
+    accepts its connections) until SIGCONT, so loads are exact instead of timing-dependent."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def wait_in_flight(server: Server, total: int) -> list[int]:
+    deadline = time.monotonic() + 30
+    while True:
+        flights = [r["in_flight"] for r in state(server)["replicas"]]
+        if sum(flights) >= total:
+            return flights
+        assert time.monotonic() < deadline, f"in flight: {flights}, expected {total}"
+        time.sleep(0.01)
+
+
+def test_routing_rule_units():
+    r = Router(["a", "b", "c"], "cache_aware", slack=2, block=4)
+    a, b, c = r.replicas
+    first = r.choose("m", "abcdefgh")
+    assert first.replica is a and not first.had_owner
+    r.dispatched(first)
+    second = r.choose("m", "abcdXYZ")  # shares the first block: a is its owner, 1 < 0 + 2
+    assert second.replica is a and second.hit
+    r.dispatched(second)
+    third = r.choose("m", "abcdefghij")  # a has 2 in flight, not < 0 + 2: spills to the least loaded
+    assert third.replica is b and third.had_owner and not third.hit and r.spills == 1
+    r.dispatched(third)
+    assert r.choose("m", "abcdefgh").replica is b  # the longest match is now b's (it served it last)
+    assert r.choose("other", "abcdefgh").replica is c  # the model name is part of the key: no owner
+    r.done(a)
+    r.done(a)
+    b.alive = False
+    assert r.choose("m", "abcdefgh").replica is c  # a dead owner is no owner: the least loaded (fewest sent)
+    assert r.choose("m", "abcdXYZ").replica is a  # the longest prefix recorded for a live replica
+    c.alive = a.alive = False
+    with pytest.raises(LookupError):
+        r.choose("m", "x")
+    rr = Router(["a", "b"], "round_robin")
+    picks = []
+    for _ in range(4):
+        ch = rr.choose("m", "same prompt")
+        rr.dispatched(ch)
+        picks.append(ch.replica.index)
+    assert picks == [0, 1, 0, 1]  # whatever the load and the prefix
+
+
+def test_texts_equal_the_models_own_greedy_decode_on_every_replica(router, reference):
+    model, tok = reference
+    eos = tok.token_to_id("<|endoftext|>")
+    assert [m.id for m in router.client.models.list().data] == ["tiny"]
+    before = routed(router)
+    for p in PROMPTS:
+        r = router.client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0)
+        want = greedy_reference(model, encode(tok, p), 24, eos)
+        assert r.choices[0].text == tok.decode(want)
+        assert r.usage.completion_tokens == len(want)
+        streamed = router.client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
+    after = routed(router)
+    assert all(a - b >= 3 for a, b in zip(after, before)), (before, after)  # both replicas answered
+
+
+def test_least_loaded_dispatch(router, reference):
+    model, tok = reference
+    eos = tok.token_to_id("<|endoftext|>")
+    h = state(router)
+    # The next request without a prefix owner goes to the least loaded: both idle, so the one sent fewer.
+    first = min(h["replicas"], key=lambda r: (r["in_flight"], r["routed"], r["replica"]))["replica"]
+    before = routed(router)
+    with paused(h["replicas"][first]["pid"]):
+        held = Held(router, "while True:\n", stream=True)
+        assert wait_in_flight(router, 1)[first] == 1
+        for p in ["q1 = 0", "q2 = 0", "q3 = 0"]:  # new prompts, no prefix owner: all to the idle replica
+            router.client.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0)
+        after = routed(router)
+        assert after[first] == before[first] + 1 and after[1 - first] == before[1 - first] + 3
+    assert held.join() == tok.decode(greedy_reference(model, encode(tok, "while True:\n"), LONG, eos))
+    # Concurrent requests spread: 4 at once over 2 idle replicas go 2 and 2.
+    before = routed(router)
+    threads = [threading.Thread(target=router.client.completions.create,
+                                kwargs={"model": "tiny", "prompt": p, "max_tokens": 60, "temperature": 0})
+               for p in ["a = 1", "b = 2", "c = 3", "d = 4"]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after = routed(router)
+    assert sorted(a - b for a, b in zip(after, before)) == [2, 2]
+    text = router.metrics()
+    assert metric(text, 'router_requests_in_flight{replica="0"}') == 0
+    assert metric(text, 'router_requests_routed_total{replica="0"}') == after[0]
+    assert 'serve_kv_slots_free{replica="1",module="model"} 8' in text
+
+
+def test_cache_aware_keeps_a_prefix_on_its_replica_then_spills_at_the_cap(router, reference):
+    model, tok = reference
+    eos = tok.token_to_id("<|endoftext|>")
+    h0 = state(router)
+    before = routed(router)
+    for s in SUFFIXES:  # one at a time: all on the replica that served the prefix first
+        router.client.completions.create(model="tiny", prompt=SHARED + s, max_tokens=4, temperature=0)
+    h1 = state(router)
+    delta = [a - b for a, b in zip(routed(router), before)]
+    owner = delta.index(len(SUFFIXES))
+    assert delta[1 - owner] == 0
+    assert h1["prefix_hits"] - h0["prefix_hits"] == len(SUFFIXES) - 1
+    # SLACK requests of the prefix in flight on the owner, the other idle: the next one spills over.
+    with paused(h1["replicas"][owner]["pid"]):
+        held = [Held(router, SHARED + s, stream=False) for s in SUFFIXES[:SLACK]]
+        assert wait_in_flight(router, SLACK)[owner] == SLACK
+        r = router.client.completions.with_raw_response.create(model="tiny", prompt=SHARED + "pass",
+                                                               max_tokens=4, temperature=0)
+        assert r.headers["x-replica"] == str(1 - owner)
+        assert state(router)["prefix_spills"] == h1["prefix_spills"] + 1
+    for h, s in zip(held, SUFFIXES):
+        assert h.join() == tok.decode(greedy_reference(model, encode(tok, SHARED + s), LONG, eos))
+
+
+def test_a_killed_replica_fails_its_requests_with_503_and_the_other_serves(router, reference):
+    model, tok = reference
+    prompt = SHARED + "def g("
+    r = router.client.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=2)
+    victim = int(r.headers["x-replica"])  # now the prefix's owner: the next two follow it (0 and 1 < 0 + 2)
+    pid = state(router)["replicas"][victim]["pid"]
+    streamed = Held(router, prompt, stream=True)
+    assert streamed.first.wait(60)
+    os.kill(pid, signal.SIGSTOP)  # mid-stream (LONG - 1 tokens to go)
+    plain = Held(router, prompt, stream=False)
+    assert wait_in_flight(router, 2)[victim] == 2
+    os.kill(pid, signal.SIGKILL)
+    plain, streamed = plain.join(), streamed.join()
+    assert isinstance(plain, openai.APIStatusError) and plain.status_code == 503, plain
+    assert plain.body["code"] == "replica_failed"
+    assert isinstance(streamed, openai.APIError), streamed  # the stream's last event is the error
+    eos = tok.token_to_id("<|endoftext|>")
+    for p in PROMPTS[:3] + [prompt]:
+        r = router.client.completions.with_raw_response.create(model="tiny", prompt=p, max_tokens=8, temperature=0)
+        assert r.headers["x-replica"] == str(1 - victim)
+        assert r.parse().choices[0].text == tok.decode(greedy_reference(model, encode(tok, p), 8, eos))
+    h = state(router)
+    assert h["status"] == "ok" and h["replicas_alive"] == 1
+    dead = h["replicas"][victim]
+    assert dead["alive"] is False and dead["returncode"] == -signal.SIGKILL and dead["failed"] == 2
+    assert metric(router.metrics(), f'router_replica_up{{replica="{victim}"}}') == 0
+
+
+def test_sigterm_finishes_in_flight_requests_and_stops_the_replicas(router, reference):
+    model, tok = reference
+    eos = tok.token_to_id("<|endoftext|>")
+    h = state(router)
+    pids = [r["pid"] for r in h["replicas"]]
+    live = [r for r in h["replicas"] if r["alive"]]
+    with paused(live[0]["pid"]):
+        held = Held(router, PROMPTS[0], stream=True)
+        wait_in_flight(router, 1)
+        router.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert router.proc.poll() is None  # waiting for the request in flight
+    assert router.proc.wait(60) == 0
+    assert held.join() == tok.decode(greedy_reference(model, encode(tok, PROMPTS[0]), LONG, eos))
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    records = router.log_records()
+    down = {r["replica"] for r in records if r.get("event") == "replica_down"}
+    assert {r["replica"] for r in records if r.get("event") == "stopped" and "replica" in r} == {0, 1} - down
+    assert records[-1]["event"] == "stopped" and records[-1]["replicas"] == 2
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    for args, text in ((["--replicas", "0"], "--replicas must be >= 1"),
+                       (["--replicas", "2", "--cache-slack", "0"], "--cache-slack must be >= 1")):
+        out = subprocess.run([sys.executable, "-m", "serve", str(tmp_path), *args], cwd=REPO, env=env(),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.strip() == f"error: {text}, got 0", out.stderr
+    out = subprocess.run([sys.executable, "-m", "serve", str(tmp_path / "nope"), "--replicas", "2"], cwd=REPO,
+                         env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: RUN={tmp_path / 'nope'}: no such run directory"]
