@@ -18,6 +18,8 @@ export. The fused kernels are not traceable; the export uses the PyTorch referen
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,7 +108,11 @@ def export_decoder(model, path: str | Path) -> Path:
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    # The exporter's own chatter is not ours to pass on: torchvision's ops it skips (we use none) and
+    # a FutureWarning from torch's pytree internals.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(OnnxDecoder(model).eval(), (ids, mask, past), dynamo=True,
                                     input_names=input_names(c.n_layer), output_names=output_names(c.n_layer),
                                     dynamic_shapes=shapes, verbose=False)
