@@ -1,0 +1,114 @@
+"""Game self-play end to end (`python -m launch train game-...` at reduced size): the run's policy.json,
+summary and NashConv curve; resume after SIGKILL bit for bit (the average policy checkpointed); the
+last iterate cycling in rock-paper-scissors while the average converges; bad configs in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainutil import env, metrics
+
+SMALL = ["model.n_layer=1", "model.n_head=2", "model.n_kv_head=2", "model.d_model=32", "train.progress=false",
+         "tracking.wandb=disabled"]
+
+
+def run_train(root, name, *overrides, recipe, timeout=300, **env_extra):
+    cmd = [sys.executable, "-m", "launch", "train", recipe, f"run.name={name}", f"run.output_dir={root}/runs",
+           f"data.cache_dir={root}/cache", *SMALL, *overrides]
+    return subprocess.run(cmd, cwd=root, env=env(**env_extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+KUHN = ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20", "train.log_every=1",
+        "rl.episodes_per_step=32", "agents.player_0.lr=1e-3"]
+
+
+def _timeless(root, name):
+    return [{k: v for k, v in r.items() if k not in ("step_time_s", "train_s")} for r in metrics(root, name)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("games")
+
+
+@pytest.fixture(scope="module")
+def kuhn(root):
+    out = run_train(root, "kuhn", *KUHN, recipe="game-kuhn")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "runs" / "kuhn"
+
+
+def test_kuhn_run_writes_policy_json_whose_nash_conv_is_the_summarys(kuhn):
+    import pyspiel
+    from open_spiel.python.algorithms import exploitability
+
+    from agents.games.tables import load_policy_json
+
+    summary = json.loads((kuhn / "summary.json").read_text())
+    game = pyspiel.load_game("kuhn_poker")
+    table = load_policy_json(kuhn / "policy.json", game)  # every one of the 12 states, a distribution each
+    assert exploitability.nash_conv(game, table) == pytest.approx(summary["nash_conv"], abs=1e-12)
+    assert summary["nash_conv_uniform"] == pytest.approx(11 / 12, abs=1e-12)
+    assert summary["nash_conv"] < 11 / 12 and summary["steps"] == 40
+    rows = [r for r in metrics(kuhn.parent.parent, "kuhn") if "nash_conv" in r]
+    assert [r["step"] for r in rows] == [0, 20, 40]
+    assert rows[-1]["nash_conv"] == pytest.approx(summary["nash_conv"], abs=1e-12)
+    steps = [r for r in metrics(kuhn.parent.parent, "kuhn") if "agent/player_0/loss" in r]
+    assert len(steps) == 40 and all(r["agent/player_0/return"] == -r["agent/player_1/return"] for r in steps)
+    assert (kuhn / "games.png").stat().st_size > 0
+
+
+def test_resume_after_sigkill_reproduces_the_run_and_its_average_bit_for_bit(root, kuhn):
+    killed = run_train(root, "kuhn-k", *KUHN, recipe="game-kuhn", RECIPES_FAULT_KILL_AFTER_STEP="30")
+    assert killed.returncode != 0
+    resumed = run_train(root, "kuhn-k", *KUHN, "train.resume=auto", recipe="game-kuhn")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _timeless(root, "kuhn-k") == _timeless(root, "kuhn")
+    assert (root / "runs" / "kuhn-k" / "policy.json").read_text() == (kuhn / "policy.json").read_text()
+
+
+def test_rps_last_iterate_cycles_while_the_average_converges(root):
+    """Rock-paper-scissors, entropy weight 0: the policy itself (no averaging) keeps circling the
+    equilibrium (1/3, 1/3, 1/3), far from it at every late evaluation with each action in turn the
+    most played; the reach-weighted average of the same iterates stays near it."""
+    out = run_train(root, "rps", "env.args.game=matrix_rps", "agents.player_0.alpha=0", "agents.player_1.alpha=0",
+                    "agents.player_0.lr=3e-4", "optim.schedule=constant", "train.max_steps=300",
+                    "train.eval_every=10", "train.checkpoint_every=1000", "rl.episodes_per_step=32",
+                    recipe="game-rps-biased")
+    assert out.returncode == 0, out.stderr[-3000:]
+    late = [r for r in metrics(root, "rps") if "nash_conv" in r and r["step"] >= 100]
+    last = [r["nash_conv_last"] for r in late]
+    average = [r["nash_conv"] for r in late]
+    assert min(last) > 0.3  # never near the equilibrium (a pure pair is 2)
+    leaders = [max(("Rock", "Paper", "Scissors"), key=lambda a: r[f"last/player_0/{a}"]) for r in late]
+    assert set(leaders) == {"Rock", "Paper", "Scissors"}  # it cycles through all three
+    assert sum(average) < 0.25 * sum(last)
+    summary = json.loads((root / "runs" / "rps" / "summary.json").read_text())
+    assert summary["nash_conv"] < 0.15 and summary["max_abs_from_equilibrium"] < 0.05
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["env.args.game=chess_960"], "unknown game 'chess_960'"),
+    (["env.args.params={players: 3}"], "has 3 players; NashConv"),
+    (["launch.procs_per_node=2", "rl.episodes_per_step=32"], "one process"),
+])
+def test_bad_game_settings_stop_with_one_line(root, overrides, message):
+    out = run_train(root, "bad", *overrides, recipe="game-kuhn")
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in out.stderr
+
+
+def test_leduc_runs_and_measures_its_936_states(root):
+    out = run_train(root, "leduc", "train.max_steps=3", "train.eval_every=3", "rl.episodes_per_step=8",
+                    recipe="game-leduc")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((root / "runs" / "leduc" / "summary.json").read_text())
+    assert summary["information_states"] == 936
+    assert summary["nash_conv_uniform"] == pytest.approx(4.747222222222222, abs=1e-9)
+    assert 0 < summary["nash_conv"] < 14
