@@ -11,8 +11,19 @@ Goals (issue 14): concurrent tokens/s >= 4x sequential; p99 TPOT at 16 concurren
 (its median TPOT in the sequential phase). The clients are one asyncio loop of httpx streams in this
 process; the server runs in its own process with --threads torch threads.
 
-    python bench/bench_serve.py [--run runs/gpt-tiny] [--rounds 3] [--threads 1] [--max-tokens 128]
-                                [--out bench/results/serve-cpu.md]   (also writes the .json beside it)
+Load test (--parts load): Poisson arrivals at several rates (--rates) of the same kind of requests against
+one server, and a shared-prefix multi-agent trace (--agents agents, each with its own ~330-character system
+prefix, every request that prefix plus a short turn), each request streamed: p50/p99 TTFT, TPOT, e2e, output
+tokens/s, in `vllm bench serve`'s fields.
+Router (--parts router): 3 replicas (`--replicas 3`, one torch thread each) behind the router, the
+shared-prefix trace once with `--policy cache_aware` and once with `--policy round_robin`: the router's
+prefix-hit rate (goal >= 2x round-robin's), p99 TTFT (goal <= 0.5x), and the busiest / least-busy
+replica's mean requests in flight (each request counted on its replica, from the `x-replica` header, over
+its e2e time; goal <= 1.5x).
+
+    python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router] [--rounds 3] [--threads 1]
+                                [--max-tokens 128] [--rates 4,16,64] [--out bench/results/serve-cpu.md]
+Each part replaces its own section of the results file and its own key of the .json beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -33,7 +45,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from record_losses import cpu_name, write_results  # noqa: E402
+from record_losses import cpu_name, write_marked_section  # noqa: E402
 
 from launch.multiproc import free_port  # noqa: E402
 
@@ -130,11 +142,11 @@ def engine_floor(run: Path, threads: int, steps: int = 60) -> dict:
     return out
 
 
-def start_server(run: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "serve", str(run), "--port", str(port), "--max-slots",
-                             str(N_CLIENTS), "--threads", str(threads)], cwd=ROOT, env=env,
+                             str(N_CLIENTS), "--threads", str(threads), *extra], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -150,18 +162,58 @@ def start_server(run: Path, threads: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start within 120 s")
 
 
+BASIC = ("<!-- bench-serve: basic -->", "<!-- /bench-serve: basic -->")
+LOAD = ("<!-- bench-serve: load -->", "<!-- /bench-serve: load -->")
+ROUTER = ("<!-- bench-serve: router -->", "<!-- /bench-serve: router -->")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="runs/gpt-tiny", help="a trained run (default: `make train`'s runs/gpt-tiny)")
+    p.add_argument("--parts", default="basic,load,router", help="which parts: basic, load, router")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server's decoding loop")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rates", default="4,16,64", help="load: Poisson arrival rates, requests/s")
+    p.add_argument("--requests", type=int, default=48, help="load, router: requests per rate / per trace")
+    p.add_argument("--agents", type=int, default=6, help="agents (shared prefixes) of the multi-agent trace")
+    p.add_argument("--trace-rate", type=float, default=12.0, help="arrivals/s of the shared-prefix trace")
+    p.add_argument("--cache-slack", type=int, default=None, help="router: the cache_aware slack (default: the server's)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve-cpu.md"))
     args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"basic", "load", "router"}
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from basic, load, router")
     run = Path(args.run)
     if not (run / "checkpoints").is_dir():
         raise SystemExit(f"{run}: no trained run there; train it first (`make train` writes runs/gpt-tiny)")
     command = "python bench/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js = out.with_suffix(".json")
+    stored = json.loads(js.read_text()) if js.exists() else {}
+    if "basic" in parts:
+        report = basic(run, args, command)
+        stored.update(report)  # the basic part's fields stay at the top level, as before
+        js.write_text(json.dumps(stored, indent=1) + "\n")
+        report["json"] = js.name
+        write_marked_section(out, f"{BASIC[0]}\n{markdown(report)}{BASIC[1]}\n", *BASIC)
+    if "load" in parts:
+        report = load_test(run, args, command)
+        stored["load"] = report
+        js.write_text(json.dumps(stored, indent=1) + "\n")
+        write_marked_section(out, f"{LOAD[0]}\n{load_markdown(report, js.name)}{LOAD[1]}\n", *LOAD)
+    if "router" in parts:
+        report = router_test(run, args, command)
+        stored["router"] = report
+        js.write_text(json.dumps(stored, indent=1) + "\n")
+        write_marked_section(out, f"{ROUTER[0]}\n{router_markdown(report, js.name)}{ROUTER[1]}\n", *ROUTER)
+    print(out.read_text())
+    return 0
+
+
+def basic(run: Path, args, command: str) -> dict:
     load = os.getloadavg()[0]
     proc, url = start_server(run, args.threads)
     try:
@@ -191,12 +243,7 @@ def main(argv=None) -> int:
               "load_average_at_start": load, "sequential": seq, "concurrent": con,
               "throughput_ratio": throughput_ratio, "p99_tpot_vs_lone": tpot_ratio, "engine_alone": floor,
               "goals": {"throughput_ratio_min": 4.0, "p99_tpot_vs_lone_max": 2.0}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    report["json"] = out.with_suffix(".json").name
-    write_results(out, markdown(report))
-    return 0
+    return report
 
 
 def markdown(r: dict) -> str:
@@ -228,6 +275,198 @@ def markdown(r: dict) -> str:
         f"{r['engine_alone']['step_ms_16_rows']:.2f} ms, of 1 row {r['engine_alone']['step_ms_1_rows']:.2f} ms: "
         f"**{r['engine_alone']['ratio']:.2f}x**, the lowest TPOT ratio 16 clients can get here (each waits for a "
         "16-row step per token)", ""])
+
+
+# ---- load test: Poisson arrivals, a shared-prefix multi-agent trace; the router ---------------------------
+
+ROLES = ["planner", "coder", "reviewer", "tester", "searcher", "writer", "critic", "summariser"]
+WORDS = ["parse", "the", "config", "file", "and", "return", "a", "dict", "of", "values", "for", "each", "key",
+         "check", "errors", "in", "input", "list", "sort", "by", "name", "then", "write", "output"]
+
+
+def agent_prefix(a: int) -> str:
+    """Agent a's system prefix (~330 characters, ~110 tokens of runs/gpt-tiny), distinct from its first line."""
+    return (f"# agent {a}: {ROLES[a % len(ROLES)]}. Reads the task, splits it into steps and hands each step "
+            f"to a worker.\nimport json\nimport os\n\nTOOLS = {{'search': search, 'read': read_file, 'write': "
+            f"write_file}}\n\ndef plan_{a}(task, memory):\n    steps = []\n    for line in task.splitlines():\n"
+            f"        if line.strip():\n            steps.append(line)\n    return steps\n")
+
+
+def basic_requests(n: int, max_tokens: int) -> list[dict]:
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i} for i in range(n)]
+
+
+def trace_requests(n: int, agents: int, seed: int = 0) -> list[dict]:
+    """The multi-agent trace: each request from a random agent, its prefix plus one turn."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a = rng.randrange(agents)
+        turn = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+        out.append({"prompt": f"{agent_prefix(a)}\n# turn {i}: {turn}\n", "max_tokens": 32, "seed": i, "agent": a})
+    return out
+
+
+async def timed_request(client: httpx.AsyncClient, url: str, model: str, req: dict, t0: float) -> dict:
+    body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0.8,
+            "seed": req["seed"], "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = usage = None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        replica = r.headers.get("x-replica")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif first is None and chunk.get("choices"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    if usage is None or first is None:
+        raise RuntimeError("no usage chunk or no text")
+    n = usage["completion_tokens"]
+    return {"ttft": first - start, "e2e": end - start, "tokens": n, "tpot": (end - first) / (n - 1) if n > 1 else None,
+            "replica": None if replica is None else int(replica), "start": start - t0, "end": end - t0}
+
+
+async def poisson_run(url: str, model: str, reqs: list[dict], rate: float, seed: int = 0) -> tuple[float, list[dict]]:
+    """Send `reqs` with exponential inter-arrival times of mean 1/rate (all at once when rate is inf)."""
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+        t0 = time.perf_counter()
+        tasks, at = [], 0.0
+        for req in reqs:
+            delay = at - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(timed_request(client, url, model, req, t0)))
+            at += rng.expovariate(rate) if rate != float("inf") else 0.0
+        results = await asyncio.gather(*tasks)
+        return time.perf_counter() - t0, list(results)
+
+
+def stats(wall: float, results: list[dict], rate: float | None = None) -> dict:
+    """vllm bench serve's fields (milliseconds)."""
+    tokens = sum(r["tokens"] for r in results)
+    out = {"request_rate": rate, "num_prompts": len(results), "duration": wall, "completed": len(results),
+           "total_output_tokens": tokens, "request_throughput": len(results) / wall, "output_throughput": tokens / wall}
+    for key, name in (("ttft", "ttft"), ("tpot", "tpot"), ("e2e", "e2el")):
+        vals = [r[key] * 1000 for r in results if r[key] is not None]
+        out.update({f"mean_{name}_ms": statistics.mean(vals), f"median_{name}_ms": statistics.median(vals),
+                    f"p99_{name}_ms": percentile(vals, 99)})
+    return out
+
+
+def load_test(run: Path, args, command: str) -> dict:
+    load = os.getloadavg()[0]
+    rates = [float(r) for r in args.rates.split(",")]
+    proc, url = start_server(run, args.threads)
+    try:
+        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        asyncio.run(phase(url, model, True, 8))  # warm-up
+        poisson = []
+        for rate in rates:
+            wall, res = asyncio.run(poisson_run(url, model, basic_requests(args.requests, 64), rate))
+            poisson.append(stats(wall, res, rate))
+            print(f"poisson {rate}/s: {poisson[-1]['output_throughput']:.0f} tokens/s", flush=True)
+        wall, res = asyncio.run(poisson_run(url, model, trace_requests(args.requests, args.agents), args.trace_rate))
+        trace = stats(wall, res, args.trace_rate)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
+            "model_id": model, "machine": cpu_name(), "server_threads": args.threads, "load_average_at_start": load,
+            "max_tokens": 64, "poisson": poisson, "shared_prefix_trace": {"agents": args.agents, **trace}}
+
+
+def router_test(run: Path, args, command: str) -> dict:
+    load = os.getloadavg()[0]
+    reqs = trace_requests(args.requests, args.agents)
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
+           "machine": cpu_name(), "replicas": 3, "replica_threads": 1, "agents": args.agents,
+           "rate": args.trace_rate, "cache_slack": args.cache_slack, "load_average_at_start": load, "policies": {}}
+    for policy in ("cache_aware", "round_robin"):
+        slack = ["--cache-slack", str(args.cache_slack)] if args.cache_slack else []
+        proc, url = start_server(run, 1, "--replicas", "3", "--policy", policy, *slack)
+        try:
+            model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            asyncio.run(phase(url, model, True, 8))  # warm-up (no agent prefixes)
+            before = httpx.get(url + "/health", timeout=10).json()
+            wall, res = asyncio.run(poisson_run(url, model, reqs, args.trace_rate))
+            after = httpx.get(url + "/health", timeout=10).json()
+        finally:
+            proc.terminate()
+            proc.wait(120)
+        lookups = after["prefix_lookups"] - before["prefix_lookups"]
+        hits = after["prefix_hits"] - before["prefix_hits"]
+        busy = [sum(r["e2e"] for r in res if r["replica"] == i) / wall for i in range(3)]
+        routed = [sum(1 for r in res if r["replica"] == i) for i in range(3)]
+        out["policies"][policy] = {**stats(wall, res, args.trace_rate), "prefix_lookups": lookups,
+                                   "prefix_hits": hits, "prefix_hit_rate": hits / lookups if lookups else 0.0,
+                                   "spills": after["prefix_spills"] - before["prefix_spills"],
+                                   "mean_in_flight_per_replica": busy, "routed_per_replica": routed,
+                                   "in_flight_ratio": max(busy) / min(busy) if min(busy) > 0 else float("inf")}
+        print(f"router {policy}: hit rate {out['policies'][policy]['prefix_hit_rate']:.2f}, p99 TTFT "
+              f"{out['policies'][policy]['p99_ttft_ms']:.1f} ms", flush=True)
+    ca, rr = out["policies"]["cache_aware"], out["policies"]["round_robin"]
+    out["hit_rate_vs_round_robin"] = ca["prefix_hit_rate"] / rr["prefix_hit_rate"] if rr["prefix_hit_rate"] else None
+    out["p99_ttft_vs_round_robin"] = ca["p99_ttft_ms"] / rr["p99_ttft_ms"]
+    out["goals"] = {"hit_rate_vs_round_robin_min": 2.0, "p99_ttft_vs_round_robin_max": 0.5, "in_flight_ratio_max": 1.5}
+    return out
+
+
+def _row(name: str, s: dict) -> str:
+    return (f"| {name} | {s['num_prompts']} | {s['total_output_tokens']:,} | {s['output_throughput']:,.0f} | "
+            f"{s['median_ttft_ms']:.1f} | {s['p99_ttft_ms']:.1f} | {s['median_tpot_ms']:.2f} | {s['p99_tpot_ms']:.2f} | "
+            f"{s['median_e2el_ms']:.0f} | {s['p99_e2el_ms']:.0f} |")
+
+
+HEADER = ["| | requests | output tokens | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
+          "e2e p50 ms | e2e p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def load_markdown(r: dict, json_name: str) -> str:
+    t = r["shared_prefix_trace"]
+    return "\n".join([
+        "# Serving under load: Poisson arrivals and a shared-prefix multi-agent trace", "",
+        f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts load\"`)  ",
+        f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared (1-minute load average {r['load_average_at_start']:.1f} "
+        f"at the start), one server with {r['server_threads']} torch thread(s), 16 KV slots. Run `{r['run']}`. "
+        f"Streamed requests, seeded sampling at T=0.8. Raw figures: {json_name} (`load`).", "",
+        f"Poisson arrivals: the 16 ragged prompts of the first section in turn, up to {r['max_tokens']} new tokens.", "",
+        *HEADER, *(_row(f"{s['request_rate']:g} req/s", s) for s in r["poisson"]), "",
+        f"Shared-prefix trace: {t['agents']} agents, each request one agent's ~330-character (~110-token) system "
+        f"prefix plus a 4-12 word turn, up to 32 new tokens, Poisson at {t['request_rate']:g} req/s.", "",
+        *HEADER, _row("trace", t), ""])
+
+
+def router_markdown(r: dict, json_name: str) -> str:
+    ca, rr = r["policies"]["cache_aware"], r["policies"]["round_robin"]
+    met = lambda ok: "met" if ok else "missed"  # noqa: E731
+    hit_ratio = r["hit_rate_vs_round_robin"]
+    return "\n".join([
+        "# Router: 3 replicas, cache-aware against round-robin on the shared-prefix trace", "",
+        f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts router\"`)  ",
+        f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared by the router, the 3 replicas (1 torch thread each) "
+        f"and the clients (1-minute load average {r['load_average_at_start']:.1f} at the start). Run `{r['run']}`, "
+        f"the trace of the section above ({r['agents']} agents, {ca['num_prompts']} requests, Poisson at "
+        f"{r['rate']:g} req/s, the same requests and arrival times for both policies). Raw figures: {json_name} "
+        "(`router`).", "",
+        *HEADER, _row("cache_aware", ca), _row("round_robin", rr), "",
+        "| | prefix hits | hit rate | spills | requests per replica | mean in flight per replica | busiest / least busy |",
+        "|---|---:|---:|---:|---|---|---:|",
+        *(f"| {n} | {s['prefix_hits']} / {s['prefix_lookups']} | {s['prefix_hit_rate']:.2f} | {s['spills']} | "
+          f"{', '.join(map(str, s['routed_per_replica']))} | {', '.join(f'{b:.2f}' for b in s['mean_in_flight_per_replica'])} | "
+          f"{s['in_flight_ratio']:.2f}x |" for n, s in (("cache_aware", ca), ("round_robin", rr))), "",
+        f"- prefix-hit rate, cache-aware / round-robin: **{hit_ratio:.2f}x** (goal >= 2x: {met(hit_ratio >= 2)})"
+        if hit_ratio is not None else "- prefix-hit rate of round-robin: 0 (no ratio)",
+        f"- p99 TTFT, cache-aware / round-robin: **{r['p99_ttft_vs_round_robin']:.2f}x** (goal <= 0.5x: "
+        f"{met(r['p99_ttft_vs_round_robin'] <= 0.5)})",
+        f"- busiest / least-busy replica's mean requests in flight, cache-aware: **{ca['in_flight_ratio']:.2f}x** "
+        f"(goal <= 1.5x: {met(ca['in_flight_ratio'] <= 1.5)}; round-robin {rr['in_flight_ratio']:.2f}x)", ""])
 
 
 if __name__ == "__main__":
