@@ -32,9 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="N > 1: N replica processes on loopback ports behind a router on --host/--port (serve.router)")
     p.add_argument("--policy", default="cache_aware", choices=POLICIES,
                    help="the router's rule (serve.routing; default cache_aware)")
-    p.add_argument("--cache-slack", type=int, default=4,
+    p.add_argument("--cache-slack", type=int, default=2,
                    help="cache_aware: a prefix stays on its replica while that replica has fewer than this many "
-                        "requests in flight more than the least-loaded one (default 4)")
+                        "requests in flight more than the least-loaded one (default 2)")
     p.add_argument("--prefix-block", type=int, default=32, help="characters per prefix block of the router (default 32)")
     return p.parse_args(argv)
 

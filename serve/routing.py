@@ -74,7 +74,7 @@ def prefix_text(body) -> str:
 
 
 class Router:
-    def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = 4, block: int = 32,
+    def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = 2, block: int = 32,
                  capacity: int = 100_000):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; one of {', '.join(POLICIES)}")
