@@ -255,6 +255,8 @@ class RLSection(Section):
     normalizer: Literal["episodes", "rows", "tokens"] = _f("episodes", "what the policy-gradient sum is divided "
                                                           "by (episodes: the exact estimate of the gradient of J)")
     kl_ref: bool = _f(True, "track the KL divergence of each agent to its initial policy")
+    average_every: PosInt = _f(1, "game self-play (env openspiel): the current policy joins the average policy every "
+                               "this many steps (its table is one forward over every information state)")
 
 
 class DistillSection(Section):

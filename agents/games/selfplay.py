@@ -311,7 +311,8 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         t0 = time.perf_counter()
         env_seeds = torch.randint(0, SEED_HIGH, (E,), generator=gen).tolist()
         batch = play(envs, env_seeds, agents, tokens, space.num_actions, gen, recipe.rl.max_env_steps)
-        average.add(policy_table(space, agents, state_prompts, tokens))  # sigma_t, the policy that played
+        if step % recipe.rl.average_every == 0:  # sigma_t, the policy that played this step
+            average.add(policy_table(space, agents, state_prompts, tokens))
         figures = {}
         for lr in learners:
             figures.update(update(lr, agents, batch, E, scale, tokens))
