@@ -67,7 +67,9 @@ def test_student_learns_the_teacher_and_the_summary_compares_them(root):
     assert s["teacher_val_loss_full"] == pytest.approx(t["val_loss_full"], rel=1e-6)
     assert s["ppl_ratio_student_teacher"] == pytest.approx(
         math.exp(s["val_loss_full"] - s["teacher_val_loss_full"]), rel=1e-12)
-    assert s["params"] < s["teacher_params"] and set(s["decode_tokens_per_s"]) == {"student", "teacher"}
+    assert s["params"] < s["teacher_params"]
+    assert {b: set(t) for b, t in s["decode_tokens_per_s"].items()} == {"batch1": {"student", "teacher"},
+                                                                       "batch8": {"student", "teacher"}}
     losses = train_losses(root, "student")  # the KL term, falling
     assert losses[10] < losses[1]
 
