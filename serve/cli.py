@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="KV-cache slots per module: the most rows decoded together (default 16)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder of the run (default: its latest)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding loop (default: torch's)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: int8 weight-only linear layers (model/quantize.py; a tied head stays float)")
     p.add_argument("--replicas", type=int, default=1,
                    help="N > 1: N replica processes on loopback ports behind a router on --host/--port (serve.router)")
     p.add_argument("--policy", default="cache_aware", choices=POLICIES,
@@ -37,6 +39,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "requests in flight more than the least-loaded one (default 2)")
     p.add_argument("--prefix-block", type=int, default=32, help="characters per prefix block of the router (default 32)")
     return p.parse_args(argv)
+
+
+def quantize(run) -> dict:
+    """Every served module's linear layers to int8 weight-only (model.quantize), in place; what was done."""
+    from model.quantize import quantize_int8_weight_only
+
+    done = {}
+    for key, module in run.modules.items():
+        if any("lora_" in name for name, _ in module.named_modules()):
+            raise UsageError(f"--quantize int8: module {key!r} carries LoRA adapters; quantised LoRA serving is "
+                             "not supported")
+        done[key] = {"scheme": "int8 weight-only", **quantize_int8_weight_only(module)}
+    return done
 
 
 def main(argv=None) -> int:
@@ -52,6 +67,7 @@ def main(argv=None) -> int:
         if args.max_slots < 1:
             raise UsageError(f"--max-slots must be >= 1, got {args.max_slots}")
         run = load_run(args.run, args.checkpoint)
+        quantized = quantize(run) if args.quantize else None
     except (UsageError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +82,8 @@ def main(argv=None) -> int:
     scheduler = Scheduler(run.modules, args.max_slots, metrics, threads=args.threads)
     app = build_app(run, scheduler, metrics)
     print(json.dumps({"event": "loaded", "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
-                      "models": list(run.models), "url": f"http://{args.host}:{args.port}/v1"}), file=sys.stderr,
+                      "models": list(run.models), "quantized": quantized,
+                      "url": f"http://{args.host}:{args.port}/v1"}), file=sys.stderr,
           flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and raises the signal
     # again; with these no-op handlers in place that second delivery does nothing and a clean shutdown
@@ -94,6 +111,8 @@ def serve_replicas(args: argparse.Namespace) -> int:
         worker_args += ["--threads", str(args.threads)]
     if args.checkpoint is not None:
         worker_args += ["--checkpoint", args.checkpoint]
+    if args.quantize is not None:
+        worker_args += ["--quantize", args.quantize]
     import uvicorn
 
     workers = Workers(args.run, args.replicas, worker_args)

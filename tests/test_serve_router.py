@@ -22,7 +22,7 @@ from serve.routing import Router
 from tests.test_serve import CONTEXT, PROMPTS, Server, encode, greedy_reference, metric
 from tests.trainutil import REPO, env, train_once
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("one_thread")]
 
 SLACK = 2
 LONG = 200  # new tokens of a request held in flight while others are routed
@@ -285,3 +285,27 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "serve", str(tmp_path / "nope"), "--replicas", "2"], cwd=REPO,
                          env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: RUN={tmp_path / 'nope'}: no such run directory"]
+
+
+def test_quantized_server_text_equals_the_quantized_models_greedy_decode(run, reference):
+    import copy
+
+    from model.quantize import quantize_int8_weight_only
+
+    model, tok = reference
+    q = copy.deepcopy(model)
+    assert quantize_int8_weight_only(q)["layers"] > 0
+    eos = tok.token_to_id("<|endoftext|>")
+    server = Server(run, "--quantize", "int8", "--max-slots", "4", "--threads", "1")
+    try:
+        differs = 0
+        for p in PROMPTS:
+            r = server.client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0)
+            want = tok.decode(greedy_reference(q, encode(tok, p), 24, eos))
+            assert r.choices[0].text == want
+            differs += want != tok.decode(greedy_reference(model, encode(tok, p), 24, eos))
+        print(f"int8 greedy texts that differ from fp32: {differs} of {len(PROMPTS)}")
+        loaded = next(r for r in server.log_records() if r.get("event") == "loaded")
+        assert loaded["quantized"]["model"]["layers"] == quantize_int8_weight_only(copy.deepcopy(model))["layers"]
+    finally:
+        server.close()
