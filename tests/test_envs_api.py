@@ -15,17 +15,18 @@ from pettingzoo.utils import parallel_to_aec
 
 from agents.envs import ENVS, SignalingEnv, SplitArithEnv, env_arguments, make_env, register_env
 
-NAMES = ["signaling", "split_arith"]
+NAMES = ["signaling", "split_arith", "gvr_arith"]
 SETTINGS = [("signaling", {}), ("signaling", {"n_objects": 3, "shuffle": False, "message_chars": 4}),
             ("split_arith", {}), ("split_arith", {"turns": 0, "ops": ["-", "*"], "min_operand": -50}),
-            ("split_arith", {"turns": 2, "message_chars": 5})]
+            ("split_arith", {"turns": 2, "message_chars": 5}), ("gvr_arith", {}),
+            ("gvr_arith", {"ops": ["-", "*"], "min_operand": -20, "message_chars": 3})]
 
 
 def test_registry_names_the_known_envs():
     assert {"signaling", "split_arith"} <= set(ENVS)
     assert isinstance(make_env("signaling"), SignalingEnv)
     assert isinstance(make_env("split_arith", turns=1), SplitArithEnv)
-    with pytest.raises(ValueError, match=r"^unknown env 'chess'; known envs: signaling, split_arith, traffic$"):
+    with pytest.raises(ValueError, match=r"^unknown env 'chess'; known envs: gvr_arith, openspiel, signaling, split_arith, traffic$"):
         make_env("chess")
     with pytest.raises(ValueError, match=r"^env 'signaling' has no argument 'n_object'; allowed: n_objects, "
                                          r"objects, message_chars, shuffle, blank_message, render_mode$"):
