@@ -32,13 +32,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="int8: int8 weight-only linear layers (model/quantize.py; a tied head stays float)")
     p.add_argument("--replicas", type=int, default=1,
                    help="N > 1: N replica processes on loopback ports behind a router on --host/--port (serve.router)")
-    p.add_argument("--policy", default="cache_aware", choices=POLICIES,
+    p.add_argument("--policy", default=None, choices=POLICIES,
                    help="the router's rule (serve.routing; default cache_aware)")
-    p.add_argument("--cache-slack", type=int, default=2,
+    p.add_argument("--cache-slack", type=int, default=None,
                    help="cache_aware: a prefix stays on its replica while that replica has fewer than this many "
                         "requests in flight more than the least-loaded one (default 2)")
-    p.add_argument("--prefix-block", type=int, default=32, help="characters per prefix block of the router (default 32)")
+    p.add_argument("--prefix-block", type=int, default=None,
+                   help="characters per prefix block of the router (default 32)")
     return p.parse_args(argv)
+
+
+ROUTER_DEFAULTS = {"policy": "cache_aware", "cache_slack": 2, "prefix_block": 32}
 
 
 def quantize(run) -> dict:
@@ -57,7 +61,14 @@ def quantize(run) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replicas != 1:
+        for key, value in ROUTER_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
         return serve_replicas(args)
+    given = [f"--{k.replace('_', '-')}" for k in ROUTER_DEFAULTS if getattr(args, k) is not None]
+    if given:
+        print(f"error: {', '.join(given)} (router options) need --replicas N > 1", file=sys.stderr)
+        return 2
     from .app import build_app
     from .loader import load_run
     from .metrics import Metrics

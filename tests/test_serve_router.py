@@ -6,6 +6,7 @@ where requests went is read from the router's /health (per-replica counts) and /
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,6 +227,25 @@ def test_cache_aware_keeps_a_prefix_on_its_replica_then_spills_at_the_cap(router
         assert h.join() == tok.decode(greedy_reference(model, encode(tok, SHARED + s), LONG, eos))
 
 
+def test_a_client_that_disconnects_from_the_router_frees_the_replicas_slots(router):
+    body = {"model": "tiny", "prompt": "def cut(", "max_tokens": LONG, "n": 4, "stream": True}
+    with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first event, then the client goes away
+    deadline = time.monotonic() + 30
+    while True:
+        h = state(router)
+        if h["in_flight"] == 0 and all(x["health"]["free_slots"] == x["health"]["slots"] and
+                                       x["health"]["running"] == 0 for x in h["replicas"]):
+            break
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert metric(router.metrics(), 'router_requests_total{status="499"}') >= 1
+    statuses = re.findall(r'^serve_requests_total\{replica="\d",endpoint="completions",status="499"\} (\d+)$',
+                          router.metrics(), re.M)
+    assert sum(int(n) for n in statuses) == 1  # the replica saw the disconnect too
+
+
 def test_a_killed_replica_fails_its_requests_with_503_and_the_other_serves(router, reference):
     model, tok = reference
     prompt = SHARED + "def g("
@@ -277,11 +297,12 @@ def test_sigterm_finishes_in_flight_requests_and_stops_the_replicas(router, refe
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
-    for args, text in ((["--replicas", "0"], "--replicas must be >= 1"),
-                       (["--replicas", "2", "--cache-slack", "0"], "--cache-slack must be >= 1")):
+    for args, text in ((["--replicas", "0"], "--replicas must be >= 1, got 0"),
+                       (["--replicas", "2", "--cache-slack", "0"], "--cache-slack must be >= 1, got 0"),
+                       (["--policy", "round_robin"], "--policy (router options) need --replicas N > 1")):
         out = subprocess.run([sys.executable, "-m", "serve", str(tmp_path), *args], cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2 and out.stderr.strip() == f"error: {text}, got 0", out.stderr
+        assert out.returncode == 2 and out.stderr.strip() == f"error: {text}", out.stderr
     out = subprocess.run([sys.executable, "-m", "serve", str(tmp_path / "nope"), "--replicas", "2"], cwd=REPO,
                          env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: RUN={tmp_path / 'nope'}: no such run directory"]
