@@ -19,7 +19,8 @@ FAST_MARKERS = not dist and not slurm
 
 .DEFAULT_GOAL := help
 .PHONY: help train validate recipes export test test-fast lint docs kernels bench bench-train bench-parallel \
-        bench-generate bench-onnx bench-sync bench-agents gpu-check gpu-wheels slurm clean serve bench-serve
+        bench-generate bench-onnx bench-sync bench-agents gpu-check gpu-wheels slurm clean serve bench-serve \
+        bench-games
 
 help: ## list the targets (this text)
 	@echo "usage: make <target> [RECIPE=name] [ARGS=\"key=value ...\"]   (docs: README.md, docs/)"
@@ -89,6 +90,10 @@ bench-generate: $(STAMP) ## decoding engine against the static-batch decoder
 
 bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 and int8 weight-only PyTorch against eager (bench/results/onnx-cpu.md)
 	$(PY) bench/bench_onnx.py $(ARGS)
+
+# OpenSpiel's CFR and XFP beside the game-* runs (train them first): NashConv against iterations and seconds.
+bench-games: $(STAMP) ## OpenSpiel CFR and XFP beside our game self-play runs (bench/results/games-cpu.md)
+	$(PY) bench/bench_games.py --runs $(wildcard runs/game-kuhn runs/game-rps-biased runs/game-leduc) $(ARGS)
 
 # Every sync strategy side by side at the same token budget, 4 replicas, then 8 (bench/results/sync-cpu*.md),
 # and our ring all-reduce against gloo's (bench/results/ring-cpu.md).
