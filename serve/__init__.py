@@ -10,6 +10,7 @@ One job per module, lower ones first:
     job.py        one HTTP request in flight: its rows, their text, usage, timings, cancellation
     metrics.py    Prometheus counters and the one-line JSON request log
     app.py        the Starlette ASGI app: routes, streaming, disconnects, errors
+    ort.py        `--engine onnxruntime`: an ONNX export behind the scheduler's engine interface
     routing.py    which replica takes a request: least-loaded, cache-aware with a load cap, round-robin
     router.py     `--replicas N`: the replica processes and the router app in front of them
     cli.py        `python -m serve RUN [--host --port --replicas ...]`: load, build, run under uvicorn

@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="KV-cache slots per module: the most rows decoded together (default 16)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder of the run (default: its latest)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding loop (default: torch's)")
+    p.add_argument("--engine", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: RUN is a `make export FORMAT=onnx` folder, served by ONNX Runtime (serve.ort: "
+                        "requests interleave per token, not batched)")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8: int8 weight-only linear layers (model/quantize.py; a tied head stays float)")
     p.add_argument("--replicas", type=int, default=1,
@@ -77,8 +80,20 @@ def main(argv=None) -> int:
     try:
         if args.max_slots < 1:
             raise UsageError(f"--max-slots must be >= 1, got {args.max_slots}")
-        run = load_run(args.run, args.checkpoint)
-        quantized = quantize(run) if args.quantize else None
+        if args.engine == "onnxruntime":
+            from .ort import OrtEngine, load_onnx
+
+            if args.checkpoint is not None:
+                raise UsageError("--checkpoint does not apply to --engine onnxruntime (RUN is the exported folder)")
+
+            run = load_onnx(args.run)
+            variant = args.quantize or "fp32"
+            engines = {"model": OrtEngine(args.run, variant, args.max_slots, args.threads)}
+            quantized = {"model": {"scheme": f"onnxruntime {variant}"}} if args.quantize else None
+        else:
+            run = load_run(args.run, args.checkpoint)
+            engines = None
+            quantized = quantize(run) if args.quantize else None
     except (UsageError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +105,7 @@ def main(argv=None) -> int:
     sys.setswitchinterval(0.0005)
 
     metrics = Metrics()
-    scheduler = Scheduler(run.modules, args.max_slots, metrics, threads=args.threads)
+    scheduler = Scheduler(run.modules, args.max_slots, metrics, threads=args.threads, engines=engines)
     app = build_app(run, scheduler, metrics)
     print(json.dumps({"event": "loaded", "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
                       "models": list(run.models), "quantized": quantized,
@@ -124,6 +139,8 @@ def serve_replicas(args: argparse.Namespace) -> int:
         worker_args += ["--checkpoint", args.checkpoint]
     if args.quantize is not None:
         worker_args += ["--quantize", args.quantize]
+    if args.engine != "torch":
+        worker_args += ["--engine", args.engine]
     import uvicorn
 
     workers = Workers(args.run, args.replicas, worker_args)

@@ -47,8 +47,10 @@ class Row:
 
 class Scheduler:
     def __init__(self, modules: dict[str, torch.nn.Module], max_slots: int, metrics: Metrics,
-                 threads: int | None = None):
-        self.engines = {key: DecodeEngine(m, max_slots=max_slots) for key, m in modules.items()}
+                 threads: int | None = None, engines: dict | None = None):
+        # engines: ready ones with DecodeEngine's interface instead (serve.ort's OrtEngine), by module key
+        self.engines = engines if engines is not None else {
+            key: DecodeEngine(m, max_slots=max_slots) for key, m in modules.items()}
         self.metrics = metrics
         self.threads = threads
         self._cond = threading.Condition()

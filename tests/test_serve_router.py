@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -328,5 +329,36 @@ def test_quantized_server_text_equals_the_quantized_models_greedy_decode(run, re
         print(f"int8 greedy texts that differ from fp32: {differs} of {len(PROMPTS)}")
         loaded = next(r for r in server.log_records() if r.get("event") == "loaded")
         assert loaded["quantized"]["model"]["layers"] == quantize_int8_weight_only(copy.deepcopy(model))["layers"]
+    finally:
+        server.close()
+
+
+def test_onnxruntime_engine_serves_an_onnx_export(run, reference, tmp_path):
+    from launch.onnx_export import OrtDecoder, write_onnx_folder
+
+    model, tok = reference
+    folder = tmp_path / "exports" / "tiny-onnx"
+    write_onnx_folder(model, folder, run / "tokenizer.json", int8=False)
+    eos = tok.token_to_id("<|endoftext|>")
+    ort = OrtDecoder(folder, threads=1)
+    server = Server(folder, "--engine", "onnxruntime", "--max-slots", "4", "--threads", "1")
+    try:
+        assert [m.id for m in server.client.models.list().data] == ["tiny-onnx"]
+        texts = {}
+        for p in PROMPTS[:3]:
+            r = server.client.completions.create(model="tiny-onnx", prompt=p, max_tokens=20, temperature=0)
+            want = ort.greedy([encode(tok, p)], 20)[0]
+            want = want[:want.index(eos) + 1] if eos in want else want
+            assert r.choices[0].text == tok.decode(want)
+            texts[p] = r.choices[0].text
+        # Requests in flight together (interleaved per token) get their lone texts; a seed repeats its draw.
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: server.client.completions.create(
+                model="tiny-onnx", prompt=p, max_tokens=20, temperature=0).choices[0].text, PROMPTS[:3]))
+        assert got == [texts[p] for p in PROMPTS[:3]]
+        a, b = (server.client.completions.create(model="tiny-onnx", prompt="x = ", max_tokens=20, temperature=0.9,
+                                                 seed=7).choices[0].text for _ in range(2))
+        assert a == b
+        assert server.wait_idle()["free_slots"] == {"model": 4}
     finally:
         server.close()
