@@ -100,7 +100,7 @@ def main(argv=None) -> int:
              "one thread, measuring time not counted). Ours: the recipe's run, one step = one batch of "
              "self-play episodes and one optimizer step of the GPT policy; seconds = training seconds on the "
              "shared 2-core machine (other jobs were running).", ""]
-    summary = ["| game | method | best NashConv | at iteration | seconds |", "|---|---|---:|---:|---:|"]
+    summary = ["| game | method | final NashConv | iterations (steps) | seconds |", "|---|---|---:|---:|---:|"]
     for game in args.games:
         series = {}
         for kind in ("cfr", "xfp"):
