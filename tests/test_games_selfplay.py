@@ -96,6 +96,7 @@ def test_rps_last_iterate_cycles_while_the_average_converges(root):
     (["env.args.game=chess_960"], "unknown game 'chess_960'"),
     (["env.args.params={players: 3}"], "has 3 players; NashConv"),
     (["launch.procs_per_node=2", "rl.episodes_per_step=32"], "one process"),
+    (["agents.player_0.algorithm=ppo"], "trains by reinforce"),
 ])
 def test_bad_game_settings_stop_with_one_line(root, overrides, message):
     out = run_train(root, "bad", *overrides, recipe="game-kuhn")

@@ -1,5 +1,6 @@
 """What the game self-play loop (agents.games.selfplay) supports, checked before any process starts:
-one process, full-weight agents, REINFORCE with a batch-mean baseline or none. One line (UsageError,
+one process, full-weight agents, REINFORCE with a batch-mean baseline or none, the agents
+updated together (train.schedule: simultaneous). One line (UsageError,
 exit 2) otherwise. The game itself (unknown, not two players, not zero-sum) is the env's check."""
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ def check_game_settings(recipe: Recipe, world: int) -> None:
     if world != 1:
         raise UsageError(f"env openspiel: game self-play runs in one process (the games are small); got {world} "
                          "processes (launch.procs_per_node=1)")
+    if recipe.train.schedule != "simultaneous":
+        raise UsageError(f"train.schedule={recipe.train.schedule}: game self-play updates its agents together every "
+                         "step (train.schedule: simultaneous)")
     for name, a in recipe.agents.items():
         if a.policy_of is not None:
             continue
