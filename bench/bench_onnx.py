@@ -41,20 +41,10 @@ from record_losses import cpu_name, write_results  # noqa: E402
 from launch.onnx_export import OrtDecoder, write_onnx_folder  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from model.quantize import quantize_int8_weight_only  # noqa: E402
+from trainer.consolidate import load_run_model  # noqa: E402
 
 GOALS = ("ORT fp32 decode step >= 1.5x PyTorch eager; ORT int8 >= 1.8x ORT fp32 with perplexity within +3%; "
          "PyTorch int8 weight-only (model/quantize.py) perplexity within +1%")
-
-
-def load_run(run: Path) -> tuple[GPT, dict]:
-    from trainer import checkpoint as ckpt
-    from trainer.consolidate import consolidated_state_dict
-
-    folder = ckpt.latest_checkpoint(run / "checkpoints")
-    meta = ckpt.verify(folder)
-    model = GPT(GPTConfig(**{**meta["model_config"], "kernels": "torch"})).eval()
-    model.load_state_dict(consolidated_state_dict(folder, meta))
-    return model, meta
 
 
 def val_tokens(meta: dict, n: int) -> np.ndarray:
@@ -145,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print("training gpt-tiny (the default recipe) first ...", flush=True)
         run_recipe("gpt-tiny", "onnx-bench", work / "runs", overrides)
         run = work / "runs" / "onnx-bench"
-    model, meta = load_run(run)
+    model, meta = load_run_model(run)
     seq = meta["config"]["data"]["seq_len"]  # the length it was trained on (learned positions beyond are untrained)
     tokens = val_tokens(meta, 2 * seq + 2 if a.quick else a.val_tokens)
     folder = work / "tiny"

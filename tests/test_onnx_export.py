@@ -101,13 +101,9 @@ def test_export_command_writes_a_folder_with_the_runs_logits(trained):
                           "--format", "onnx"], env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "onnx.json", "tokenizer.json"]
-    from trainer import checkpoint as ckpt
-    from trainer.consolidate import consolidated_state_dict
+    from trainer.consolidate import load_run_model
 
-    folder = ckpt.latest_checkpoint(trained / "runs" / "exp" / "checkpoints")
-    meta = ckpt.verify(folder)
-    ours = GPT(GPTConfig(**{**meta["model_config"], "kernels": "torch"})).eval()
-    ours.load_state_dict(consolidated_state_dict(folder, meta))
+    ours, meta = load_run_model(trained / "runs" / "exp")
     v = meta["model_config"]["vocab_size"]
     ids = [[7, v - 1, 12, 99, v // 2, 4]]
     with torch.no_grad():

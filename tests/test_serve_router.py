@@ -44,15 +44,9 @@ def reference(run):
     """(model, tokenizer) rebuilt from the checkpoint by trainer/ alone, as in tests/test_serve.py."""
     from tokenizers import Tokenizer
 
-    from model import GPT, GPTConfig
-    from trainer import checkpoint as ckpt
-    from trainer.consolidate import consolidated_state_dict
+    from trainer.consolidate import load_run_model
 
-    folder = ckpt.latest_checkpoint(run / "checkpoints")
-    meta = ckpt.verify(folder)
-    model = GPT(GPTConfig(**{**meta["model_config"], "kernels": "torch"})).eval()
-    model.load_state_dict(consolidated_state_dict(folder, meta))
-    return model, Tokenizer.from_file(str(run / "tokenizer.json"))
+    return load_run_model(run)[0], Tokenizer.from_file(str(run / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,20 @@ from . import checkpoint as ckpt
 from .distributed import broadcast_state_dict
 
 
+def load_run_model(run: str | Path, kernels: str = "torch"):
+    """(model, meta): the single model of run directory `run` at its latest checkpoint, consolidated
+    from whatever layout wrote it, on the CPU in eval mode, with the checkpoint's meta."""
+    from model import GPT, GPTConfig
+
+    folder = ckpt.latest_checkpoint(Path(run) / "checkpoints")
+    if folder is None:
+        raise ckpt.CheckpointError(f"{run} has no finished checkpoint")
+    meta = ckpt.verify(folder)
+    model = GPT(GPTConfig(**{**meta["model_config"], "kernels": kernels})).eval()
+    model.load_state_dict(consolidated_state_dict(folder, meta))
+    return model, meta
+
+
 def consolidate_once(checkpoint: Path, meta: dict, dims, component: str = "model") -> dict[str, torch.Tensor]:
     """Collective over the replica: the replica's first rank consolidates, every rank receives the
     tensors by broadcast (instead of every rank reading and merging every shard itself)."""

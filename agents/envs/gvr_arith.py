@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 
 from .base import TextParallelEnv, check_int, clean
-from .split_arith import OPS
+from .split_arith import OPS, draw_task
 
 __all__ = ["GVRArithEnv"]
 
@@ -79,24 +79,8 @@ class GVRArithEnv(TextParallelEnv):
     def expected(self) -> int:
         return OPS[self.op](self.a, self.b)
 
-    def _operand(self, options: dict, key: str) -> int:
-        if options.get(key) is None:
-            return int(self.np_random.integers(self.min_operand, self.max_operand + 1))
-        v = options[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not self.min_operand <= v <= self.max_operand:
-            raise ValueError(f"gvr_arith.reset: {key} must be an integer in [{self.min_operand}, "
-                             f"{self.max_operand}], got {v!r}")
-        return v
-
     def _new_episode(self, options: dict) -> None:
-        # Always three draws in this order, so fixing one part leaves the others' draws unchanged.
-        a, b = self._operand(options, "a"), self._operand(options, "b")
-        op = self.ops[int(self.np_random.integers(len(self.ops)))]
-        if options.get("op") is not None:
-            if options["op"] not in self.ops:
-                raise ValueError(f"gvr_arith.reset: op must be one of {', '.join(self.ops)}, got {options['op']!r}")
-            op = options["op"]
-        self.a, self.b, self.op = a, b, op
+        self.a, self.b, self.op = draw_task(self, options)
         self.proposal_text = self.verdict_text = ""
         self.proposal = self.answer = None
         self.accepted = False

@@ -27,10 +27,33 @@ import re
 
 from .base import TextParallelEnv, check_int, clean
 
-__all__ = ["OPS", "SplitArithEnv"]
+__all__ = ["OPS", "SplitArithEnv", "draw_task"]
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _INT = re.compile(r"-?[0-9]+")
+
+
+def draw_task(env, options: dict) -> tuple[int, int, str]:
+    """(a, b, op) of a new episode of an arithmetic env (`min_operand`, `max_operand`, `ops`,
+    `np_random`), `options` fixing any of them (a fixed operand is not drawn)."""
+    name = env.metadata["name"]
+
+    def operand(key: str) -> int:
+        if options.get(key) is None:
+            return int(env.np_random.integers(env.min_operand, env.max_operand + 1))
+        v = options[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not env.min_operand <= v <= env.max_operand:
+            raise ValueError(f"{name}.reset: {key} must be an integer in [{env.min_operand}, "
+                             f"{env.max_operand}], got {v!r}")
+        return v
+
+    a, b = operand("a"), operand("b")
+    op = env.ops[int(env.np_random.integers(len(env.ops)))]
+    if options.get("op") is not None:
+        if options["op"] not in env.ops:
+            raise ValueError(f"{name}.reset: op must be one of {', '.join(env.ops)}, got {options['op']!r}")
+        op = options["op"]
+    return a, b, op
 
 
 class SplitArithEnv(TextParallelEnv):
@@ -79,25 +102,8 @@ class SplitArithEnv(TextParallelEnv):
     def expected(self) -> int:
         return OPS[self.op](self.a, self.b)
 
-    def _operand(self, options: dict, key: str) -> int:
-        if options.get(key) is None:
-            return int(self.np_random.integers(self.min_operand, self.max_operand + 1))
-        v = options[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not self.min_operand <= v <= self.max_operand:
-            raise ValueError(f"split_arith.reset: {key} must be an integer in [{self.min_operand}, "
-                             f"{self.max_operand}], got {v!r}")
-        return v
-
     def _new_episode(self, options: dict) -> None:
-        # Always three draws in this order, so fixing one part leaves the others' draws unchanged.
-        a, b = self._operand(options, "a"), self._operand(options, "b")
-        op = self.ops[int(self.np_random.integers(len(self.ops)))]
-        if options.get("op") is not None:
-            if options["op"] not in self.ops:
-                raise ValueError(f"split_arith.reset: op must be one of {', '.join(self.ops)}, "
-                                 f"got {options['op']!r}")
-            op = options["op"]
-        self.a, self.b, self.op = a, b, op
+        self.a, self.b, self.op = draw_task(self, options)
         self.transcript = []
         self.answer = None
         self._step = 0
