@@ -565,7 +565,8 @@ if __name__ == "__main__":
     spec = importlib.util.spec_from_file_location("rank_exit", REPO / "trainer" / "rank_exit.py")
     rank_exit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rank_exit)
+    launched = rank_exit.is_launched_rank()  # a torchrun rank (asked before the run sets anything)
     code = main()
-    if rank_exit.is_launched_rank():  # a torchrun rank: see end_process there
-        rank_exit.end_process(code)
+    if launched:
+        rank_exit.end_process(code)  # see there
     sys.exit(code)

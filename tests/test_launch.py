@@ -45,6 +45,9 @@ def late():
     time.sleep(0.3)
     (out / "thread").write_text("joined")
 threading.Thread(target=late).start()
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(2)  # idle workers left running, as torch.compile's compile pool leaves them
+pool.submit(lambda: None).result()
 sys.stdout.write("buffered, not flushed")
 end_process(3)
 (out / "after").write_text("end_process returned")
@@ -52,8 +55,9 @@ end_process(3)
 
 
 def test_a_rank_ends_as_a_normal_exit_would_without_the_teardown(tmp_path):
-    """end_process: the status given, other threads joined, atexit handlers run, buffered output
-    written; nothing after it runs."""
+    """end_process: the status given, other threads joined (an idle thread pool's workers told to
+    stop first, or the join waits forever), atexit handlers run, buffered output written; nothing
+    after it runs."""
     import subprocess
     import sys
 

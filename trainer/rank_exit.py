@@ -10,7 +10,9 @@ import threading
 
 
 def is_launched_rank() -> bool:
-    """Started as one rank of several by a launcher (deepspeed, torchrun, accelerate, Slurm)."""
+    """Started as one rank of several by a launcher (deepspeed, torchrun, accelerate, Slurm). Ask
+    before the run starts: a single process sets these variables itself to initialise
+    torch.distributed."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -21,10 +23,13 @@ def end_process(code: int):
     Why: after a complete multi-process CPU run, gloo's (and DeepSpeed's) C++ objects are destroyed
     at exit while one of their threads is still joinable now and then; the runtime then aborts
     ("terminate called without an active exception", SIGABRT) and the launcher reports a job that
-    finished as failed. Every rank process, ours and bench/gpu_train.py's, ends here."""
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    finished as failed. Every rank process, ours and bench/gpu_train.py's, ends here.
+
+    The order is the interpreter's own (Py_FinalizeEx): `threading._shutdown` first, which runs the
+    threading module's exit hooks (concurrent.futures tells its idle pool workers to stop there; a
+    plain join would wait for them forever, as it did behind torch.compile's compile pool) and then
+    joins the non-daemon threads; then the atexit handlers."""
+    threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
