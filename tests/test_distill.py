@@ -118,3 +118,23 @@ def test_bad_settings_are_one_line(root, override, message):
     out = run_train(root, "bad", *STUDENT, teacher, override.format(root=root))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert message.format(root=root) in out.stderr.strip().splitlines()[-1]
+
+
+def test_the_distill_tiny_recipe_runs_at_reduced_size(root):
+    out = run_train(root, "recipe", "train.max_steps=2", "model.n_layer=1",
+                    f"distill.teacher={root / 'runs' / 'teacher'}", recipe="distill-tiny")
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = json.loads((root / "runs" / "recipe" / "summary.json").read_text())
+    assert s["steps"] == 2 and s["teacher"] == str(root / "runs" / "teacher")
+
+
+def test_a_recipe_teacher_that_has_not_finished_is_trained_first_or_named(tmp_path):
+    """distill-tiny's teacher is recipe:gpt-tiny: the launcher trains it first; a rank (which must
+    find it finished) says which run is missing."""
+    from launch.agents_chain import resolve_chain
+    from trainer.errors import UsageError
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe("distill-tiny", [f"run.output_dir={tmp_path}"])
+    with pytest.raises(UsageError, match=rf"distill.teacher=recipe:gpt-tiny: {tmp_path}/gpt-tiny has not finished"):
+        resolve_chain(recipe, train_missing=False)
