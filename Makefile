@@ -127,12 +127,13 @@ gpu-check: ## on a GPU machine: build the CUDA kernels, run the gpu tests and be
 # each Python the GPU machine may have.  pip evaluates dependency markers with this interpreter even
 # with --python-version, so pytest's extra dependencies below Python 3.11 are named explicitly.
 GPU_WHEEL_PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
-gpu-wheels: $(STAMP) ## make what gpu-check needs offline: wheels (build/gpu-wheels) and training data (build/gpu-data)
+gpu-wheels: $(STAMP) ## make what gpu-check needs offline: wheels (build/gpu-wheels), training data (build/gpu-data), an ONNX decoder (build/gpu-onnx)
 	for v in $(GPU_WHEEL_PYTHONS); do \
 	  $(PY) -m pip download --quiet --only-binary=:all: --python-version $$v -d build/gpu-wheels \
 	    pytest ninja exceptiongroup tomli typing_extensions || exit 1; \
 	done
 	$(PY) bench/gpu_train.py prepare build/gpu-data
+	$(PY) bench/gpu_onnx.py prepare build/gpu-onnx
 
 # make slurm RECIPE=<name> [NODES=n GPUS_PER_NODE=g PARTITION=p TIME=hh:mm:ss ACCOUNT=a ARGS="..." DRY_RUN=1]
 slurm: $(STAMP) ## submit RECIPE to Slurm (NODES= GPUS_PER_NODE= PARTITION= TIME= ACCOUNT= DRY_RUN=1)

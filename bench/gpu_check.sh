@@ -2,7 +2,7 @@
 # `make gpu-check`: one script for a machine with one H100/H200 (or more), about 6 minutes.
 #
 # Steps, each under its own `timeout` (expected time on an H200, estimated, not yet measured /
-# hard limit; the limits add up to 9.5 minutes, so one 10-minute device command gets the summary):
+# hard limit; the limits add up to 9.75 minutes, so one 10-minute device command gets the summary):
 #   1. check torch + GPU, install pytest/ninja from build/gpu-wheels when missing   ~10 s
 #   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 180 s
 #   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 60 s
@@ -18,9 +18,15 @@
 #      carry it with the wheels).  Soft budget 45 s (it stops training and still evaluates).
 #      The recipe's model.kernels=auto loads the kernels built in step 2 (kernels=torch when that
 #      step failed; without it, on a fresh machine, auto builds them inside this step's limit).
-#   6. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
+#   6. ONNX Runtime: bench/gpu_onnx.py check build/gpu-onnx                        ~20 s / 45 s
+#      The exported decoder (gpt-tiny's shape, KV cache as inputs/outputs; made here by
+#      `.venv/bin/python bench/gpu_onnx.py prepare build/gpu-onnx`, carry it) on the TensorRT and
+#      CUDA execution providers against the PyTorch model's logits (prefill + 16 decode steps) and
+#      the CPU provider's decode-step time.  A provider this onnxruntime lacks (or no onnxruntime)
+#      is one line in the results, not a failure.
+#   7. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
 #      eager/compile vs ours torch/fused/fused+compile; two torch.compile runs of ~1 min each)
-#                                              --budget $STEP_BUDGET_S (150) / that + 30 s
+#                                              --budget $STEP_BUDGET_S (120) / that + 30 s
 #   Then a summary of each step's status and time, and the results last (bench/results/<device>.md:
 #   the kernel table, the gpu_train section, the marked bench_step section).  A failing step does
 #   not stop the later ones; the script exits non-zero at the end if any failed.
@@ -33,11 +39,12 @@
 #
 # Environment:
 #   PYTHON=python3           the interpreter to use
-#   GPU_CHECK_STEPS="build tests kernels train step"   run only these steps (e.g. "step" to rerun
+#   GPU_CHECK_STEPS="build tests kernels train onnx step"   run only these steps (e.g. "step" to rerun
 #                            the training-step benchmark after the kernels were built on this machine)
-#   STEP_BUDGET_S=150        soft time limit of bench_step.py (it skips a compile that would not fit
+#   STEP_BUDGET_S=120        soft time limit of bench_step.py (it skips a compile that would not fit
 #                            and stops timing at the limit; SIGTERM 30 s later writes what it has)
 #   GPU_CHECK_DATA=build/gpu-data   the plain loop's plan and tokens (bench/gpu_train.py prepare)
+#   GPU_CHECK_ONNX=build/gpu-onnx   the exported decoder and its reference (bench/gpu_onnx.py prepare)
 #   GPU_CHECK_TRAIN_OUT=build/gpu-train   the training run's folder (metrics.jsonl, summary.json; our
 #                            loop's run with its checkpoint under runs/); its figures go to the results
 #   GPU_CHECK_TRAIN_ARGS=    more arguments of `gpu_train.py gpu-check` (--kernels torch, --procs 1,
@@ -52,10 +59,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=" ${GPU_CHECK_STEPS:-build tests kernels train step} "
-STEP_BUDGET_S=${STEP_BUDGET_S:-150}
+STEPS=" ${GPU_CHECK_STEPS:-build tests kernels train onnx step} "
+STEP_BUDGET_S=${STEP_BUDGET_S:-120}
 OUT=${GPU_CHECK_OUT:-bench/results}
 DATA=${GPU_CHECK_DATA:-build/gpu-data}
+ONNX=${GPU_CHECK_ONNX:-build/gpu-onnx}
 TRAIN_OUT=${GPU_CHECK_TRAIN_OUT:-build/gpu-train}
 DEV=cuda
 BENCH_ARGS=()
@@ -148,6 +156,9 @@ case $STEPS in *" kernels "*)
 case $STEPS in *" train "*)
   step train 60 $PY bench/gpu_train.py gpu-check --plan "$DATA" --out "$TRAIN_OUT" --results "$RESULT" \
     --device "$DEV" --budget 45 "${TRAIN_ARGS[@]}" ;; esac
+case $STEPS in *" onnx "*)
+  ONNX_PROVIDERS=(); [ "$DEV" = cpu ] && ONNX_PROVIDERS=(--providers CPUExecutionProvider --repeats 5)
+  step onnx 45 $PY bench/gpu_onnx.py check "$ONNX" --results "$RESULT" "${ONNX_PROVIDERS[@]}" ;; esac
 case $STEPS in *" step "*)
   step step "$((STEP_BUDGET_S + 30))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
     "${BENCH_ARGS[@]}" ;; esac

@@ -35,7 +35,9 @@ def exported(request, tmp_path_factory):
 
 def test_prefill_and_decode_steps_equal_the_pytorch_model(exported):
     """Rows of different lengths (left-padded in one ONNX batch), a prefill and 16 greedy steps: at
-    every step each row's logits equal the PyTorch model's on that row alone, within 1e-4."""
+    every step each row's logits equal the PyTorch model's on that row alone, within 2e-6 (the issue
+    asks 1e-4; this model's logits are ~0.1, and a graph whose GELU is the erf form instead of the
+    model's tanh form, as ORT's GELU fusion made it, is 7.7e-6 off here and 1.7e-4 at gpt-tiny's size)."""
     model, folder = exported
     prompts = [[5, 17, 33, 2, 250, 9, 14], [11], [40, 41, 42]]
     dec = OrtDecoder(folder)
@@ -52,13 +54,13 @@ def test_prefill_and_decode_steps_equal_the_pytorch_model(exported):
                 T = len(s)
                 with torch.no_grad():
                     full = model(torch.tensor([s]))[0].numpy()
-                np.testing.assert_allclose(logits[r, -T:], full, atol=1e-4, rtol=0)
+                np.testing.assert_allclose(logits[r, -T:], full, atol=2e-6, rtol=0)
         tokens = last.argmax(-1).tolist()
         for r, t in enumerate(tokens):
             seqs[r].append(int(t))
         if step < STEPS:
             logits = dec.step(tokens)
-    assert worst <= 1e-4, worst
+    assert worst <= 2e-6, worst
     assert dec.mask.shape == (3, len(prompts[0]) + STEPS)
 
 
