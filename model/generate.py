@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 
+from .prefix_cache import PrefixCache
+
 __all__ = ["Completion", "DecodeEngine", "SamplingParams", "SlotKVCache", "StepOutput", "filter_logits",
            "sample_next", "sample_tokens"]
 
@@ -235,10 +237,13 @@ class SlotKVCache:
     The model's cache protocol (see `GPT.hidden_states`): before a forward the owner calls
     `select(rows, new_lengths, prefill)`; the model then calls `plan(T)` for the positions and the
     attention mask of the step, `layer(i).update(k, v)` in every layer and `advance(T)` at the end,
-    which commits the new lengths.  A prefill step writes fresh rows (length 0) with right-padded
+    which commits the new lengths.  A prefill step of fresh rows (length 0) writes right-padded
     prompts and attends causally over its own keys only (padding comes after every real query, so
-    no mask is needed); a decode step adds one token per row at that row's length and attends over
-    keys 0..length with a key-padding mask [B, 1, 1, L]."""
+    no mask is needed); a prefill step of rows that already hold a prefix (copied in from a
+    `PrefixCache`) writes each row's new tokens after its prefix, at positions length.., and
+    attends with a mask [B, 1, T, L] (query t of row b sees keys 0..length_b + t); a decode step
+    adds one token per row at that row's length and attends over keys 0..length with a key-padding
+    mask [B, 1, 1, L]."""
 
     def __init__(self, n_layer: int, n_slots: int, n_kv_head: int, max_len: int, head_dim: int,
                  device=None, dtype=None):
@@ -254,17 +259,22 @@ class SlotKVCache:
         self._new: list[int] = []
 
     def select(self, rows: Sequence[int], new_lengths: Sequence[int], prefill: bool) -> None:
-        """Rows (in batch order) and their lengths after the next forward."""
+        """Rows (in batch order) and their lengths after the next forward. A prefill continues each
+        row from its current length: 0 for a fresh row, the length of a cached prefix copied into it
+        (`extend`: then its new tokens see the row's earlier keys)."""
         rows, dev = list(rows), self.device
-        if prefill and any(self.lengths[r] for r in rows):
-            raise ValueError("prefill writes fresh rows only")
         self._rows, self._new, self._prefill = rows, list(new_lengths), prefill
         # A contiguous block of rows is read (and written) through views of the cache instead of
         # gathered copies and index writes.
         first, n = rows[0], len(rows)
         self._block = slice(first, first + n) if rows == list(range(first, first + n)) else None
         self._rows_t = torch.tensor(rows, device=dev) if self._block is None else None
+        self._extend = None
         if prefill:
+            starts = [self.lengths[r] for r in rows]
+            if any(starts):
+                self._extend = starts
+                self._L = max(self._new)
             return
         starts = [self.lengths[r] for r in rows]
         self._starts = torch.tensor(starts, device=dev)
@@ -283,7 +293,14 @@ class SlotKVCache:
         """(positions, attention mask) of the selected step: (None, None) for a prefill (positions
         0..T-1, causal), else ([B, 1] lengths, [B, 1, 1, L] keys 0..length)."""
         if self._prefill:
-            return None, None
+            if self._extend is None:
+                return None, None
+            # Row b's query t is position starts[b] + t and sees keys 0..that position. Queries past
+            # a row's prompt (right padding) are discarded; their positions are clamped into the
+            # tables and they see at most the L keys returned.
+            pos = torch.tensor(self._extend, device=self.device)[:, None] + torch.arange(T, device=self.device)
+            mask = torch.arange(self._L, device=self.device)[None, None, :] <= pos[:, :, None]
+            return pos.clamp(max=self.max_len - 1), mask[:, None]
         if T != 1:
             raise ValueError(f"a decode step takes one token per row, got {T}")
         mask = torch.arange(self._L, device=self.device)[None, :] <= self._starts[:, None]
@@ -312,6 +329,15 @@ class SlotKVCache:
             self.v[i] = torch.zeros(self.shape, dtype=dtype, device=device)
             self.sdpa_enable_gqa = _sdpa_gqa_with_mask(self.k[i])
         K, V = self.k[i], self.v[i]
+        if self._prefill and self._extend is not None:
+            # Each row's new keys go after its cached prefix (their own lengths: no padding stored).
+            for b, (r, start, end) in enumerate(zip(self._rows, self._extend, self._new)):
+                K[r, :, start:end] = k[b, :, :end - start]
+                V[r, :, start:end] = v[b, :, :end - start]
+            L = self._L
+            if self._block is not None:
+                return K[self._block, :, :L], V[self._block, :, :L]
+            return K[:, :, :L].index_select(0, self._rows_t), V[:, :, :L].index_select(0, self._rows_t)
         if self._prefill:
             T = k.shape[2]
             if self._block is not None:
@@ -386,6 +412,7 @@ class _Request:
     generator: torch.Generator | None
     prompt_len: int
     adapter: str | None = None
+    tokens: list[int] = field(default_factory=list)  # prompt + generated: what the prefix cache keeps
     last: int = -1  # sampled, not yet in the cache
     n_generated: int = 0
     finished: bool = False
@@ -437,7 +464,8 @@ class DecodeEngine:
 
     def __init__(self, model, max_slots: int, max_len: int | None = None,
                  gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 row_context: Callable[[list[str | None]], Any] | None = None):
+                 row_context: Callable[[list[str | None]], Any] | None = None,
+                 prefix_cache: bool | int = False, prefix_block: int = 16):
         cfg = model.config
         max_len = cfg.max_seq_len if max_len is None else max_len
         if max_slots < 1:
@@ -462,6 +490,14 @@ class DecodeEngine:
         # last row into the hole) so that a step over every busy slot reads one view of the cache.
         self._row_of: dict[int, int] = {}
         self._slot_of: list[int] = []
+        if isinstance(prefix_cache, bool):
+            capacity = max_slots * max_len if prefix_cache else 0
+        elif isinstance(prefix_cache, int) and prefix_cache >= 0:
+            capacity = prefix_cache
+        else:
+            raise ValueError(f"prefix_cache is True, False or a number of tokens >= 0, got {prefix_cache!r}")
+        self.prefix = PrefixCache(len(model.blocks), capacity, prefix_block) if capacity else None
+        self._weights_stamp: tuple | None = None
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -478,9 +514,20 @@ class DecodeEngine:
         r = self._request(slot)
         return r.prompt_len + r.n_generated
 
+    def prefix_stats(self) -> dict | None:
+        """The prefix cache's counters (`PrefixStats.as_dict`) and blocks held / budget; None when off."""
+        if self.prefix is None:
+            return None
+        return {**self.prefix.stats.as_dict(), "blocks": len(self.prefix), "capacity_blocks": self.prefix.n_blocks,
+                "block_size": self.prefix.block_size}
+
     def release(self, slot: int) -> None:
-        """Free the slot (finished or not) for another request."""
-        self._request(slot)
+        """Free the slot (finished or not) for another request; with the prefix cache on, the whole
+        blocks of its sequence so far (prompt and generated tokens in the cache) are kept first."""
+        r = self._request(slot)
+        if self.prefix is not None:
+            row = self._row_of[slot]
+            self.prefix.store(self.cache, row, r.tokens[:self.cache.lengths[row]], r.adapter)
         row, last = self._row_of.pop(slot), len(self._slot_of) - 1
         moved = self._slot_of.pop()
         if row != last:
@@ -521,21 +568,82 @@ class DecodeEngine:
                 raise ValueError(f"slot {s} is in use; release it first (free: {self.free_slots()})")
         prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
 
+        reuse = self._lookup(prompts, adapters)
+        # Prompts without a cached prefix run first, as one plain causal forward (exactly as with the
+        # cache off), then those with one, as one forward over their new tokens; rows stay packed.
+        cold = [i for i in range(n) if not reuse[i][1]]
+        warm = [i for i in range(n) if reuse[i][1]]
+        base = len(self._slot_of)
+        row_of = {i: base + k for k, i in enumerate(cold + warm)}
+        logits: list[torch.Tensor | None] = [None] * n
+        try:
+            with _Inference(self.model):
+                for group in (cold, warm):
+                    if group:
+                        out = self._prefill_rows([prompts[i] for i in group], [row_of[i] for i in group],
+                                                 [reuse[i] for i in group], [adapters[i] for i in group])
+                        for k, i in enumerate(group):
+                            logits[i] = out[k]
+        except BaseException:
+            for row in row_of.values():  # the engine takes a slot only once every forward succeeded
+                self.cache.lengths[row] = 0
+            raise
+        logits = logits[0][None] if n == 1 else torch.stack(logits)
+        for i, (s, p, prompt, a) in enumerate(zip(slots, params, prompts, adapters)):
+            gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else p.generator
+            self._requests[s] = _Request(p, gen, len(prompt), a, tokens=list(prompt))
+            self._row_of[s] = row_of[i]
+        self._slot_of.extend(slots[i] for i in cold + warm)
+        if self.prefix is not None:
+            for i in range(n):
+                self.prefix.store(self.cache, row_of[i], prompts[i], adapters[i])
+        return self._emit(slots, logits)
+
+    def _lookup(self, prompts, adapters) -> list[tuple[list[int], int]]:
+        """Per prompt: (prefix-cache blocks to copy, prompt tokens they cover and need no forward).
+        At least the last prompt token is always computed: its logits give the first token."""
+        if self.prefix is None:
+            return [([], 0)] * len(prompts)
+        self._check_weights()
+        out = []
+        stats, bs = self.prefix.stats, self.prefix.block_size
+        for prompt, adapter in zip(prompts, adapters):
+            blocks = self.prefix.match(prompt, adapter)
+            reused = min(len(blocks) * bs, len(prompt) - 1)
+            out.append((blocks, reused) if reused > 0 else ([], 0))
+            stats.lookups += 1
+            stats.prompt_tokens += len(prompt)
+            stats.hits += reused > 0
+            stats.hit_tokens += max(reused, 0)
+        return out
+
+    def _check_weights(self) -> None:
+        """Cached keys belong to the weights that computed them: any change to a parameter or buffer
+        in place (an optimizer step, load_state_dict, copy_: its version counter) or of its storage
+        clears the prefix cache."""
+        stamp = tuple((t._version, t.data_ptr()) for t in (*self.model.parameters(), *self.model.buffers()))
+        if stamp != self._weights_stamp:
+            if self._weights_stamp is not None and len(self.prefix):
+                self.prefix.clear()
+            self._weights_stamp = stamp
+
+    def _prefill_rows(self, prompts, rows, reuse, adapters) -> torch.Tensor:
+        """One forward of `prompts` into the fresh cache rows `rows` after their cached prefixes
+        (reuse: (blocks, tokens) per prompt, copied in first); their last positions' logits [n, V]."""
+        starts = [r for _, r in reuse]
+        for row, (blocks, reused) in zip(rows, reuse):
+            if reused:
+                self.prefix.load(self.cache, row, blocks)
+                self.cache.lengths[row] = reused
         lens = [len(p) for p in prompts]
-        T = max(lens)
-        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        rows = list(range(len(self._slot_of), len(self._slot_of) + n))
-        with _Inference(self.model), self._rows_context(adapters):
+        T = max(length - start for length, start in zip(lens, starts))
+        ids = torch.tensor([p[start:] + [0] * (T - len(p) + start) for p, start in zip(prompts, starts)],
+                           dtype=torch.long, device=self.device)
+        with self._rows_context(adapters):
             self.cache.select(rows, lens, prefill=True)
             h = self.model.hidden_states(ids, kv_cache=self.cache)
-            last = torch.tensor(lens, device=self.device) - 1
-            logits = self._logits(h[torch.arange(n, device=self.device), last][:, None])
-        for s, p, length, row, a in zip(slots, params, lens, rows, adapters):
-            gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else p.generator
-            self._requests[s] = _Request(p, gen, length, a)
-            self._row_of[s] = row
-            self._slot_of.append(s)
-        return self._emit(slots, logits)
+            last = torch.tensor([length - start - 1 for length, start in zip(lens, starts)], device=self.device)
+            return self._logits(h[torch.arange(len(prompts), device=self.device), last][:, None])
 
     def decode(self, slots: Sequence[int] | None = None) -> list[StepOutput]:
         """One token for each given running slot (default: every running slot), in the order given."""
@@ -623,6 +731,7 @@ class DecodeEngine:
         outs = []
         for s, r, tok, lp, ent in zip(slots, reqs, tokens.tolist(), logprobs.tolist(), entropies.tolist()):
             r.last = tok
+            r.tokens.append(tok)
             r.n_generated += 1
             p = r.params
             if tok in p.eos_ids:
