@@ -84,6 +84,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
     "apply_tensor_parallel",
+    "check_tensor_parallel",
     "copy_to_tensor_parallel_region",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_parallel_region",
@@ -773,6 +774,13 @@ def _check_config(config: GPTConfig, tp_size: int) -> None:
     _check_vocab(config.vocab_size, tp_size, "vocab_size")
     _check_heads(config.n_head, config.n_kv_head, tp_size)
     _check_ff(config.d_ff, tp_size)
+
+
+def check_tensor_parallel(config: GPTConfig, tp_size: int) -> None:
+    """Raise ValueError (one line) unless a model of `config` splits over `tp_size` ranks: vocabulary,
+    heads, kv heads and MLP width divisible by it. Needs no process group (servers check before starting
+    ranks)."""
+    _check_config(config, tp_size)
 
 
 def shard_state_dict(full_sd: dict, config: GPTConfig, tp_size: int, tp_rank: int) -> dict:

@@ -115,8 +115,11 @@ def build_app(run: LoadedRun, scheduler: Scheduler, metrics: Metrics) -> Starlet
             finish(499, "client disconnected")
             return PlainTextResponse("", status_code=499)  # nobody reads it
         except Exception as e:  # noqa: BLE001 - the engine failed on this request's batch: 500, the server goes on
-            finish(500, repr(e))
-            return error_response(APIError(500, f"generation failed: {e!r}", type="server_error", code="engine_error"))
+            # 503 where the error says the server cannot decode any more (serve.tp.RankLost: a rank is gone)
+            status = getattr(e, "http_status", 500)
+            finish(status, repr(e))
+            return error_response(APIError(status, f"generation failed: {e!r}", type="server_error",
+                                           code="unavailable" if status == 503 else "engine_error"))
         finish(200)
         if is_chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,

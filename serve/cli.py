@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "requests interleave per token, not batched)")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8: int8 weight-only linear layers (model/quantize.py; a tied head stays float)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="N > 1: tensor-parallel over N processes, each holding 1/N of every model; rank 0 serves "
+                        "HTTP and the others follow its engine steps (serve.tp, serve.tp_ranks)")
     p.add_argument("--replicas", type=int, default=1,
                    help="N > 1: N replica processes on loopback ports behind a router on --host/--port (serve.router)")
     p.add_argument("--policy", default=None, choices=POLICIES,
@@ -80,6 +83,13 @@ def main(argv=None) -> int:
     try:
         if args.max_slots < 1:
             raise UsageError(f"--max-slots must be >= 1, got {args.max_slots}")
+        if args.tp < 1:
+            raise UsageError(f"--tp must be >= 1, got {args.tp}")
+        if args.tp > 1 and (args.engine != "torch" or args.quantize):
+            bad = ([f"--engine {args.engine}"] if args.engine != "torch" else []) + (
+                [f"--quantize {args.quantize}"] if args.quantize else [])
+            raise UsageError(f"--tp {args.tp} does not combine with {' or '.join(bad)}: tensor-parallel serving runs "
+                             "the torch engine in float")
         if args.engine == "onnxruntime":
             from .ort import OrtEngine, load_onnx
 
@@ -94,9 +104,21 @@ def main(argv=None) -> int:
             run = load_run(args.run, args.checkpoint)
             engines = None
             quantized = quantize(run) if args.quantize else None
+            if args.tp > 1:
+                from .tp import check_tp
+
+                check_tp(run, args.tp)
     except (UsageError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    ranks = None
+    if args.tp > 1:
+        ranks = start_tp(args, run)
+        if isinstance(ranks, int):
+            return ranks
+        from .tp import TPScheduler
+
+        engines = ranks.engines
     import uvicorn
 
     # The decoding thread and the event loop share the GIL. At Python's default switch interval (5 ms) the
@@ -105,10 +127,17 @@ def main(argv=None) -> int:
     sys.setswitchinterval(0.0005)
 
     metrics = Metrics()
-    scheduler = Scheduler(run.modules, args.max_slots, metrics, threads=args.threads, engines=engines)
+    if ranks is None:
+        scheduler = Scheduler(run.modules, args.max_slots, metrics, threads=args.threads, engines=engines)
+        tp_info = None
+    else:
+        scheduler = TPScheduler(ranks.channel, run.modules, args.max_slots, metrics, threads=ranks.threads,
+                                engines=engines)
+        tp_info = {"size": args.tp, "device": str(ranks.device), "threads_per_rank": ranks.threads,
+                   "parameter_bytes_per_rank": ranks.parameter_bytes}
     app = build_app(run, scheduler, metrics)
     print(json.dumps({"event": "loaded", "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
-                      "models": list(run.models), "quantized": quantized,
+                      "models": list(run.models), "quantized": quantized, "tp": tp_info,
                       "url": f"http://{args.host}:{args.port}/v1"}), file=sys.stderr,
           flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and raises the signal
@@ -117,9 +146,49 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     # access_log off: every request already gets one JSON line from the app.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    print(json.dumps({"event": "stopped", "run": str(run.run_dir)}), file=sys.stderr, flush=True)
-    return 0
+    try:
+        if ranks is not None:
+            ranks.watch()
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        if ranks is not None:
+            ranks.stop()  # every other rank exits (after the requests in flight, which uvicorn waited for)
+    lost = ranks is not None and ranks.lost
+    print(json.dumps({"event": "stopped", "run": str(run.run_dir), "error": ranks.channel.dead if lost else None}),
+          file=sys.stderr, flush=True)
+    return 1 if lost else 0
+
+
+def start_tp(args: argparse.Namespace, run):
+    """Rank 0 of `--tp N`: start and join the other ranks, shard every module, wrap each engine in a
+    LockstepEngine. The Ranks (with .engines, .threads, .parameter_bytes), or an exit code."""
+    import torch
+    import torch.distributed as dist
+
+    from model.generate import DecodeEngine
+
+    from .tp import LockstepEngine, parameter_bytes, shard_modules
+    from .tp_ranks import default_threads, start_ranks
+
+    threads = args.threads or default_threads(args.tp)
+    torch.set_num_threads(threads)
+    follower_args = ["--max-slots", str(args.max_slots), "--threads", str(threads)]
+    if args.checkpoint is not None:
+        follower_args += ["--checkpoint", args.checkpoint]
+    try:
+        ranks = start_ranks(args.run, args.tp, follower_args)
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if isinstance(ranks, int):
+        return ranks
+    shard_modules(run.modules, None, ranks.device)
+    ranks.threads = threads
+    ranks.parameter_bytes = {key: parameter_bytes(m) for key, m in run.modules.items()}
+    ranks.engines = {key: LockstepEngine(ranks.channel, key, DecodeEngine(m, max_slots=args.max_slots))
+                     for key, m in run.modules.items()}
+    dist.barrier(group=ranks.channel.group)
+    return ranks
 
 
 def serve_replicas(args: argparse.Namespace) -> int:
@@ -141,6 +210,8 @@ def serve_replicas(args: argparse.Namespace) -> int:
         worker_args += ["--quantize", args.quantize]
     if args.engine != "torch":
         worker_args += ["--engine", args.engine]
+    if args.tp != 1:  # each replica is a tensor-parallel group of its own
+        worker_args += ["--tp", str(args.tp)]
     import uvicorn
 
     workers = Workers(args.run, args.replicas, worker_args)

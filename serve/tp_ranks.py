@@ -1,0 +1,200 @@
+"""The processes of a tensor-parallel server (`python -m serve RUN --tp N`; the protocol: serve.tp).
+
+Rank 0 is the process started by hand: it loads and checks the run first (a run that cannot be served, or
+a --tp that does not divide the heads, kv heads, MLP width or vocabulary, is one line and exit 2 before
+any other process starts), then `start_ranks` opens a TCP store on a free loopback port and starts ranks
+1..N-1 as `python -m serve.tp_ranks RUN --rank r ...`. Each of them loads the same run, says so in the
+store, and then all N join one process group (gloo on CPU; NCCL when every rank has its own CUDA device)
+and a gloo control group, shard their models (serve.tp.shard_modules) and meet at a barrier. Rank 0 then
+serves HTTP (serve.cli) while the others follow its engine calls.
+
+The other ranks run in their own sessions (Ctrl-C in a terminal reaches rank 0 only) and get SIGKILL from
+the kernel if rank 0 dies (Linux `PR_SET_PDEATHSIG`); a rank whose broadcast fails (rank 0 gone) exits too.
+Shutdown: rank 0's graceful stop (SIGTERM/SIGINT: in-flight requests finish) ends with `Ranks.stop`, an
+"exit" message, which every rank obeys; then rank 0 waits for them. `Ranks.watch` polls the other ranks:
+one that exits while serving marks the channel dead (requests fail with 503, /health says 503) and sends
+rank 0 SIGTERM, so the server stops instead of hanging; rank 0 then exits 1 (`lost`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from model.generate import DecodeEngine
+
+from .tp import Channel, follow, shard_modules
+
+__all__ = ["Ranks", "default_threads", "main", "start_ranks"]
+
+STARTUP_S = 600.0  # every rank has loaded the run within this
+COLLECTIVE_S = 300.0  # one engine call (or an idle wait between two heartbeats) takes less than this
+EXIT_GRACE_S = 30.0  # a lost rank: rank 0 is gone this long after its graceful stop began, gracefully or not
+
+
+def default_threads(tp: int) -> int:
+    """Torch threads per rank: the cores shared out, so N ranks do not oversubscribe the machine."""
+    return max(1, (os.cpu_count() or 1) // tp)
+
+
+def _device_and_backend(rank: int, tp: int) -> tuple[torch.device, str]:
+    if torch.cuda.is_available() and torch.cuda.device_count() >= tp:
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def _log(**fields) -> None:
+    sys.stderr.write(json.dumps(fields, separators=(",", ":")) + "\n")
+    sys.stderr.flush()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _join(store, rank: int, tp: int) -> tuple[Channel, torch.device]:
+    """Join the process group and the control group (every rank calls this in the same order)."""
+    device, backend = _device_and_backend(rank, tp)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=tp, timeout=timedelta(seconds=COLLECTIVE_S))
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_S))
+    return Channel(control), device
+
+
+class Ranks:
+    """Rank 0's view of the group: the other ranks' processes and the control channel."""
+
+    def __init__(self, procs: list[subprocess.Popen], channel: Channel, device: torch.device):
+        self.procs, self.channel, self.device = procs, channel, device
+        self.lost = False
+        # Set by serve.cli.start_tp once this rank's modules are sharded:
+        self.engines: dict = {}  # module key -> LockstepEngine
+        self.threads = 1  # torch threads per rank
+        self.parameter_bytes: dict[str, int] = {}  # module key -> this rank's parameter bytes
+        self._stopping = False
+
+    def watch(self, period: float = 0.1) -> None:
+        """In a thread: a rank that exits (or a broken channel) while serving stops the server."""
+
+        def loop():
+            while not self._stopping:
+                why = self.channel.dead
+                for r, p in enumerate(self.procs, 1):
+                    rc = p.poll()
+                    if rc is not None:
+                        why = f"tensor-parallel rank {r} exited with code {rc}"
+                if why is not None and not self._stopping:
+                    self.channel.mark_dead(why)
+                    self.lost = True
+                    _log(event="tp_rank_lost", error=self.channel.dead)
+                    # uvicorn's graceful shutdown (requests in flight fail fast now), with a hard deadline.
+                    threading.Timer(EXIT_GRACE_S, os._exit, (1,)).start()
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                time.sleep(period)
+
+        threading.Thread(target=loop, name="tp-watch", daemon=True).start()
+        self.channel.start_heartbeat()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Every rank exits: an "exit" message, then wait (SIGKILL after `timeout`)."""
+        self._stopping = True
+        self.channel.close()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        with suppress(Exception):
+            dist.destroy_process_group()
+
+
+def start_ranks(run: str, tp: int, follower_args: list[str]) -> Ranks | int:
+    """Start ranks 1..tp-1 and join them (rank 0 has loaded the run). Ranks, or the exit code of a rank
+    that failed to start (its error line is on stderr)."""
+    store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, timeout=timedelta(seconds=STARTUP_S),
+                          wait_for_workers=False)
+    procs = [subprocess.Popen([sys.executable, "-m", "serve.tp_ranks", run, "--rank", str(r), "--tp", str(tp),
+                               "--store-port", str(store.port), *follower_args],
+                              stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+             for r in range(1, tp)]
+    deadline = time.monotonic() + STARTUP_S
+    try:
+        while not store.check([f"loaded/{r}" for r in range(1, tp)]):
+            for r, p in enumerate(procs, 1):
+                if p.poll() is not None:
+                    _log(event="tp_rank_failed", rank=r, code=p.returncode)
+                    return p.returncode or 1
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the tensor-parallel ranks did not load the run within {STARTUP_S:.0f} s")
+            time.sleep(0.05)
+        channel, device = _join(store, 0, tp)
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
+    finally:
+        if any(p.poll() is not None for p in procs):
+            for p in procs:
+                with suppress(OSError):
+                    p.kill()
+    return Ranks(procs, channel, device)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serve.tp_ranks",
+                                description="one tensor-parallel rank > 0 of `python -m serve RUN --tp N`")
+    p.add_argument("run")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--store-port", type=int, required=True)
+    p.add_argument("--max-slots", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--checkpoint", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        from .loader import load_run
+
+        store = dist.TCPStore("127.0.0.1", args.store_port, args.tp, is_master=False,
+                              timeout=timedelta(seconds=STARTUP_S))
+        run = load_run(args.run, args.checkpoint)
+        store.set(f"loaded/{args.rank}", "1")
+        channel, device = _join(store, args.rank, args.tp)
+        shard_modules(run.modules, None, device)
+        engines = {key: DecodeEngine(m, max_slots=args.max_slots) for key, m in run.modules.items()}
+        dist.barrier(group=channel.group)
+        follow(channel, engines)
+        rc = 0
+    except Exception as e:  # noqa: BLE001 - one line: rank 0 sees this rank exit and stops the server
+        _log(event="tp_rank_stopped", rank=args.rank, error=f"{type(e).__name__}: {str(e)[:300]}")
+        rc = 1
+    # os._exit: gloo's threads were seen to abort while being destroyed at interpreter exit
+    # (tests/test_tensor_parallel.py's _exit_now); nothing is left to flush but the streams.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+if __name__ == "__main__":
+    main()
