@@ -126,22 +126,17 @@ def session(folder: Path, manifest: dict, provider: str):
 
 def run_steps(sess, manifest: dict, prompts: list[list[int]], tokens: np.ndarray) -> list[np.ndarray]:
     """Left-padded prefill, then one reference token per row per step; logits [B, V] of each."""
-    T = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), T), np.int64)
-    mask = np.zeros((len(prompts), T), np.int64)
-    for r, p in enumerate(prompts):
-        ids[r, T - len(p):] = p
-        mask[r, T - len(p):] = 1
-    past = [np.zeros((len(prompts), manifest["n_kv_head"], 0, manifest["head_dim"]), np.float32)
-            ] * (2 * manifest["n_layer"])
+    from model.onnx import prefill_feeds  # torch and this repo's model package: both on the GPU machine
+
+    feeds = prefill_feeds(prompts, manifest["n_layer"], manifest["n_kv_head"], manifest["head_dim"])
     names = manifest["inputs"]
     out = []
     for i in range(len(tokens) + 1):
-        logits, *past = sess.run(None, {"input_ids": ids, "attention_mask": mask, **dict(zip(names[2:], past))})
+        logits, *past = sess.run(None, feeds)
         out.append(logits[:, -1])
         if i < len(tokens):
-            ids = tokens[i][:, None]
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+            mask = np.concatenate([feeds["attention_mask"], np.ones((len(prompts), 1), np.int64)], axis=1)
+            feeds = {"input_ids": tokens[i][:, None], "attention_mask": mask, **dict(zip(names[2:], past))}
     return out
 
 

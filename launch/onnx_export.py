@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.onnx import export_decoder, input_names, output_names
+from model.onnx import export_decoder, input_names, output_names, prefill_feeds
 
 FORMATS = ("hf", "onnx", "onnx-int8")
 MANIFEST = "onnx.json"
@@ -92,14 +92,8 @@ class OrtDecoder:
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         """Left-pad `prompts`, run them, return logits [B, T, V] (padding positions included)."""
         m = self.manifest
-        T = max(len(p) for p in prompts)
-        ids = np.zeros((len(prompts), T), np.int64)
-        mask = np.zeros((len(prompts), T), np.int64)
-        for r, p in enumerate(prompts):
-            ids[r, T - len(p):] = p
-            mask[r, T - len(p):] = 1
-        empty = np.zeros((len(prompts), m["n_kv_head"], 0, m["head_dim"]), np.float32)
-        return self._run(ids, mask, [empty] * (2 * m["n_layer"]))
+        feeds = prefill_feeds(prompts, m["n_layer"], m["n_kv_head"], m["head_dim"])
+        return self._run(feeds["input_ids"], feeds["attention_mask"], [feeds[n] for n in m["inputs"][2:]])
 
     def step(self, tokens: list[int]) -> np.ndarray:
         """One token per row after what came before; returns logits [B, V]."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ConcatKVCache", "OnnxDecoder", "export_decoder", "input_names", "output_names"]
+__all__ = ["ConcatKVCache", "OnnxDecoder", "export_decoder", "input_names", "output_names", "prefill_feeds"]
 
 
 def input_names(n_layer: int) -> list[str]:
@@ -34,6 +34,21 @@ def input_names(n_layer: int) -> list[str]:
 
 def output_names(n_layer: int) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def prefill_feeds(prompts, n_layer: int, n_kv_head: int, head_dim: int) -> dict:
+    """The exported decoder's inputs for a prefill of `prompts` (lists of token ids): rows left-padded
+    to the longest, the mask 0 on padding, every past tensor empty (length 0). numpy arrays."""
+    import numpy as np
+
+    T = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), T), np.int64)
+    mask = np.zeros((len(prompts), T), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):] = p
+        mask[r, T - len(p):] = 1
+    empty = np.zeros((len(prompts), n_kv_head, 0, head_dim), np.float32)
+    return {"input_ids": ids, "attention_mask": mask, **dict.fromkeys(input_names(n_layer)[2:], empty)}
 
 
 class ConcatKVCache:
