@@ -21,7 +21,12 @@ prefix-hit rate (goal >= 2x round-robin's), p99 TTFT (goal <= 0.5x), and the bus
 replica's mean requests in flight (each request counted on its replica, from the `x-replica` header, over
 its e2e time; goal <= 1.5x).
 
-    python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router] [--rounds 3] [--threads 1]
+Prefix cache (--parts prefix): the decoding engine alone in this process on the trace's prompts, one at a
+time in arrival order, with its prefix cache off and on (side by side, two passes each, the second counted):
+prefill ms per request (the server's share of TTFT) and the share of prompt tokens whose keys came from the
+cache. The servers of the other parts run with the cache on (serving's default).
+
+    python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix] [--rounds 3] [--threads 1]
                                 [--max-tokens 128] [--rates 4,16,64] [--out bench/results/serve-cpu.md]
 Each part replaces its own section of the results file and its own key of the .json beside it.
 """
@@ -165,12 +170,14 @@ def start_server(run: Path, threads: int, *extra: str) -> tuple[subprocess.Popen
 BASIC = ("<!-- bench-serve: basic -->", "<!-- /bench-serve: basic -->")
 LOAD = ("<!-- bench-serve: load -->", "<!-- /bench-serve: load -->")
 ROUTER = ("<!-- bench-serve: router -->", "<!-- /bench-serve: router -->")
+PREFIX = ("<!-- bench-serve: prefix -->", "<!-- /bench-serve: prefix -->")
+PARTS = ("basic", "load", "router", "prefix")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="runs/gpt-tiny", help="a trained run (default: `make train`'s runs/gpt-tiny)")
-    p.add_argument("--parts", default="basic,load,router", help="which parts: basic, load, router")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"which parts: {', '.join(PARTS)}")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server's decoding loop")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -182,9 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve-cpu.md"))
     args = p.parse_args(argv)
     parts = args.parts.split(",")
-    unknown = set(parts) - {"basic", "load", "router"}
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from basic, load, router")
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     run = Path(args.run)
     if not (run / "checkpoints").is_dir():
         raise SystemExit(f"{run}: no trained run there; train it first (`make train` writes runs/gpt-tiny)")
@@ -209,6 +216,11 @@ def main(argv=None) -> int:
         stored["router"] = report
         js.write_text(json.dumps(stored, indent=1) + "\n")
         write_marked_section(out, f"{ROUTER[0]}\n{router_markdown(report, js.name)}{ROUTER[1]}\n", *ROUTER)
+    if "prefix" in parts:
+        report = prefix_test(run, args, command)
+        stored["prefix"] = report
+        js.write_text(json.dumps(stored, indent=1) + "\n")
+        write_marked_section(out, f"{PREFIX[0]}\n{prefix_markdown(report, js.name)}{PREFIX[1]}\n", *PREFIX)
     print(out.read_text())
     return 0
 
@@ -467,6 +479,62 @@ def router_markdown(r: dict, json_name: str) -> str:
         f"{met(r['p99_ttft_vs_round_robin'] <= 0.5)})",
         f"- busiest / least-busy replica's mean requests in flight, cache-aware: **{ca['in_flight_ratio']:.2f}x** "
         f"(goal <= 1.5x: {met(ca['in_flight_ratio'] <= 1.5)}; round-robin {rr['in_flight_ratio']:.2f}x)", ""])
+
+
+def prefix_test(run: Path, args, command: str) -> dict:
+    """The engine alone on the shared-prefix trace's prompts (see the module docstring): per request one
+    prefill, timed, then its release (the cache keeps the prompt's blocks), cache off and on in turn."""
+    import torch
+
+    from model.generate import DecodeEngine, SamplingParams
+    from serve.loader import load_run
+
+    load = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    loaded = load_run(run)
+    served = next(iter(loaded.models.values()))
+    module = loaded.modules[served.module_key]
+    prompts = [served.tokenizer.encode(r["prompt"]).ids for r in trace_requests(args.requests, args.agents)]
+    params = SamplingParams(temperature=0.8, seed=0, max_new_tokens=1)
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
+           "machine": cpu_name(), "threads": args.threads, "load_average_at_start": load, "agents": args.agents,
+           "requests": len(prompts), "mean_prompt_tokens": statistics.mean(map(len, prompts)), "cache": {}}
+    for k in range(2):  # the first pass warms up allocations and kernels
+        for on in (False, True):
+            engine = DecodeEngine(module, max_slots=N_CLIENTS, prefix_cache=on)
+            times = []
+            for ids in prompts:
+                start = time.perf_counter()
+                slot = engine.prefill([ids], params=params)[0].slot
+                times.append((time.perf_counter() - start) * 1000)
+                engine.release(slot)
+            if k == 1:
+                out["cache"]["on" if on else "off"] = {
+                    "median_prefill_ms": statistics.median(times), "p99_prefill_ms": percentile(times, 99),
+                    "mean_prefill_ms": statistics.mean(times), "prefix": engine.prefix_stats()}
+    off, on = out["cache"]["off"], out["cache"]["on"]
+    out["p99_prefill_on_vs_off"] = on["p99_prefill_ms"] / off["p99_prefill_ms"]
+    out["median_prefill_on_vs_off"] = on["median_prefill_ms"] / off["median_prefill_ms"]
+    return out
+
+
+def prefix_markdown(r: dict, json_name: str) -> str:
+    off, on = r["cache"]["off"], r["cache"]["on"]
+    st = on["prefix"]
+    return "\n".join([
+        "# Prefix cache: the engine on the shared-prefix trace, cache off against on", "",
+        f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts prefix\"`)  ",
+        f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared (1-minute load average {r['load_average_at_start']:.1f} "
+        f"at the start), {r['threads']} torch thread(s). Run `{r['run']}`, the {r['requests']} prompts of the trace above "
+        f"({r['agents']} agents, {r['mean_prompt_tokens']:.0f} tokens on average), one at a time, each prefilled and "
+        f"released (no HTTP). Raw figures: {json_name} (`prefix`).", "",
+        "| prefix cache | prefill p50 ms | prefill p99 ms | prefill mean ms | prompts with a hit | prompt tokens from the cache |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| off | {off['median_prefill_ms']:.2f} | {off['p99_prefill_ms']:.2f} | {off['mean_prefill_ms']:.2f} | - | - |",
+        f"| on | {on['median_prefill_ms']:.2f} | {on['p99_prefill_ms']:.2f} | {on['mean_prefill_ms']:.2f} | "
+        f"{st['hits']} / {st['lookups']} | {st['token_hit_rate']:.1%} ({st['hit_tokens']:,} of {st['prompt_tokens']:,}) |", "",
+        f"- prefill time with the cache on / off: p50 **{r['median_prefill_on_vs_off']:.2f}x**, p99 "
+        f"**{r['p99_prefill_on_vs_off']:.2f}x**", ""])
 
 
 if __name__ == "__main__":

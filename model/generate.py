@@ -37,6 +37,19 @@ base). A forward whose rows name none runs as without adapters, so a request wit
 whatever the model computes by itself (the base, or the adapter of an enclosing
 `agents.lora.use_adapter`). The engine imports nothing of the adapters.
 
+Prefix cache (`prefix_cache=True`: a budget of max_slots * max_len tokens, or a number of tokens;
+off by default): the keys and values of whole blocks of `prefix_block` tokens of earlier sequences
+(prompts at prefill, prompt + generated tokens at release) are kept in a `PrefixCache`, keyed by the
+block's tokens, everything before them and the row's adapter name. A prompt that starts with cached
+blocks gets them copied into its slot and prefills only the rest (at least its last token), in a
+second forward after the prompts without a hit, so those run exactly as with the cache off. A hit's
+logits equal a cold prefill's within float32 rounding (its new tokens attend through a mask, not
+the causal kernel), not bit for bit, which is why the cache is off unless asked for (serving turns
+it on; RL rollouts and `GPT.generate` keep it off). Keys are only valid for the weights that made
+them: a change of any parameter or buffer (its version counter or storage) clears the cache. A row's
+adapter is its name in `adapters=`: a caller that switches adapters around the engine (an enclosing
+`agents.lora.use_adapter`) must keep the cache off.
+
 Tensor parallelism: the engine gathers the vocabulary-sharded logits with `gather_logits` (by
 default the head's own `lm_head.gather_logits` when it has one), so every rank samples from the
 full distribution and, with the same seeds, emits the same tokens. The kv heads per layer are the
@@ -457,6 +470,10 @@ class DecodeEngine:
     too long prompt, a token outside the vocabulary, an unknown, busy, free or finished slot, no
     free slot) raises ValueError before anything changes.
 
+    prefix_cache: False (default), True (a budget of max_slots * max_len tokens) or a budget in
+    tokens; prefix_block: tokens per cached block (see the module docstring). `prefix_stats()`
+    reports its counters.
+
     Attention: a prefill runs its prompts right-padded in one causal forward (padding never precedes
     a real token, so no mask is needed); a decode step attends over each row's keys 0..length
     with a key-padding mask [B, 1, 1, L], L the longest row, and the grouped kv heads go to SDPA
@@ -498,6 +515,7 @@ class DecodeEngine:
             raise ValueError(f"prefix_cache is True, False or a number of tokens >= 0, got {prefix_cache!r}")
         self.prefix = PrefixCache(len(model.blocks), capacity, prefix_block) if capacity else None
         self._weights_stamp: tuple | None = None
+        self._watched: list[torch.Tensor] | None = None
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -620,8 +638,11 @@ class DecodeEngine:
     def _check_weights(self) -> None:
         """Cached keys belong to the weights that computed them: any change to a parameter or buffer
         in place (an optimizer step, load_state_dict, copy_: its version counter) or of its storage
-        clears the prefix cache."""
-        stamp = tuple((t._version, t.data_ptr()) for t in (*self.model.parameters(), *self.model.buffers()))
+        clears the prefix cache. The tensors are listed once, at the first lookup (walking the modules
+        costs ~1 ms a prefill): parameters added to the model later are not watched."""
+        if self._watched is None:
+            self._watched = [*self.model.parameters(), *self.model.buffers()]
+        stamp = tuple((t._version, t.data_ptr()) for t in self._watched)
         if stamp != self._weights_stamp:
             if self._weights_stamp is not None and len(self.prefix):
                 self.prefix.clear()

@@ -50,7 +50,7 @@ class Scheduler:
                  threads: int | None = None, engines: dict | None = None):
         # engines: ready ones with DecodeEngine's interface instead (serve.ort's OrtEngine), by module key
         self.engines = engines if engines is not None else {
-            key: DecodeEngine(m, max_slots=max_slots) for key, m in modules.items()}
+            key: DecodeEngine(m, max_slots=max_slots, prefix_cache=True) for key, m in modules.items()}
         self.metrics = metrics
         self.threads = threads
         self._cond = threading.Condition()
