@@ -204,8 +204,9 @@ class _SSE:
         except (ClientGone, OSError):
             status, error = 499, "client disconnected"
         except Exception as e:  # noqa: BLE001 - report it in the stream, then close it
-            status, error = 500, repr(e)
-            body = APIError(500, f"generation failed: {e!r}", type="server_error", code="engine_error").body()
+            status, error = getattr(e, "http_status", 500), repr(e)  # as for a request without streaming
+            body = APIError(status, f"generation failed: {e!r}", type="server_error",
+                            code="unavailable" if status == 503 else "engine_error").body()
             try:
                 await send({"type": "http.response.body", "body": _sse(body), "more_body": False})
             except OSError:

@@ -153,9 +153,8 @@ def main(argv=None) -> int:
     finally:
         if ranks is not None:
             ranks.stop()  # every other rank exits (after the requests in flight, which uvicorn waited for)
-    lost = ranks is not None and ranks.lost
-    print(json.dumps({"event": "stopped", "run": str(run.run_dir), "error": ranks.channel.dead if lost else None}),
-          file=sys.stderr, flush=True)
+    lost = ranks.lost if ranks is not None else None
+    print(json.dumps({"event": "stopped", "run": str(run.run_dir), "error": lost}), file=sys.stderr, flush=True)
     return 1 if lost else 0
 
 

@@ -79,7 +79,7 @@ class Ranks:
 
     def __init__(self, procs: list[subprocess.Popen], channel: Channel, device: torch.device):
         self.procs, self.channel, self.device = procs, channel, device
-        self.lost = False
+        self.lost: str | None = None  # why the group broke while serving
         # Set by serve.cli.start_tp once this rank's modules are sharded:
         self.engines: dict = {}  # module key -> LockstepEngine
         self.threads = 1  # torch threads per rank
@@ -89,22 +89,29 @@ class Ranks:
     def watch(self, period: float = 0.1) -> None:
         """In a thread: a rank that exits (or a broken channel) while serving stops the server."""
 
+        def exited() -> dict[int, int]:
+            return {r: p.returncode for r, p in enumerate(self.procs, 1) if p.poll() is not None}
+
         def loop():
             while not self._stopping:
-                why = self.channel.dead
-                for r, p in enumerate(self.procs, 1):
-                    rc = p.poll()
-                    if rc is not None:
-                        why = f"tensor-parallel rank {r} exited with code {rc}"
-                if why is not None and not self._stopping:
-                    self.channel.mark_dead(why)
-                    self.lost = True
-                    _log(event="tp_rank_lost", error=self.channel.dead)
-                    # uvicorn's graceful shutdown (requests in flight fail fast now), with a hard deadline.
-                    threading.Timer(EXIT_GRACE_S, os._exit, (1,)).start()
-                    os.kill(os.getpid(), signal.SIGTERM)
+                gone = exited()
+                if not gone and self.channel.dead is None:
+                    time.sleep(period)
+                    continue
+                if not gone:  # a collective failed: a rank that died is seen exited a moment later
+                    time.sleep(1.0)
+                    gone = exited()
+                if self._stopping:
                     return
-                time.sleep(period)
+                failure = self.channel.dead
+                why = "; ".join(f"tensor-parallel rank {r} exited with code {rc}" for r, rc in gone.items()) or failure
+                self.channel.mark_dead(why)
+                self.lost = why
+                _log(event="tp_rank_lost", error=why, failure=failure if failure != why else None)
+                # uvicorn's graceful shutdown (requests in flight fail fast now), with a hard deadline.
+                threading.Timer(EXIT_GRACE_S, os._exit, (1,)).start()
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
         threading.Thread(target=loop, name="tp-watch", daemon=True).start()
         self.channel.start_heartbeat()
