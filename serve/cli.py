@@ -164,9 +164,7 @@ def start_tp(args: argparse.Namespace, run):
     import torch
     import torch.distributed as dist
 
-    from model.generate import DecodeEngine
-
-    from .tp import LockstepEngine, parameter_bytes, shard_modules
+    from .tp import LockstepEngine, make_engine, parameter_bytes, shard_modules
     from .tp_ranks import default_threads, start_ranks
 
     threads = args.threads or default_threads(args.tp)
@@ -184,7 +182,7 @@ def start_tp(args: argparse.Namespace, run):
     shard_modules(run.modules, None, ranks.device)
     ranks.threads = threads
     ranks.parameter_bytes = {key: parameter_bytes(m) for key, m in run.modules.items()}
-    ranks.engines = {key: LockstepEngine(ranks.channel, key, DecodeEngine(m, max_slots=args.max_slots))
+    ranks.engines = {key: LockstepEngine(ranks.channel, key, make_engine(m, args.max_slots))
                      for key, m in run.modules.items()}
     dist.barrier(group=ranks.channel.group)
     return ranks

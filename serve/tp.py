@@ -39,8 +39,8 @@ from trainer.errors import UsageError
 from .loader import LoadedRun
 from .scheduler import Scheduler
 
-__all__ = ["Channel", "LockstepEngine", "RankLost", "TPScheduler", "check_tp", "follow", "parameter_bytes",
-           "shard_modules"]
+__all__ = ["Channel", "LockstepEngine", "RankLost", "TPScheduler", "check_tp", "follow", "make_engine",
+           "parameter_bytes", "shard_modules"]
 
 HEARTBEAT_S = 5.0  # an idle rank 0 pings this often, so the other ranks' waits never reach the group timeout
 
@@ -74,6 +74,13 @@ def shard_modules(modules: dict[str, torch.nn.Module], group=None, device: torch
         apply_tensor_parallel(module, group)
         if device is not None:
             module.to(device)
+
+
+def make_engine(module: torch.nn.Module, max_slots: int) -> DecodeEngine:
+    """One rank's engine over its shard, configured as serve.scheduler configures the unpartitioned one
+    (the prefix cache on: its hits and evictions follow from the calls alone, so they are the same on
+    every rank)."""
+    return DecodeEngine(module, max_slots=max_slots, prefix_cache=True)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -170,6 +177,9 @@ class LockstepEngine:
 
     def running_slots(self) -> list[int]:
         return self.engine.running_slots()
+
+    def prefix_stats(self) -> dict | None:
+        return self.engine.prefix_stats()
 
     def prefill(self, prompts, slots, params, adapters=None) -> list[StepOutput]:
         params = [_seeded(p) for p in params]

@@ -33,9 +33,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from model.generate import DecodeEngine
-
-from .tp import Channel, follow, shard_modules
+from .tp import Channel, follow, make_engine, shard_modules
 
 __all__ = ["Ranks", "default_threads", "main", "start_ranks"]
 
@@ -189,7 +187,7 @@ def main(argv=None) -> int:
         store.set(f"loaded/{args.rank}", "1")
         channel, device = _join(store, args.rank, args.tp)
         shard_modules(run.modules, None, device)
-        engines = {key: DecodeEngine(m, max_slots=args.max_slots) for key, m in run.modules.items()}
+        engines = {key: make_engine(m, args.max_slots) for key, m in run.modules.items()}
         dist.barrier(group=channel.group)
         follow(channel, engines)
         rc = 0

@@ -99,13 +99,13 @@ def test_sharded_engine_logits_equal_the_full_models(style):
 
 def _lockstep_worker(rank, world, style):
     from model.generate import DecodeEngine, SamplingParams
-    from serve.tp import Channel, LockstepEngine, follow, shard_modules
+    from serve.tp import Channel, LockstepEngine, follow, make_engine, shard_modules
 
     ref = build(style, max_seq_len=32).eval()
     model = copy.deepcopy(ref)
     shard_modules({"m": model})
     channel = Channel(dist.new_group(backend="gloo"))
-    engine = DecodeEngine(model, max_slots=2)
+    engine = make_engine(model, max_slots=2)  # the server's engine, its prefix cache on
     torch.manual_seed(1000 + rank)  # the ranks' default generators differ, as nothing keeps them alike
     if rank == 1:
         follow(channel, {"m": engine})
@@ -123,12 +123,22 @@ def _lockstep_worker(rank, world, style):
     for _ in range(3):
         assert [o.token for o in lock.decode([0, 1])] == [o.token for o in plain.decode([0, 1])]
     lock.release(1)
+    plain.release(1)
     with pytest.raises(ValueError, match="outside the vocabulary"):  # refused on both ranks, still in step
         lock.prefill([[10 ** 6]], [1], [greedy])
     # No seed: rank 0 gives the row one, so rank 1 draws the same tokens (its check would fail otherwise).
     lock.prefill([[8, 9]], [1], [SamplingParams(temperature=1.0, max_new_tokens=30)])
     lock.decode([0, 1])
     lock.release(1)
+    # A 20-token prompt twice: the second prefill takes its first 16-token block from the prefix cache.
+    long, short = list(range(40, 60)), SamplingParams(temperature=0, max_new_tokens=3)
+    for _ in range(2):
+        got = [o.token for o in lock.prefill([long], [1], [short])] + [o.token for o in lock.decode([1])]
+        want = [o.token for o in plain.prefill([long], [1], [short])] + [o.token for o in plain.decode([1])]
+        assert got == want
+        lock.release(1)
+        plain.release(1)
+    assert lock.prefix_stats()["hit_tokens"] >= 16
     lock.decode([0])
     channel.close()
     assert channel.dead == "the server has stopped"
