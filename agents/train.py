@@ -227,6 +227,10 @@ def train_agents(recipe: Recipe, dist: DistInfo) -> dict:
         from .games.selfplay import train_game
 
         return train_game(recipe, dist)
+    if recipe.env.name == "debate_arith":  # debate and multi-agent fine-tuning (agents/debate/loop.py)
+        from .debate.loop import train_debate
+
+        return train_debate(recipe, dist)
     dims = ParallelDims.build(dist.world_size, dist.rank)
     check_agents(recipe, dist.world_size)  # the launcher checked already; a rank started otherwise checks here
     ctx = RunContext(recipe, dims, dist.device)

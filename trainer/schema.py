@@ -268,6 +268,19 @@ class DistillSection(Section):
     temperature: float = _f(1.0, "softmax temperature of both models in the distillation loss (scaled by T^2)", gt=0.0)
 
 
+class DebateSection(Section):
+    iterations: NonNegInt = _f(3, "env debate_arith: rounds of multi-agent fine-tuning (K): debate, pseudo-label, SFT")
+    train_problems: PosInt = _f(500, "env debate_arith: new problems debated per iteration (never the held-out ones)")
+    heldout_problems: PosInt = _f(500, "env debate_arith: the fixed held-out problems every evaluation uses")
+    min_votes: PosInt = _f(2, "env debate_arith: votes the most common final answer needs to become a pseudo-label")
+    sft_epochs: PosInt = _f(1, "env debate_arith: passes over an agent's selected responses per iteration")
+    sft_batch: PosInt = _f(32, "env debate_arith: responses per SFT step (cross-entropy on the response tokens)")
+    baseline: bool = _f(True, "env debate_arith: also train the single-agent self-training baseline (agent "
+                        "'single', from the first agent's settings) side by side")
+    samples: PosInt | None = _f(None, "env debate_arith: the baseline's samples per problem; null = agents x rounds "
+                                "(the debate's responses per problem, so both generate as many tokens)")
+
+
 class Recipe(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -283,6 +296,7 @@ class Recipe(Section):
     env: EnvSection = EnvSection()
     rl: RLSection = RLSection()
     distill: DistillSection = DistillSection()
+    debate: DebateSection = DebateSection()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Recipe:
@@ -321,6 +335,7 @@ class Recipe(Section):
         self._check_sync()
         self._check_agents()
         self._check_distill()
+        self._check_debate()
         if self.train.resume not in ("none", "auto") and not self.train.resume.strip():
             raise ValueError("train.resume must be none, auto or a checkpoint path")
         return self
@@ -336,6 +351,21 @@ class Recipe(Section):
                              "ZeRO 0-3 and data parallelism are allowed")
         if self.agents or self.sync.strategy != "allreduce":
             raise ValueError("distill.teacher cannot be combined with agents or a sync strategy")
+
+    def _check_debate(self) -> None:
+        if self.env.name != "debate_arith":
+            if self.debate != DebateSection():
+                raise ValueError(f"debate.* keys need env.name=debate_arith (got env.name={self.env.name or 'unset'})")
+            return
+        if self.agents and self.world_size() != 1:
+            raise ValueError(f"env debate_arith runs in one process (launch.procs_per_node=1, launch.nodes=1); got "
+                             f"{self.world_size()} processes")
+        if self.debate.samples is not None and self.debate.samples < 2:
+            raise ValueError(f"debate.samples={self.debate.samples}: the baseline votes over its samples, so it needs "
+                             ">= 2 (or null: agents x rounds)")
+        if self.agents and "single" in self.agents and self.debate.baseline:
+            raise ValueError("agents: 'single' is the name of the debate.baseline agent; name the debaters otherwise "
+                             "(the env's agent_0, agent_1, ...)")
 
     def _check_phases(self) -> None:
         t = self.train

@@ -8,7 +8,8 @@
 
 Registered names (`ENVS`): signaling (`SignalingEnv`, the Lewis referential game), split_arith
 (`SplitArithEnv`, arithmetic split between two agents), gvr_arith (`GVRArithEnv`, generator -> verifier ->
-refiner on arithmetic), traffic (`TrafficEnv`, traffic lights on
+refiner on arithmetic), debate_arith (`DebateArithEnv`, N agents debating
+a+b*c+d-e*f over R rounds), traffic (`TrafficEnv`, traffic lights on
 SUMO through sumo-rl, every light acting at every step), openspiel (`GameEnv`, two-player OpenSpiel games:
 Kuhn and Leduc poker, matrix games; agents.games trains them by self-play). `make_env(name, **kwargs)` is what a recipe's
 `env:` section calls (`env.name` and the rest as keyword arguments); an unknown name or argument is a
@@ -21,17 +22,19 @@ import inspect
 from collections.abc import Callable
 
 from .base import CHARSET, WAIT, TextParallelEnv, clean
+from .debate_arith import DebateArithEnv
 from .games import GameEnv
 from .gvr_arith import GVRArithEnv
 from .signaling import SignalingEnv
 from .split_arith import SplitArithEnv
 from .traffic import TrafficEnv
 
-__all__ = ["CHARSET", "ENVS", "WAIT", "GVRArithEnv", "GameEnv", "SignalingEnv", "SplitArithEnv", "TextParallelEnv", "clean",
+__all__ = ["CHARSET", "ENVS", "WAIT", "DebateArithEnv", "GVRArithEnv", "GameEnv", "SignalingEnv", "SplitArithEnv", "TextParallelEnv", "clean",
            "env_arguments", "make_env", "register_env"]
 
 ENVS: dict[str, Callable] = {"signaling": SignalingEnv, "split_arith": SplitArithEnv, "traffic": TrafficEnv,
-                           "openspiel": GameEnv, "gvr_arith": GVRArithEnv}
+                           "openspiel": GameEnv, "gvr_arith": GVRArithEnv,
+                           "debate_arith": DebateArithEnv}
 
 
 def register_env(name: str, constructor: Callable) -> None:

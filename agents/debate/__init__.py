@@ -1,0 +1,1 @@
+"""Multi-agent debate and multi-agent fine-tuning on arithmetic (recipe debate-arith): see agents/debate/loop.py."""
