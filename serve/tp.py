@@ -25,6 +25,7 @@ other exception in a call leaves the ranks' states unknown and is treated as a l
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 import threading
 import time
@@ -42,6 +43,7 @@ from .scheduler import Scheduler
 __all__ = ["Channel", "LockstepEngine", "RankLost", "TPScheduler", "check_tp", "follow", "make_engine",
            "parameter_bytes", "shard_modules"]
 
+FRAME = 16384  # bytes of a message's first broadcast: every usual engine call fits in it
 HEARTBEAT_S = 5.0  # an idle rank 0 pings this often, so the other ranks' waits never reach the group timeout
 
 _RNG = random.SystemRandom()
@@ -111,6 +113,7 @@ class Channel:
         self.check = None  # rank 0's tokens of the previous call, sent with the next message
         self.last_sent = time.monotonic()
         self._stop = threading.Event()
+        self._frame = torch.zeros(FRAME, dtype=torch.uint8)
 
     # ---- rank 0 -----------------------------------------------------------------------------------
 
@@ -123,7 +126,7 @@ class Channel:
         if self.dead is not None:
             raise RankLost(self.dead)
         try:
-            dist.broadcast_object_list([{**msg, "check": self.check}], src=0, group=self.group)
+            self._broadcast(pickle.dumps({**msg, "check": self.check}, protocol=pickle.HIGHEST_PROTOCOL))
         except Exception as e:  # noqa: BLE001 - gloo: "Connection closed by peer" and the like
             self.mark_dead(f"a tensor-parallel rank is gone: {_first_line(e)}")
             raise RankLost(self.dead) from e
@@ -159,9 +162,28 @@ class Channel:
     # ---- the other ranks ---------------------------------------------------------------------------
 
     def receive(self) -> dict:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        frame = self._frame
+        dist.broadcast(frame, 0, group=self.group)
+        raw = frame.numpy().tobytes()
+        n = int.from_bytes(raw[:8], "little")
+        data = raw[8:8 + n]
+        if n > FRAME - 8:
+            rest = torch.empty(n - (FRAME - 8), dtype=torch.uint8)
+            dist.broadcast(rest, 0, group=self.group)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
+
+    # ---- the wire -----------------------------------------------------------------------------------
+
+    def _broadcast(self, data: bytes) -> None:
+        """A message is one broadcast of FRAME bytes (its length, then its start) and, when longer, one
+        more of the rest. torch's broadcast_object_list cost ~1.1 ms a message here (two broadcasts and
+        its own conversions), against ~0.15 ms for one 16 KiB frame, in every decode step."""
+        head = len(data).to_bytes(8, "little") + data[:FRAME - 8]
+        self._frame[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        dist.broadcast(self._frame, 0, group=self.group)
+        if len(data) > FRAME - 8:
+            dist.broadcast(torch.frombuffer(bytearray(data[FRAME - 8:]), dtype=torch.uint8), 0, group=self.group)
 
 
 class LockstepEngine:

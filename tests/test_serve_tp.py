@@ -150,6 +150,25 @@ def test_lockstep_engine_keeps_the_other_rank_in_step(style):
     spawn(_lockstep_worker, 2, style)
 
 
+def _channel_worker(rank, world):
+    from serve.tp import FRAME, Channel
+
+    channel = Channel(dist.new_group(backend="gloo"))
+    # Around the frame's size: messages of one broadcast, of exactly its size, and of a frame and more.
+    messages = [{"op": "x", "blob": bytes(range(256)) * (k // 256) + b"z" * (k % 256)}
+                for k in (0, 100, FRAME - 80, FRAME - 60, FRAME - 40, FRAME, 3 * FRAME + 7)]
+    for m in messages:
+        if rank == 0:
+            with channel.lock:
+                channel.send_locked(m)
+        else:
+            assert channel.receive() == {**m, "check": None}
+
+
+def test_channel_messages_of_any_size():
+    spawn(_channel_worker, 2)
+
+
 # ------------------------------------------------------------------------------- servers
 
 
