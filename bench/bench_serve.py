@@ -25,6 +25,11 @@ Prefix cache (--parts prefix): the decoding engine alone in this process on the 
 time in arrival order, with its prefix cache off and on (side by side, two passes each, the second counted):
 prefill ms per request (the server's share of TTFT) and the share of prompt tokens whose keys came from the
 cache. The servers of the other parts run with the cache on (serving's default).
+Chunked prefill (--parts chunked): the engine alone, continuous batching over 8 slots of the 16 ragged prompts
+(64 new tokens) interleaved with 16 of the trace's long prompts (16 new tokens), so long prompts join while
+other rows decode: the gaps between consecutive tokens of a request (what a running row waits per token), with
+whole prefills against at most --prefill-chunk prompt tokens per step (`DecodeEngine.stream(prefill_chunk=)`);
+the server does not chunk yet.
 
     python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix] [--rounds 3] [--threads 1]
                                 [--max-tokens 128] [--rates 4,16,64] [--out bench/results/serve-cpu.md]
@@ -171,7 +176,8 @@ BASIC = ("<!-- bench-serve: basic -->", "<!-- /bench-serve: basic -->")
 LOAD = ("<!-- bench-serve: load -->", "<!-- /bench-serve: load -->")
 ROUTER = ("<!-- bench-serve: router -->", "<!-- /bench-serve: router -->")
 PREFIX = ("<!-- bench-serve: prefix -->", "<!-- /bench-serve: prefix -->")
-PARTS = ("basic", "load", "router", "prefix")
+CHUNKED = ("<!-- bench-serve: chunked -->", "<!-- /bench-serve: chunked -->")
+PARTS = ("basic", "load", "router", "prefix", "chunked")
 
 
 def main(argv=None) -> int:
@@ -186,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--agents", type=int, default=6, help="agents (shared prefixes) of the multi-agent trace")
     p.add_argument("--trace-rate", type=float, default=12.0, help="arrivals/s of the shared-prefix trace")
     p.add_argument("--cache-slack", type=int, default=None, help="router: the cache_aware slack (default: the server's)")
+    p.add_argument("--prefill-chunk", type=int, default=32, help="chunked: prompt tokens per engine step")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve-cpu.md"))
     args = p.parse_args(argv)
     parts = args.parts.split(",")
@@ -221,6 +228,11 @@ def main(argv=None) -> int:
         stored["prefix"] = report
         js.write_text(json.dumps(stored, indent=1) + "\n")
         write_marked_section(out, f"{PREFIX[0]}\n{prefix_markdown(report, js.name)}{PREFIX[1]}\n", *PREFIX)
+    if "chunked" in parts:
+        report = chunked_test(run, args, command)
+        stored["chunked"] = report
+        js.write_text(json.dumps(stored, indent=1) + "\n")
+        write_marked_section(out, f"{CHUNKED[0]}\n{chunked_markdown(report, js.name)}{CHUNKED[1]}\n", *CHUNKED)
     print(out.read_text())
     return 0
 
@@ -530,6 +542,69 @@ def prefix_test(run: Path, args, command: str) -> dict:
     out["p99_prefill_on_vs_off"] = on["p99_prefill_ms"] / off["p99_prefill_ms"]
     out["median_prefill_on_vs_off"] = on["median_prefill_ms"] / off["median_prefill_ms"]
     return out
+
+
+def chunked_test(run: Path, args, command: str) -> dict:
+    """The engine alone (see the module docstring): token gaps with whole and with chunked prefills,
+    5 alternating rounds after a warm-up, the median of each round's figures."""
+    import torch
+
+    from model.generate import DecodeEngine, SamplingParams
+    from serve.loader import load_run
+
+    load = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    loaded = load_run(run)
+    served = next(iter(loaded.models.values()))
+    module = loaded.modules[served.module_key]
+    longs = [served.tokenizer.encode(r["prompt"]).ids for r in trace_requests(N_CLIENTS, args.agents)]
+    shorts = [served.tokenizer.encode(p).ids for p in PROMPTS]
+    prompts = [p for pair in zip(shorts, longs) for p in pair]
+    params = [SamplingParams(temperature=0.8, seed=i, max_new_tokens=64 if i % 2 == 0 else 16)
+              for i in range(len(prompts))]
+
+    def gaps(chunk):
+        engine = DecodeEngine(module, max_slots=8)
+        last: dict[int, float] = {}
+        out: list[float] = []
+        start = time.perf_counter()
+        for i, _ in engine.stream(prompts, params, prefill_chunk=chunk):
+            t = time.perf_counter()
+            if i in last:
+                out.append((t - last[i]) * 1000)
+            last[i] = t
+        return {"p50_gap_ms": percentile(out, 50), "p99_gap_ms": percentile(out, 99), "max_gap_ms": max(out),
+                "wall_s": time.perf_counter() - start}
+
+    rounds: dict[str, list[dict]] = {"whole": [], "chunked": []}
+    for k in range(6):
+        for name, chunk in (("whole", None), ("chunked", args.prefill_chunk)):
+            g = gaps(chunk)
+            if k:
+                rounds[name].append(g)
+    med = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in rounds.items()}
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
+            "machine": cpu_name(), "threads": args.threads, "load_average_at_start": load, "slots": 8,
+            "prefill_chunk": args.prefill_chunk, "mean_long_prompt_tokens": statistics.mean(map(len, longs)),
+            "rounds": rounds, "median": med,
+            "p99_gap_chunked_vs_whole": med["chunked"]["p99_gap_ms"] / med["whole"]["p99_gap_ms"]}
+
+
+def chunked_markdown(r: dict, json_name: str) -> str:
+    rows = [f"| {name} | {m['p50_gap_ms']:.2f} | {m['p99_gap_ms']:.2f} | {m['max_gap_ms']:.1f} | {m['wall_s']:.2f} |"
+            for name, m in (("whole prompts", r["median"]["whole"]),
+                            (f"chunks of {r['prefill_chunk']} tokens", r["median"]["chunked"]))]
+    return "\n".join([
+        "# Chunked prefill: the engine's token gaps while long prompts join", "",
+        f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts chunked\"`)  ",
+        f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared (1-minute load average {r['load_average_at_start']:.1f} "
+        f"at the start), {r['threads']} torch thread(s). Run `{r['run']}`, the engine alone (no HTTP, the server does not "
+        f"chunk yet): 8 slots, the 16 ragged prompts (64 new tokens) interleaved with 16 trace prompts of "
+        f"{r['mean_long_prompt_tokens']:.0f} tokens on average (16 new tokens), seeded sampling; gaps between a "
+        f"request's consecutive tokens, median of 5 rounds (whole and chunked alternating). Raw figures: {json_name} "
+        "(`chunked`).", "",
+        "| prefill | gap p50 ms | gap p99 ms | gap max ms | wall s |", "|---|---:|---:|---:|---:|", *rows, "",
+        f"- p99 gap, chunked / whole: **{r['p99_gap_chunked_vs_whole']:.2f}x**", ""])
 
 
 def prefix_markdown(r: dict, json_name: str) -> str:

@@ -426,6 +426,7 @@ class _Request:
     prompt_len: int
     adapter: str | None = None
     tokens: list[int] = field(default_factory=list)  # prompt + generated: what the prefix cache keeps
+    prefilling: bool = False  # admitted, prompt not fully computed (chunked prefill)
     last: int = -1  # sampled, not yet in the cache
     n_generated: int = 0
     finished: bool = False
@@ -474,6 +475,13 @@ class DecodeEngine:
     tokens; prefix_block: tokens per cached block (see the module docstring). `prefix_stats()`
     reports its counters.
 
+    Chunked prefill: `admit(prompts, slots, params)` takes slots without a forward (only the prefix
+    cache's copies); `prefill_step(max_tokens)` then computes at most max_tokens of the admitted
+    prompts' remaining tokens in one forward (oldest first) and returns the first tokens of the
+    prompts it completed; between such steps the running rows keep decoding. A chunk continues a row
+    from its length like a prefix-cache hit (masked, float32 rounding from a whole prefill).
+    `stream`/`generate(..., prefill_chunk=N)` run the loop that way.
+
     Attention: a prefill runs its prompts right-padded in one causal forward (padding never precedes
     a real token, so no mask is needed); a decode step attends over each row's keys 0..length
     with a key-padding mask [B, 1, 1, L], L the longest row, and the grouped kv heads go to SDPA
@@ -515,6 +523,7 @@ class DecodeEngine:
             raise ValueError(f"prefix_cache is True, False or a number of tokens >= 0, got {prefix_cache!r}")
         self.prefix = PrefixCache(len(model.blocks), capacity, prefix_block) if capacity else None
         self._weights_stamp: tuple | None = None
+        self._prefilling: list[int] = []  # admitted slots whose prompt is not computed yet, oldest first
         self._watched: list[torch.Tensor] | None = None
 
     # ---- state ---------------------------------------------------------------------------------
@@ -525,7 +534,7 @@ class DecodeEngine:
 
     def running_slots(self) -> list[int]:
         """Slots whose request has not finished, in increasing order."""
-        return [s for s, r in enumerate(self._requests) if r is not None and not r.finished]
+        return [s for s, r in enumerate(self._requests) if r is not None and not r.finished and not r.prefilling]
 
     def length(self, slot: int) -> int:
         """Tokens of the slot's sequence so far (prompt + generated)."""
@@ -546,6 +555,8 @@ class DecodeEngine:
         if self.prefix is not None:
             row = self._row_of[slot]
             self.prefix.store(self.cache, row, r.tokens[:self.cache.lengths[row]], r.adapter)
+        if r.prefilling:
+            self._prefilling.remove(slot)
         row, last = self._row_of.pop(slot), len(self._slot_of) - 1
         moved = self._slot_of.pop()
         if row != last:
@@ -569,23 +580,7 @@ class DecodeEngine:
         n = len(prompts)
         if n == 0:
             return []
-        params = self._params(params, n)
-        adapters = self._adapters(adapters, n)
-        if slots is None:
-            free = self.free_slots()
-            if len(free) < n:
-                raise ValueError(f"no free slot: {n} prompts, {len(free)} of {self.max_slots} slots free")
-            slots = free[:n]
-        slots = [self._slot_id(s) for s in slots]
-        if len(slots) != n:
-            raise ValueError(f"{n} prompts but {len(slots)} slots")
-        if len(set(slots)) != n:
-            raise ValueError(f"a slot is given twice: {slots}")
-        for s in slots:
-            if self._requests[s] is not None:
-                raise ValueError(f"slot {s} is in use; release it first (free: {self.free_slots()})")
-        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
-
+        prompts, slots, params, adapters = self._claim(prompts, slots, params, adapters)
         reuse = self._lookup(prompts, adapters)
         # Prompts without a cached prefix run first, as one plain causal forward (exactly as with the
         # cache off), then those with one, as one forward over their new tokens; rows stay packed.
@@ -616,6 +611,103 @@ class DecodeEngine:
             for i in range(n):
                 self.prefix.store(self.cache, row_of[i], prompts[i], adapters[i])
         return self._emit(slots, logits)
+
+    def admit(self, prompts: Sequence[Sequence[int]], slots: Sequence[int] | None = None,
+              params: SamplingParams | Sequence[SamplingParams] | None = None,
+              adapters: Sequence[str | None] | None = None) -> list[int]:
+        """Chunked prefill, first half: take slots for `prompts` (arguments as in `prefill`) without
+        running anything but the prefix cache's copies; the prompts are then computed by
+        `prefill_step` calls, a bounded number of tokens at a time, between decode steps of the
+        running rows. Returns the slots, in the order given. A slot admitted but not yet prefilled is
+        neither free nor running (`prefilling_slots()`); `release` frees it like any other."""
+        if not prompts:
+            return []
+        prompts, slots, params, adapters = self._claim(prompts, slots, params, adapters)
+        reuse = self._lookup(prompts, adapters)
+        base = len(self._slot_of)
+        for k, (s, p, prompt, a, (blocks, reused)) in enumerate(zip(slots, params, prompts, adapters, reuse)):
+            row = base + k
+            if reused:
+                self.prefix.load(self.cache, row, blocks)
+                self.cache.lengths[row] = reused
+            gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else p.generator
+            self._requests[s] = _Request(p, gen, len(prompt), a, tokens=list(prompt), prefilling=True)
+            self._row_of[s] = row
+            self._slot_of.append(s)
+            self._prefilling.append(s)
+        return slots
+
+    def prefilling_slots(self) -> list[int]:
+        """Slots admitted by `admit` whose prompt is not fully computed yet, in admission order."""
+        return list(self._prefilling)
+
+    def prefill_step(self, max_tokens: int | None = None) -> list[StepOutput]:
+        """Chunked prefill, second half: one forward over at most `max_tokens` (None: all) of the
+        admitted prompts' remaining tokens, oldest admission first (a prompt longer than the budget
+        goes on where it stopped next time). Returns the first token of each prompt that this step
+        completed, in admission order. If the forward fails, nothing advances (the rows can be
+        released, or the step retried)."""
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (None: no limit), got {max_tokens}")
+        budget = float("inf") if max_tokens is None else max_tokens
+        chosen = []  # (slot, row, start, new tokens)
+        for s in self._prefilling:
+            if budget <= 0:
+                break
+            row = self._row_of[s]
+            start = self.cache.lengths[row]
+            n = int(min(self._requests[s].prompt_len - start, budget))
+            budget -= n
+            chosen.append((s, row, start, n))
+        if not chosen:
+            return []
+        reqs = [self._requests[s] for s, _, _, _ in chosen]
+        T = max(n for _, _, _, n in chosen)
+        ids = torch.tensor([r.tokens[start:start + n] + [0] * (T - n) for r, (_, _, start, n) in zip(reqs, chosen)],
+                           dtype=torch.long, device=self.device)
+        done = [b for b, (r, (_, _, start, n)) in enumerate(zip(reqs, chosen)) if start + n == r.prompt_len]
+        rows = [row for _, row, _, _ in chosen]
+        try:
+            with _Inference(self.model), self._rows_context([r.adapter for r in reqs]):
+                self.cache.select(rows, [start + n for _, _, start, n in chosen], prefill=True)
+                h = self.model.hidden_states(ids, kv_cache=self.cache)
+                logits = None
+                if done:
+                    last = torch.tensor([chosen[b][3] - 1 for b in done], device=self.device)
+                    logits = self._logits(h[torch.tensor(done, device=self.device), last][:, None])
+        except BaseException:
+            for _, row, start, _ in chosen:
+                self.cache.lengths[row] = start
+            raise
+        slots = [chosen[b][0] for b in done]
+        for s in slots:
+            self._requests[s].prefilling = False
+            self._prefilling.remove(s)
+            if self.prefix is not None:
+                r = self._requests[s]
+                self.prefix.store(self.cache, self._row_of[s], r.tokens, r.adapter)
+        return self._emit(slots, logits) if slots else []
+
+    def _claim(self, prompts, slots, params, adapters):
+        """Checked (prompts, slots, params, adapters) of new requests; ValueError before any change."""
+        n = len(prompts)
+        params = self._params(params, n)
+        adapters = self._adapters(adapters, n)
+        if slots is None:
+            free = self.free_slots()
+            if len(free) < n:
+                raise ValueError(f"no free slot: {n} prompts, {len(free)} of {self.max_slots} slots free")
+            slots = free[:n]
+        slots = [self._slot_id(s) for s in slots]
+        if len(slots) != n:
+            raise ValueError(f"{n} prompts but {len(slots)} slots")
+        if len(set(slots)) != n:
+            raise ValueError(f"a slot is given twice: {slots}")
+        for s in slots:
+            if self._requests[s] is not None:
+                raise ValueError(f"slot {s} is in use; release it first (free: {self.free_slots()})")
+        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+        return prompts, slots, params, adapters
 
     def _lookup(self, prompts, adapters) -> list[tuple[list[int], int]]:
         """Per prompt: (prefix-cache blocks to copy, prompt tokens they cover and need no forward).
@@ -677,6 +769,8 @@ class DecodeEngine:
             r = self._request(s)
             if r.finished:
                 raise ValueError(f"slot {s} has finished ({r.finish_reason}); release it")
+            if r.prefilling:
+                raise ValueError(f"slot {s} is still prefilling its prompt (prefill_step)")
         order = sorted(range(len(slots)), key=lambda i: self._row_of[slots[i]])
         rows = [self._row_of[slots[i]] for i in order]
         reqs = [self._requests[slots[i]] for i in order]
@@ -695,11 +789,17 @@ class DecodeEngine:
 
     def stream(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams] | None = None,
-               adapters: Sequence[str | None] | None = None) -> Iterator[tuple[int, StepOutput]]:
+               adapters: Sequence[str | None] | None = None,
+               prefill_chunk: int | None = None) -> Iterator[tuple[int, StepOutput]]:
         """Decode all prompts with continuous batching over the free slots: every step admits
         waiting requests (in order) into the free slots with one prefill, then advances every
         running request by one token; finished requests are released at once. Yields
-        (index of the prompt, StepOutput) as tokens come. adapters: as in `prefill`."""
+        (index of the prompt, StepOutput) as tokens come. adapters: as in `prefill`.
+        prefill_chunk: chunked prefill, at most that many prompt tokens per step (`admit` +
+        `prefill_step`), so running rows keep decoding while long prompts come in."""
+        if prefill_chunk is not None:
+            yield from self._stream_chunked(prompts, params, adapters, prefill_chunk)
+            return
         params = self._params(params, len(prompts))
         adapters = self._adapters(adapters, len(prompts))
         prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
@@ -719,12 +819,36 @@ class DecodeEngine:
             if running:
                 yield from self._retire(self.decode(running), owner)
 
+    def _stream_chunked(self, prompts, params, adapters, chunk: int):
+        if chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token (None: whole prompts), got {chunk}")
+        params = self._params(params, len(prompts))
+        adapters = self._adapters(adapters, len(prompts))
+        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+        waiting = deque(range(len(prompts)))
+        owner: dict[int, int] = {}
+        while waiting or owner:
+            free = self.free_slots()
+            if waiting and not free and not owner:
+                raise ValueError(f"no free slot: all {self.max_slots} slots hold other requests")
+            if waiting and free:
+                take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                slots = self.admit([prompts[i] for i in take], free[:len(take)], [params[i] for i in take],
+                                   [adapters[i] for i in take])
+                owner.update(zip(slots, take))
+            running = [s for s in sorted(owner) if not self._requests[s].prefilling]
+            if self._prefilling:
+                yield from self._retire(self.prefill_step(chunk), owner)
+            if running:
+                yield from self._retire(self.decode(running), owner)
+
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 adapters: Sequence[str | None] | None = None) -> list[Completion]:
+                 adapters: Sequence[str | None] | None = None,
+                 prefill_chunk: int | None = None) -> list[Completion]:
         """`stream` run to the end: one Completion per prompt, in the order given."""
         done = [Completion(list(p), [], [], [], "") for p in prompts]
-        for i, o in self.stream(prompts, params, adapters):
+        for i, o in self.stream(prompts, params, adapters, prefill_chunk):
             c = done[i]
             c.tokens.append(o.token)
             c.logprobs.append(o.logprob)

@@ -283,3 +283,58 @@ def test_bad_prefix_options_fail_in_one_line():
     with pytest.raises(ValueError, match="block size must be >= 1"):
         DecodeEngine(model, 1, prefix_cache=True, prefix_block=0)
     assert DecodeEngine(model, 1).prefix is None and DecodeEngine(model, 1).prefix_stats() is None
+
+
+# ---- chunked prefill: admit + prefill_step, a bounded number of prompt tokens per step ------------------
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_chunked_prefill_gives_the_tokens_of_whole_prefills(style, cache):
+    model = build(style, seed=10)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (30, 3, 17, 1, 25, 9)] + [A, A + [2]]
+    params = ([SamplingParams(temperature=0, max_new_tokens=6)] * 4
+              + [SamplingParams(temperature=0.9, top_k=20, seed=s, max_new_tokens=6) for s in range(4)])
+    whole = DecodeEngine(model, max_slots=3).generate(prompts, params)
+    for chunk in (1, 5, 16):
+        engine = DecodeEngine(model, max_slots=3, prefix_cache=cache, prefix_block=BS)
+        got = engine.generate(prompts, params, prefill_chunk=chunk)
+        for a, b in zip(got, whole):
+            assert a.tokens == b.tokens and a.finish_reason == b.finish_reason, chunk
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=TOL)
+        assert engine.free_slots() == [0, 1, 2] and engine.prefilling_slots() == []
+
+
+def test_running_rows_decode_while_a_long_prompt_comes_in_by_chunks():
+    model = build("llama", seed=12)
+    engine = DecodeEngine(model, max_slots=2)
+    seen = recording(engine)
+    greedy = SamplingParams(temperature=0, max_new_tokens=20)
+    short = [3, 1, 4]
+    running = engine.prefill([short], slots=[0], params=greedy)[0]
+    long = torch.randint(0, V, (22,), generator=torch.Generator().manual_seed(13)).tolist()
+    assert engine.admit([long], slots=[1], params=greedy) == [1]
+    assert engine.running_slots() == [0] and engine.prefilling_slots() == [1] and engine.free_slots() == []
+    with pytest.raises(ValueError, match="still prefilling"):
+        engine.decode([1])
+    decoded = [running.token]
+    firsts = []
+    for _ in range(6):  # 22 prompt tokens, 4 a step: the first token comes with the 6th step
+        firsts += engine.prefill_step(4)
+        decoded += [o.token for o in engine.decode([0])]
+    assert [o.slot for o in firsts] == [1] and engine.prefilling_slots() == []
+    torch.testing.assert_close(seen[-2][0], reference_logits(model, long), rtol=0, atol=TOL)  # before the last decode
+    assert decoded == naive_greedy(model, short, 7)
+    rest = [firsts[0].token] + [o.token for o in (engine.decode([1])[0] for _ in range(3))]
+    assert rest == naive_greedy(model, long, 4)
+    # A prompt released mid-prefill frees its slot; bad budgets fail in one line.
+    engine.release(1)
+    engine.admit([long], slots=[1], params=greedy)
+    engine.prefill_step(5)
+    engine.release(1)
+    assert engine.free_slots() == [1] and engine.prefilling_slots() == [] and engine.prefill_step(4) == []
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        engine.prefill_step(0)
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        engine.generate([short], greedy, prefill_chunk=0)
