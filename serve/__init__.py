@@ -13,6 +13,8 @@ One job per module, lower ones first:
     ort.py        `--engine onnxruntime`: an ONNX export behind the scheduler's engine interface
     routing.py    which replica takes a request: least-loaded, cache-aware with a load cap, round-robin
     router.py     `--replicas N`: the replica processes and the router app in front of them
-    cli.py        `python -m serve RUN [--host --port --replicas ...]`: load, build, run under uvicorn
+    tp.py         `--tp N`: the models sharded over N ranks, rank 0's engine calls broadcast and followed
+    tp_ranks.py   `--tp N`: the other ranks' processes, the process group, a lost rank, shutdown
+    cli.py        `python -m serve RUN [--host --port --replicas --tp ...]`: load, build, run under uvicorn
 Nothing below serve/ imports it.
 """

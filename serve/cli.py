@@ -2,7 +2,9 @@
 
 Loads the run (serve.loader), starts the scheduler's thread and serves the app with uvicorn until SIGINT or
 SIGTERM; on either, uvicorn stops accepting connections, lets the requests in flight finish, and then the
-scheduler thread ends. A run that cannot be served is one line on stderr and exit 2."""
+scheduler thread ends. A run that cannot be served is one line on stderr and exit 2. `--replicas N` puts N such
+servers behind a router (serve.router); `--tp N` splits every model over N processes (serve.tp, serve.tp_ranks),
+this one rank 0."""
 
 from __future__ import annotations
 

@@ -97,9 +97,9 @@ def _digest(outs) -> list[tuple[int, int]] | None:
 def _seeded(p: SamplingParams) -> SamplingParams:
     """A sampled row without a seed gets one, so that every rank draws the same token from its own
     generator (torch's default generator may be at different states on different ranks)."""
-    if p.temperature == 0 or (p.seed is not None and p.generator is None):
-        return dataclasses.replace(p, generator=None) if p.generator is not None else p
-    return dataclasses.replace(p, seed=_RNG.getrandbits(63), generator=None)
+    if p.temperature > 0 and p.seed is None:
+        return dataclasses.replace(p, seed=_RNG.getrandbits(63), generator=None)
+    return p if p.generator is None else dataclasses.replace(p, generator=None)  # a generator is not sent
 
 
 class Channel:
