@@ -338,3 +338,15 @@ def test_running_rows_decode_while_a_long_prompt_comes_in_by_chunks():
         engine.prefill_step(0)
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         engine.generate([short], greedy, prefill_chunk=0)
+
+
+def test_chunked_prefill_keeps_each_rows_adapter():
+    model = lora_model()
+    prompts = [A, A[:7], [9, 8, 7, 6, 5, 4, 3, 2, 1], A + [1]]
+    adapters = ["a", "b", None, "a"]
+    params = SamplingParams(temperature=0, max_new_tokens=5)
+    whole = DecodeEngine(model, max_slots=2).generate(prompts, params, adapters=adapters)
+    chunked = DecodeEngine(model, max_slots=2, prefix_cache=True, prefix_block=BS).generate(
+        prompts, params, adapters=adapters, prefill_chunk=3)
+    assert [c.tokens for c in chunked] == [c.tokens for c in whole]
+    assert [c.tokens for c in whole][:2] != [c.tokens for c in DecodeEngine(model, 2).generate(prompts[:2], params)]
