@@ -36,7 +36,13 @@ def chained_run_dir(recipe: Recipe, other: str) -> Path:
 
 def resolve_chain(recipe: Recipe, train_missing: bool) -> Recipe:
     """`recipe` with every `recipe:` init_from and distill.teacher replaced by its run directory
-    (trained first when `train_missing` and unfinished) and an `env:` data path replaced by its corpus file."""
+    (trained first when `train_missing` and unfinished) and an `env:` data path replaced by its corpus file.
+    The agents' settings are checked first: a bad env argument (e.g. debate_arith's agents=1) is one line
+    before any base is trained, not after it."""
+    if recipe.agents and train_missing:
+        from agents.config import check_agents
+
+        check_agents(recipe)
     recipe = resolve_corpus(recipe)
     agents = dict(recipe.agents)
     for name, a in agents.items():

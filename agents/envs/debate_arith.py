@@ -6,8 +6,9 @@ Problems: six integers a..f drawn uniformly from [min_operand, max_operand] (def
 [0, 30)); `problem_text` writes "a+b*c+d-e*f", `solve` its value. An answer is the agent's short
 step-by-step reasoning, one line, the value after its last "=":
 
-    4*5=20 7*8=56 3+20+6-56=-27
+    4*5=20 7*8=56 3+20=23 23+6=29 29-56=-27
 
+(the sum one pair at a time: a small model adds two numbers far more reliably than four at once).
 Every agent acts in every step (one step per round: all agents' turns of a round are one batch of the
 rollout, agents.rollout). Observations of the agents, one line each:
     round 1:   "Q: 3+4*5+6-7*8"
@@ -79,7 +80,8 @@ def reasoning(p, slip: tuple[int, int] = (0, 0)) -> str:
         bc += slip[1]
     else:
         ef += slip[1]
-    return f"{b}*{c}={bc} {e}*{f}={ef} {a}+{bc}+{d}-{ef}={a + bc + d - ef}"
+    s1, s2 = a + bc, a + bc + d
+    return f"{b}*{c}={bc} {e}*{f}={ef} {a}+{bc}={s1} {s1}+{d}={s2} {s2}-{ef}={s2 - ef}"
 
 
 def parse_answer(text: str | None) -> int | None:
@@ -117,14 +119,14 @@ class DebateArithEnv(EpisodeStream, ParallelEnv):
         agents         N, the number of debating agents (>= 2: a debate needs others to read)
         rounds         R >= 1 (1: no debate, the agents answer once)
         min_operand, max_operand  the range of a..f, inclusive (default 0..29)
-        message_chars  the longest answer another agent reads (default 48)
+        message_chars  the longest answer another agent reads (default 64)
         corpus_slip    probability of a slipped product in the corpus player's round-1 answers (default 0.25)
     """
 
     metadata = {"name": "debate_arith", "render_modes": ["ansi"], "is_parallelizable": True}
 
     def __init__(self, agents: int = 3, rounds: int = 2, min_operand: int = 0, max_operand: int = 29,
-                 message_chars: int = 48, corpus_slip: float = 0.25, render_mode: str | None = None):
+                 message_chars: int = 64, corpus_slip: float = 0.25, render_mode: str | None = None):
         if isinstance(agents, bool) or not isinstance(agents, int) or agents < 2:
             raise ValueError(f"debate_arith: agents must be an integer >= 2 (a debate needs at least two agents), "
                              f"got {agents!r}")
