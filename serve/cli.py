@@ -102,24 +102,27 @@ def main(argv=None) -> int:
             variant = args.quantize or "fp32"
             engines = {"model": OrtEngine(args.run, variant, args.max_slots, args.threads)}
             quantized = {"model": {"scheme": f"onnxruntime {variant}"}} if args.quantize else None
+        elif args.tp > 1:  # checked from the checkpoint's meta alone: no process starts for a run refused here
+            from .loader import module_configs
+            from .tp import check_tp
+
+            check_tp(module_configs(args.run, args.checkpoint), args.tp)
+            engines = quantized = None
         else:
             run = load_run(args.run, args.checkpoint)
             engines = None
             quantized = quantize(run) if args.quantize else None
-            if args.tp > 1:
-                from .tp import check_tp
-
-                check_tp(run, args.tp)
     except (UsageError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ranks = None
     if args.tp > 1:
-        ranks = start_tp(args, run)
-        if isinstance(ranks, int):
-            return ranks
         from .tp import TPScheduler
 
+        started = start_tp(args)
+        if isinstance(started, int):
+            return started
+        ranks, run = started
         engines = ranks.engines
     import uvicorn
 
@@ -160,13 +163,15 @@ def main(argv=None) -> int:
     return 1 if lost else 0
 
 
-def start_tp(args: argparse.Namespace, run):
-    """Rank 0 of `--tp N`: start and join the other ranks, shard every module, wrap each engine in a
-    LockstepEngine. The Ranks (with .engines, .threads, .parameter_bytes), or an exit code."""
+def start_tp(args: argparse.Namespace):
+    """Rank 0 of `--tp N`: start and join the other ranks, load this rank's shard of every model, wrap each
+    engine in a LockstepEngine. (Ranks, LoadedRun), or an exit code (a rank's failure, or the run's one-line
+    error, after which the other ranks are stopped)."""
     import torch
     import torch.distributed as dist
 
-    from .tp import LockstepEngine, make_engine, parameter_bytes, shard_modules
+    from .loader import load_run
+    from .tp import LockstepEngine, make_engine, make_shard, parameter_bytes
     from .tp_ranks import default_threads, start_ranks
 
     threads = args.threads or default_threads(args.tp)
@@ -181,13 +186,24 @@ def start_tp(args: argparse.Namespace, run):
         return 1
     if isinstance(ranks, int):
         return ranks
-    shard_modules(run.modules, None, ranks.device)
+    try:
+        run = load_run(args.run, args.checkpoint, shard=make_shard(None, ranks.device))
+    except (UsageError, CheckpointError, OSError) as e:  # the other ranks fail alike and say nothing
+        print(f"error: {e}", file=sys.stderr)
+        ranks.abort()
+        return 2
     ranks.threads = threads
     ranks.parameter_bytes = {key: parameter_bytes(m) for key, m in run.modules.items()}
     ranks.engines = {key: LockstepEngine(ranks.channel, key, make_engine(m, args.max_slots))
                      for key, m in run.modules.items()}
-    dist.barrier(group=ranks.channel.group)
-    return ranks
+    try:
+        dist.barrier(group=ranks.channel.group)
+    except Exception as e:  # noqa: BLE001 - another rank died while loading (killed for memory, say)
+        print(f"error: a tensor-parallel rank failed while loading the run: {str(e).splitlines()[0][:200]}",
+              file=sys.stderr)
+        ranks.abort()
+        return 1
+    return ranks, run
 
 
 def serve_replicas(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ kernels: serving runs on whatever machine the run is copied to, without building
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,12 +27,13 @@ import torch
 
 from launch.export import export_state_dict
 from model import GPT, GPTConfig
+from model.tensor_parallel import shard_state_dict
 from trainer import checkpoint as ckpt
 from trainer.consolidate import consolidated_state_dict
 from trainer.data import EOS_TOKEN
 from trainer.errors import UsageError
 
-__all__ = ["LoadedRun", "ServedModel", "build_module", "load_run"]
+__all__ = ["LoadedRun", "ServedModel", "Shard", "build_module", "load_run", "module_configs"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,37 @@ class LoadedRun:
     models: dict[str, ServedModel]
 
 
-def build_module(config: dict, state: dict[str, torch.Tensor], adapters: dict | None = None) -> torch.nn.Module:
+@dataclass(frozen=True)
+class Shard:
+    """Load 1/size of every model (tensor-parallel serving, serve.tp): `convert` turns a meta-device GPT
+    into this rank's tensor-parallel module in place (`model.tensor_parallel.apply_tensor_parallel` over
+    the group); its parameters are then made on `device` and filled with this rank's slices."""
+
+    size: int
+    rank: int
+    convert: Callable[[torch.nn.Module], object]
+    device: torch.device = torch.device("cpu")
+
+
+def build_module(config: dict, state: dict[str, torch.Tensor], adapters: dict | None = None,
+                 shard: Shard | None = None) -> torch.nn.Module:
     """A GPT (plain torch kernels, eval mode, no gradients) with `state` loaded; with `adapters` (LoRA specs
-    by agent name) the adapters are added first, as the checkpoint holds them."""
+    by agent name) the adapters are added first, as the checkpoint holds them. With `shard`, only this
+    rank's slices of `state` are copied (the full model is never built)."""
     cfg = GPTConfig(**{**dict(config), "kernels": "torch"})
-    model = GPT(cfg, init=False)
+    if shard is not None:
+        if adapters:
+            raise UsageError("tensor-parallel serving of LoRA adapters is not supported")
+        with torch.device("meta"):
+            model = GPT(cfg, init=False)
+        shard.convert(model)
+        model.to_empty(device=shard.device)  # new tensors: ties and the RoPE tables are made again
+        if cfg.tie_embeddings:
+            model.tie_weights()
+        model.reset_buffers()
+        state = shard_state_dict(state, cfg, shard.size, shard.rank)
+    else:
+        model = GPT(cfg, init=False)
     if adapters:
         from agents.lora import add_adapters
 
@@ -85,27 +114,58 @@ def _served(name: str, key: str, adapter: str | None, tok_path: Path, config: di
     return ServedModel(name, key, adapter, tok, config["style"], int(config["max_seq_len"]), tok.token_to_id(EOS_TOKEN))
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedRun:
-    """The run's latest finished checkpoint (or `checkpoint`), every model it serves. UsageError (one line)
-    when the directory is not a finished run."""
+def _checkpoint(run_dir: str | Path, checkpoint: str | Path | None) -> tuple[Path, Path, dict]:
     run = Path(run_dir)
     if not run.is_dir():
         raise UsageError(f"RUN={run_dir}: no such run directory")
     folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run / "checkpoints")
     if folder is None:
         raise UsageError(f"RUN={run_dir} has no finished checkpoint to serve (checkpoints/latest is missing)")
-    meta = ckpt.verify(folder)
-    if "agent_model_configs" in meta:
-        modules, models = _load_agents(run, folder, meta)
-    else:
-        state, _ = export_state_dict(folder, meta)
-        config = meta["model_config"]
-        modules = {"model": build_module(config, state)}
-        models = {run.name: _served(run.name, "model", None, run / "tokenizer.json", config)}
+    return run, folder, ckpt.verify(folder)
+
+
+def module_configs(run_dir: str | Path, checkpoint: str | Path | None = None) -> dict[str, tuple[GPTConfig, bool]]:
+    """What `load_run` would build, without reading any weights: module key -> (its GPTConfig, whether it
+    carries LoRA adapters). The same UsageError as load_run for a directory that is not a finished run."""
+    _, _, meta = _checkpoint(run_dir, checkpoint)
+    if "agent_model_configs" not in meta:
+        return {"model": (GPTConfig(**meta["model_config"]), False)}
+    out = {f"agent_{a}": (GPTConfig(**c), False) for a, c in meta["agent_model_configs"].items()}
+    out.update({key: (GPTConfig(**lora["config"]), True) for key, lora in meta.get("lora", {}).items()})
+    return out
+
+
+@contextmanager
+def _mapped_loads():
+    """torch.load memory-maps the checkpoint files: a rank that keeps only its slices of the weights copies
+    just those (a float32 checkpoint written whole is never read into memory of its own; checkpoints that
+    need merging, ZeRO-3, or a replicas' average, are still put together in memory)."""
+    from torch.utils.serialization import config
+
+    old = config.load.mmap
+    config.load.mmap = True
+    try:
+        yield
+    finally:
+        config.load.mmap = old
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, shard: Shard | None = None) -> LoadedRun:
+    """The run's latest finished checkpoint (or `checkpoint`), every model it serves (with `shard`: this
+    tensor-parallel rank's part of each). UsageError (one line) when the directory is not a finished run."""
+    run, folder, meta = _checkpoint(run_dir, checkpoint)
+    with _mapped_loads() if shard is not None else nullcontext():
+        if "agent_model_configs" in meta:
+            modules, models = _load_agents(run, folder, meta, shard)
+        else:
+            config = meta["model_config"]
+            models = {run.name: _served(run.name, "model", None, run / "tokenizer.json", config)}
+            state, _ = export_state_dict(folder, meta)
+            modules = {"model": build_module(config, state, shard=shard)}
     return LoadedRun(run, folder, modules, models)
 
 
-def _load_agents(run: Path, folder: Path, meta: dict):
+def _load_agents(run: Path, folder: Path, meta: dict, shard: Shard | None = None):
     from agents.value import strip_value_heads  # a PPO agent's value head is not part of its policy
 
     modules: dict[str, torch.nn.Module] = {}
@@ -113,11 +173,11 @@ def _load_agents(run: Path, folder: Path, meta: dict):
     tokenizers = run / "tokenizers"
     for agent, config in meta["agent_model_configs"].items():
         key = f"agent_{agent}"
-        modules[key] = build_module(config, strip_value_heads(consolidated_state_dict(folder, meta, key)))
+        modules[key] = build_module(config, strip_value_heads(consolidated_state_dict(folder, meta, key)), shard=shard)
         models[agent] = _served(agent, key, None, tokenizers / f"{agent}.json", config)
     for key, lora in meta.get("lora", {}).items():
         state = strip_value_heads(consolidated_state_dict(folder, meta, key))
-        modules[key] = build_module(lora["config"], state, lora["adapters"])
+        modules[key] = build_module(lora["config"], state, lora["adapters"], shard=shard)
         for agent in lora["adapters"]:
             models[agent] = _served(agent, key, agent, tokenizers / f"{agent}.json", lora["config"])
     for agent, settings in (meta.get("config", {}).get("agents") or {}).items():

@@ -1,9 +1,9 @@
 """Tensor-parallel serving, the lockstep protocol (`python -m serve RUN --tp N`; the processes: serve.tp_ranks).
 
-Every rank holds 1/N of every served model: `shard_modules` converts the loaded modules in place with the
+Every rank holds 1/N of every served model: serve.loader builds each on the meta device, converts it with the
 project's TP layers (`model.tensor_parallel.apply_tensor_parallel`: attention heads, MLP width and vocabulary
-split; each rank keeps its slice of the run's consolidated weights), and every rank builds the same
-`DecodeEngine` over its shard. Rank 0 alone runs HTTP and the scheduler. Its engines are `LockstepEngine`s:
+split; `make_shard`) and copies in only this rank's slices of the run's consolidated weights; every rank builds
+the same `DecodeEngine` over its shard. Rank 0 alone runs HTTP and the scheduler. Its engines are `LockstepEngine`s:
 each engine call (prefill: prompts, slots, sampling params, adapters; decode: slots; release: a slot) is
 broadcast to the other ranks over a gloo control group before it runs locally, and the other ranks
 (`follow`) run the same call on their engine. So all ranks run the same forward in the same order and meet
@@ -33,15 +33,16 @@ import time
 import torch
 import torch.distributed as dist
 
+from model import GPTConfig
 from model.generate import DecodeEngine, SamplingParams, StepOutput
 from model.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 from trainer.errors import UsageError
 
-from .loader import LoadedRun
+from .loader import Shard
 from .scheduler import Scheduler
 
 __all__ = ["Channel", "LockstepEngine", "RankLost", "TPScheduler", "check_tp", "follow", "make_engine",
-           "parameter_bytes", "shard_modules"]
+           "make_shard", "parameter_bytes"]
 
 FRAME = 16384  # bytes of a message's first broadcast: every usual engine call fits in it
 HEARTBEAT_S = 5.0  # an idle rank 0 pings this often, so the other ranks' waits never reach the group timeout
@@ -55,27 +56,26 @@ class RankLost(RuntimeError):
     http_status = 503
 
 
-def check_tp(run: LoadedRun, tp: int) -> None:
-    """UsageError (one line) unless every module of the run splits over `tp` ranks."""
+def check_tp(configs: dict[str, tuple[GPTConfig, bool]], tp: int) -> None:
+    """UsageError (one line) unless every module (`serve.loader.module_configs`: key -> (config, carries
+    LoRA adapters)) splits over `tp` ranks."""
     if tp < 1:
         raise UsageError(f"--tp must be >= 1, got {tp}")
-    for key, module in run.modules.items():
-        if any("lora_" in name for name, _ in module.named_modules()):
+    for key, (config, lora) in configs.items():
+        if lora:
             raise UsageError(f"--tp {tp}: module {key!r} carries LoRA adapters; tensor-parallel LoRA serving is "
                              "not supported (serve it without --tp)")
         try:
-            check_tensor_parallel(module.config, tp)
+            check_tensor_parallel(config, tp)
         except ValueError as e:
             raise UsageError(f"--tp {tp}: {e}") from None
 
 
-def shard_modules(modules: dict[str, torch.nn.Module], group=None, device: torch.device | None = None) -> None:
-    """Every module to this rank's shard of the TP group, in place (then moved to `device`). All ranks must
-    hold the same full weights, as they do after loading the same checkpoint."""
-    for module in modules.values():
-        apply_tensor_parallel(module, group)
-        if device is not None:
-            module.to(device)
+def make_shard(group=None, device: torch.device | None = None) -> Shard:
+    """How serve.loader builds this rank's part of each model: converted on the meta device with the TP
+    layers over `group` (None: the default group), then only this rank's slices of the weights copied."""
+    return Shard(dist.get_world_size(group), dist.get_rank(group), lambda m: apply_tensor_parallel(m, group),
+                 device or torch.device("cpu"))
 
 
 def make_engine(module: torch.nn.Module, max_slots: int) -> DecodeEngine:

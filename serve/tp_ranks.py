@@ -1,12 +1,14 @@
 """The processes of a tensor-parallel server (`python -m serve RUN --tp N`; the protocol: serve.tp).
 
-Rank 0 is the process started by hand: it loads and checks the run first (a run that cannot be served, or
-a --tp that does not divide the heads, kv heads, MLP width or vocabulary, is one line and exit 2 before
-any other process starts), then `start_ranks` opens a TCP store on a free loopback port and starts ranks
-1..N-1 as `python -m serve.tp_ranks RUN --rank r ...`. Each of them loads the same run, says so in the
-store, and then all N join one process group (gloo on CPU; NCCL when every rank has its own CUDA device)
-and a gloo control group, shard their models (serve.tp.shard_modules) and meet at a barrier. Rank 0 then
-serves HTTP (serve.cli) while the others follow its engine calls.
+Rank 0 is the process started by hand: it checks the run from its checkpoint's meta first (a run that
+cannot be served, or a --tp that does not divide the heads, kv heads, MLP width or vocabulary, is one line
+and exit 2 before any other process starts), then `start_ranks` opens a TCP store on a free loopback port
+and starts ranks 1..N-1 as `python -m serve.tp_ranks RUN --rank r ...`. Once each has said in the store that
+it is up, all N join one process group (gloo on CPU; NCCL when every rank has its own CUDA device) and a
+gloo control group, load their shard of every model (serve.loader with serve.tp.make_shard: the full model
+is never built on any rank) and meet at a barrier. Rank 0 then serves HTTP (serve.cli) while the others
+follow its engine calls. A run that fails to load (a missing tokenizer, a damaged checkpoint) fails alike
+on every rank: rank 0 prints the one line, the others exit 2 without a word.
 
 The other ranks run in their own sessions (Ctrl-C in a terminal reaches rank 0 only) and get SIGKILL from
 the kernel if rank 0 dies (Linux `PR_SET_PDEATHSIG`); a rank whose broadcast fails (rank 0 gone) exits too.
@@ -33,7 +35,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .tp import Channel, follow, make_engine, shard_modules
+from .tp import Channel, follow, make_engine, make_shard
 
 __all__ = ["Ranks", "default_threads", "main", "start_ranks"]
 
@@ -114,6 +116,14 @@ class Ranks:
         threading.Thread(target=loop, name="tp-watch", daemon=True).start()
         self.channel.start_heartbeat()
 
+    def abort(self) -> None:
+        """Before serving (rank 0 could not load the run): end the other ranks at once."""
+        self._stopping = True
+        for p in self.procs:
+            with suppress(OSError):
+                p.kill()
+            p.wait()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Every rank exits: an "exit" message, then wait (SIGKILL after `timeout`)."""
         self._stopping = True
@@ -130,8 +140,8 @@ class Ranks:
 
 
 def start_ranks(run: str, tp: int, follower_args: list[str]) -> Ranks | int:
-    """Start ranks 1..tp-1 and join them (rank 0 has loaded the run). Ranks, or the exit code of a rank
-    that failed to start (its error line is on stderr)."""
+    """Start ranks 1..tp-1 and join them in the process groups (rank 0 has checked the run). Ranks, or the
+    exit code of a rank that failed to start (its error line is on stderr)."""
     store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, timeout=timedelta(seconds=STARTUP_S),
                           wait_for_workers=False)
     procs = [subprocess.Popen([sys.executable, "-m", "serve.tp_ranks", run, "--rank", str(r), "--tp", str(tp),
@@ -140,13 +150,13 @@ def start_ranks(run: str, tp: int, follower_args: list[str]) -> Ranks | int:
              for r in range(1, tp)]
     deadline = time.monotonic() + STARTUP_S
     try:
-        while not store.check([f"loaded/{r}" for r in range(1, tp)]):
+        while not store.check([f"up/{r}" for r in range(1, tp)]):
             for r, p in enumerate(procs, 1):
                 if p.poll() is not None:
                     _log(event="tp_rank_failed", rank=r, code=p.returncode)
                     return p.returncode or 1
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the tensor-parallel ranks did not load the run within {STARTUP_S:.0f} s")
+                raise TimeoutError(f"the tensor-parallel ranks did not start within {STARTUP_S:.0f} s")
             time.sleep(0.05)
         channel, device = _join(store, 0, tp)
     except BaseException:
@@ -179,18 +189,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
+        from trainer.checkpoint import CheckpointError
+        from trainer.errors import UsageError
+
         from .loader import load_run
 
         store = dist.TCPStore("127.0.0.1", args.store_port, args.tp, is_master=False,
                               timeout=timedelta(seconds=STARTUP_S))
-        run = load_run(args.run, args.checkpoint)
-        store.set(f"loaded/{args.rank}", "1")
+        store.set(f"up/{args.rank}", "1")
         channel, device = _join(store, args.rank, args.tp)
-        shard_modules(run.modules, None, device)
-        engines = {key: make_engine(m, args.max_slots) for key, m in run.modules.items()}
-        dist.barrier(group=channel.group)
-        follow(channel, engines)
-        rc = 0
+        try:
+            run = load_run(args.run, args.checkpoint, shard=make_shard(None, device))
+        except (UsageError, CheckpointError, OSError):
+            rc = 2  # rank 0 loads the same run, fails the same way and says why
+        else:
+            engines = {key: make_engine(m, args.max_slots) for key, m in run.modules.items()}
+            dist.barrier(group=channel.group)
+            follow(channel, engines)
+            rc = 0
     except Exception as e:  # noqa: BLE001 - one line: rank 0 sees this rank exit and stops the server
         _log(event="tp_rank_stopped", rank=args.rank, error=f"{type(e).__name__}: {str(e)[:300]}")
         rc = 1

@@ -1,6 +1,7 @@
 """Tensor-parallel serving (`python -m serve RUN --tp 2`: serve/tp.py, serve/tp_ranks.py).
 
-Unit level, two gloo processes: a model sharded by serve.tp.shard_modules, decoded by DecodeEngine through a
+Unit level, two gloo processes: a model loaded as the server loads a rank's shard (serve.loader.build_module
+with serve.tp.make_shard: built on the meta device, only this rank's slices copied in), decoded by DecodeEngine through a
 prefill, decode steps, a release and a join, gives the full model's float32 logits (within 1e-5), tokens and
 log-probabilities; each rank holds the shard_state_dict slices' bytes; the lockstep protocol (rank 0's
 LockstepEngine, rank 1's follow) keeps rank 1's engine in step, refuses bad input on both ranks alike, and
@@ -11,8 +12,9 @@ every rank exits; a killed rank turns requests into 503 and the server exits 1 i
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,11 +58,12 @@ def _capturing_engine(model, store: list):
 def _sharded_logits_worker(rank, world, style):
     from model.generate import SamplingParams
     from model.tensor_parallel import shard_state_dict
-    from serve.tp import parameter_bytes, shard_modules
+    from serve.loader import build_module
+    from serve.tp import make_shard, parameter_bytes
 
     ref = build(style, max_seq_len=32).eval()
-    model = copy.deepcopy(ref)
-    shard_modules({"model": model})
+    # As the server loads it: built on the meta device, converted, only this rank's slices copied in.
+    model = build_module(dataclasses.asdict(ref.config), ref.state_dict(), shard=make_shard())
     # Per-rank parameter memory: the bytes of this rank's slices as shard_state_dict cuts them.
     shard = shard_state_dict(ref.state_dict(), ref.config, world, rank)
     want = sum({id(t): t.numel() * t.element_size() for t in shard.values()}.values())
@@ -99,11 +102,11 @@ def test_sharded_engine_logits_equal_the_full_models(style):
 
 def _lockstep_worker(rank, world, style):
     from model.generate import DecodeEngine, SamplingParams
-    from serve.tp import Channel, LockstepEngine, follow, make_engine, shard_modules
+    from serve.loader import build_module
+    from serve.tp import Channel, LockstepEngine, follow, make_engine, make_shard
 
     ref = build(style, max_seq_len=32).eval()
-    model = copy.deepcopy(ref)
-    shard_modules({"m": model})
+    model = build_module(dataclasses.asdict(ref.config), ref.state_dict(), shard=make_shard())
     channel = Channel(dist.new_group(backend="gloo"))
     engine = make_engine(model, max_slots=2)  # the server's engine, its prefix cache on
     torch.manual_seed(1000 + rank)  # the ranks' default generators differ, as nothing keeps them alike
@@ -252,12 +255,18 @@ def test_tp2_server_texts_equal_the_unpartitioned_servers(runs, style):
     assert len(set(got)) > len(PROMPTS)  # sampled texts differ from the greedy ones
 
 
-def test_bad_tp_values_are_one_line_and_exit_2(runs):
+def test_bad_tp_values_are_one_line_and_exit_2(runs, tmp_path):
     run = runs["gpt2"]  # 4 heads, a vocabulary of 512
-    for tp, message in [("0", "error: --tp must be >= 1, got 0"),
-                        ("3", "error: --tp 3: tensor parallelism: the vocabulary"),
-                        ("8", "error: --tp 8: tensor parallelism: n_head=4 is not divisible by tp=8")]:
-        res = subprocess.run([sys.executable, "-m", "serve", str(run), "--tp", tp], cwd=REPO, env=env(),
+    # A run whose tokenizer is missing fails only when loading, after rank 1 has started: still one line.
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "tokenizer.json").unlink()
+    for path, tp, message in [
+            (run, "0", "error: --tp must be >= 1, got 0"),
+            (run, "3", "error: --tp 3: tensor parallelism: the vocabulary"),
+            (run, "8", "error: --tp 8: tensor parallelism: n_head=4 is not divisible by tp=8"),
+            (broken, "2", f"error: {broken}/tokenizer.json: no tokenizer file")]:
+        res = subprocess.run([sys.executable, "-m", "serve", str(path), "--tp", tp], cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
