@@ -85,20 +85,30 @@ def build_module(config: dict, state: dict[str, torch.Tensor], adapters: dict | 
         if cfg.tie_embeddings:
             model.tie_weights()
         model.reset_buffers()
-        state = shard_state_dict(state, cfg, shard.size, shard.rank)
+        missing, unexpected = _load_slices(model, state, cfg, shard)
     else:
         model = GPT(cfg, init=False)
-    if adapters:
-        from agents.lora import add_adapters
+        if adapters:
+            from agents.lora import add_adapters
 
-        add_adapters(model, adapters)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+            add_adapters(model, adapters)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     if cfg.tie_embeddings:  # the tied head may be saved under either name or both
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ckpt.CheckpointError(f"the checkpoint does not match the model: missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}")
     return model.eval().requires_grad_(False)
+
+
+def _load_slices(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: GPTConfig, shard: Shard):
+    """This rank's slice of each tensor of `state` into the converted model, one tensor at a time (slicing the
+    whole dict first would hold a second copy of the shard); (missing, unexpected) keys as load_state_dict."""
+    unexpected = []
+    for key, tensor in state.items():
+        unexpected += model.load_state_dict(shard_state_dict({key: tensor}, cfg, shard.size, shard.rank),
+                                            strict=False).unexpected_keys
+    return sorted(set(model.state_dict()) - set(state)), unexpected
 
 
 def _tokenizer(path: Path):
