@@ -45,6 +45,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -93,11 +94,27 @@ def _recipe_with_baseline(recipe: Recipe, first: str) -> Recipe:
     return recipe.model_copy(update={"agents": agents, "rl": recipe.rl.model_copy(update={"kl_ref": False})})
 
 
-def _play(env_args: dict, probs: list, policies: dict, models: dict, seeds: list[int], rounds: int):
-    envs = [make_env("debate_arith", **env_args) for _ in probs]
-    with torch.no_grad():
-        return rollout(envs, policies, models, seeds=seeds, reset_options=[{"problem": list(p)} for p in probs],
-                       max_steps=rounds)
+def _play(env_args: dict, probs: list, policies: dict, models: dict, seeds: list[int], rounds: int,
+          max_rows: int = 1024):
+    """The debates of `probs` (episode k: problem k, sampling seed k) through the batched rollout, in chunks
+    of episodes holding at most `max_rows` rows per model (the decode engines' KV caches). Returns a
+    namespace with `agents` (name -> .actions, episodes numbered over all chunks) and `final_infos`."""
+    per_model = max(Counter(id(m) for m in models.values()).values())
+    chunk = max(1, max_rows // per_model)
+    actions: dict[str, list] = {a: [] for a in policies}
+    finals: list[dict] = []
+    for start in range(0, len(probs), chunk):
+        part = probs[start:start + chunk]
+        envs = [make_env("debate_arith", **env_args) for _ in part]
+        with torch.no_grad():
+            out = rollout(envs, policies, models, seeds=seeds[start:start + chunk],
+                          reset_options=[{"problem": list(p)} for p in part], max_steps=rounds)
+        for a, ar in out.agents.items():
+            for x in ar.actions:
+                x.episode += start
+                actions[a].append(x)
+        finals += out.final_infos
+    return SimpleNamespace(agents={a: SimpleNamespace(actions=v) for a, v in actions.items()}, final_infos=finals)
 
 
 def _tokens(out) -> int:
