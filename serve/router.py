@@ -209,10 +209,13 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
         state["requests"][status] = state["requests"].get(status, 0) + 1
 
     def failed(r: Replica, e: Exception) -> str:
-        """The replica failed under a request: out of rotation if its process is gone or it refused us."""
+        """The replica failed under a request: out of rotation if its process is gone or the connection broke
+        (refused, reset, closed mid-answer). A killed replica's connections break before its exit can be
+        reaped, and on a loaded machine the next request came in that gap and went to it; one still alive
+        is back in rotation (the monitor) as soon as /health answers."""
         r.failed += 1
         rc = procs[r.index].poll() if procs else None
-        if rc is not None or isinstance(e, httpx.ConnectError):
+        if rc is not None or isinstance(e, httpx.TransportError):
             take_down(r, f"the process exited with {rc}" if rc is not None else repr(e))
         return f"replica {r.index} failed while answering: {type(e).__name__}"
 
