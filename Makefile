@@ -19,7 +19,7 @@ FAST_MARKERS = not dist and not slurm
 
 .DEFAULT_GOAL := help
 .PHONY: help train validate recipes export test test-fast lint docs kernels bench bench-train bench-parallel \
-        bench-generate bench-onnx bench-sync bench-agents gpu-check gpu-wheels slurm clean serve bench-serve \
+        bench-generate bench-onnx bench-sync bench-agents gpu-check gpu-wheels slurm clean serve bench-serve bench-serve-tp bench-debate \
         bench-games
 
 help: ## list the targets (this text)
@@ -105,7 +105,7 @@ bench-sync: $(STAMP) ## every sync strategy at the same token budget; our ring a
 # Serving, three parts (about 6 minutes): 16 concurrent OpenAI clients against the same 16 requests one
 # at a time; Poisson arrivals at several rates and a shared-prefix multi-agent trace; 3 replicas behind
 # the router, cache-aware against round-robin -> bench/results/serve-cpu.md and .json.
-bench-serve: $(STAMP) ## serving: batching, Poisson load, the router over 3 replicas (bench/results/serve-cpu.md)
+bench-serve: $(STAMP) ## serving: batching, Poisson load, the router over 3 replicas, prefix cache, chunked prefill (bench/results/serve-cpu.md)
 	$(PY) bench/bench_serve.py $(ARGS)
 
 # The agents layer's speed goals, each a ratio measured side by side in one run: batched multi-agent
@@ -118,6 +118,13 @@ bench-agents: $(STAMP) ## agents: rollouts, LoRA batching, policy-gradient step,
 	$(PY) bench/bench_pg_step.py --threads 1
 	$(PY) bench/bench_signaling.py
 	$(PY) bench/bench_split_arith.py --parallel 2
+
+bench-serve-tp: $(STAMP) ## tensor-parallel serving: tokens/s and memory per rank, --tp 2 against one process (bench/results/serve-tp*.md)
+	$(PY) bench/bench_serve_tp.py $(ARGS)
+	$(PY) bench/bench_serve_tp_load.py
+
+bench-debate: $(STAMP) ## debate-arith over 3 seeds (one shared base) -> bench/results/debate-cpu.md
+	$(PY) bench/bench_debate.py --seeds 0 1 2
 
 # One script for a lent H100/H200 (see bench/gpu_check.sh); its table lands in bench/results/.
 gpu-check: ## on a GPU machine: build the CUDA kernels, run the gpu tests and benchmarks

@@ -34,7 +34,7 @@ def test_a_signaling_pair_validates_with_per_agent_settings():
     ([*PAIR, "agents.speaker.alpha=-0.5"], "agents.speaker.alpha"),
     ([*PAIR, "agents.listener.gamma=1.5"], "agents.listener.gamma"),
     ([*PAIR, "agents.speaker.tempo=1"], "unknown key 'agents.speaker.tempo'; allowed here: adapter, algorithm"),
-    (["env.name=chess", "agents.white.alpha=0.0"], "unknown env 'chess'; known envs: gvr_arith, openspiel, signaling, split_arith"),
+    (["env.name=chess", "agents.white.alpha=0.0"], "unknown env 'chess'; known envs: debate_arith, gvr_arith, openspiel, signaling, split_arith"),
     ([*PAIR, "env.args={n_things: 3}"], "env 'signaling' has no argument 'n_things'"),
     (["env.name=signaling", "agents.speaker.alpha=0.0", "agents.judge.alpha=0.0"],
      "env 'signaling' has agents speaker, listener; the recipe names speaker, judge (missing listener) (unknown judge)"),

@@ -26,7 +26,7 @@ def test_registry_names_the_known_envs():
     assert {"signaling", "split_arith"} <= set(ENVS)
     assert isinstance(make_env("signaling"), SignalingEnv)
     assert isinstance(make_env("split_arith", turns=1), SplitArithEnv)
-    with pytest.raises(ValueError, match=r"^unknown env 'chess'; known envs: gvr_arith, openspiel, signaling, split_arith, traffic$"):
+    with pytest.raises(ValueError, match=r"^unknown env 'chess'; known envs: debate_arith, gvr_arith, openspiel, signaling, split_arith, traffic$"):
         make_env("chess")
     with pytest.raises(ValueError, match=r"^env 'signaling' has no argument 'n_object'; allowed: n_objects, "
                                          r"objects, message_chars, shuffle, blank_message, render_mode$"):
