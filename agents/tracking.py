@@ -8,6 +8,7 @@ from trainer.tracking import NullTracker, Tracker
 
 class AgentTracker(Tracker):
     agents: list[str] = []
+    plot_name = "agents.png"
 
     @classmethod
     def open(cls, ctx, cfg_dict: dict, resume_step: int | None, agents: list[str]) -> NullTracker:
@@ -17,7 +18,7 @@ class AgentTracker(Tracker):
         t = ctx.recipe.tracking
         tracker = cls(ctx.run_dir, cfg_dict, t.wandb, t.project, t.entity, t.group, t.tags, resume_step=resume_step)
         tracker.agents = list(agents)
-        tracker.plot_path = ctx.run_dir / "agents.png"
+        tracker.plot_path = ctx.run_dir / cls.plot_name
         ctx.tracker = tracker  # the run context finishes it when the run stops for a signal
         return tracker
 

@@ -3,24 +3,13 @@ of single / vote / debate, each agent's round-1 accuracy, the baseline, and the 
 
 from __future__ import annotations
 
-from trainer.tracking import NullTracker, Tracker
+from ..tracking import AgentTracker
 
 __all__ = ["DebateTracker"]
 
 
-class DebateTracker(Tracker):
-    agents: list[str] = []
-
-    @classmethod
-    def open(cls, ctx, cfg_dict: dict, resume_step: int | None, agents: list[str]) -> NullTracker:
-        if not ctx.is_main:
-            return NullTracker()
-        t = ctx.recipe.tracking
-        tracker = cls(ctx.run_dir, cfg_dict, t.wandb, t.project, t.entity, t.group, t.tags, resume_step=resume_step)
-        tracker.agents = list(agents)
-        tracker.plot_path = ctx.run_dir / "debate.png"
-        ctx.tracker = tracker
-        return tracker
+class DebateTracker(AgentTracker):
+    plot_name = "debate.png"
 
     def figure(self):
         import matplotlib
