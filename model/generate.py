@@ -797,9 +797,8 @@ class DecodeEngine:
         (index of the prompt, StepOutput) as tokens come. adapters: as in `prefill`.
         prefill_chunk: chunked prefill, at most that many prompt tokens per step (`admit` +
         `prefill_step`), so running rows keep decoding while long prompts come in."""
-        if prefill_chunk is not None:
-            yield from self._stream_chunked(prompts, params, adapters, prefill_chunk)
-            return
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token (None: whole prompts), got {prefill_chunk}")
         params = self._params(params, len(prompts))
         adapters = self._adapters(adapters, len(prompts))
         prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
@@ -811,34 +810,17 @@ class DecodeEngine:
                 raise ValueError(f"no free slot: all {self.max_slots} slots hold other requests")
             if waiting and free:
                 take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-                outs = self.prefill([prompts[i] for i in take], free[:len(take)], [params[i] for i in take],
-                                    [adapters[i] for i in take])
-                owner.update((o.slot, i) for o, i in zip(outs, take))
-                yield from self._retire(outs, owner)
-            running = sorted(owner)
-            if running:
-                yield from self._retire(self.decode(running), owner)
-
-    def _stream_chunked(self, prompts, params, adapters, chunk: int):
-        if chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1 token (None: whole prompts), got {chunk}")
-        params = self._params(params, len(prompts))
-        adapters = self._adapters(adapters, len(prompts))
-        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
-        waiting = deque(range(len(prompts)))
-        owner: dict[int, int] = {}
-        while waiting or owner:
-            free = self.free_slots()
-            if waiting and not free and not owner:
-                raise ValueError(f"no free slot: all {self.max_slots} slots hold other requests")
-            if waiting and free:
-                take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-                slots = self.admit([prompts[i] for i in take], free[:len(take)], [params[i] for i in take],
-                                   [adapters[i] for i in take])
-                owner.update(zip(slots, take))
+                batch = ([prompts[i] for i in take], free[:len(take)], [params[i] for i in take],
+                         [adapters[i] for i in take])
+                if prefill_chunk is None:
+                    outs = self.prefill(*batch)
+                    owner.update((o.slot, i) for o, i in zip(outs, take))
+                    yield from self._retire(outs, owner)
+                else:
+                    owner.update(zip(self.admit(*batch), take))
             running = [s for s in sorted(owner) if not self._requests[s].prefilling]
             if self._prefilling:
-                yield from self._retire(self.prefill_step(chunk), owner)
+                yield from self._retire(self.prefill_step(prefill_chunk), owner)
             if running:
                 yield from self._retire(self.decode(running), owner)
 
