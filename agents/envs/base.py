@@ -93,7 +93,32 @@ class EpisodeStream:
         raise NotImplementedError
 
 
-class TextParallelEnv(EpisodeStream, ParallelEnv):
+class TextSpaces:
+    """`observation_space(agent)` / `action_space(agent)` from the `observation_spaces` and
+    `action_spaces` dicts a subclass fills: PettingZoo asks for the very same space object on each call."""
+
+    observation_spaces: dict[str, Text]
+    action_spaces: dict[str, Text]
+
+    def observation_space(self, agent: str) -> Text:
+        return self.observation_spaces[agent]
+
+    def action_space(self, agent: str) -> Text:
+        return self.action_spaces[agent]
+
+
+class SimultaneousTextEnv(EpisodeStream, TextSpaces, ParallelEnv):
+    """Base of the text envs in which every agent still in the episode acts at every step."""
+
+    agents: list[str]
+
+    @property
+    def turn_agents(self) -> list[str]:
+        """Every agent of the running episode ([] once it is over)."""
+        return list(self.agents)
+
+
+class TextParallelEnv(EpisodeStream, TextSpaces, ParallelEnv):
     """Base of the turn-based text envs. A subclass sets `possible_agents`, `metadata` and calls
     `_init_spaces(obs_max, act_max)`, then implements
 
@@ -122,13 +147,6 @@ class TextParallelEnv(EpisodeStream, ParallelEnv):
     def _init_spaces(self, obs_max: dict[str, int], act_max: dict[str, int]) -> None:
         self.observation_spaces = {a: text_space(obs_max[a]) for a in self.possible_agents}
         self.action_spaces = {a: text_space(act_max[a]) for a in self.possible_agents}
-
-    # PettingZoo asks for the very same space object on each call.
-    def observation_space(self, agent: str) -> Text:
-        return self.observation_spaces[agent]
-
-    def action_space(self, agent: str) -> Text:
-        return self.action_spaces[agent]
 
     @property
     def turn_agents(self) -> list[str]:

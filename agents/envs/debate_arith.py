@@ -44,9 +44,8 @@ from collections import Counter
 from itertools import combinations
 
 import numpy as np
-from pettingzoo import ParallelEnv
 
-from .base import EpisodeStream, check_int, clean, text_space
+from .base import SimultaneousTextEnv, check_int, clean, text_space
 
 __all__ = ["DebateArithEnv", "agent_names", "draw_problem", "majority", "parse_answer", "plurality",
            "problem_text", "reasoning", "solve"]
@@ -114,7 +113,7 @@ def diversity(answers: list[int | None]) -> float:
     return sum(1 for x, y in pairs if x is None or y is None or x != y) / len(pairs)
 
 
-class DebateArithEnv(EpisodeStream, ParallelEnv):
+class DebateArithEnv(SimultaneousTextEnv):
     """Arguments:
         agents         N, the number of debating agents (>= 2: a debate needs others to read)
         rounds         R >= 1 (1: no debate, the agents answer once)
@@ -154,16 +153,6 @@ class DebateArithEnv(EpisodeStream, ParallelEnv):
         self.texts: list[dict[str, str]] = []
         self.answers: list[dict[str, int | None]] = []
         self._invalid: dict[str, int] = {}
-
-    def observation_space(self, agent: str):
-        return self.observation_spaces[agent]
-
-    def action_space(self, agent: str):
-        return self.action_spaces[agent]
-
-    @property
-    def turn_agents(self) -> list[str]:
-        return list(self.agents)
 
     @property
     def expected(self) -> int:

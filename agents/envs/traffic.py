@@ -82,9 +82,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pettingzoo import ParallelEnv
 
-from .base import EpisodeStream, check_int, text_space
+from .base import SimultaneousTextEnv, check_int, text_space
 
 __all__ = ["NETS", "REWARD_FNS", "TrafficEnv", "make_simulation", "net_files", "sumo_seed"]
 
@@ -303,8 +302,10 @@ def _lane_names(n: int) -> list[str]:
     return list(string.ascii_uppercase[:n]) if n <= 26 else [f"L{i}" for i in range(n)]
 
 
-class TrafficEnv(EpisodeStream, ParallelEnv):
-    """One agent per traffic light of a sumo-rl net (see the module docstring). Arguments:
+class TrafficEnv(SimultaneousTextEnv):
+    """One agent per traffic light of a sumo-rl net (see the module docstring), named "tl_<id>" after the
+    light's SUMO id (single-intersection: "tl_t"; 2x2grid: "tl_1", "tl_2", "tl_5", "tl_6"); every light
+    acts at every step. Arguments:
         net               a net shipped with sumo_rl (NETS; default "single-intersection", one light)
         num_seconds       simulated seconds per episode (>= delta_time; default 1200)
         delta_time        simulated seconds per step (default 10: 120 decisions per episode, and
@@ -350,18 +351,6 @@ class TrafficEnv(EpisodeStream, ParallelEnv):
         self.numeric: dict[str, np.ndarray] = {}  # agent -> sumo-rl's own observation of the current state
         self._steps = 0
         self._invalid: dict[str, int] = {}
-
-    def observation_space(self, agent: str):
-        return self.observation_spaces[agent]
-
-    def action_space(self, agent: str):
-        return self.action_spaces[agent]
-
-    @property
-    def turn_agents(self) -> list[str]:
-        """Agents are named "tl_<id>" after the lights' SUMO ids (single-intersection: "tl_t"; 2x2grid: "tl_1",
-"tl_2", "tl_5", "tl_6"). Every light acts at every step ([] once the episode is over)."""
-        return list(self.agents)
 
     @property
     def backend(self) -> str | None:
