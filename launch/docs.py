@@ -50,6 +50,8 @@ def recipes_table() -> str:
             starts = sorted({(a.init_from or "model.*").removeprefix("recipe:") for a in agents.values()})
             model = "from " + ", ".join(f"`{x}`" for x in starts)
             kinds = sorted({a.algorithm + (" + LoRA" if a.adapter == "lora" else "") for a in agents.values()})
+            if r.env.name == "debate_arith":  # agents/debate/ fine-tunes by SFT, never by the agents' RL algorithm
+                kinds = ["SFT on majority answers"]
             shared = sum(a.policy_of is not None for a in agents.values())
             policies = len(agents) - shared
             where += (f", {len(agents)} agents ({', '.join(kinds)}"
