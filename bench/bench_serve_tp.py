@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from launch.multiproc import free_port  # noqa: E402
+from serve.procs import wait_healthy  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass ", "    return self.", "x = [", "# Copyright", "for i in ",
            "if __name__ == ", "@property\n    def "]
@@ -56,18 +57,12 @@ class Server:
         self._f = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "serve", run, "--port", str(self.port), "--tp", str(tp),
                                       "--threads", str(threads)], cwd=REPO, stdout=self._f, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
+        try:
+            rc = wait_healthy(self.proc, self.url, 300, poll=0.2)
+        except TimeoutError:
+            raise SystemExit("the server did not start") from None
+        if rc is not None:
+            raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
         self.loaded = next(json.loads(x) for x in log.read_text().splitlines() if '"loaded"' in x)
         self.model = self.loaded["models"][0]
 

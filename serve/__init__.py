@@ -11,6 +11,7 @@ One job per module, lower ones first:
     metrics.py    Prometheus counters and the one-line JSON request log
     app.py        the Starlette ASGI app: routes, streaming, disconnects, errors
     ort.py        `--engine onnxruntime`: an ONNX export behind the scheduler's engine interface
+    procs.py      child processes: stop them by a deadline, wait for a server's /health
     routing.py    which replica takes a request: least-loaded, cache-aware with a load cap, round-robin
     router.py     `--replicas N`: the replica processes and the router app in front of them
     tp.py         `--tp N`: the models sharded over N ranks, rank 0's engine calls broadcast and followed

@@ -40,6 +40,7 @@ from starlette.routing import Route
 
 from launch.multiproc import free_port
 
+from .procs import stop_all
 from .protocol import APIError
 from .routing import Replica, Router, prefix_text
 
@@ -133,13 +134,7 @@ class Workers:
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs, timeout)
         for t in self._threads:
             t.join(5)
 

@@ -35,6 +35,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .procs import stop_all
 from .tp import Channel, follow, make_engine, make_shard
 
 __all__ = ["Ranks", "default_threads", "main", "start_ranks"]
@@ -128,13 +129,7 @@ class Ranks:
         """Every rank exits: an "exit" message, then wait (SIGKILL after `timeout`)."""
         self._stopping = True
         self.channel.close()
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs, timeout)
         with suppress(Exception):
             dist.destroy_process_group()
 
@@ -182,6 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-slots", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--checkpoint", default=None)
+    p.add_argument("--no-prefix-cache", action="store_true")
     return p.parse_args(argv)
 
 
@@ -203,7 +199,7 @@ def main(argv=None) -> int:
         except (UsageError, CheckpointError, OSError):
             rc = 2  # rank 0 loads the same run, fails the same way and says why
         else:
-            engines = {key: make_engine(m, args.max_slots) for key, m in run.modules.items()}
+            engines = {key: make_engine(m, args.max_slots, not args.no_prefix_cache) for key, m in run.modules.items()}
             dist.barrier(group=channel.group)
             follow(channel, engines)
             rc = 0
