@@ -17,6 +17,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.errors import UsageError
 
 from .routing import POLICIES
+from .scheduler import DEFAULT_PREFILL_CHUNK
 
 __all__ = ["main"]
 
@@ -35,6 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "requests interleave per token, not batched)")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8: int8 weight-only linear layers (model/quantize.py; a tied head stays float)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help="chunked prefill: while rows decode, new prompts are computed in chunks, each scheduler step "
+                        "a budget of N tokens shared by the decoding rows (one each) and the prompt chunks (at "
+                        f"least N/4); 0: whole prompts in one prefill (default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="no prefix KV cache: every prompt is computed from its first token")
     p.add_argument("--tp", type=int, default=1,
                    help="N > 1: tensor-parallel over N processes, each holding 1/N of every model; rank 0 serves "
                         "HTTP and the others follow its engine steps (serve.tp, serve.tp_ranks)")
@@ -87,6 +94,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--max-slots must be >= 1, got {args.max_slots}")
         if args.tp < 1:
             raise UsageError(f"--tp must be >= 1, got {args.tp}")
+        if args.prefill_chunk < 0:
+            raise UsageError(f"--prefill-chunk must be >= 0 tokens (0: whole prompts), got {args.prefill_chunk}")
         if args.tp > 1 and (args.engine != "torch" or args.quantize):
             bad = ([f"--engine {args.engine}"] if args.engine != "torch" else []) + (
                 [f"--quantize {args.quantize}"] if args.quantize else [])
@@ -132,17 +141,19 @@ def main(argv=None) -> int:
     sys.setswitchinterval(0.0005)
 
     metrics = Metrics()
+    options = {"prefill_chunk": args.prefill_chunk or None, "prefix_cache": not args.no_prefix_cache}
     if ranks is None:
-        scheduler = Scheduler(run.modules, args.max_slots, metrics, threads=args.threads, engines=engines)
+        scheduler = Scheduler(run.modules, args.max_slots, metrics, threads=args.threads, engines=engines, **options)
         tp_info = None
     else:
         scheduler = TPScheduler(ranks.channel, run.modules, args.max_slots, metrics, threads=ranks.threads,
-                                engines=engines)
+                                engines=engines, **options)
         tp_info = {"size": args.tp, "device": str(ranks.device), "threads_per_rank": ranks.threads,
                    "parameter_bytes_per_rank": ranks.parameter_bytes}
     app = build_app(run, scheduler, metrics)
     print(json.dumps({"event": "loaded", "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
                       "models": list(run.models), "quantized": quantized, "tp": tp_info,
+                      "prefill_chunk": args.prefill_chunk, "prefix_cache": not args.no_prefix_cache,
                       "url": f"http://{args.host}:{args.port}/v1"}), file=sys.stderr,
           flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and raises the signal
@@ -179,6 +190,8 @@ def start_tp(args: argparse.Namespace):
     follower_args = ["--max-slots", str(args.max_slots), "--threads", str(threads)]
     if args.checkpoint is not None:
         follower_args += ["--checkpoint", args.checkpoint]
+    if args.no_prefix_cache:
+        follower_args.append("--no-prefix-cache")
     try:
         ranks = start_ranks(args.run, args.tp, follower_args)
     except TimeoutError as e:
@@ -194,7 +207,7 @@ def start_tp(args: argparse.Namespace):
         return 2
     ranks.threads = threads
     ranks.parameter_bytes = {key: parameter_bytes(m) for key, m in run.modules.items()}
-    ranks.engines = {key: LockstepEngine(ranks.channel, key, make_engine(m, args.max_slots))
+    ranks.engines = {key: LockstepEngine(ranks.channel, key, make_engine(m, args.max_slots, not args.no_prefix_cache))
                      for key, m in run.modules.items()}
     try:
         dist.barrier(group=ranks.channel.group)
@@ -227,6 +240,7 @@ def serve_replicas(args: argparse.Namespace) -> int:
         worker_args += ["--engine", args.engine]
     if args.tp != 1:  # each replica is a tensor-parallel group of its own
         worker_args += ["--tp", str(args.tp)]
+    worker_args += ["--prefill-chunk", str(args.prefill_chunk)] + (["--no-prefix-cache"] if args.no_prefix_cache else [])
     import uvicorn
 
     workers = Workers(args.run, args.replicas, worker_args)

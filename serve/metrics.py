@@ -9,7 +9,17 @@
     serve_tokens_per_second                 generated tokens per second over the last 10 s
     serve_time_to_first_token_seconds       histogram: request arrival -> first token
     serve_request_latency_seconds           histogram: request arrival -> last token
-    serve_step_seconds{kind}                histogram: one prefill / decode step of an engine
+    serve_step_seconds{kind}                histogram: one prefill / prefill_chunk / decode step of an engine
+    serve_prefilling_rows                   rows admitted whose prompt is still being computed by chunks
+    serve_prefill_chunk_tokens              the step's token budget of chunked prefill (0: whole prefills)
+    serve_prefill_chunked_rows_total        rows admitted to be prefilled by chunks (while other rows decoded)
+    serve_prefill_chunks_total              chunked-prefill forwards (`DecodeEngine.prefill_step` calls)
+    serve_prefill_chunks_with_decode_total  ... of them in an iteration that also decoded running rows
+    serve_prefix_cache_enabled{module}      1 when the module's engine keeps a prefix KV cache, else 0
+    serve_prefix_cache_lookups_total{module}, serve_prefix_cache_hits_total{module}: prompts looked up in the
+        prefix cache and those that reused a cached prefix; serve_prefix_cache_prompt_tokens_total{module},
+        serve_prefix_cache_hit_tokens_total{module}: their prompt tokens and those taken from the cache (not
+        computed); serve_prefix_cache_blocks{module}: blocks held (only for modules with the cache on)
 """
 
 from __future__ import annotations
@@ -69,7 +79,11 @@ class Metrics:
         self.ttft = Histogram(LATENCY_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
-        self.steps = {"prefill": Histogram(LATENCY_BUCKETS), "decode": Histogram(LATENCY_BUCKETS)}
+        self.steps = {kind: Histogram(LATENCY_BUCKETS) for kind in ("prefill", "prefill_chunk", "decode")}
+        self.prefill_chunk = 0  # the scheduler's step budget (set by the scheduler; 0: whole prefills)
+        self.chunked_rows = 0
+        self.chunks = 0
+        self.chunks_with_decode = 0
 
     def observe_step(self, kind: str, rows: int, seconds: float) -> None:
         now = time.monotonic()
@@ -80,6 +94,23 @@ class Metrics:
             if kind == "decode":
                 self.batch_size = rows
                 self.batch.observe(rows)
+            self._trim(now)
+
+    def observe_admitted(self, rows: int) -> None:
+        """Rows admitted for chunked prefill."""
+        with self._lock:
+            self.chunked_rows += rows
+
+    def observe_chunk(self, rows: int, decoding: int, seconds: float) -> None:
+        """One chunked-prefill forward that completed `rows` prompts (their first tokens), in an iteration
+        that decoded `decoding` rows."""
+        now = time.monotonic()
+        with self._lock:
+            self.generated += rows
+            self.steps["prefill_chunk"].observe(seconds)
+            self.chunks += 1
+            self.chunks_with_decode += decoding > 0
+            self._recent.append((now, rows))
             self._trim(now)
 
     def _trim(self, now: float) -> None:
@@ -137,7 +168,42 @@ class Metrics:
                     "# HELP serve_step_seconds One engine step.", "# TYPE serve_step_seconds histogram"]
             for kind, h in self.steps.items():
                 out += h.lines("serve_step_seconds", f'kind="{kind}"')
+            out += _prefill_lines(self, snapshot) + _prefix_lines(snapshot.get("prefix", {}))
         return "\n".join(out) + "\n"
+
+
+def _prefill_lines(m: Metrics, snapshot: dict) -> list[str]:
+    return ["# HELP serve_prefilling_rows Rows whose prompt is being computed by chunks.",
+            "# TYPE serve_prefilling_rows gauge", f"serve_prefilling_rows {snapshot.get('prefilling', 0)}",
+            "# HELP serve_prefill_chunk_tokens Token budget of a scheduler step with chunked prefill (0: off).",
+            "# TYPE serve_prefill_chunk_tokens gauge", f"serve_prefill_chunk_tokens {m.prefill_chunk}",
+            "# HELP serve_prefill_chunked_rows_total Rows admitted to be prefilled by chunks.",
+            "# TYPE serve_prefill_chunked_rows_total counter", f"serve_prefill_chunked_rows_total {m.chunked_rows}",
+            "# HELP serve_prefill_chunks_total Chunked-prefill forwards.",
+            "# TYPE serve_prefill_chunks_total counter", f"serve_prefill_chunks_total {m.chunks}",
+            "# HELP serve_prefill_chunks_with_decode_total Chunked-prefill forwards in a step that decoded rows.",
+            "# TYPE serve_prefill_chunks_with_decode_total counter",
+            f"serve_prefill_chunks_with_decode_total {m.chunks_with_decode}"]
+
+
+PREFIX_COUNTERS = (("lookups", "Prompts looked up in the prefix cache."),
+                   ("hits", "Prompts that reused a cached prefix."),
+                   ("prompt_tokens", "Prompt tokens looked up."),
+                   ("hit_tokens", "Prompt tokens whose keys and values came from the cache."))
+
+
+def _prefix_lines(prefix: dict) -> list[str]:
+    """The engines' prefix-cache counters (`DecodeEngine.prefix_stats`; None: the cache is off)."""
+    out = ["# HELP serve_prefix_cache_enabled 1 when the module's engine keeps a prefix KV cache.",
+           "# TYPE serve_prefix_cache_enabled gauge",
+           *(f'serve_prefix_cache_enabled{{module="{k}"}} {int(st is not None)}' for k, st in prefix.items())]
+    on = {k: st for k, st in prefix.items() if st is not None}
+    for name, text in PREFIX_COUNTERS:
+        out += [f"# HELP serve_prefix_cache_{name}_total {text}", f"# TYPE serve_prefix_cache_{name}_total counter",
+                *(f'serve_prefix_cache_{name}_total{{module="{k}"}} {st[name]}' for k, st in on.items())]
+    out += ["# HELP serve_prefix_cache_blocks Blocks the prefix cache holds.", "# TYPE serve_prefix_cache_blocks gauge",
+            *(f'serve_prefix_cache_blocks{{module="{k}"}} {st["blocks"]}' for k, st in on.items())]
+    return out
 
 
 def log_request(**fields) -> None:

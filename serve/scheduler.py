@@ -2,10 +2,21 @@
 module (a LoRA base shared by several agents is one module, one engine; its rows carry their adapters).
 
 Each iteration, for every engine with work: rows whose request was cancelled (a client that went away, a
-stop string found) are released; waiting rows are admitted into the free slots with one prefill; then every
-running row gets one token with one decode step, and rows that finished are released at once. So requests
-join and leave the running batch at token boundaries and a KV slot lives exactly as long as its row. When
-nothing is waiting or running, the thread sleeps on a condition until a request arrives.
+stop string found) are released; waiting rows are admitted into the free slots; then every running row gets
+one token with one decode step, and rows that finished are released at once. So requests join and leave the
+running batch at token boundaries and a KV slot lives exactly as long as its row. When nothing is waiting or
+running, the thread sleeps on a condition until a request arrives.
+
+Admission (`prefill_chunk`, `--prefill-chunk`): when no row is decoding, waiting rows are prefilled whole, in
+one forward (nothing is stalled by it). When rows are decoding, new rows are only admitted
+(`DecodeEngine.admit`: slots taken, prefix-cache hits copied in), and each iteration, after the decode step,
+one `prefill_step` computes at most a step budget of their prompt tokens, oldest first: the budget of
+`prefill_chunk` tokens is shared as vLLM and Sarathi-Serve share theirs, one token per decoding row and the
+rest for prompt chunks (at least a quarter of it, so prompts advance however many rows decode). A row joins
+the decode steps after the iteration that computed its prompt's last chunk (and gave its first token). So a
+long prompt that arrives costs each running row at most a chunk's forward per token instead of its whole
+prefill. The tokens are those of whole prefills (same greedy and seeded choices; the logits agree to float32
+rounding). `prefill_chunk=None`: whole prefills always; engines without `admit` (serve.ort) prefill whole.
 
 Rows talk to their request through `Row.sink`, called on this thread with each `StepOutput` (or an
 Exception when the engine failed on the row's batch); the app turns that into a thread-safe hand-over to
@@ -45,14 +56,29 @@ class Row:
     done: bool = False
 
 
+DEFAULT_PREFILL_CHUNK = 64  # tokens per scheduler step, decoding rows and prompt chunks together (--prefill-chunk)
+
+
+def prefill_budget(step_tokens: int, decoding: int) -> int:
+    """Prompt tokens one iteration may compute while `decoding` rows decode: the step's token budget less
+    one per decoding row, and never less than a quarter of it."""
+    return max(step_tokens - decoding, -(-step_tokens // 4))
+
+
 class Scheduler:
     def __init__(self, modules: dict[str, torch.nn.Module], max_slots: int, metrics: Metrics,
-                 threads: int | None = None, engines: dict | None = None):
-        # engines: ready ones with DecodeEngine's interface instead (serve.ort's OrtEngine), by module key
+                 threads: int | None = None, engines: dict | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefix_cache: bool = True):
+        # engines: ready ones with DecodeEngine's interface instead (serve.ort's OrtEngine), by module key.
+        # prefill_chunk: the step's token budget while rows decode (None: whole prefills, see the docstring).
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token (None: whole prefills), got {prefill_chunk}")
         self.engines = engines if engines is not None else {
-            key: DecodeEngine(m, max_slots=max_slots, prefix_cache=True) for key, m in modules.items()}
+            key: DecodeEngine(m, max_slots=max_slots, prefix_cache=prefix_cache) for key, m in modules.items()}
         self.metrics = metrics
         self.threads = threads
+        self.prefill_chunk = prefill_chunk
+        metrics.prefill_chunk = prefill_chunk or 0
         self._cond = threading.Condition()
         self._inbox: list[Row] = []
         self._waiting: dict[str, deque[Row]] = {k: deque() for k in self.engines}
@@ -60,7 +86,8 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
         # What /health and /metrics read from other threads (replaced, never mutated, by this loop).
-        self.snapshot = {"waiting": 0, "running": 0, "free_slots": {k: max_slots for k in self.engines}}
+        self.snapshot = {"waiting": 0, "running": 0, "prefilling": 0,
+                         "free_slots": {k: max_slots for k in self.engines}, "prefix": {}}
 
     # ---- called from other threads ------------------------------------------------------------------
 
@@ -134,11 +161,20 @@ class Scheduler:
     def _publish(self) -> None:
         self.snapshot = {"waiting": sum(len(q) for q in self._waiting.values()),
                          "running": sum(len(r) for r in self._running.values()),
-                         "free_slots": {k: len(e.free_slots()) for k, e in self.engines.items()}}
+                         "prefilling": sum(len(self._prefilling(e)) for e in self.engines.values()),
+                         "free_slots": {k: len(e.free_slots()) for k, e in self.engines.items()},
+                         "prefix": {k: e.prefix_stats() for k, e in self.engines.items() if hasattr(e, "prefix_stats")}}
+
+    def _chunks(self, engine) -> bool:
+        return self.prefill_chunk is not None and hasattr(engine, "prefill_step")
+
+    @staticmethod
+    def _prefilling(engine) -> list[int]:
+        return engine.prefilling_slots() if hasattr(engine, "prefilling_slots") else []
 
     def _step(self, key: str) -> None:
         engine, waiting, running = self.engines[key], self._waiting[key], self._running[key]
-        for row in list(running.values()):
+        for row in list(running.values()):  # rows decoding or still prefilling
             if row.cancelled:
                 self._finish(engine, running, row)
         if waiting:
@@ -148,21 +184,12 @@ class Scheduler:
         free = engine.free_slots()
         admit = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         if admit:
-            t = time.perf_counter()
-            try:
-                outs = engine.prefill([r.prompt for r in admit], free[:len(admit)], [r.params for r in admit],
-                                      [r.adapter for r in admit])
-            except Exception as e:  # noqa: BLE001 - the rows' requests get the error; the server goes on
-                # The engine takes a slot only after the forward succeeded: nothing to release here.
-                for r in admit:
-                    self._fail(r, e)
-                outs = []
-            for r, o in zip(admit, outs):
-                r.slot = o.slot
-                running[o.slot] = r
-            self.metrics.observe_step("prefill", len(admit), time.perf_counter() - t)
-            self._deliver(engine, running, outs)
-        slots = sorted(s for s, r in running.items() if not r.cancelled)
+            if running and self._chunks(engine):  # rows decoding or prefilling: the new ones go in by chunks
+                self._admit(engine, running, admit, free)
+            else:  # nothing decodes: one whole prefill stalls no one
+                self._prefill(engine, running, admit, free)
+        pending = set(self._prefilling(engine))
+        slots = sorted(s for s, r in running.items() if not r.cancelled and s not in pending)
         if slots:
             t = time.perf_counter()
             try:
@@ -174,6 +201,55 @@ class Scheduler:
                 return
             self.metrics.observe_step("decode", len(slots), time.perf_counter() - t)
             self._deliver(engine, running, outs)
+        if pending:
+            self._prefill_chunk(engine, running, len(slots))
+
+    def _prefill(self, engine, running: dict[int, Row], admit: list[Row], free: list[int]) -> None:
+        """The rows' whole prompts in one forward (their first tokens delivered)."""
+        t = time.perf_counter()
+        try:
+            outs = engine.prefill([r.prompt for r in admit], free[:len(admit)], [r.params for r in admit],
+                                  [r.adapter for r in admit])
+        except Exception as e:  # noqa: BLE001 - the rows' requests get the error; the server goes on
+            # The engine takes a slot only after the forward succeeded: nothing to release here.
+            for r in admit:
+                self._fail(r, e)
+            outs = []
+        for r, o in zip(admit, outs):
+            r.slot = o.slot
+            running[o.slot] = r
+        self.metrics.observe_step("prefill", len(admit), time.perf_counter() - t)
+        self._deliver(engine, running, outs)
+
+    def _admit(self, engine, running: dict[int, Row], admit: list[Row], free: list[int]) -> None:
+        """Chunked prefill: the rows take their slots now; their prompts are computed by later steps."""
+        try:
+            slots = engine.admit([r.prompt for r in admit], free[:len(admit)], [r.params for r in admit],
+                                 [r.adapter for r in admit])
+        except Exception as e:  # noqa: BLE001 - refused before the engine changed anything
+            for r in admit:
+                self._fail(r, e)
+            return
+        for r, s in zip(admit, slots):
+            r.slot = s
+            running[s] = r
+        self.metrics.observe_admitted(len(admit))
+
+    def _prefill_chunk(self, engine, running: dict[int, Row], decoding: int) -> None:
+        """One chunk of the admitted prompts: the step's budget after `decoding` rows (all that is left when
+        none decodes); the rows it completes get their first tokens."""
+        budget = prefill_budget(self.prefill_chunk, decoding) if decoding else None
+        t = time.perf_counter()
+        try:
+            outs = engine.prefill_step(budget)
+        except Exception as e:  # noqa: BLE001 - nothing advanced: the prefilling rows fail and free their slots
+            for s in self._prefilling(engine):
+                if s in running:
+                    self._fail(running[s], e)
+                    self._finish(engine, running, running[s])
+            return
+        self.metrics.observe_chunk(len(outs), decoding, time.perf_counter() - t)
+        self._deliver(engine, running, outs)
 
     def _deliver(self, engine: DecodeEngine, running: dict[int, Row], outs: list[StepOutput]) -> None:
         for o in outs:

@@ -4,8 +4,8 @@ Every rank holds 1/N of every served model: serve.loader builds each on the meta
 project's TP layers (`model.tensor_parallel.apply_tensor_parallel`: attention heads, MLP width and vocabulary
 split; `make_shard`) and copies in only this rank's slices of the run's consolidated weights; every rank builds
 the same `DecodeEngine` over its shard. Rank 0 alone runs HTTP and the scheduler. Its engines are `LockstepEngine`s:
-each engine call (prefill: prompts, slots, sampling params, adapters; decode: slots; release: a slot) is
-broadcast to the other ranks over a gloo control group before it runs locally, and the other ranks
+each engine call (prefill and admit: prompts, slots, sampling params, adapters; prefill_step: a token
+budget; decode: slots; release: a slot) is broadcast to the other ranks over a gloo control group before it runs locally, and the other ranks
 (`follow`) run the same call on their engine. So all ranks run the same forward in the same order and meet
 in the TP layers' all-reduces and the head's all-gather of the logits.
 
@@ -78,11 +78,11 @@ def make_shard(group=None, device: torch.device | None = None) -> Shard:
                  device or torch.device("cpu"))
 
 
-def make_engine(module: torch.nn.Module, max_slots: int) -> DecodeEngine:
+def make_engine(module: torch.nn.Module, max_slots: int, prefix_cache: bool = True) -> DecodeEngine:
     """One rank's engine over its shard, configured as serve.scheduler configures the unpartitioned one
-    (the prefix cache on: its hits and evictions follow from the calls alone, so they are the same on
-    every rank)."""
-    return DecodeEngine(module, max_slots=max_slots, prefix_cache=True)
+    (every rank alike: the prefix cache's hits and evictions follow from the calls alone, so they are the
+    same on every rank, and so are the chunks of a chunked prefill)."""
+    return DecodeEngine(module, max_slots=max_slots, prefix_cache=prefix_cache)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -90,8 +90,13 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _digest(outs) -> list[tuple[int, int]] | None:
-    return None if outs is None else [(o.slot, o.token) for o in outs]
+def _digest(op: str, out):
+    """What a call returned, compared between the ranks: the slots admitted, the tokens emitted."""
+    if op == "release":
+        return None
+    if op == "admit":
+        return ("admit", list(out))
+    return [(o.slot, o.token) for o in out]
 
 
 def _seeded(p: SamplingParams) -> SamplingParams:
@@ -186,6 +191,12 @@ class Channel:
             dist.broadcast(torch.frombuffer(bytearray(data[FRAME - 8:]), dtype=torch.uint8), 0, group=self.group)
 
 
+def _start_args(prompts, slots, params, adapters) -> tuple:
+    """prefill's and admit's arguments as sent: plain lists, every sampled row seeded."""
+    return ([list(p) for p in prompts], list(slots), [_seeded(p) for p in params],
+            None if adapters is None else list(adapters))
+
+
 class LockstepEngine:
     """Rank 0's side of one engine: DecodeEngine's interface for the scheduler; every call that changes
     the engine is first sent to the other ranks."""
@@ -203,10 +214,17 @@ class LockstepEngine:
     def prefix_stats(self) -> dict | None:
         return self.engine.prefix_stats()
 
+    def prefilling_slots(self) -> list[int]:
+        return self.engine.prefilling_slots()
+
     def prefill(self, prompts, slots, params, adapters=None) -> list[StepOutput]:
-        params = [_seeded(p) for p in params]
-        return self._call("prefill", [list(p) for p in prompts], list(slots), params,
-                          None if adapters is None else list(adapters))
+        return self._call("prefill", *_start_args(prompts, slots, params, adapters))
+
+    def admit(self, prompts, slots, params, adapters=None) -> list[int]:
+        return self._call("admit", *_start_args(prompts, slots, params, adapters))
+
+    def prefill_step(self, max_tokens: int | None = None) -> list[StepOutput]:
+        return self._call("prefill_step", max_tokens)
 
     def decode(self, slots) -> list[StepOutput]:
         return self._call("decode", list(slots))
@@ -229,7 +247,7 @@ class LockstepEngine:
             except Exception as e:  # noqa: BLE001 - a collective failed, or the ranks' states are now unknown
                 ch.mark_dead(f"tensor-parallel {op} failed: {_first_line(e)}")
                 raise RankLost(ch.dead) from e
-            ch.check = _digest(out) if op != "release" else None
+            ch.check = _digest(op, out)
             return out
 
 
@@ -273,7 +291,7 @@ def follow(channel: Channel, engines: dict[str, DecodeEngine]) -> None:
         except ValueError:
             mine = ("error", "ValueError")
             continue
-        mine = _digest(out) if op != "release" else None
+        mine = _digest(op, out)
 
 
 def _first_line(e: BaseException) -> str:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from launch.multiproc import free_port
+from serve.procs import wait_healthy
 from tests.trainutil import REPO, env, train_once
 
 CONTEXT = 256  # the tiny run's max_seq_len: long enough for requests that take a while to decode
@@ -38,18 +39,11 @@ class Server:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "serve", str(run), "--port", str(self.port), *args],
                                      cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}: {self.log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start: {self.log_path.read_text()}")
-            time.sleep(0.1)
+        try:
+            rc = wait_healthy(self.proc, self.url, 120)
+        except TimeoutError:
+            raise AssertionError(f"the server did not start: {self.log_path.read_text()}") from None
+        assert rc is None, f"the server exited with {rc}: {self.log_path.read_text()}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def health(self) -> dict:
@@ -229,6 +223,57 @@ def test_eight_concurrent_clients_get_the_text_each_gets_alone(server):
     assert steps - single > 0
 
 
+def test_chunked_prefill_and_no_prefix_cache_serve_the_texts_of_whole_prefills(run, server, reference):
+    """8 concurrent requests (greedy and seeded, ragged) on servers with tiny chunks (4 tokens a step, the prefix
+    cache off) and without chunking: the texts of the default server, and its greedy texts are the model's own."""
+    model, tok = reference
+    eos = tok.token_to_id("<|endoftext|>")
+    start = threading.Barrier(8)
+
+    def together(s):
+        def client(i):
+            start.wait()
+            return _request(s.client, i)
+
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(client, range(8)))
+
+    want = together(server)
+    for i in range(0, 8, 2):  # the greedy ones
+        prompt = PROMPTS[i % len(PROMPTS)] * (1 + i % 3)
+        assert want[i] == tok.decode(greedy_reference(model, encode(tok, prompt), 12 + 7 * (i % 4), eos)), i
+    for args in (["--prefill-chunk", "4", "--no-prefix-cache"], ["--prefill-chunk", "0"]):
+        s = Server(run, "--max-slots", "16", *args)
+        try:
+            got = together(s)
+            # a long request (4 choices), then 4 more sent together while it decodes: with chunking they are
+            # admitted by chunks (the long choices would all have to end within a few steps for them not to be)
+            long = s.client.completions.create(model="tiny", prompt="x", max_tokens=CONTEXT - 8, temperature=1.0,
+                                               n=4, seed=0, stream=True)
+            next(iter(long))
+            with ThreadPoolExecutor(4) as pool:
+                late = list(pool.map(_request, [s.client] * 4, range(4)))
+            long.close()
+            text = s.metrics()
+            loaded = next(r for r in s.log_records() if r.get("event") == "loaded")
+        finally:
+            s.close()
+        assert got == want and late == want[:4], args
+        chunks, chunked_rows = metric(text, "serve_prefill_chunks_total"), metric(text, "serve_prefill_chunked_rows_total")
+        if args[1] == "4":
+            assert (loaded["prefill_chunk"], loaded["prefix_cache"]) == (4, False)
+            assert chunked_rows >= 4 and chunks > chunked_rows and metric(text, "serve_prefill_chunk_tokens") == 4
+            assert metric(text, 'serve_prefix_cache_enabled{module="model"}') == 0
+            assert "serve_prefix_cache_lookups_total{" not in text
+        else:
+            assert chunks == chunked_rows == metric(text, "serve_prefill_chunk_tokens") == 0
+            assert metric(text, 'serve_prefix_cache_enabled{module="model"}') == 1
+            assert metric(text, 'serve_prefix_cache_lookups_total{module="model"}') >= 12
+    res = subprocess.run([sys.executable, "-m", "serve", str(run), "--prefill-chunk", "-1"], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: --prefill-chunk must be >= 0")
+
+
 def test_seed_reproduces_the_text_and_n_draws_seed_plus_index(server):
     kw = dict(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=1.5)
     a = server.client.completions.create(**kw, seed=7).choices[0].text
@@ -367,8 +412,16 @@ def test_metrics_and_one_json_line_per_request(server):
     text = server.metrics()
     for name in ["serve_requests_running", "serve_queue_length", "serve_batch_size", "serve_tokens_per_second",
                  "serve_generated_tokens_total", "serve_time_to_first_token_seconds_count",
-                 "serve_request_latency_seconds_count", 'serve_kv_slots_free{module="model"}']:
+                 "serve_request_latency_seconds_count", 'serve_kv_slots_free{module="model"}',
+                 "serve_prefilling_rows", "serve_prefill_chunks_total", "serve_prefill_chunked_rows_total",
+                 "serve_prefill_chunks_with_decode_total"]:
         assert metric(text, name) >= 0
+    # the server's defaults: chunked prefill at 64 tokens a step, the prefix cache on and counting
+    assert metric(text, "serve_prefill_chunk_tokens") == 64
+    assert metric(text, 'serve_prefix_cache_enabled{module="model"}') == 1
+    lookups = metric(text, 'serve_prefix_cache_lookups_total{module="model"}')
+    server.client.completions.create(model="tiny", prompt="x", max_tokens=4)
+    assert metric(server.metrics(), 'serve_prefix_cache_lookups_total{module="model"}') == lookups + 1
     assert metric(text, 'serve_requests_total{endpoint="completions",status="200"}') >= 1
     assert metric(text, 'serve_requests_total{endpoint="completions",status="400"}') >= 1
     assert metric(text, "serve_time_to_first_token_seconds_count") >= 1

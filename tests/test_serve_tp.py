@@ -142,6 +142,31 @@ def _lockstep_worker(rank, world, style):
         lock.release(1)
         plain.release(1)
     assert lock.prefix_stats()["hit_tokens"] >= 16
+    # Chunked prefill through the lockstep engine, as the scheduler runs it: a 22-token prompt (unseeded
+    # sampling) admitted while slot 0 decodes, 5 of its tokens a step after slot 0's decode; then a greedy one
+    # in chunks of 7, whose tokens are the unsharded model's whole prefill's.
+    chunked = list(range(70, 92))
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=3)  # no seed: rank 0 gives it one
+    assert lock.admit([chunked], [1], [sampled]) == [1] and lock.prefilling_slots() == [1]
+    got, steps = [], 0
+    while lock.prefilling_slots():
+        lock.decode([0])
+        got += [o.token for o in lock.prefill_step(5)]
+        steps += 1
+    assert steps == 5  # ceil(22 / 5)
+    got += [o.token for o in lock.decode([1])]
+    assert len(got) == 2  # drawn with rank 0's seed on both ranks: rank 1's check of every call stays equal
+    lock.release(1)
+    greedy3 = SamplingParams(temperature=0, max_new_tokens=3)
+    lock.admit([chunked[::-1]], [1], [greedy3])
+    while lock.prefilling_slots():
+        got = [o.token for o in lock.prefill_step(7)]
+    got += [o.token for o in lock.decode([1])]
+    assert got == [o.token for o in plain.prefill([chunked[::-1]], [1], [greedy3])] + [
+        o.token for o in plain.decode([1])]
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):  # refused on both ranks, still in step
+        lock.prefill_step(0)
+    lock.release(1)
     lock.decode([0])
     channel.close()
     assert channel.dead == "the server has stopped"
@@ -220,7 +245,7 @@ def test_tp2_server_texts_equal_the_unpartitioned_servers(runs, style):
     run = runs[style]
     model, tok = _reference(run)
     eos = tok.token_to_id("<|endoftext|>")
-    tp = Server(run, "--tp", "2", "--max-slots", "8")
+    tp = Server(run, "--tp", "2", "--max-slots", "8", "--prefill-chunk", "4")  # tiny chunks: many lockstep steps
     try:
         loaded = next(r for r in tp.log_records() if r.get("event") == "loaded")
         assert loaded["tp"]["size"] == 2 and len(_children(tp.proc.pid)) == 1
