@@ -1,15 +1,17 @@
 """`make bench-serve`: the server's continuous batching under load, measured as `vllm bench serve` does.
 
-One server (`python -m serve RUN`, a real uvicorn process on a loopback port) and the same 16 requests
+Two servers (`python -m serve RUN`, real uvicorn processes on loopback ports), side by side: the default
+(chunked prefill, `--prefill-chunk 64`) and `--prefill-chunk 0` (whole prefills), and the same 16 requests
 (ragged prompts, 128 new tokens each unless <|endoftext|> comes first, seeded sampling at temperature 0.8),
 streamed (`stream_options.include_usage` for exact token counts):
   - sequential: the 16 requests one at a time (each alone on the server: the "lone request" figures);
   - concurrent: 16 clients sending them at the same moment.
-The phases alternate for --rounds rounds. Per request: TTFT (sent -> first text chunk), TPOT ((end - first
-chunk) / (output tokens - 1)), end-to-end latency; per phase: output tokens/s over the phase's wall time.
-Goals (issue 14): concurrent tokens/s >= 4x sequential; p99 TPOT at 16 concurrent <= 2x the lone request's
-(its median TPOT in the sequential phase). The clients are one asyncio loop of httpx streams in this
-process; the server runs in its own process with --threads torch threads.
+The phases alternate for --rounds rounds, each phase on one server then the other. Per request: TTFT (sent ->
+first text chunk), TPOT ((end - first chunk) / (output tokens - 1)), the gaps between text chunks (ITL),
+end-to-end latency; per phase: output tokens/s over the phase's wall time. Goals (issue 14), on the default
+server: concurrent tokens/s >= 4x sequential; p99 TPOT at 16 concurrent <= 2x the lone request's (its median
+TPOT in the sequential phase). The clients are one asyncio loop of httpx streams in this process; each server
+runs in its own process with --threads torch threads.
 
 Load test (--parts load): Poisson arrivals at several rates (--rates) of the same kind of requests against
 one server, and a shared-prefix multi-agent trace (--agents agents, each with its own ~330-character system
@@ -29,9 +31,10 @@ Chunked prefill (--parts chunked): the engine alone, continuous batching over 8 
 (64 new tokens) interleaved with 16 of the trace's long prompts (16 new tokens), so long prompts join while
 other rows decode: the gaps between consecutive tokens of a request (what a running row waits per token), with
 whole prefills against at most --prefill-chunk prompt tokens per step (`DecodeEngine.stream(prefill_chunk=)`);
-the server does not chunk yet.
+then served: the two servers of the first part, a mix of those short prompts and the trace's long ones arriving
+Poisson at 24 req/s: TPOT, the gaps between text chunks, the long prompts' TTFT.
 
-    python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix] [--rounds 3] [--threads 1]
+    python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix,chunked] [--rounds 3] [--threads 1]
                                 [--max-tokens 128] [--rates 4,16,64] [--out bench/results/serve-cpu.md]
 Each part replaces its own section of the results file and its own key of the .json beside it.
 """
@@ -58,6 +61,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from record_losses import cpu_name, write_marked_section  # noqa: E402
 
 from launch.multiproc import free_port  # noqa: E402
+from serve.procs import wait_healthy  # noqa: E402
 
 N_CLIENTS = 16
 PROMPTS = [  # 16 prompts of ragged lengths
@@ -77,29 +81,44 @@ def percentile(values: list[float], p: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": PROMPTS[i], "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
-            "stream": True, "stream_options": {"include_usage": True}}
+async def timed_request(client: httpx.AsyncClient, url: str, model: str, req: dict, t0: float | None = None) -> dict:
+    """One streamed completion (req: prompt, max_tokens, seed; seeded sampling at T=0.8): TTFT (sent -> first
+    chunk with text; with none, the first chunk), TPOT ((end - first) / (output tokens - 1)), e2e, the gaps between consecutive text
+    chunks, the replica that answered (the router's x-replica header) and start/end relative to t0."""
+    body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0.8,
+            "seed": req["seed"], "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first = None
-    usage = None
+    t0 = start if t0 is None else t0
+    first = usage = last = any_chunk = None
+    gaps = []
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"request {i}: HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        replica = r.headers.get("x-replica")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            elif first is None and any(c["text"] for c in chunk["choices"]):
-                first = time.perf_counter()
+            elif chunk["choices"]:
+                now = time.perf_counter()
+                any_chunk = any_chunk or now
+                if any(c["text"] for c in chunk["choices"]):
+                    if first is not None:
+                        gaps.append(now - last)
+                    first, last = first or now, now
     end = time.perf_counter()
+    first = first or any_chunk  # a text that is empty (<|endoftext|> first): its first chunk
     if usage is None or first is None:
-        raise RuntimeError(f"request {i}: no usage chunk or no text")
+        raise RuntimeError("no usage chunk or no choice")
     n = usage["completion_tokens"]
-    return {"ttft": first - start, "e2e": end - start, "tokens": n,
-            "tpot": (end - first) / (n - 1) if n > 1 else None}
+    return {"ttft": first - start, "e2e": end - start, "tokens": n, "tpot": (end - first) / (n - 1) if n > 1 else None,
+            "gaps": gaps, "replica": None if replica is None else int(replica), "start": start - t0, "end": end - t0}
+
+
+def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int):
+    return timed_request(client, url, model, {"prompt": PROMPTS[i], "max_tokens": max_tokens, "seed": i})
 
 
 async def phase(url: str, model: str, concurrent: bool, max_tokens: int) -> tuple[float, list[dict]]:
@@ -112,6 +131,20 @@ async def phase(url: str, model: str, concurrent: bool, max_tokens: int) -> tupl
         return time.perf_counter() - start, list(results)
 
 
+def latency_fields(results: list[dict]) -> dict:
+    """vllm bench serve's mean/median/p99 of TTFT, TPOT and e2e latency (ms), and p99/max of the gaps between
+    consecutive text chunks of a request (what a streaming client waits per token)."""
+    out = {}
+    for key, name in (("ttft", "ttft"), ("tpot", "tpot"), ("e2e", "e2el")):
+        vals = [r[key] * 1000 for r in results if r[key] is not None]
+        out.update({f"mean_{name}_ms": statistics.mean(vals), f"median_{name}_ms": statistics.median(vals),
+                    f"p99_{name}_ms": percentile(vals, 99)})
+    gaps = [g * 1000 for r in results for g in r["gaps"]]
+    if gaps:
+        out.update({"p99_itl_ms": percentile(gaps, 99), "max_itl_ms": max(gaps)})
+    return out
+
+
 def summarise(walls: list[float], results: list[dict], rounds: int) -> dict:
     """vllm bench serve's fields (milliseconds), over every request of every round."""
     tokens = sum(r["tokens"] for r in results)
@@ -119,11 +152,7 @@ def summarise(walls: list[float], results: list[dict], rounds: int) -> dict:
            "request_throughput": len(results) / sum(walls), "output_throughput": tokens / sum(walls),
            "output_throughput_per_round": [sum(r["tokens"] for r in results[k * N_CLIENTS:(k + 1) * N_CLIENTS]) / w
                                            for k, w in enumerate(walls)]}
-    for key, name in (("ttft", "ttft"), ("tpot", "tpot"), ("e2e", "e2el")):
-        vals = [r[key] * 1000 for r in results if r[key] is not None]
-        out.update({f"mean_{name}_ms": statistics.mean(vals), f"median_{name}_ms": statistics.median(vals),
-                    f"p99_{name}_ms": percentile(vals, 99)})
-    return out
+    return {**out, **latency_fields(results)}
 
 
 def engine_floor(run: Path, threads: int, steps: int = 60) -> dict:
@@ -159,17 +188,14 @@ def start_server(run: Path, threads: int, *extra: str) -> tuple[subprocess.Popen
                              str(N_CLIENTS), "--threads", str(threads), *extra], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}: run `python -m serve {run}` to see why")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start within 120 s")
+    try:
+        rc = wait_healthy(proc, url, 120, poll=0.2)
+    except TimeoutError:
+        proc.kill()
+        raise SystemExit("the server did not start within 120 s") from None
+    if rc is not None:
+        raise SystemExit(f"the server exited with {rc}: run `python -m serve {run}` to see why")
+    return proc, url
 
 
 BASIC = ("<!-- bench-serve: basic -->", "<!-- /bench-serve: basic -->")
@@ -237,68 +263,83 @@ def main(argv=None) -> int:
     return 0
 
 
+BASIC_SERVERS = {"chunked": [], "whole": ["--prefill-chunk", "0"]}  # the default (64-token steps), and off
+
+
 def basic(run: Path, args, command: str) -> dict:
+    """Both phases on two servers side by side (each alive throughout, the phases of each round alternating
+    between them): the default one (chunked prefill) and one with --prefill-chunk 0 (whole prefills)."""
     load = os.getloadavg()[0]
-    proc, url = start_server(run, args.threads)
+    servers = {}
+    walls: dict[tuple[str, str], list[float]] = {}
+    results: dict[tuple[str, str], list[dict]] = {}
     try:
-        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        asyncio.run(phase(url, model, True, 8))  # warm-up: first forwards, allocations
-        walls: dict[str, list[float]] = {"sequential": [], "concurrent": []}
-        results: dict[str, list[dict]] = {"sequential": [], "concurrent": []}
+        for cfg, extra in BASIC_SERVERS.items():
+            servers[cfg] = start_server(run, args.threads, *extra)
+        model = httpx.get(servers["chunked"][1] + "/v1/models", timeout=10).json()["data"][0]["id"]
+        for _, url in servers.values():
+            asyncio.run(phase(url, model, True, 8))  # warm-up: first forwards, allocations
         for k in range(args.rounds):
-            order = ("sequential", "concurrent") if k % 2 == 0 else ("concurrent", "sequential")
-            for name in order:
-                wall, res = asyncio.run(phase(url, model, name == "concurrent", args.max_tokens))
-                walls[name].append(wall)
-                results[name].extend(res)
-                print(f"round {k + 1} {name}: {sum(r['tokens'] for r in res)} tokens in {wall:.2f} s", flush=True)
+            cfgs = list(BASIC_SERVERS) if k % 2 == 0 else list(BASIC_SERVERS)[::-1]
+            for name in ("sequential", "concurrent") if k % 2 == 0 else ("concurrent", "sequential"):
+                for cfg in cfgs:
+                    wall, res = asyncio.run(phase(servers[cfg][1], model, name == "concurrent", args.max_tokens))
+                    walls.setdefault((cfg, name), []).append(wall)
+                    results.setdefault((cfg, name), []).extend(res)
+                    print(f"round {k + 1} {cfg} {name}: {sum(r['tokens'] for r in res)} tokens in {wall:.2f} s",
+                          flush=True)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(60)
     floor = engine_floor(run, args.threads)
-    seq = summarise(walls["sequential"], results["sequential"], args.rounds)
-    con = summarise(walls["concurrent"], results["concurrent"], args.rounds)
-    throughput_ratio = statistics.median(con["output_throughput_per_round"]) / statistics.median(
-        seq["output_throughput_per_round"])
-    tpot_ratio = con["p99_tpot_ms"] / seq["median_tpot_ms"]
-    report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backend": "serve (this repo)",
-              "command": command, "run": str(run), "model_id": model, "max_concurrency": N_CLIENTS,
-              "max_tokens": args.max_tokens, "server_threads": args.threads, "machine": cpu_name(),
-              "load_average_at_start": load, "sequential": seq, "concurrent": con,
-              "throughput_ratio": throughput_ratio, "p99_tpot_vs_lone": tpot_ratio, "engine_alone": floor,
-              "goals": {"throughput_ratio_min": 4.0, "p99_tpot_vs_lone_max": 2.0}}
-    return report
+    by_cfg = {}
+    for cfg in BASIC_SERVERS:
+        seq = summarise(walls[(cfg, "sequential")], results[(cfg, "sequential")], args.rounds)
+        con = summarise(walls[(cfg, "concurrent")], results[(cfg, "concurrent")], args.rounds)
+        by_cfg[cfg] = {"server_args": BASIC_SERVERS[cfg], "sequential": seq, "concurrent": con,
+                       "throughput_ratio": statistics.median(con["output_throughput_per_round"]) / statistics.median(
+                           seq["output_throughput_per_round"]),
+                       "p99_tpot_vs_lone": con["p99_tpot_ms"] / seq["median_tpot_ms"]}
+    # The default server's figures at the top level, as before; the whole-prefill server's under its key.
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backend": "serve (this repo)",
+            "command": command, "run": str(run), "model_id": model, "max_concurrency": N_CLIENTS,
+            "max_tokens": args.max_tokens, "server_threads": args.threads, "machine": cpu_name(),
+            "load_average_at_start": load, **by_cfg["chunked"], "whole_prefill": by_cfg["whole"],
+            "engine_alone": floor, "goals": {"throughput_ratio_min": 4.0, "p99_tpot_vs_lone_max": 2.0}}
 
 
 def markdown(r: dict) -> str:
     def row(name, s):
         return (f"| {name} | {s['total_output_tokens']:,} | {s['output_throughput']:,.0f} | {s['median_ttft_ms']:.1f} | "
                 f"{s['p99_ttft_ms']:.1f} | {s['median_tpot_ms']:.2f} | {s['p99_tpot_ms']:.2f} | "
-                f"{s['median_e2el_ms']:.0f} | {s['p99_e2el_ms']:.0f} |")
+                f"{s.get('p99_itl_ms', float('nan')):.2f} | {s['median_e2el_ms']:.0f} | {s['p99_e2el_ms']:.0f} |")
 
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
-    seq, con = r["sequential"], r["concurrent"]
+    seq, con, whole = r["sequential"], r["concurrent"], r["whole_prefill"]
+    floor = r["engine_alone"]
     return "\n".join([
         "# Serving: 16 concurrent clients against one at a time", "",
         f"Command: `{r['command']}` (`make bench-serve`)  ",
-        f"Machine: {r['machine']}, server with {r['server_threads']} torch thread(s), {platform.system()}, "
+        f"Machine: {r['machine']}, servers with {r['server_threads']} torch thread(s), {platform.system()}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs, 1-minute load average {r['load_average_at_start']:.1f} "
         "at the start (other processes share the CPUs)  ",
         f"Run `{r['run']}` (model `{r['model_id']}`), 16 streamed requests of ragged prompts, up to {r['max_tokens']} "
-        f"new tokens each (seeded sampling, T=0.8), {seq['rounds']} rounds of each phase, interleaved. "
-        f"Raw figures: {r['json']}.", "",
-        "| phase | output tokens | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | e2e p50 ms | "
-        "e2e p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        row("one at a time", seq), row("16 concurrent", con), "",
+        f"new tokens each (seeded sampling, T=0.8), {seq['rounds']} rounds of each phase, interleaved, on two servers "
+        "side by side: the default (chunked prefill, 64-token steps) and `--prefill-chunk 0` (whole prefills). "
+        f"ITL: the gaps between a request's consecutive text chunks. Raw figures: {r['json']}.", "",
+        "| server, phase | output tokens | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
+        "ITL p99 ms | e2e p50 ms | e2e p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        row("chunked, one at a time", seq), row("chunked, 16 concurrent", con),
+        row("whole, one at a time", whole["sequential"]), row("whole, 16 concurrent", whole["concurrent"]), "",
         f"- tokens/s, 16 concurrent / one at a time (median of rounds): **{r['throughput_ratio']:.2f}x** "
-        f"(goal >= 4x: {met(r['throughput_ratio'] >= 4)})",
+        f"(goal >= 4x: {met(r['throughput_ratio'] >= 4)}; whole prefills {whole['throughput_ratio']:.2f}x)",
         f"- p99 TPOT at 16 concurrent / a lone request's median TPOT: **{r['p99_tpot_vs_lone']:.2f}x** "
-        f"(goal <= 2x: {met(r['p99_tpot_vs_lone'] <= 2)})",
+        f"(goal <= 2x: {met(r['p99_tpot_vs_lone'] <= 2)}; whole prefills {whole['p99_tpot_vs_lone']:.2f}x)",
         f"- the engine alone in one process (no server), same sampling: a decode step of 16 rows takes "
-        f"{r['engine_alone']['step_ms_16_rows']:.2f} ms, of 1 row {r['engine_alone']['step_ms_1_rows']:.2f} ms: "
-        f"**{r['engine_alone']['ratio']:.2f}x**, the lowest TPOT ratio 16 clients can get here (each waits for a "
-        "16-row step per token)", ""])
+        f"{floor['step_ms_16_rows']:.2f} ms, of 1 row {floor['step_ms_1_rows']:.2f} ms: **{floor['ratio']:.2f}x**, the "
+        "lowest TPOT ratio 16 clients can get here (each waits for a 16-row step per token)", ""])
 
 
 # ---- load test: Poisson arrivals, a shared-prefix multi-agent trace; the router ---------------------------
@@ -331,31 +372,6 @@ def trace_requests(n: int, agents: int, seed: int = 0) -> list[dict]:
     return out
 
 
-async def timed_request(client: httpx.AsyncClient, url: str, model: str, req: dict, t0: float) -> dict:
-    body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0.8,
-            "seed": req["seed"], "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first = usage = None
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
-        replica = r.headers.get("x-replica")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif first is None and chunk.get("choices"):
-                first = time.perf_counter()
-    end = time.perf_counter()
-    if usage is None or first is None:
-        raise RuntimeError("no usage chunk or no text")
-    n = usage["completion_tokens"]
-    return {"ttft": first - start, "e2e": end - start, "tokens": n, "tpot": (end - first) / (n - 1) if n > 1 else None,
-            "replica": None if replica is None else int(replica), "start": start - t0, "end": end - t0}
-
-
 async def poisson_run(url: str, model: str, reqs: list[dict], rate: float, seed: int = 0) -> tuple[float, list[dict]]:
     """Send `reqs` with exponential inter-arrival times of mean 1/rate (all at once when rate is inf)."""
     rng = random.Random(seed)
@@ -377,11 +393,7 @@ def stats(wall: float, results: list[dict], rate: float | None = None) -> dict:
     tokens = sum(r["tokens"] for r in results)
     out = {"request_rate": rate, "num_prompts": len(results), "duration": wall, "completed": len(results),
            "total_output_tokens": tokens, "request_throughput": len(results) / wall, "output_throughput": tokens / wall}
-    for key, name in (("ttft", "ttft"), ("tpot", "tpot"), ("e2e", "e2el")):
-        vals = [r[key] * 1000 for r in results if r[key] is not None]
-        out.update({f"mean_{name}_ms": statistics.mean(vals), f"median_{name}_ms": statistics.median(vals),
-                    f"p99_{name}_ms": percentile(vals, 99)})
-    return out
+    return {**out, **latency_fields(results)}
 
 
 def load_test(run: Path, args, command: str) -> dict:
@@ -583,11 +595,60 @@ def chunked_test(run: Path, args, command: str) -> dict:
             if k:
                 rounds[name].append(g)
     med = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in rounds.items()}
+    served = served_chunked(run, args)
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
             "machine": cpu_name(), "threads": args.threads, "load_average_at_start": load, "slots": 8,
             "prefill_chunk": args.prefill_chunk, "mean_long_prompt_tokens": statistics.mean(map(len, longs)),
             "rounds": rounds, "median": med,
-            "p99_gap_chunked_vs_whole": med["chunked"]["p99_gap_ms"] / med["whole"]["p99_gap_ms"]}
+            "p99_gap_chunked_vs_whole": med["chunked"]["p99_gap_ms"] / med["whole"]["p99_gap_ms"], "served": served}
+
+
+MIXED_RATE = 24.0  # requests/s of the served mixed workload
+
+
+def mixed_requests(n: int, agents: int) -> list[dict]:
+    """Short prompts with 64 new tokens interleaved with the trace's long prompts (16 new tokens)."""
+    longs = trace_requests(n // 2, agents)
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            out.append({"prompt": PROMPTS[(i // 2) % len(PROMPTS)], "max_tokens": 64, "seed": i, "long": False})
+        else:
+            out.append({**longs[i // 2], "max_tokens": 16, "seed": i, "long": True})
+    return out
+
+
+def served_chunked(run: Path, args) -> dict:
+    """Two servers side by side, the default (chunked prefill, --prefill-chunk 64) and --prefill-chunk 0: the
+    mixed workload (32 requests, Poisson at MIXED_RATE req/s) on each in turn, 3 alternating rounds; per
+    server the figures over every request of every round (the long prompts' TTFT on its own)."""
+    reqs = mixed_requests(32, args.agents)
+    servers, res = {}, {"chunked": [], "whole": []}
+    try:
+        for cfg, extra in BASIC_SERVERS.items():
+            servers[cfg] = start_server(run, args.threads, *extra)
+        model = httpx.get(servers["chunked"][1] + "/v1/models", timeout=10).json()["data"][0]["id"]
+        for _, url in servers.values():
+            asyncio.run(phase(url, model, True, 8))  # warm-up
+        for k in range(3):
+            for cfg in list(BASIC_SERVERS) if k % 2 == 0 else list(BASIC_SERVERS)[::-1]:
+                _, out = asyncio.run(poisson_run(servers[cfg][1], model, reqs, MIXED_RATE, seed=k))
+                for req, r in zip(reqs, out):
+                    r["long"] = req["long"]
+                res[cfg].extend(out)
+                print(f"served mixed, round {k + 1} {cfg}: p99 ITL {latency_fields(out)['p99_itl_ms']:.1f} ms", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(60)
+    out = {"requests": len(reqs), "rate": MIXED_RATE, "rounds": 3}
+    for cfg, rs in res.items():
+        longs = [r["ttft"] * 1000 for r in rs if r["long"]]
+        out[cfg] = {**latency_fields(rs), "long_median_ttft_ms": statistics.median(longs),
+                    "long_p99_ttft_ms": percentile(longs, 99)}
+    out["p99_itl_chunked_vs_whole"] = out["chunked"]["p99_itl_ms"] / out["whole"]["p99_itl_ms"]
+    out["p99_tpot_chunked_vs_whole"] = out["chunked"]["p99_tpot_ms"] / out["whole"]["p99_tpot_ms"]
+    return out
 
 
 def chunked_markdown(r: dict, json_name: str) -> str:
@@ -598,13 +659,30 @@ def chunked_markdown(r: dict, json_name: str) -> str:
         "# Chunked prefill: the engine's token gaps while long prompts join", "",
         f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts chunked\"`)  ",
         f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared (1-minute load average {r['load_average_at_start']:.1f} "
-        f"at the start), {r['threads']} torch thread(s). Run `{r['run']}`, the engine alone (no HTTP, the server does not "
-        f"chunk yet): 8 slots, the 16 ragged prompts (64 new tokens) interleaved with 16 trace prompts of "
+        f"at the start), {r['threads']} torch thread(s). Run `{r['run']}`, first the engine alone (no HTTP): 8 slots, the 16 ragged prompts (64 new tokens) interleaved with 16 trace prompts of "
         f"{r['mean_long_prompt_tokens']:.0f} tokens on average (16 new tokens), seeded sampling; gaps between a "
         f"request's consecutive tokens, median of 5 rounds (whole and chunked alternating). Raw figures: {json_name} "
         "(`chunked`).", "",
         "| prefill | gap p50 ms | gap p99 ms | gap max ms | wall s |", "|---|---:|---:|---:|---:|", *rows, "",
-        f"- p99 gap, chunked / whole: **{r['p99_gap_chunked_vs_whole']:.2f}x**", ""])
+        f"- p99 gap, chunked / whole: **{r['p99_gap_chunked_vs_whole']:.2f}x**", "", *served_markdown(r["served"])])
+
+
+def served_markdown(sv: dict) -> list[str]:
+    def row(name, m):
+        return (f"| {name} | {m['median_tpot_ms']:.2f} | {m['p99_tpot_ms']:.2f} | {m['p99_itl_ms']:.1f} | "
+                f"{m['max_itl_ms']:.1f} | {m['long_median_ttft_ms']:.1f} | {m['long_p99_ttft_ms']:.1f} | "
+                f"{m['median_e2el_ms']:.0f} |")
+
+    return [
+        f"Served (two servers side by side, 16 KV slots each): {sv['requests']} streamed requests, the ragged short "
+        f"prompts (64 new tokens) interleaved with the long trace prompts (16 new tokens), Poisson at {sv['rate']:g} "
+        f"req/s, {sv['rounds']} rounds alternating between the servers; ITL: gaps between a request's consecutive "
+        "text chunks.", "",
+        "| server | TPOT p50 ms | TPOT p99 ms | ITL p99 ms | ITL max ms | long TTFT p50 ms | long TTFT p99 ms | "
+        "e2e p50 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|",
+        row("chunked (`--prefill-chunk 64`, the default)", sv["chunked"]), row("whole (`--prefill-chunk 0`)", sv["whole"]),
+        "", f"- served p99 ITL, chunked / whole: **{sv['p99_itl_chunked_vs_whole']:.2f}x**; p99 TPOT "
+        f"**{sv['p99_tpot_chunked_vs_whole']:.2f}x**", ""]
 
 
 def prefix_markdown(r: dict, json_name: str) -> str:
