@@ -31,8 +31,8 @@ Chunked prefill (--parts chunked): the engine alone, continuous batching over 8 
 (64 new tokens) interleaved with 16 of the trace's long prompts (16 new tokens), so long prompts join while
 other rows decode: the gaps between consecutive tokens of a request (what a running row waits per token), with
 whole prefills against at most --prefill-chunk prompt tokens per step (`DecodeEngine.stream(prefill_chunk=)`);
-then served: the two servers of the first part, a mix of those short prompts and the trace's long ones arriving
-Poisson at 24 req/s: TPOT, the gaps between text chunks, the long prompts' TTFT.
+then served: the two servers of the first part (with --no-prefix-cache), a mix of those short prompts and the
+trace's long ones arriving Poisson at 24 req/s: TPOT, the gaps between text chunks, the long prompts' TTFT.
 
     python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix,chunked] [--rounds 3] [--threads 1]
                                 [--max-tokens 128] [--rates 4,16,64] [--out bench/results/serve-cpu.md]
@@ -266,6 +266,51 @@ def main(argv=None) -> int:
 BASIC_SERVERS = {"chunked": [], "whole": ["--prefill-chunk", "0"]}  # the default (64-token steps), and off
 
 
+def scheduler_burst(run: Path, threads: int, rounds: int = 4) -> dict:
+    """The serving loop alone in this process (serve.scheduler, no HTTP): the 16 requests of the first part
+    submitted 2 ms apart (as the 16 clients' requests arrive), with chunked prefill at the server's default
+    budget and without; wall seconds until the last token, median of `rounds` alternating runs each."""
+    import threading
+
+    import torch
+
+    from model.generate import SamplingParams
+    from serve.loader import load_run
+    from serve.metrics import Metrics
+    from serve.scheduler import DEFAULT_PREFILL_CHUNK, Row, Scheduler
+
+    torch.set_num_threads(threads)
+    loaded = load_run(run)
+    served = next(iter(loaded.models.values()))
+    prompts = [served.tokenizer.encode(p).ids for p in PROMPTS]
+
+    def burst(chunk):
+        sched = Scheduler(loaded.modules, N_CLIENTS, Metrics(), prefill_chunk=chunk)
+        done = threading.Semaphore(0)
+        sched.start()
+        start = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            sched.submit([Row(served.module_key, ids, SamplingParams(temperature=0.8, seed=i, max_new_tokens=128),
+                              None, lambda o: o.finished and done.release())])
+            time.sleep(0.002)
+        for _ in prompts:
+            done.acquire()
+        wall = time.perf_counter() - start
+        sched.stop()
+        return wall, sched.metrics.chunks
+
+    walls: dict[str, list[float]] = {"chunked": [], "whole": []}
+    chunks = []
+    for k in range(rounds + 1):  # the first round warms up
+        for name, chunk in (("chunked", DEFAULT_PREFILL_CHUNK), ("whole", None)):
+            wall, n = burst(chunk)
+            if k:
+                walls[name].append(wall)
+                chunks += [n] if chunk else []
+    return {"walls_s": walls, "median_s": {k: statistics.median(v) for k, v in walls.items()},
+            "chunk_forwards_per_burst": chunks}
+
+
 def basic(run: Path, args, command: str) -> dict:
     """Both phases on two servers side by side (each alive throughout, the phases of each round alternating
     between them): the default one (chunked prefill) and one with --prefill-chunk 0 (whole prefills)."""
@@ -293,6 +338,7 @@ def basic(run: Path, args, command: str) -> dict:
             proc.terminate()
             proc.wait(60)
     floor = engine_floor(run, args.threads)
+    burst = scheduler_burst(run, args.threads)
     by_cfg = {}
     for cfg in BASIC_SERVERS:
         seq = summarise(walls[(cfg, "sequential")], results[(cfg, "sequential")], args.rounds)
@@ -306,7 +352,7 @@ def basic(run: Path, args, command: str) -> dict:
             "command": command, "run": str(run), "model_id": model, "max_concurrency": N_CLIENTS,
             "max_tokens": args.max_tokens, "server_threads": args.threads, "machine": cpu_name(),
             "load_average_at_start": load, **by_cfg["chunked"], "whole_prefill": by_cfg["whole"],
-            "engine_alone": floor, "goals": {"throughput_ratio_min": 4.0, "p99_tpot_vs_lone_max": 2.0}}
+            "engine_alone": floor, "scheduler_alone": burst, "goals": {"throughput_ratio_min": 4.0, "p99_tpot_vs_lone_max": 2.0}}
 
 
 def markdown(r: dict) -> str:
@@ -317,7 +363,7 @@ def markdown(r: dict) -> str:
 
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
     seq, con, whole = r["sequential"], r["concurrent"], r["whole_prefill"]
-    floor = r["engine_alone"]
+    floor, burst = r["engine_alone"], r["scheduler_alone"]
     return "\n".join([
         "# Serving: 16 concurrent clients against one at a time", "",
         f"Command: `{r['command']}` (`make bench-serve`)  ",
@@ -339,7 +385,11 @@ def markdown(r: dict) -> str:
         f"(goal <= 2x: {met(r['p99_tpot_vs_lone'] <= 2)}; whole prefills {whole['p99_tpot_vs_lone']:.2f}x)",
         f"- the engine alone in one process (no server), same sampling: a decode step of 16 rows takes "
         f"{floor['step_ms_16_rows']:.2f} ms, of 1 row {floor['step_ms_1_rows']:.2f} ms: **{floor['ratio']:.2f}x**, the "
-        "lowest TPOT ratio 16 clients can get here (each waits for a 16-row step per token)", ""])
+        "lowest TPOT ratio 16 clients can get here (each waits for a 16-row step per token)",
+        f"- the serving loop alone (no HTTP), the 16 requests submitted 2 ms apart, median of 4: "
+        f"{burst['median_s']['chunked']:.2f} s to the last token with chunked prefill "
+        f"({statistics.median(burst['chunk_forwards_per_burst']):.0f} chunk forwards), "
+        f"{burst['median_s']['whole']:.2f} s with whole prefills", ""])
 
 
 # ---- load test: Poisson arrivals, a shared-prefix multi-agent trace; the router ---------------------------
@@ -619,18 +669,19 @@ def mixed_requests(n: int, agents: int) -> list[dict]:
 
 
 def served_chunked(run: Path, args) -> dict:
-    """Two servers side by side, the default (chunked prefill, --prefill-chunk 64) and --prefill-chunk 0: the
-    mixed workload (32 requests, Poisson at MIXED_RATE req/s) on each in turn, 3 alternating rounds; per
+    """Two servers side by side, the default (chunked prefill, --prefill-chunk 64) and --prefill-chunk 0, both
+    with --no-prefix-cache (the trace's prompts would mostly hit it, leaving little to chunk): the
+    mixed workload (32 requests, Poisson at MIXED_RATE req/s) on each in turn, --rounds alternating rounds; per
     server the figures over every request of every round (the long prompts' TTFT on its own)."""
     reqs = mixed_requests(32, args.agents)
     servers, res = {}, {"chunked": [], "whole": []}
     try:
-        for cfg, extra in BASIC_SERVERS.items():
-            servers[cfg] = start_server(run, args.threads, *extra)
+        for cfg, extra in BASIC_SERVERS.items():  # no prefix cache: every long prompt is computed in full
+            servers[cfg] = start_server(run, args.threads, *extra, "--no-prefix-cache")
         model = httpx.get(servers["chunked"][1] + "/v1/models", timeout=10).json()["data"][0]["id"]
         for _, url in servers.values():
             asyncio.run(phase(url, model, True, 8))  # warm-up
-        for k in range(3):
+        for k in range(args.rounds):
             for cfg in list(BASIC_SERVERS) if k % 2 == 0 else list(BASIC_SERVERS)[::-1]:
                 _, out = asyncio.run(poisson_run(servers[cfg][1], model, reqs, MIXED_RATE, seed=k))
                 for req, r in zip(reqs, out):
@@ -641,7 +692,7 @@ def served_chunked(run: Path, args) -> dict:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(60)
-    out = {"requests": len(reqs), "rate": MIXED_RATE, "rounds": 3}
+    out = {"requests": len(reqs), "rate": MIXED_RATE, "rounds": args.rounds}
     for cfg, rs in res.items():
         longs = [r["ttft"] * 1000 for r in rs if r["long"]]
         out[cfg] = {**latency_fields(rs), "long_median_ttft_ms": statistics.median(longs),
@@ -674,7 +725,8 @@ def served_markdown(sv: dict) -> list[str]:
                 f"{m['median_e2el_ms']:.0f} |")
 
     return [
-        f"Served (two servers side by side, 16 KV slots each): {sv['requests']} streamed requests, the ragged short "
+        f"Served (two servers side by side, 16 KV slots each, `--no-prefix-cache` so that each long prompt is computed "
+        f"in full): {sv['requests']} streamed requests, the ragged short "
         f"prompts (64 new tokens) interleaved with the long trace prompts (16 new tokens), Poisson at {sv['rate']:g} "
         f"req/s, {sv['rounds']} rounds alternating between the servers; ITL: gaps between a request's consecutive "
         "text chunks.", "",
