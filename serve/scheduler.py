@@ -7,12 +7,13 @@ one token with one decode step, and rows that finished are released at once. So 
 running batch at token boundaries and a KV slot lives exactly as long as its row. When nothing is waiting or
 running, the thread sleeps on a condition until a request arrives.
 
-Admission (`prefill_chunk`, `--prefill-chunk`): when no row is decoding, waiting rows are prefilled whole, in
-one forward (nothing is stalled by it). When rows are decoding, new rows are only admitted
+Admission (`prefill_chunk`, `--prefill-chunk`): when no row is decoding or prefilling, waiting rows are
+prefilled whole, in one forward (nothing is stalled by it). Otherwise new rows are only admitted
 (`DecodeEngine.admit`: slots taken, prefix-cache hits copied in), and each iteration, after the decode step,
 one `prefill_step` computes at most a step budget of their prompt tokens, oldest first: the budget of
 `prefill_chunk` tokens is shared as vLLM and Sarathi-Serve share theirs, one token per decoding row and the
-rest for prompt chunks (at least a quarter of it, so prompts advance however many rows decode). A row joins
+rest for prompt chunks (at least a quarter of it, so prompts advance however many rows decode); an iteration
+in which no row decodes computes all that is left. A row joins
 the decode steps after the iteration that computed its prompt's last chunk (and gave its first token). So a
 long prompt that arrives costs each running row at most a chunk's forward per token instead of its whole
 prefill. The tokens are those of whole prefills (same greedy and seeded choices; the logits agree to float32
