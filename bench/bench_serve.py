@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -198,6 +199,25 @@ def start_server(run: Path, threads: int, *extra: str) -> tuple[subprocess.Popen
     return proc, url
 
 
+@contextlib.contextmanager
+def servers(run: Path, threads: int, configs: dict[str, list[str]], stop_s: float = 60):
+    """One server per config (its extra arguments), all up together and warmed up (first forwards,
+    allocations); yields ({config: url}, the model's id); every one is stopped at the end."""
+    procs, urls = [], {}
+    try:
+        for name, extra in configs.items():
+            proc, urls[name] = start_server(run, threads, *extra)
+            procs.append(proc)
+        model = httpx.get(next(iter(urls.values())) + "/v1/models", timeout=10).json()["data"][0]["id"]
+        for url in urls.values():
+            asyncio.run(phase(url, model, True, 8))
+        yield urls, model
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(stop_s)
+
+
 BASIC = ("<!-- bench-serve: basic -->", "<!-- /bench-serve: basic -->")
 LOAD = ("<!-- bench-serve: load -->", "<!-- /bench-serve: load -->")
 ROUTER = ("<!-- bench-serve: router -->", "<!-- /bench-serve: router -->")
@@ -318,28 +338,18 @@ def basic(run: Path, args, command: str) -> dict:
     """Both phases on two servers side by side (each alive throughout, the phases of each round alternating
     between them): the default one (chunked prefill) and one with --prefill-chunk 0 (whole prefills)."""
     load = os.getloadavg()[0]
-    servers = {}
     walls: dict[tuple[str, str], list[float]] = {}
     results: dict[tuple[str, str], list[dict]] = {}
-    try:
-        for cfg, extra in BASIC_SERVERS.items():
-            servers[cfg] = start_server(run, args.threads, *extra)
-        model = httpx.get(servers["chunked"][1] + "/v1/models", timeout=10).json()["data"][0]["id"]
-        for _, url in servers.values():
-            asyncio.run(phase(url, model, True, 8))  # warm-up: first forwards, allocations
+    with servers(run, args.threads, BASIC_SERVERS) as (urls, model):
         for k in range(args.rounds):
             cfgs = list(BASIC_SERVERS) if k % 2 == 0 else list(BASIC_SERVERS)[::-1]
             for name in ("sequential", "concurrent") if k % 2 == 0 else ("concurrent", "sequential"):
                 for cfg in cfgs:
-                    wall, res = asyncio.run(phase(servers[cfg][1], model, name == "concurrent", args.max_tokens))
+                    wall, res = asyncio.run(phase(urls[cfg], model, name == "concurrent", args.max_tokens))
                     walls.setdefault((cfg, name), []).append(wall)
                     results.setdefault((cfg, name), []).extend(res)
                     print(f"round {k + 1} {cfg} {name}: {sum(r['tokens'] for r in res)} tokens in {wall:.2f} s",
                           flush=True)
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(60)
     floor = engine_floor(run, args.threads)
     burst = scheduler_burst(run, args.threads)
     by_cfg = {}
@@ -452,10 +462,8 @@ def stats(wall: float, results: list[dict], rate: float | None = None) -> dict:
 def load_test(run: Path, args, command: str) -> dict:
     load = os.getloadavg()[0]
     rates = [float(r) for r in args.rates.split(",")]
-    proc, url = start_server(run, args.threads)
-    try:
-        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        asyncio.run(phase(url, model, True, 8))  # warm-up
+    with servers(run, args.threads, {"server": []}) as (urls, model):
+        url = urls["server"]
         poisson = []
         for rate in rates:
             wall, res = asyncio.run(poisson_run(url, model, basic_requests(args.requests, 64), rate))
@@ -463,9 +471,6 @@ def load_test(run: Path, args, command: str) -> dict:
             print(f"poisson {rate}/s: {poisson[-1]['output_throughput']:.0f} tokens/s", flush=True)
         wall, res = asyncio.run(poisson_run(url, model, trace_requests(args.requests, args.agents), args.trace_rate))
         trace = stats(wall, res, args.trace_rate)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
             "model_id": model, "machine": cpu_name(), "server_threads": args.threads, "load_average_at_start": load,
             "max_tokens": 64, "poisson": poisson, "shared_prefix_trace": {"agents": args.agents, **trace}}
@@ -479,16 +484,12 @@ def router_test(run: Path, args, command: str) -> dict:
            "rate": args.trace_rate, "cache_slack": args.cache_slack, "load_average_at_start": load, "policies": {}}
     for policy in ("cache_aware", "round_robin"):
         slack = ["--cache-slack", str(args.cache_slack)] if args.cache_slack else []
-        proc, url = start_server(run, 1, "--replicas", "3", "--policy", policy, *slack)
-        try:
-            model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-            asyncio.run(phase(url, model, True, 8))  # warm-up (no agent prefixes)
+        # (the warm-up's prompts are no agent's prefix)
+        with servers(run, 1, {policy: ["--replicas", "3", "--policy", policy, *slack]}, stop_s=120) as (urls, model):
+            url = urls[policy]
             before = httpx.get(url + "/health", timeout=10).json()
             wall, res = asyncio.run(poisson_run(url, model, reqs, args.trace_rate))
             after = httpx.get(url + "/health", timeout=10).json()
-        finally:
-            proc.terminate()
-            proc.wait(120)
         lookups = after["prefix_lookups"] - before["prefix_lookups"]
         hits = after["prefix_hits"] - before["prefix_hits"]
         busy = [sum(r["e2e"] for r in res if r["replica"] == i) / wall for i in range(3)]
@@ -677,24 +678,16 @@ def served_chunked(run: Path, args) -> dict:
     mixed workload (32 requests, Poisson at MIXED_RATE req/s) on each in turn, --rounds alternating rounds; per
     server the figures over every request of every round (the long prompts' TTFT on its own)."""
     reqs = mixed_requests(32, args.agents)
-    servers, res = {}, {"chunked": [], "whole": []}
-    try:
-        for cfg, extra in BASIC_SERVERS.items():  # no prefix cache: every long prompt is computed in full
-            servers[cfg] = start_server(run, args.threads, *extra, "--no-prefix-cache")
-        model = httpx.get(servers["chunked"][1] + "/v1/models", timeout=10).json()["data"][0]["id"]
-        for _, url in servers.values():
-            asyncio.run(phase(url, model, True, 8))  # warm-up
+    res: dict[str, list[dict]] = {"chunked": [], "whole": []}
+    configs = {cfg: [*extra, "--no-prefix-cache"] for cfg, extra in BASIC_SERVERS.items()}  # long prompts in full
+    with servers(run, args.threads, configs) as (urls, model):
         for k in range(args.rounds):
             for cfg in list(BASIC_SERVERS) if k % 2 == 0 else list(BASIC_SERVERS)[::-1]:
-                _, out = asyncio.run(poisson_run(servers[cfg][1], model, reqs, MIXED_RATE, seed=k))
+                _, out = asyncio.run(poisson_run(urls[cfg], model, reqs, MIXED_RATE, seed=k))
                 for req, r in zip(reqs, out):
                     r["long"] = req["long"]
                 res[cfg].extend(out)
                 print(f"served mixed, round {k + 1} {cfg}: p99 ITL {latency_fields(out)['p99_itl_ms']:.1f} ms", flush=True)
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(60)
     out = {"requests": len(reqs), "rate": MIXED_RATE, "rounds": args.rounds}
     for cfg, rs in res.items():
         longs = [r["ttft"] * 1000 for r in rs if r["long"]]
