@@ -62,7 +62,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from record_losses import cpu_name, write_marked_section  # noqa: E402
 
 from launch.multiproc import free_port  # noqa: E402
-from serve.procs import wait_healthy  # noqa: E402
+from serve.procs import ServerDidNotStart, launch_server  # noqa: E402
 
 N_CLIENTS = 16
 PROMPTS = [  # 16 prompts of ragged lengths
@@ -185,18 +185,12 @@ def engine_floor(run: Path, threads: int, steps: int = 60) -> dict:
 def start_server(run: Path, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "serve", str(run), "--port", str(port), "--max-slots",
-                             str(N_CLIENTS), "--threads", str(threads), *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        rc = wait_healthy(proc, url, 120, poll=0.2)
-    except TimeoutError:
-        proc.kill()
-        raise SystemExit("the server did not start within 120 s") from None
-    if rc is not None:
-        raise SystemExit(f"the server exited with {rc}: run `python -m serve {run}` to see why")
-    return proc, url
+        proc = launch_server([str(run), "--max-slots", str(N_CLIENTS), "--threads", str(threads), *extra], port,
+                             timeout=120, poll=0.2, cwd=ROOT, env=env)
+    except ServerDidNotStart as e:
+        raise SystemExit(f"{e}: run `python -m serve {run}` to see why") from None
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from launch.multiproc import free_port  # noqa: E402
-from serve.procs import wait_healthy  # noqa: E402
+from serve.procs import ServerDidNotStart, launch_server  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass ", "    return self.", "x = [", "# Copyright", "for i in ",
            "if __name__ == ", "@property\n    def "]
@@ -55,14 +54,11 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._f = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", run, "--port", str(self.port), "--tp", str(tp),
-                                      "--threads", str(threads)], cwd=REPO, stdout=self._f, stderr=subprocess.STDOUT)
         try:
-            rc = wait_healthy(self.proc, self.url, 300, poll=0.2)
-        except TimeoutError:
-            raise SystemExit("the server did not start") from None
-        if rc is not None:
-            raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
+            self.proc = launch_server([run, "--tp", str(tp), "--threads", str(threads)], self.port, self._f, 300,
+                                      poll=0.2, cwd=REPO)
+        except ServerDidNotStart as e:
+            raise SystemExit(f"{e}: {log.read_text()[-2000:]}") from None
         self.loaded = next(json.loads(x) for x in log.read_text().splitlines() if '"loaded"' in x)
         self.model = self.loaded["models"][0]
 

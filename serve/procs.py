@@ -1,15 +1,20 @@
 """Child processes of the server: waiting for them to stop, and for a server to answer.
 
-`stop_all` is how serve.router stops its replicas and serve.tp_ranks its ranks; `wait_healthy` is how the
-benchmarks (bench/bench_serve*.py) and the tests (tests/test_serve.py) wait for a server they started."""
+`stop_all` is how serve.router stops its replicas and serve.tp_ranks its ranks; `launch_server` is how the
+benchmarks (bench/bench_serve*.py) and the tests (tests/test_serve.py) start a server and wait for it."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from contextlib import suppress
 
-__all__ = ["stop_all", "wait_healthy"]
+__all__ = ["ServerDidNotStart", "launch_server", "stop_all", "wait_healthy"]
+
+
+class ServerDidNotStart(RuntimeError):
+    """The server exited, or did not answer /health in time (it is then killed)."""
 
 
 def stop_all(procs: list[subprocess.Popen], timeout: float) -> None:
@@ -40,3 +45,21 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, poll: float =
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer /health within {timeout:.0f} s")
         time.sleep(poll)
+
+
+def launch_server(args: list[str], port: int, log=None, timeout: float = 120, poll: float = 0.1, **popen) -> subprocess.Popen:
+    """`python -m serve *args --port port` on loopback, its stdout and stderr to `log` (an open file; None:
+    discarded); returns the process once /health answers 200. ServerDidNotStart when it exits first or does
+    not answer within `timeout` seconds. popen: more subprocess.Popen arguments (cwd, env)."""
+    out = subprocess.DEVNULL if log is None else log
+    proc = subprocess.Popen([sys.executable, "-m", "serve", *args, "--port", str(port)], stdout=out,
+                            stderr=subprocess.STDOUT, **popen)
+    try:
+        rc = wait_healthy(proc, f"http://127.0.0.1:{port}", timeout, poll)
+    except TimeoutError as e:
+        proc.kill()
+        proc.wait()
+        raise ServerDidNotStart(str(e)) from None
+    if rc is not None:
+        raise ServerDidNotStart(f"the server exited with {rc}")
+    return proc

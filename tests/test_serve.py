@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from launch.multiproc import free_port
-from serve.procs import wait_healthy
+from serve.procs import ServerDidNotStart, launch_server
 from tests.trainutil import REPO, env, train_once
 
 CONTEXT = 256  # the tiny run's max_seq_len: long enough for requests that take a while to decode
@@ -37,13 +37,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = run.parent.parent / f"serve-{run.name}-{self.port}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", str(run), "--port", str(self.port), *args],
-                                     cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT)
         try:
-            rc = wait_healthy(self.proc, self.url, 120)
-        except TimeoutError:
-            raise AssertionError(f"the server did not start: {self.log_path.read_text()}") from None
-        assert rc is None, f"the server exited with {rc}: {self.log_path.read_text()}"
+            self.proc = launch_server([str(run), *args], self.port, self._log, 120, cwd=REPO, env=env())
+        except ServerDidNotStart as e:
+            raise AssertionError(f"{e}: {self.log_path.read_text()}") from None
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def health(self) -> dict:
