@@ -87,8 +87,7 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
         # What /health and /metrics read from other threads (replaced, never mutated, by this loop).
-        self.snapshot = {"waiting": 0, "running": 0, "prefilling": 0,
-                         "free_slots": {k: max_slots for k in self.engines}, "prefix": {}}
+        self._publish()
 
     # ---- called from other threads ------------------------------------------------------------------
 

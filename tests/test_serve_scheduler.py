@@ -155,6 +155,8 @@ def test_prefix_cache_counters_and_the_cache_off():
     sched = Scheduler({"m": model}, 2, metrics)
     prompt = long_prompts()[2]  # 37 tokens: 2 whole blocks
     got, done = [], threading.Event()
+    # reported from the start, before any request (a replica that has served nothing yet)
+    assert metric(metrics.render(sched.snapshot), 'serve_prefix_cache_lookups_total{module="m"}') == 0
     sched.start()
     try:
         for _ in range(2):

@@ -359,16 +359,22 @@ def test_a_lost_rank_fails_requests_with_503_and_the_server_exits(runs):
 def test_replicas_of_tp_groups_behind_the_router(runs):
     run = runs["gpt2"]
     model, tok = _reference(run)
-    s = Server(run, "--replicas", "2", "--tp", "2", "--max-slots", "4")
+    s = Server(run, "--replicas", "2", "--tp", "2", "--max-slots", "4", "--no-prefix-cache")
     try:
         replicas = _children(s.proc.pid)
         assert len(replicas) == 2 and all(len(_children(r)) == 1 for r in replicas)  # each a group of 2 ranks
         ranks = replicas + [c for r in replicas for c in _children(r)]
+        # --no-prefix-cache reaches every replica and every rank (the ranks' engines must match rank 0's: the
+        # same prompt twice on one replica would otherwise be a hit on one rank and a miss on the other)
+        assert all(b"--no-prefix-cache" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") for p in ranks)
         ids = encode(tok, PROMPTS[2])
         want = tok.decode(greedy_reference(model, ids, 16, tok.token_to_id("<|endoftext|>")))
         for _ in range(2):
             assert s.client.completions.create(model=run.name, prompt=PROMPTS[2], max_tokens=16,
                                                temperature=0).choices[0].text == want
+        text = s.metrics()
+        for i in range(2):
+            assert f'serve_prefix_cache_enabled{{replica="{i}",module="model"}} 0' in text
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(60) == 0
         assert not any(Path(f"/proc/{p}").exists() for p in ranks)
