@@ -6,8 +6,8 @@ split; `make_shard`) and copies in only this rank's slices of the run's consolid
 the same `DecodeEngine` over its shard. Rank 0 alone runs HTTP and the scheduler. Its engines are `LockstepEngine`s:
 each engine call (prefill and admit: prompts, slots, sampling params, adapters; prefill_step: a token
 budget; decode: slots; release: a slot) is broadcast to the other ranks over a gloo control group before it
-runs locally, and the other ranks (`follow`) run the same call on their engine. So all ranks run the same forward in the same order and meet
-in the TP layers' all-reduces and the head's all-gather of the logits.
+runs locally, and the other ranks (`follow`) run the same call on their engine. So all ranks run the same
+forward in the same order and meet in the TP layers' all-reduces and the head's all-gather of the logits.
 
 Sampling: the engine gathers the full-vocabulary logits on every rank (the same values everywhere: a
 collective's result is identical on all ranks), and every sampled row draws from its own seeded generator
