@@ -105,7 +105,7 @@ bench-sync: $(STAMP) ## every sync strategy at the same token budget; our ring a
 # Serving, three parts (about 6 minutes): 16 concurrent OpenAI clients against the same 16 requests one
 # at a time; Poisson arrivals at several rates and a shared-prefix multi-agent trace; 3 replicas behind
 # the router, cache-aware against round-robin -> bench/results/serve-cpu.md and .json.
-bench-serve: $(STAMP) ## serving: batching, Poisson load, the router over 3 replicas, prefix cache, chunked prefill (bench/results/serve-cpu.md)
+bench-serve: $(STAMP) ## serving: batching (chunked vs whole prefill), Poisson load, the router over 3 replicas, prefix cache, chunked prefill (bench/results/serve-cpu.md)
 	$(PY) bench/bench_serve.py $(ARGS)
 
 # The agents layer's speed goals, each a ratio measured side by side in one run: batched multi-agent
