@@ -51,8 +51,12 @@ serve: $(STAMP) ## serve a run over the OpenAI API: make serve RUN=runs/<name> [
 	@test -n "$(RUN)" || { echo "usage: make serve RUN=runs/<name> [PORT=8000] [HOST=127.0.0.1] [REPLICAS=N]" >&2; exit 2; }
 	$(PY) -m serve $(RUN) --host $(HOST) --port $(PORT) --replicas $(or $(REPLICAS),1) $(ARGS)
 
-test: $(STAMP) ## the whole test suite (PYTEST_ARGS passes options to pytest)
-	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)
+# Two workers by default: the suite alone keeps ~1.4 of 2 cores busy (process start-up, waits on
+# launched ranks), so a second worker fills the idle time. Each test file stays on one worker
+# (--dist loadfile): module fixtures such as the local Slurm cluster are started once.
+TEST_WORKERS ?= 2
+test: $(STAMP) ## the whole test suite over TEST_WORKERS pytest workers (PYTEST_ARGS passes options to pytest)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the quick part: single-process tests only (no `dist` or `slurm` marker)
 	$(PY) -m pytest -q -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
