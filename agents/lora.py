@@ -56,8 +56,10 @@ CheckpointError).
 
 Targets: names of the `nn.Linear` modules inside the blocks, matched as peft matches them (the whole
 module path or its last components): q_proj, k_proj, v_proj, o_proj, and fc, proj (gpt2) or gate_proj,
-up_proj, down_proj (llama). lm_head (tied to the token embedding in gpt2) and tensor-parallel layers are
-not adapted. Adding adapters changes the model's state-dict keys (`...q_proj.base_layer.weight`,
+up_proj, down_proj (llama). lm_head (tied to the token embedding in gpt2) is not adapted, nor are
+tensor-parallel layers, except for serving: `add_adapters(..., tensor_parallel=True)` on a model split by
+model.tensor_parallel adds this rank's shards of the adapters (Megatron's split, RowParallelLoraLinear;
+`shard_adapter_state_dict` slices a checkpoint for it). Adding adapters changes the model's state-dict keys (`...q_proj.base_layer.weight`,
 `...q_proj.lora_A.<name>.weight`); `merged_state_dict` gives the plain GPT keys back.
 """
 
@@ -77,8 +79,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from trainer.errors import UsageError
 
-__all__ = ["ROW_METHODS", "RowLoraLinear", "adapter_names", "adapter_parameters", "adapter_state_dict", "add_adapters",
-           "load_adapter_state_dict", "merged_state_dict", "row_adapters", "use_adapter"]
+__all__ = ["ROW_METHODS", "RowLoraLinear", "RowParallelLoraLinear", "adapter_names", "adapter_parameters",
+           "adapter_state_dict", "add_adapters", "load_adapter_state_dict", "merged_state_dict", "row_adapters",
+           "shard_adapter_state_dict", "use_adapter"]
 
 ROW_METHODS = ("auto", "dense", "bmm", "group")
 DEFAULT_METHOD = "auto"
@@ -197,7 +200,10 @@ class RowLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         if x.shape[0] != len(rows.names):
             raise ValueError(f"row_adapters: {len(rows.names)} adapter names for a batch of {x.shape[0]} rows")
-        y = self.base_layer(x, *args, **kwargs)
+        return self._add_rows(x, self.base_layer(x, *args, **kwargs), rows)
+
+    def _add_rows(self, x: torch.Tensor, y: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """y (the base layer's output for x) plus every row's own adapter's update."""
         if not rows.distinct:
             return y
         rows = rows.on(x.device)
@@ -286,6 +292,106 @@ def _group_delta(layer: RowLoraLinear, x, y, rows: _Rows):
 
 
 # --------------------------------------------------------------------------------------------------
+# Tensor parallelism (serving only: `add_adapters(..., tensor_parallel=True)` on a model already split by
+# model.tensor_parallel, as serve.loader builds each rank's shard for `python -m serve RUN --tp N`).
+#
+# Megatron's LoRA split, which follows the base layer's:
+#   column-parallel base (q, k, v, fc, gate, up: output rows split): A [r, in] whole on every rank, B split
+#       by output rows like W, so y_r = x W_r^T + x A^T (s B_r)^T is this rank's own output slice, delta
+#       included; no communication. `RowLoraLinear` does that as it is (its stacks are built from the
+#       layer's local in/out features).
+#   row-parallel base (o_proj, proj, down: input columns split, outputs all-reduced): A split by input
+#       columns like W, B whole; see RowParallelLoraLinear.
+# The LoRA rank r is never split, so any rank shards; the base's splits already divide every width.
+
+
+class RowParallelLoraLinear(RowLoraLinear):
+    """A LoRA layer over a `RowParallelLinear` base (tensor-parallel serving): x is this rank's slice of
+    the input features, A_r this rank's columns of A, B whole.
+
+    x A^T = sum_r x_r A_r^T needs a sum over the ranks before B. Two exact ways: all-reduce the r numbers per
+    token of h_r = x_r A_r^T and apply B after (a second collective per layer, tiny), or apply B to each
+    rank's partial (h_r B^T, linear in h_r) and add it to the base's own partial x_r W_r^T before the one
+    all-reduce the layer makes anyway. This takes the second: the same FLOPs (B is applied on every rank
+    either way, to the reduced h or to the partial), no extra collective (a collective, not its size, is the
+    cost of a decode step's all-reduce: ~1 ms on this project's CPUs, latency-bound on GPUs too), and the
+    per-row machinery of RowLoraLinear (dense, bmm, group: all linear in x) unchanged on the partial. The
+    only difference to the unsplit layer is the order of float sums. The base's replicated bias is added once,
+    after the reduce, as RowParallelLinear does."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        partial = F.linear(x, base.weight)  # x_r W_r^T: this rank's part, not yet reduced
+        hub = self._lora_hub
+        rows = hub.rows if hub is not None else None
+        if rows is not None:
+            if x.shape[0] != len(rows.names):
+                raise ValueError(f"row_adapters: {len(rows.names)} adapter names for a batch of {x.shape[0]} rows")
+            partial = self._add_rows(x, partial, rows)
+        elif not self.disable_adapters and not self.merged:  # peft's active adapters (use_adapter)
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    A, B = self.lora_A[name], self.lora_B[name]
+                    partial = partial + (B(A(x.to(A.weight.dtype))) * self.scaling[name]).to(partial.dtype)
+        return base.reduce_partial(partial)
+
+
+def _tensor_parallel_classes(matched: list[str], candidates: dict[str, nn.Module], name: str) -> None:
+    """UsageError (one line) unless every matched layer of a tensor-parallel model is one of its TP layers."""
+    from model.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    for path in matched:
+        m = candidates[path]
+        base = m.get_base_layer() if isinstance(m, PeftLoraLinear) else m
+        if type(base) not in (ColumnParallelLinear, RowParallelLinear):
+            raise UsageError(f"adapter {name!r}: {path} is a {type(base).__name__}, not a tensor-parallel layer of "
+                             "model.tensor_parallel; LoRA under tensor parallelism shards adapters of the "
+                             "column- and row-parallel layers only")
+
+
+def _set_tensor_parallel_class(m: PeftLoraLinear) -> None:
+    from model.tensor_parallel import RowParallelLinear
+
+    if type(m.get_base_layer()) is RowParallelLinear:
+        m.__class__ = RowParallelLoraLinear
+
+
+def shard_adapter_state_dict(full_sd: Mapping[str, torch.Tensor], config, tp_size: int,
+                             tp_rank: int) -> dict[str, torch.Tensor]:
+    """`model.tensor_parallel.shard_state_dict` for a model with adapters (keys `...q_proj.base_layer.weight`,
+    `...q_proj.lora_A.<name>.weight`): the state dict rank `tp_rank` of `tp_size` holds after
+    `add_adapters(..., tensor_parallel=True)`. A base weight is split as its plain key is; lora_A is split
+    by input columns under a row-parallel base (else whole), lora_B by output rows under a column-parallel
+    base (else whole)."""
+    from model.tensor_parallel import shard_state_dict, split_dim
+
+    out, plain = {}, {}
+    for key, t in full_sd.items():
+        parts = key.split(".")
+        if "base_layer" in parts:
+            i = parts.index("base_layer")
+            plain[key] = ".".join(parts[:i] + parts[i + 1:])
+            continue
+        for which, dim in (("lora_A", 1), ("lora_B", 0)):
+            if which in parts:
+                i = parts.index(which)
+                base_dim = split_dim(".".join(parts[:i] + ["weight"]))
+                if base_dim == dim and tp_size > 1:  # A under a row-parallel base, B under a column-parallel one
+                    if t.shape[dim] % tp_size:
+                        raise UsageError(f"{key}: size {t.shape[dim]} along dim {dim} is not divisible by tp={tp_size}")
+                    n = t.shape[dim] // tp_size
+                    out[key] = t.narrow(dim, tp_rank * n, n).clone()
+                else:
+                    out[key] = t
+                break
+        else:
+            plain[key] = key
+    sliced = shard_state_dict({p: full_sd[k] for k, p in plain.items()}, config, tp_size, tp_rank)
+    out.update({k: sliced[p] for k, p in plain.items()})
+    return {k: out[k] for k in full_sd}
+
+
+# --------------------------------------------------------------------------------------------------
 # Adding, choosing, saving and merging adapters.
 
 
@@ -328,7 +434,7 @@ def _matches(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
-def _check_spec(name, spec, candidates) -> tuple[int, float, list[str]]:
+def _check_spec(name, spec, candidates, tensor_parallel: bool = False) -> tuple[int, float, list[str]]:
     where = f"adapter {name!r}"
     if not isinstance(name, str) or not name or "." in name:
         raise UsageError(f"adapter names must be non-empty strings without '.', got {name!r}")
@@ -349,6 +455,9 @@ def _check_spec(name, spec, candidates) -> tuple[int, float, list[str]]:
         raise UsageError(f"adapter {name!r}: lora targets {targets}: {', '.join(missing)} match(es) no module of "
                          f"the model; the Linear modules it has are: {', '.join(names)} (lm_head is not adapted)")
     matched = [p for p in candidates if any(_matches(p, t) for t in targets)]
+    if tensor_parallel:
+        _tensor_parallel_classes(matched, candidates, name)
+        return rank, float(alpha), matched
     plain = [p for p in matched if not isinstance(candidates[p], PeftLoraLinear) and type(candidates[p]) is not nn.Linear]
     if plain:
         raise UsageError(f"adapter {name!r}: {plain[0]} is a {type(candidates[plain[0]]).__name__}; LoRA adapters "
@@ -356,14 +465,17 @@ def _check_spec(name, spec, candidates) -> tuple[int, float, list[str]]:
     return rank, float(alpha), matched
 
 
-def add_adapters(model, adapters: Mapping[str, Mapping]) -> nn.Module:
+def add_adapters(model, adapters: Mapping[str, Mapping], *, tensor_parallel: bool = False) -> nn.Module:
     """Add one named LoRA adapter per entry of `adapters` (name -> dict(rank=8, alpha=16.0,
     targets=["q_proj", "k_proj", "v_proj", "o_proj"])) to the GPT `model` (or the GPT inside a wrapper),
     in place, with peft. Afterwards the base weights are frozen (requires_grad False), every adapter's
     parameters are trainable, and forwards outside `use_adapter` / `row_adapters` use the base alone.
     Adapters start as peft initialises them (B = 0: the adapted model equals the base). Bad names,
     specs, or targets that match no module raise a one-line UsageError before the model changes.
-    Returns the GPT."""
+    tensor_parallel=True: `model` is already split by `model.tensor_parallel.apply_tensor_parallel` and
+    every target is one of its column- or row-parallel layers (else a UsageError); the adapters are this
+    rank's shards (see RowParallelLoraLinear; load them with `shard_adapter_state_dict`). For inference
+    (tensor-parallel serving): the adapter gradients are not reduced over the TP group. Returns the GPT."""
     gpt = _gpt(model)
     if not isinstance(adapters, Mapping) or not adapters:
         raise UsageError(f"add_adapters takes a non-empty mapping name -> dict(rank=, alpha=, targets=), got {adapters!r}")
@@ -373,7 +485,7 @@ def add_adapters(model, adapters: Mapping[str, Mapping]) -> nn.Module:
     for name, spec in adapters.items():
         if hub is not None and name in hub.specs:
             raise UsageError(f"adapter {name!r} already exists; this model has: {', '.join(hub.specs)}")
-        plans[name] = _check_spec(name, spec, candidates)
+        plans[name] = _check_spec(name, spec, candidates, tensor_parallel)
     if hub is None:
         hub = _Hub()
         gpt._lora_hub = hub
@@ -388,6 +500,8 @@ def add_adapters(model, adapters: Mapping[str, Mapping]) -> nn.Module:
     for m in _lora_layers(gpt).values():
         if type(m) is PeftLoraLinear:
             m.__class__ = RowLoraLinear
+            if tensor_parallel:
+                _set_tensor_parallel_class(m)
         m._lora_hub = hub
     hub.params = [p for n in hub.specs for p in adapter_parameters(gpt, n)]
     lora = {id(p) for p in hub.params}

@@ -93,6 +93,7 @@ __all__ = [
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
     "shard_state_dict",
+    "split_dim",
     "tensor_parallel_rng",
     "vocab_parallel_cross_entropy",
 ]
@@ -387,6 +388,15 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x):
         y = _exit(F.linear(x, self.weight), self.tp)
+        if self.bias is not None:
+            y = y + _replicated(self.bias, self.tp)
+        return y
+
+    def reduce_partial(self, partial):
+        """The layer's output from this rank's partial product `partial` (x_r W_r^T plus anything else
+        that is summed over the ranks, e.g. a LoRA adapter's partial delta, agents.lora): reduced as
+        `forward` reduces its own, then + b."""
+        y = _exit(partial, self.tp)
         if self.bias is not None:
             y = y + _replicated(self.bias, self.tp)
         return y
@@ -759,6 +769,12 @@ def _split_dim(key: str) -> int | None:
     if _COLS.search(key):
         return 1
     return None
+
+
+def split_dim(key: str) -> int | None:
+    """The dimension along which `shard_state_dict` splits the tensor of state-dict key `key` (0: rows,
+    column-parallel and vocabulary; 1: columns, row-parallel), None when it is replicated."""
+    return _split_dim(key)
 
 
 def _same_tensor_key(t: torch.Tensor):
