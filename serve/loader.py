@@ -76,16 +76,19 @@ def build_module(config: dict, state: dict[str, torch.Tensor], adapters: dict | 
     rank's slices of `state` are copied (the full model is never built)."""
     cfg = GPTConfig(**{**dict(config), "kernels": "torch"})
     if shard is not None:
-        if adapters:
-            raise UsageError("tensor-parallel serving of LoRA adapters is not supported")
         with torch.device("meta"):
             model = GPT(cfg, init=False)
         shard.convert(model)
+        if adapters:  # this rank's shards of the adapters over the split layers (agents.lora, Megatron's split)
+            from agents.lora import add_adapters
+
+            with torch.device("meta"):
+                add_adapters(model, adapters, tensor_parallel=True)
         model.to_empty(device=shard.device)  # new tensors: ties and the RoPE tables are made again
         if cfg.tie_embeddings:
             model.tie_weights()
         model.reset_buffers()
-        missing, unexpected = _load_slices(model, state, cfg, shard)
+        missing, unexpected = _load_slices(model, state, cfg, shard, bool(adapters))
     else:
         model = GPT(cfg, init=False)
         if adapters:
@@ -101,12 +104,17 @@ def build_module(config: dict, state: dict[str, torch.Tensor], adapters: dict | 
     return model.eval().requires_grad_(False)
 
 
-def _load_slices(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: GPTConfig, shard: Shard):
+def _load_slices(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: GPTConfig, shard: Shard,
+                 adapters: bool = False):
     """This rank's slice of each tensor of `state` into the converted model, one tensor at a time (slicing the
-    whole dict first would hold a second copy of the shard); (missing, unexpected) keys as load_state_dict."""
+    whole dict first would hold a second copy of the shard); (missing, unexpected) keys as load_state_dict.
+    With adapters: the LoRA model's keys, sliced by agents.lora.shard_adapter_state_dict."""
+    slices = shard_state_dict
+    if adapters:
+        from agents.lora import shard_adapter_state_dict as slices
     unexpected = []
     for key, tensor in state.items():
-        unexpected += model.load_state_dict(shard_state_dict({key: tensor}, cfg, shard.size, shard.rank),
+        unexpected += model.load_state_dict(slices({key: tensor}, cfg, shard.size, shard.rank),
                                             strict=False).unexpected_keys
     return sorted(set(model.state_dict()) - set(state)), unexpected
 

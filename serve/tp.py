@@ -2,8 +2,10 @@
 
 Every rank holds 1/N of every served model: serve.loader builds each on the meta device, converts it with the
 project's TP layers (`model.tensor_parallel.apply_tensor_parallel`: attention heads, MLP width and vocabulary
-split; `make_shard`) and copies in only this rank's slices of the run's consolidated weights; every rank builds
-the same `DecodeEngine` over its shard. Rank 0 alone runs HTTP and the scheduler. Its engines are `LockstepEngine`s:
+split; `make_shard`), adds the LoRA agents' adapters over the split layers (`agents.lora.add_adapters(...,
+tensor_parallel=True)`) and copies in only this rank's slices of the run's consolidated weights, adapters
+included; every rank builds the same `DecodeEngine` over its shard. The adapter of each row travels with the
+prefill/admit call, so rows of several agents share a step on every rank as without TP. Rank 0 alone runs HTTP and the scheduler. Its engines are `LockstepEngine`s:
 each engine call (prefill and admit: prompts, slots, sampling params, adapters; prefill_step: a token
 budget; decode: slots; release: a slot) is broadcast to the other ranks over a gloo control group before it
 runs locally, and the other ranks (`follow`) run the same call on their engine. So all ranks run the same
@@ -58,13 +60,13 @@ class RankLost(RuntimeError):
 
 def check_tp(configs: dict[str, tuple[GPTConfig, bool]], tp: int) -> None:
     """UsageError (one line) unless every module (`serve.loader.module_configs`: key -> (config, carries
-    LoRA adapters)) splits over `tp` ranks."""
+    LoRA adapters)) splits over `tp` ranks. A module with LoRA adapters splits as its base does: the adapters
+    follow the layers' splits (agents.lora, Megatron's: A whole and B by rows over a column-parallel layer, A
+    by columns and B whole over a row-parallel one) and their rank r is never split, so no adapter rank or
+    target adds a condition here (a target that is not a TP layer is refused when the ranks build it)."""
     if tp < 1:
         raise UsageError(f"--tp must be >= 1, got {tp}")
-    for key, (config, lora) in configs.items():
-        if lora:
-            raise UsageError(f"--tp {tp}: module {key!r} carries LoRA adapters; tensor-parallel LoRA serving is "
-                             "not supported (serve it without --tp)")
+    for config, _lora in configs.values():
         try:
             check_tensor_parallel(config, tp)
         except ValueError as e:
