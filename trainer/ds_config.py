@@ -51,12 +51,14 @@ def deepspeed_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
     }
     if device_type == "cpu" and not par.offload_optimizer:
         optimizer_params["torch_adam"] = True
+    if opt.optimizer == "sgd":  # torch.optim.SGD (DeepSpeed builds any torch.optim class by name)
+        optimizer_params = {"lr": opt.lr, "weight_decay": opt.weight_decay}
     cfg = {
         "train_batch_size": recipe.global_batch(world_size),
         "train_micro_batch_size_per_gpu": par.micro_batch,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": opt.grad_clip,
-        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "optimizer": {"type": "SGD" if opt.optimizer == "sgd" else "AdamW", "params": optimizer_params},
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},

@@ -81,6 +81,8 @@ class OptimSection(Section):
     beta2: float = _f(0.95, "AdamW beta2", ge=0.0, lt=1.0)
     eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)", ge=0.0)
+    optimizer: Literal["adamw", "sgd"] = _f("adamw", "adamw, or sgd: plain stochastic gradient descent (no momentum; "
+                                            "weight_decay as L2; the betas and eps unused; used by game self-play, ZeRO-0)")
 
 
 class TrainSection(Section):
