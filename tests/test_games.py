@@ -105,6 +105,96 @@ def test_average_policy_is_openspiels_mixture_of_the_strategies():
         np.testing.assert_allclose(avg.table()[i], want.action_probability_array[want.state_lookup[s]], atol=1e-12)
 
 
+def test_linear_average_weighs_iterate_t_by_t_against_a_float64_reference():
+    """weighting=linear: avg(I) = sum_t t r_t(I) sigma_t(I) / sum_t t r_t(I), r_t the own reach, computed
+    here by hand from the parents of Kuhn's states (not through InfoStates.own_reach); and not the
+    uniform average of the same iterates."""
+    game, space = _kuhn()
+    rng = np.random.default_rng(1)
+    tables = []
+    for _ in range(4):
+        t = rng.random(space.legal.shape) ** 3
+        tables.append(t / t.sum(axis=1, keepdims=True))
+    linear, uniform = AveragePolicy(space, "linear"), AveragePolicy(space, "uniform")
+    for t in tables:
+        linear.add(t)
+        uniform.add(t)
+    # Kuhn: a player's states are the card ("0"), then after the opponent's move ("0pb" for player 0,
+    # "0p"/"0b" for player 1); "Npb"'s own parent is "N" with action Pass (0).
+    for s, i in space.index.items():
+        num, den = np.zeros(space.num_actions), 0.0
+        for t, sigma in enumerate(tables, start=1):
+            reach = sigma[space.index[s[0]], 0] if s.endswith("pb") else 1.0
+            num += t * reach * sigma[i]
+            den += t * reach
+        np.testing.assert_allclose(linear.table()[i], num / den, rtol=0, atol=1e-14)
+    assert np.abs(linear.table() - uniform.table()).max() > 0.01
+    with pytest.raises(ValueError, match="uniform or linear"):
+        AveragePolicy(space, "quadratic")
+
+
+def test_linear_average_resumes_from_its_state_dict_bit_for_bit():
+    """The weight of iterate t is t: the checkpointed state carries the count, so a resumed average
+    gives the uninterrupted one's sums exactly."""
+    _, space = _kuhn()
+    rng = np.random.default_rng(3)
+    tables = [t / t.sum(axis=1, keepdims=True) for t in rng.random((5, *space.legal.shape))]
+    whole, first = AveragePolicy(space, "linear"), AveragePolicy(space, "linear")
+    for t in tables:
+        whole.add(t)
+    for t in tables[:2]:
+        first.add(t)
+    resumed = AveragePolicy(space, "linear")
+    resumed.load_state_dict(first.state_dict())
+    for t in tables[2:]:
+        resumed.add(t)
+    assert np.array_equal(resumed.sums, whole.sums) and resumed.updates == 5
+    with pytest.raises(ValueError, match="is not this run's"):
+        AveragePolicy(space, "uniform").load_state_dict(first.state_dict())
+
+
+def test_xfp_target_with_a_perfect_fit_is_openspiels_xfp_on_kuhn():
+    """rl.best_response=exact: starting from the uniform table and taking each target as the next
+    average (a perfect fit), our best responses and XFP targets give OpenSpiel's XFPSolver average
+    policy after every one of the first iterations, and its NashConv."""
+    from open_spiel.python import policy as os_policy
+    from open_spiel.python.algorithms import exploitability, fictitious_play
+
+    from agents.games.xfp import best_response_table, xfp_target
+
+    game, space = _kuhn()
+    solver = fictitious_play.XFPSolver(game)
+    avg = space.uniform()
+    for t in range(1, 9):
+        solver.iteration()
+        avg = xfp_target(space, avg, best_response_table(game, space, avg), t)
+        want = os_policy.tabular_policy_from_callable(game, solver.average_policy())
+        for s, i in space.index.items():
+            np.testing.assert_allclose(avg[i], want.action_probability_array[want.state_lookup[s]], atol=1e-12)
+        assert nash_conv(game, space, avg) == pytest.approx(exploitability.nash_conv(game, want), abs=1e-12)
+    assert nash_conv(game, space, avg) < 0.25  # it moved from the uniform 0.917
+
+
+def test_xfp_target_is_the_reach_weighted_mixture():
+    """target(I) proportional to t r_avg(I) avg(I) + r_br(I) br(I) at a state reached by neither
+    at the root (a reference by hand on one state of player 0 in Kuhn: "1pb", after Pass at "1")."""
+    from agents.games.xfp import xfp_target
+
+    _, space = _kuhn()
+    rng = np.random.default_rng(2)
+    avg = rng.random(space.legal.shape)
+    avg /= avg.sum(axis=1, keepdims=True)
+    br = np.zeros(space.legal.shape)
+    br[:, 1] = 1.0
+    br[space.index["1"]] = [0.3, 0.7]  # a mixed "best response" keeps both reaches non-trivial
+    t = 3
+    out = xfp_target(space, avg, br, t)
+    i, parent = space.index["1pb"], space.index["1"]
+    want = t * avg[parent, 0] * avg[i] + 0.3 * br[i]
+    np.testing.assert_allclose(out[i], want / want.sum(), atol=1e-14)
+    np.testing.assert_allclose(out[parent], (t * avg[parent] + br[parent]) / (t + 1), atol=1e-14)
+
+
 # ---- the env -------------------------------------------------------------------------------------------
 
 

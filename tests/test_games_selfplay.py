@@ -75,11 +75,13 @@ def test_resume_after_sigkill_reproduces_the_run_and_its_average_bit_for_bit(roo
 def test_rps_last_iterate_cycles_while_the_average_converges(root):
     """Rock-paper-scissors, entropy weight 0: the policy itself (no averaging) keeps circling the
     equilibrium (1/3, 1/3, 1/3), far from it at every late evaluation with each action in turn the
-    most played; the reach-weighted average of the same iterates stays near it."""
+    most played; the reach-weighted average of the same iterates stays near it. (game-kuhn's settings:
+    one shared policy, Adam, the uniform average; game-rps-biased has since moved to SGD, two networks
+    and the linear average.)"""
     out = run_train(root, "rps", "env.args.game=matrix_rps", "agents.player_0.alpha=0", "agents.player_1.alpha=0",
                     "agents.player_0.lr=3e-4", "optim.schedule=constant", "train.max_steps=300",
                     "train.eval_every=10", "train.checkpoint_every=1000", "rl.episodes_per_step=32",
-                    recipe="game-rps-biased")
+                    recipe="game-kuhn")
     assert out.returncode == 0, out.stderr[-3000:]
     late = [r for r in metrics(root, "rps") if "nash_conv" in r and r["step"] >= 100]
     last = [r["nash_conv_last"] for r in late]
@@ -103,6 +105,52 @@ def test_bad_game_settings_stop_with_one_line(root, overrides, message):
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rl.average_weighting=cubic"], "'rl.average_weighting': Input should be 'uniform' or 'linear'"),
+    (["rl.best_response=oracle"], "'rl.best_response': Input should be 'rl' or 'exact'"),
+    (["optim.optimizer=lion"], "'optim.optimizer': Input should be 'adamw' or 'sgd'"),
+    (["rl.best_response=exact", "rl.average_weighting=linear"], "rl.average_weighting=linear: rl.best_response=exact"),
+])
+def test_bad_averaging_and_best_response_keys_stop_with_one_line(root, overrides, message):
+    out = run_train(root, "bad-keys", *overrides, recipe="game-kuhn")
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in out.stderr
+
+
+XFP = ["rl.best_response=exact", "rl.average_every=3", "rl.distill_states=4", "train.max_steps=12",
+       "train.eval_every=6", "train.checkpoint_every=4", "train.log_every=1", "agents.player_0.lr=3e-3",
+       "optim.schedule=constant"]
+
+
+def test_exact_best_response_run_resumes_after_sigkill_bit_for_bit(root):
+    """rl.best_response=exact (XFP with the LLM as the average policy) on Kuhn: the NashConv measured is
+    the LLM's own table (policy.json), the XFP iteration advances every rl.average_every steps; killed
+    after step 6 it resumes from the checkpoint of step 4, inside the second iteration (its target and
+    the state-sampling generator restored), and reproduces the uninterrupted run bit for bit."""
+    import pyspiel
+    from open_spiel.python.algorithms import exploitability
+
+    from agents.games.tables import load_policy_json
+
+    whole = run_train(root, "xfp", *XFP, recipe="game-kuhn")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = root / "runs" / "xfp"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_response"] == "exact" and summary["xfp_iterations"] == 4
+    game = pyspiel.load_game("kuhn_poker")
+    assert exploitability.nash_conv(game, load_policy_json(run / "policy.json", game)) == pytest.approx(
+        summary["nash_conv"], abs=1e-12)
+    steps = [r for r in metrics(root, "xfp") if "agent/player_0/kl" in r]
+    assert [r["xfp_iteration"] for r in steps] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    killed = run_train(root, "xfp-k", *XFP, recipe="game-kuhn", RECIPES_FAULT_KILL_AFTER_STEP="6")
+    assert killed.returncode != 0
+    resumed = run_train(root, "xfp-k", *XFP, "train.resume=auto", recipe="game-kuhn")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _timeless(root, "xfp-k") == _timeless(root, "xfp")
+    assert (root / "runs" / "xfp-k" / "policy.json").read_text() == (run / "policy.json").read_text()
 
 
 def test_leduc_runs_and_measures_its_936_states(root):

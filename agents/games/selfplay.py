@@ -61,8 +61,9 @@ from .actions import action_names, action_token_ids, game_tokenizer, legal_logpr
 from .settings import check_game_settings
 from .tables import AveragePolicy, InfoStates, nash_conv, write_policy_json
 from .tracking import GameTracker
+from .xfp import best_response_table, xfp_target
 
-__all__ = ["Decisions", "play", "policy_table", "train_game"]
+__all__ = ["Decisions", "distill_update", "play", "policy_table", "train_game"]
 
 SEED_HIGH = 2**62
 # The prompt is the information-state string alone: its last characters are the latest events, next to
@@ -187,6 +188,38 @@ def update(learner, agents: dict[str, Agent], batch: Decisions, episodes: int, s
     return figures
 
 
+def distill_update(learner, agents: dict[str, Agent], state_prompts: dict[str, tuple[list, list]],
+                   space: InfoStates, target: np.ndarray, tokens: dict[str, list[int]],
+                   picks: dict[str, list[int]] | None = None) -> dict[str, dict]:
+    """rl.best_response=exact: one step of the learner's engine on the KL divergence from the XFP target
+    to the policy, averaged over its agents' information states (all, or per agent the positions
+    `picks[agent]` in its list: rl.distill_states) (agents.games.xfp)."""
+    figures: dict[str, dict] = {}
+    chosen = {n: list(range(len(state_prompts[n][0]))) if picks is None else picks[n] for n in learner.agents}
+    states = sum(len(chosen[n]) for n in learner.agents)
+
+    def loss_fn(engine, _):
+        total = None
+        for n in learner.agents:
+            rows = [state_prompts[n][0][j] for j in chosen[n]]
+            prompts = [state_prompts[n][1][j] for j in chosen[n]]
+            legal = torch.from_numpy(space.legal[rows])
+            logp = legal_logprobs(engine.module, prompts, legal, tokens[n])
+            q = torch.from_numpy(target[rows]).float()
+            kl_rows = (q * (torch.log(q.clamp_min(1e-30)) - logp.masked_fill(~legal, 0.0))).sum(dim=1)
+            loss = kl_rows.sum() / states
+            figures[n] = {"kl": float(kl_rows.detach().mean())}
+            total = loss if total is None else total + loss
+        return total
+
+    learner.stepper.loss_fn = loss_fn
+    with learner.replica.component.rng.active():
+        result = learner.stepper.run([None])
+    for n in learner.agents:
+        figures.setdefault(n, {})["loss"] = float(result.loss) if result.finite else None
+    return figures
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
 
 
@@ -236,7 +269,9 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
     for ag in agents.values():
         ag.policy = AgentPolicy(ag.name, ag.policy.tokenizer, template=GAME_TEMPLATE)
     space = InfoStates(game)
-    average = AveragePolicy(space, "uniform")
+    average = AveragePolicy(space, recipe.rl.average_weighting)
+    exact = recipe.rl.best_response == "exact"
+    xfp = {"iteration": 0, "target": None}  # rl.best_response=exact: iterations done, the current target
     action_list = action_names(game)
     try:
         tokens = {n: action_token_ids(ag.policy.tokenizer, action_list) for n, ag in agents.items()}
@@ -262,12 +297,18 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         step, train_s = loop_state["step"], loop_state["train_s"]
         gen.set_state(loop_state["episode_generator"])
         average.load_state_dict(loop_state["average_policy"])
+        if exact:
+            xfp["iteration"] = loop_state["xfp_iteration"]
+            xfp["target"] = loop_state["xfp_target"].numpy().copy()
     tracker = GameTracker.open(ctx, cfg_dict, step if resume_from is not None else None, list(agents))
     single_states = len(space) == 2  # a matrix game: log every action's probability
 
     def save(at: int) -> Path:
         loop_state = {"step": at, "episode_generator": gen.get_state(), "train_s": train_s,
                       "average_policy": average.state_dict()}
+        if exact:
+            loop_state["xfp_iteration"] = xfp["iteration"]
+            loop_state["xfp_target"] = torch.from_numpy(xfp["target"].copy())
         meta = {"step": at, "config": cfg_dict, "agents": list(agents), "world_size": dims.dp,
                 "zero_stage": recipe.parallel.zero_stage, "tp": 1, "pp": 1,
                 "model_config": learners[0].replica.model_config.to_dict(),
@@ -275,12 +316,19 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
                 "lora": {}}
         return ctx.save([lr.replica.component for lr in learners], at, loop_state, meta)
 
+    def average_table(current: np.ndarray) -> np.ndarray:
+        """The measured policy: the exact average of the iterates, or (exact) the LLM's own table."""
+        return current if exact else average.table()
+
     def measure(at: int) -> dict:
         current = policy_table(space, agents, state_prompts, tokens)
-        row = {"step": at, "train_s": train_s, "nash_conv": nash_conv(game, space, average.table()),
+        avg = average_table(current)
+        row = {"step": at, "train_s": train_s, "nash_conv": nash_conv(game, space, avg),
                "nash_conv_last": nash_conv(game, space, current)}
+        if exact and xfp["target"] is not None:  # the exact XFP mixture the LLM is being fitted to
+            row["nash_conv_target"] = nash_conv(game, space, xfp["target"])
+            row["xfp_iteration"] = xfp["iteration"]
         if single_states:
-            avg = average.table()
             for i in range(len(space)):
                 for a in np.flatnonzero(space.legal[i]):
                     row[f"average/player_{space.player[i]}/{action_list[a]}"] = float(avg[i, a])
@@ -299,28 +347,45 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         print(f"run: {ctx.run_dir}  game: {env_args.get('game')} ({len(space)} information states)  agents: "
               + ", ".join(f"{n} (alpha {ag.settings.alpha}" + (f", policy of {ag.policy_name}" if ag.policy_name != n
                                                                   else "") + ")" for n, ag in agents.items())
-              + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
+              + (f"  resumed from {resume_from.name}" if resume_from else "")
+              + ("  best response: exact (XFP, the LLM distilled toward the average)" if exact else ""), flush=True)
     if step == 0:
         measure(0)
     E = recipe.rl.episodes_per_step
-    envs = [make_env(recipe.env.name, **env_args) for _ in range(E)]
+    envs = [] if exact else [make_env(recipe.env.name, **env_args) for _ in range(E)]
     signals = ctx.watch_signals()
     stop_reason = None
     last: dict = {}
     while step < recipe.train.max_steps:
         t0 = time.perf_counter()
-        env_seeds = torch.randint(0, SEED_HIGH, (E,), generator=gen).tolist()
-        batch = play(envs, env_seeds, agents, tokens, space.num_actions, gen, recipe.rl.max_env_steps)
-        if step % recipe.rl.average_every == 0:  # sigma_t, the policy that played this step
-            average.add(policy_table(space, agents, state_prompts, tokens))
         figures = {}
-        for lr in learners:
-            figures.update(update(lr, agents, batch, E, scale, tokens))
+        if exact:
+            if step % recipe.rl.average_every == 0:  # the next XFP iteration: best responses to the LLM's table
+                current = policy_table(space, agents, state_prompts, tokens)
+                xfp["iteration"] += 1
+                xfp["target"] = xfp_target(space, current, best_response_table(game, space, current),
+                                           xfp["iteration"])
+            picks = None
+            if recipe.rl.distill_states is not None:
+                picks = {n: torch.randperm(len(state_prompts[n][0]), generator=gen)[:recipe.rl.distill_states].tolist()
+                         for n in agents}
+            for lr in learners:
+                figures.update(distill_update(lr, agents, state_prompts, space, xfp["target"], tokens, picks))
+        else:
+            env_seeds = torch.randint(0, SEED_HIGH, (E,), generator=gen).tolist()
+            batch = play(envs, env_seeds, agents, tokens, space.num_actions, gen, recipe.rl.max_env_steps)
+            if step % recipe.rl.average_every == 0:  # sigma_t, the policy that played this step
+                average.add(policy_table(space, agents, state_prompts, tokens))
+            for lr in learners:
+                figures.update(update(lr, agents, batch, E, scale, tokens))
         step += 1
         train_s += time.perf_counter() - t0
         row = {"step": step, "step_time_s": time.perf_counter() - t0}
+        if exact:
+            row["xfp_iteration"] = xfp["iteration"]
         for j, n in enumerate(agents):
-            row[f"agent/{n}/return"] = float(batch.returns[:, j].mean())
+            if not exact:
+                row[f"agent/{n}/return"] = float(batch.returns[:, j].mean())
             for k, v in figures.get(n, {}).items():
                 row[f"agent/{n}/{k}"] = v
         last = row
@@ -335,13 +400,19 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
 
     folder = save(step)
     final = measure(step)
-    table = average.table()
+    table = average_table(policy_table(space, agents, state_prompts, tokens))
     summary = {"run_dir": str(ctx.run_dir), "steps": step, "env": recipe.env.name, "game": env_args.get("game"),
                "information_states": len(space), "nash_conv": final["nash_conv"],
                "nash_conv_last": final["nash_conv_last"], "train_s": train_s,
+               "best_response": recipe.rl.best_response, "average_weighting": recipe.rl.average_weighting,
                "nash_conv_uniform": nash_conv(game, space, space.uniform()),
                "policy": str(ctx.run_dir / "policy.json"), "checkpoint": str(folder),
-               "agents": {n: {k: last.get(f"agent/{n}/{k}") for k in ("return", "entropy", "loss")} for n in agents}}
+               "agents": {n: {k: last.get(f"agent/{n}/{k}") for k in (("kl", "loss") if exact else
+                                                                        ("return", "entropy", "loss"))}
+                          for n in agents}}
+    if exact:
+        summary["xfp_iterations"] = xfp["iteration"]
+        summary["nash_conv_target"] = final.get("nash_conv_target")
     if single_states:
         eq = _matrix_equilibrium(env_args.get("game"), env_args.get("params") or {})
         summary["equilibrium"] = {f"player_{space.player[i]}": [float(x) for x in eq[i]] for i in range(len(space))}
