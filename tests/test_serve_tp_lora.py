@@ -6,8 +6,9 @@ only this rank's slices copied in) holds Megatron's split of every adapter (A wh
 column-parallel layer, A by columns and B whole over a row-parallel one), and its DecodeEngine, fed a batch
 mixing two agents' rows and the base (every per-row method), gives at every step the logits of the
 unpartitioned engine with the same adapters (within 1e-5) and of an independent reference, each agent's
-adapter merged into a plain GPT by peft (`merged_state_dict`) and run by full forwards. The same for the
-use_adapter path (peft's active adapter). Refusals: a non-TP layer given to add_adapters(tensor_parallel=True),
+adapter merged into a plain GPT by peft (`merged_state_dict`) and run by full forwards; a decode step makes
+the collectives of the sharded base without adapters, no more. The same logits for the use_adapter path
+(peft's active adapter). Refusals: a non-TP layer given to add_adapters(tensor_parallel=True),
 a TP layer given to plain add_adapters. End to end, a reduced marl-split-arith run trained here (two LoRA
 agents over one base): the --tp 2 server's greedy and seeded texts of both agents (concurrent, in shared
 steps, with the official openai client) equal the unpartitioned server's, and its greedy texts equal each
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tests.test_tensor_parallel import build, close, spawn
 
@@ -157,6 +159,37 @@ def _sharded_lora_worker(rank, world, style):
         for _ in slots:
             slot, token, _ = next(by_step)
             seqs[slot].append(token)
+
+
+    # No extra communication: a decode step of both agents' rows and the base makes the collectives of the
+    # sharded base without adapters (the row-parallel deltas ride in the layers' own all-reduces).
+    base_model = build_module(dataclasses.asdict(ref.config), merged["first"].state_dict(),
+                              shard=make_shard())
+
+    def collectives(m, names):
+        calls = []
+        engine = DecodeEngine(m, max_slots=3)
+        engine.prefill(prompts[:3], [0, 1, 2], [params[0]] * 3, names)
+        originals = {f: getattr(dist, f) for f in ("all_reduce", "all_gather", "broadcast")}
+
+        def counting(f):
+            def call(*a, **kw):
+                calls.append(f)
+                return originals[f](*a, **kw)
+            return call
+
+        try:
+            for f in originals:
+                setattr(dist, f, counting(f))
+            engine.decode([0, 1, 2])
+        finally:
+            for f, fn in originals.items():
+                setattr(dist, f, fn)
+        return sorted(calls)
+
+    with_lora = collectives(model, ["first", "second", None])
+    assert with_lora == collectives(base_model, None)
+    assert with_lora.count("all_reduce") == 1 + 2 * ref.config.n_layer  # the embedding, then 2 per block
 
 
 @pytest.mark.parametrize("style", STYLES)
