@@ -59,14 +59,19 @@ def run_solver(kind: str, game_name: str, budget: float, iterations: int) -> lis
     return rows
 
 
-def our_rows(run_dir: Path) -> tuple[str, list[dict]]:
-    """(game, [{iteration (step), seconds (training), nash_conv}]) from one of our runs."""
+def our_rows(run_dir: Path) -> tuple[str, str, list[dict]]:
+    """(game, label, [{iteration (step), seconds (training), nash_conv}]) from one of our runs; the label
+    names the run and its method (rl.best_response: rl = self-play, exact = XFP with the LLM average)."""
     import yaml
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return cfg["env"]["args"]["game"], [{"iteration": r["step"], "seconds": r["train_s"], "nash_conv": r["nash_conv"]}
-                                        for r in rows if r.get("nash_conv") is not None]
+    rl = cfg.get("rl", {})
+    method = ("XFP, exact best responses, LLM average" if rl.get("best_response") == "exact" else
+              f"self-play, {rl.get('average_weighting', 'uniform')} average, {cfg['optim'].get('optimizer', 'adamw')}")
+    return cfg["env"]["args"]["game"], f"{run_dir.name}: {method}", [
+        {"iteration": r["step"], "seconds": r["train_s"], "nash_conv": r["nash_conv"]}
+        for r in rows if r.get("nash_conv") is not None]
 
 
 def table(title: str, series: dict[str, list[dict]]) -> list[str]:
@@ -90,15 +95,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     ours: dict[str, list[tuple[str, list[dict]]]] = {}
     for run in args.runs:
-        game, rows = our_rows(Path(run))
-        ours.setdefault(game, []).append((Path(run).name, rows))
+        game, label, rows = our_rows(Path(run))
+        ours.setdefault(game, []).append((label, rows))
     command = "python bench/bench_games.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     lines = [f"# OpenSpiel CFR and XFP beside LLM self-play ({platform.processor() or platform.machine()})", "",
              f"`{command}`", "",
              "NashConv (OpenSpiel's exploitability.nash_conv) of each method's average policy. CFR: vanilla CFR; "
              "XFP: extensive-form fictitious play with exact best responses (both OpenSpiel's Python solvers, "
-             "one thread, measuring time not counted). Ours: the recipe's run, one step = one batch of "
-             "self-play episodes and one optimizer step of the GPT policy; seconds = training seconds on the "
+             "one thread, measuring time not counted). Ours: the recipe's run; self-play: one step = one batch of "
+             "self-play episodes and one optimizer step of the GPT policy; XFP (rl.best_response: exact): one "
+             "step = one distillation step of the GPT toward the XFP target, an XFP iteration (exact best "
+             "responses to the GPT's table) every rl.average_every steps; seconds = training seconds on the "
              "shared 2-core machine (other jobs were running).", ""]
     summary = ["| game | method | final NashConv | iterations (steps) | seconds |", "|---|---|---:|---:|---:|"]
     for game in args.games:

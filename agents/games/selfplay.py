@@ -23,6 +23,11 @@ add a second model and an approximation to the thing being measured. The last it
 policy-gradient self-play cycles around a mixed equilibrium; its reach-weighted average converges
 (tests/test_games_selfplay.py shows both in rock-paper-scissors).
 
+`rl.average_weighting: linear` weighs iterate t by t in that average. `rl.best_response: exact` replaces
+the whole step by full-width XFP with the LLM as the average policy (agents.games.xfp): every
+rl.average_every steps OpenSpiel's exact best responses to the LLM's table give XFP's target, and
+every step is one distillation step toward it (`distill_update`); no episodes are played.
+
 Agents: player_0 and player_1 (the env's); `policy_of: player_0` on player_1 makes one shared
 policy (one engine) for both seats. Checkpoints hold the engines, the step, the episode generator,
 the average policy's sums and the training seconds: SIGKILL + train.resume=auto reproduces the
