@@ -107,6 +107,25 @@ def test_bad_game_settings_stop_with_one_line(root, overrides, message):
     assert message in last and "Traceback" not in out.stderr
 
 
+RPS_BIASED = ["train.max_steps=30", "train.eval_every=10", "train.checkpoint_every=20", "train.log_every=1"]
+
+
+def test_sgd_two_networks_linear_average_resume_after_sigkill_bit_for_bit(root):
+    """game-rps-biased's settings (optim.optimizer sgd, one network per seat, rl.average_weighting
+    linear): killed after step 25, resumed from step 20, the metrics and policy.json are the
+    uninterrupted run's bit for bit (SGD's engines and the linear average's count checkpointed)."""
+    whole = run_train(root, "brps", *RPS_BIASED, recipe="game-rps-biased")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    summary = json.loads((root / "runs" / "brps" / "summary.json").read_text())
+    assert summary["average_weighting"] == "linear" and summary["steps"] == 30
+    killed = run_train(root, "brps-k", *RPS_BIASED, recipe="game-rps-biased", RECIPES_FAULT_KILL_AFTER_STEP="25")
+    assert killed.returncode != 0
+    resumed = run_train(root, "brps-k", *RPS_BIASED, "train.resume=auto", recipe="game-rps-biased")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _timeless(root, "brps-k") == _timeless(root, "brps")
+    assert (root / "runs" / "brps-k" / "policy.json").read_text() == (root / "runs" / "brps" / "policy.json").read_text()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["rl.average_weighting=cubic"], "'rl.average_weighting': Input should be 'uniform' or 'linear'"),
     (["rl.best_response=oracle"], "'rl.best_response': Input should be 'rl' or 'exact'"),
