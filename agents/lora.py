@@ -80,8 +80,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from trainer.errors import UsageError
 
 __all__ = ["ROW_METHODS", "RowLoraLinear", "RowParallelLoraLinear", "adapter_names", "adapter_parameters",
-           "adapter_state_dict", "add_adapters", "load_adapter_state_dict", "merged_state_dict", "row_adapters",
-           "shard_adapter_state_dict", "use_adapter"]
+           "adapter_state_dict", "add_adapters", "load_adapter_state_dict", "merged_state_dict", "rebind_adapter_parameters",
+           "row_adapters", "shard_adapter_state_dict", "use_adapter"]
 
 ROW_METHODS = ("auto", "dense", "bmm", "group")
 DEFAULT_METHOD = "auto"
@@ -509,6 +509,18 @@ def add_adapters(model, adapters: Mapping[str, Mapping], *, tensor_parallel: boo
         p.requires_grad_(id(p) in lora)
     _activate(gpt, previous)
     return gpt
+
+
+def rebind_adapter_parameters(model) -> None:
+    """After the model's parameters were replaced by new tensors (`to_empty` from the meta device, as
+    serve.loader builds a tensor-parallel shard): make the adapters' bookkeeping (which parameters are
+    adapters, whose changes invalidate the cached per-row stacks) point at the new ones."""
+    gpt = _gpt(model)
+    hub = _hub(gpt)
+    hub.params = [p for n in hub.specs for p in adapter_parameters(gpt, n)]
+    hub._stamp = None
+    for m in _lora_layers(gpt).values():
+        m._row_cache = None
 
 
 def adapter_parameters(model, name: str) -> list[nn.Parameter]:

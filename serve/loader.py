@@ -85,6 +85,10 @@ def build_module(config: dict, state: dict[str, torch.Tensor], adapters: dict | 
             with torch.device("meta"):
                 add_adapters(model, adapters, tensor_parallel=True)
         model.to_empty(device=shard.device)  # new tensors: ties and the RoPE tables are made again
+        if adapters:
+            from agents.lora import rebind_adapter_parameters
+
+            rebind_adapter_parameters(model)
         if cfg.tie_embeddings:
             model.tie_weights()
         model.reset_buffers()

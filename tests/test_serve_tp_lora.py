@@ -84,6 +84,14 @@ def _sharded_lora_worker(rank, world, style):
         else:  # A whole, B by output rows like W
             assert torch.equal(mine[A], full[A])
             assert torch.equal(mine[B], full[B][rank * d_out // world:(rank + 1) * d_out // world])
+    # The adapters' bookkeeping follows the parameters made by to_empty (not the meta ones it was built with):
+    # a change of an adapter's weights is seen (a new generation: the cached per-row stacks are rebuilt).
+    hub = model._lora_hub
+    lora = [id(p) for n, p in model.named_parameters() if ".lora_" in n]
+    assert len(hub.params) == len(lora) and {id(p) for p in hub.params} == set(lora)
+    before = hub.generation()
+    hub.params[0].add_(0.0)
+    assert hub.generation() == before + 1
     # Each agent's merged model differs from the base: the comparisons below can tell the adapters apart.
     merged = {n: _merged(ref, n) for n in specs}
     probe = torch.tensor([[5, 17, 33, 2, 9]])
