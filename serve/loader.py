@@ -73,7 +73,7 @@ def build_module(config: dict, state: dict[str, torch.Tensor], adapters: dict | 
                  shard: Shard | None = None) -> torch.nn.Module:
     """A GPT (plain torch kernels, eval mode, no gradients) with `state` loaded; with `adapters` (LoRA specs
     by agent name) the adapters are added first, as the checkpoint holds them. With `shard`, only this
-    rank's slices of `state` are copied (the full model is never built)."""
+    rank's slices of `state` are copied, adapters included (the full model is never built)."""
     cfg = GPTConfig(**{**dict(config), "kernels": "torch"})
     if shard is not None:
         with torch.device("meta"):
