@@ -54,6 +54,10 @@ def cmd_train(args) -> int:
     from trainer.recipe import check_layout, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.run.threads is not None:  # before any work, so a chained base recipe trains on them too
+        import torch
+
+        torch.set_num_threads(recipe.run.threads)
     # Started by a launcher (deepspeed, torchrun, `accelerate launch --multi_gpu`, Slurm's per-node
     # supervisor): the world size is the launcher's; launch.* only says how many processes to start here.
     launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ

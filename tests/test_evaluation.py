@@ -292,3 +292,16 @@ def test_run_evaluates_one_sample_throughout_and_reports_the_full_split(tmp_path
     assert summary["mfu"] == pytest.approx(fpt * summary["tokens_per_s"] / summary["peak_flops"], rel=1e-9)
     assert f"({summary['peak_flops_source']})" in out.stdout.split("throughput:")[1].splitlines()[0]
     assert f"MFU: {fpt / 1e6:.2f} MFLOP/token against 1 x" in out.stdout and source in out.stdout
+
+
+def test_run_threads_sets_torchs_threads_in_the_run(tmp_path):
+    """`run.threads` is what the run's torch uses, over the environment's OMP_NUM_THREADS=1 (the test
+    env): the start-up matmul ceiling names the threads it was measured on."""
+    from tests.trainutil import metrics, run_train
+
+    out = run_train(tmp_path, "th", "train.max_steps=2", "train.checkpoint_every=null", "run.threads=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    source = next(r["peak_flops_source"] for r in metrics(tmp_path, "th") if r.get("tokens_per_s"))
+    assert source.startswith("measured CPU sgemm 1536x1536x1536 on 2 threads"), source
+    bad = run_train(tmp_path, "th0", "run.threads=0")
+    assert bad.returncode == 2 and "run.threads" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

@@ -30,6 +30,9 @@ class RunSection(Section):
                    pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str = _f("runs", "folder that holds run directories")
     description: str = _f("", "free text shown in the README table and logged to tracking")
+    threads: PosInt | None = _f(None, "torch intra-op threads in each process (torch.set_num_threads); null = "
+                                "torch's default (OMP_NUM_THREADS, else the cores). Tiny models on a busy CPU "
+                                "run faster on 1: a second thread only adds synchronisation")
 
 
 class ModelSection(Section):
