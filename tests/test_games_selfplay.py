@@ -63,13 +63,18 @@ def test_kuhn_run_writes_policy_json_whose_nash_conv_is_the_summarys(kuhn):
     assert (kuhn / "games.png").stat().st_size > 0
 
 
-def test_resume_after_sigkill_reproduces_the_run_and_its_average_bit_for_bit(root, kuhn):
-    killed = run_train(root, "kuhn-k", *KUHN, recipe="game-kuhn", RECIPES_FAULT_KILL_AFTER_STEP="30")
+def _kill_resume_and_compare(root, name: str, whole: str, overrides, recipe: str, kill_after: int) -> None:
+    """Run `name` killed (SIGKILL) after step `kill_after`, resume it: its metrics (times aside) and
+    policy.json equal the uninterrupted run `whole`'s bit for bit."""
+    killed = run_train(root, name, *overrides, recipe=recipe, RECIPES_FAULT_KILL_AFTER_STEP=str(kill_after))
     assert killed.returncode != 0
-    resumed = run_train(root, "kuhn-k", *KUHN, "train.resume=auto", recipe="game-kuhn")
+    resumed = run_train(root, name, *overrides, "train.resume=auto", recipe=recipe)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _timeless(root, "kuhn-k") == _timeless(root, "kuhn")
-    assert (root / "runs" / "kuhn-k" / "policy.json").read_text() == (kuhn / "policy.json").read_text()
+    assert _timeless(root, name) == _timeless(root, whole)
+    assert (root / "runs" / name / "policy.json").read_text() == (root / "runs" / whole / "policy.json").read_text()
+
+def test_resume_after_sigkill_reproduces_the_run_and_its_average_bit_for_bit(root, kuhn):
+    _kill_resume_and_compare(root, "kuhn-k", "kuhn", KUHN, "game-kuhn", kill_after=30)
 
 
 def test_rps_last_iterate_cycles_while_the_average_converges(root):
@@ -118,12 +123,7 @@ def test_sgd_two_networks_linear_average_resume_after_sigkill_bit_for_bit(root):
     assert whole.returncode == 0, whole.stderr[-3000:]
     summary = json.loads((root / "runs" / "brps" / "summary.json").read_text())
     assert summary["average_weighting"] == "linear" and summary["steps"] == 30
-    killed = run_train(root, "brps-k", *RPS_BIASED, recipe="game-rps-biased", RECIPES_FAULT_KILL_AFTER_STEP="25")
-    assert killed.returncode != 0
-    resumed = run_train(root, "brps-k", *RPS_BIASED, "train.resume=auto", recipe="game-rps-biased")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _timeless(root, "brps-k") == _timeless(root, "brps")
-    assert (root / "runs" / "brps-k" / "policy.json").read_text() == (root / "runs" / "brps" / "policy.json").read_text()
+    _kill_resume_and_compare(root, "brps-k", "brps", RPS_BIASED, "game-rps-biased", kill_after=25)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -164,12 +164,7 @@ def test_exact_best_response_run_resumes_after_sigkill_bit_for_bit(root):
         summary["nash_conv"], abs=1e-12)
     steps = [r for r in metrics(root, "xfp") if "agent/player_0/kl" in r]
     assert [r["xfp_iteration"] for r in steps] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
-    killed = run_train(root, "xfp-k", *XFP, recipe="game-kuhn", RECIPES_FAULT_KILL_AFTER_STEP="6")
-    assert killed.returncode != 0
-    resumed = run_train(root, "xfp-k", *XFP, "train.resume=auto", recipe="game-kuhn")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _timeless(root, "xfp-k") == _timeless(root, "xfp")
-    assert (root / "runs" / "xfp-k" / "policy.json").read_text() == (run / "policy.json").read_text()
+    _kill_resume_and_compare(root, "xfp-k", "xfp", XFP, "game-kuhn", kill_after=6)
 
 
 def test_leduc_runs_and_measures_its_936_states(root):

@@ -19,7 +19,11 @@ AGENTS = ("first", "second")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-lora")
+    return train_lora_run(tmp_path_factory.mktemp("serve-lora"))
+
+
+def train_lora_run(root):
+    """A reduced marl-split-arith run under `root`: two LoRA agents over one base, adapters far from zero."""
     out = run_train(root, "base", *[a for a in BASE if not a.startswith("train.max_steps")], "train.max_steps=40",
                     recipe="marl-split-arith-base")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -234,20 +234,9 @@ def test_tensor_parallel_adapters_refuse_layers_they_cannot_shard():
 def lora_run(tmp_path_factory):
     """A reduced marl-split-arith run (two LoRA agents over one base, adapters far from zero), as
     tests/test_serve_lora.py trains it."""
-    from tests.test_marl_train import BASE, run_train
-    from tests.test_serve_lora import AGENTS
+    from tests.test_serve_lora import train_lora_run
 
-    root = tmp_path_factory.mktemp("serve-tp-lora")
-    out = run_train(root, "base", *[a for a in BASE if not a.startswith("train.max_steps")], "train.max_steps=40",
-                    recipe="marl-split-arith-base")
-    assert out.returncode == 0, out.stderr[-3000:]
-    base = root / "runs" / "base"
-    out = run_train(root, "roles", *(f"agents.{a}.init_from={base}" for a in AGENTS), "rl.episodes_per_step=8",
-                    "rl.max_new_tokens=3", "env.eval_episodes=8", "train.max_steps=2", "train.eval_every=2",
-                    "train.progress=false", "tracking.wandb=disabled", "agents.first.lr=0.05", "agents.second.lr=0.05",
-                    recipe="marl-split-arith")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root / "runs" / "roles"
+    return train_lora_run(tmp_path_factory.mktemp("serve-tp-lora"))
 
 
 def _requests(client) -> list[str]:

@@ -185,6 +185,12 @@ def update(learner, agents: dict[str, Agent], batch: Decisions, episodes: int, s
             total = loss if total is None else total + loss
         return total
 
+    return _step_on(learner, loss_fn, figures)
+
+
+def _step_on(learner, loss_fn, figures: dict[str, dict]) -> dict[str, dict]:
+    """One optimizer step of the learner's engine on `loss_fn` (in the learner's RNG stream); each of
+    its agents' figures gain the step's loss (None when it was not finite)."""
     learner.stepper.loss_fn = loss_fn
     with learner.replica.component.rng.active():
         result = learner.stepper.run([None])
@@ -217,12 +223,7 @@ def distill_update(learner, agents: dict[str, Agent], state_prompts: dict[str, t
             total = loss if total is None else total + loss
         return total
 
-    learner.stepper.loss_fn = loss_fn
-    with learner.replica.component.rng.active():
-        result = learner.stepper.run([None])
-    for n in learner.agents:
-        figures.setdefault(n, {})["loss"] = float(result.loss) if result.finite else None
-    return figures
+    return _step_on(learner, loss_fn, figures)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
