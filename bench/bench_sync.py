@@ -9,7 +9,7 @@ rank (gloo: its bytes are not counted by us); the `ring` row sends what a bandwi
 all-reduce sends, the reference for the byte ratios. `fedavg-local` trains every replica on its own
 non-IID shard and never averages: the local-only models FedAvg must beat.
 
-    python bench/bench_sync.py                      # 4 replicas, gpt-tiny, 200 steps
+    python bench/bench_sync.py --steps 100          # 4 replicas, gpt-tiny (default 200 steps)
     python bench/bench_sync.py --replicas 8 --steps 100 --out bench/results/sync-cpu-r8.md
 
 Writes bench/results/sync-cpu[-rN].md and a plot of validation loss against bytes sent.
@@ -39,7 +39,9 @@ def strategies(r: int) -> dict[str, tuple[str, list[str]]]:
         "ring": ("gpt-tiny-ring", rep),
         "ring+int8 (EF)": ("gpt-tiny-int8-ef", rep),
         "ring+topk 1% (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=topk", "sync.compress_ratio=0.01"]),
+        "ring+topk 2% (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=topk", "sync.compress_ratio=0.02"]),
         "ring+powersgd r4 (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=powersgd", "sync.compress_rank=4"]),
+        "ring+powersgd r16 (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=powersgd", "sync.compress_rank=16"]),
         # The last ranks serve: r workers (one replica each) plus the servers.
         "parameter_server (1 server)": ("gpt-tiny-ps", [f"launch.procs_per_node={r + 1}"]),
         f"parameter_server async k={r - 1} (2 servers)": ("gpt-tiny-ps-async", [
