@@ -72,6 +72,10 @@ def _join(store, rank: int, tp: int) -> tuple[Channel, torch.device]:
     device, backend = _device_and_backend(rank, tp)
     dist.init_process_group(backend, store=store, rank=rank, world_size=tp, timeout=timedelta(seconds=COLLECTIVE_S))
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_S))
+    # Gloo can finish connecting a rank > 0 while rank 0 is still connecting: a rank that then failed to
+    # load the run and exited made rank 0's new_group raise ("connection closed by peer") instead of
+    # rank 0 reporting the load error itself. After this barrier every rank is fully connected.
+    dist.barrier(group=control)
     return Channel(control), device
 
 
