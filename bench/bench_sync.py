@@ -42,6 +42,11 @@ def strategies(r: int) -> dict[str, tuple[str, list[str]]]:
         "ring+topk 2% (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=topk", "sync.compress_ratio=0.02"]),
         "ring+powersgd r4 (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=powersgd", "sync.compress_rank=4"]),
         "ring+powersgd r16 (EF)": ("gpt-tiny-ring", [*rep, "sync.compress=powersgd", "sync.compress_rank=16"]),
+        # Top-k of each replica's own AdamW update (diloco with one local step, outer lr 1, no
+        # momentum), not of the gradient: the residual is then kept in update space (see docs/sync.md).
+        "local AdamW + topk 2% of updates (EF)": ("gpt-tiny-diloco", [
+            *rep, "sync.every=1", "sync.outer.lr=1.0", "sync.outer.momentum=0.0", "sync.outer.nesterov=false",
+            "sync.compress=topk", "sync.compress_ratio=0.02"]),
         # The last ranks serve: r workers (one replica each) plus the servers.
         "parameter_server (1 server)": ("gpt-tiny-ps", [f"launch.procs_per_node={r + 1}"]),
         f"parameter_server async k={r - 1} (2 servers)": ("gpt-tiny-ps-async", [
