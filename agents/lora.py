@@ -80,8 +80,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from trainer.errors import UsageError
 
 __all__ = ["ROW_METHODS", "RowLoraLinear", "RowParallelLoraLinear", "adapter_names", "adapter_parameters",
-           "adapter_state_dict", "add_adapters", "load_adapter_state_dict", "merged_state_dict", "rebind_adapter_parameters",
-           "row_adapters", "shard_adapter_state_dict", "use_adapter"]
+           "adapter_state_dict", "add_adapters", "base_state_dict", "load_adapter_state_dict", "merged_state_dict",
+           "rebind_adapter_parameters", "row_adapters", "shard_adapter_state_dict", "use_adapter"]
 
 ROW_METHODS = ("auto", "dense", "bmm", "group")
 DEFAULT_METHOD = "auto"
@@ -605,6 +605,20 @@ def merged_state_dict(model, name: str) -> dict[str, torch.Tensor]:
     gpt = _gpt(model)
     _check_name(gpt, name)
     layers = _lora_layers(gpt)
+    out = base_state_dict(gpt)
+    with torch.no_grad():
+        for path, layer in layers.items():
+            if name in layer.lora_A:
+                w = out[path + ".weight"]
+                out[path + ".weight"] = w + layer.get_delta_weight(name).to(w.dtype)
+    return out
+
+
+def base_state_dict(model) -> dict[str, torch.Tensor]:
+    """The shared base alone: a plain GPT state dict (the keys of the GPT without adapters), every adapter
+    left out (what `make export FORMAT=hf` writes as a LoRA component's base folder, for vLLM)."""
+    gpt = _gpt(model)
+    layers = _lora_layers(gpt)
     out = {}
     for key, value in gpt.state_dict().items():
         parts = key.split(".")
@@ -615,9 +629,4 @@ def merged_state_dict(model, name: str) -> dict[str, torch.Tensor]:
                 break
         else:
             out[key] = value
-    with torch.no_grad():
-        for path, layer in layers.items():
-            if name in layer.lora_A:
-                w = out[path + ".weight"]
-                out[path + ".weight"] = w + layer.get_delta_weight(name).to(w.dtype)
     return out

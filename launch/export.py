@@ -1,6 +1,12 @@
 """Export a trained run (`make export RUN=runs/<name> OUT=<dir> [FORMAT=hf|onnx|onnx-int8]`): a Hugging
 Face folder (default), or an ONNX Runtime folder with the KV cache as explicit inputs
-(`launch.onnx_export`), its weights optionally quantised to int8."""
+(`launch.onnx_export`), its weights optionally quantised to int8.
+
+A Hugging Face export also writes `export.json`: the OpenAI model name each folder is served as (the names
+`python -m serve RUN` gives: the run directory's name, or each agent's), which `--engine vllm`
+(serve/vllm_engine.py) reads. The LoRA agents of a llama-style shared base also get that base alone
+(`OUT/<component>.base/`) and each its PEFT adapter (`OUT/<agent>/adapter/`), so that vLLM can serve them all
+from one process; each agent's own folder keeps the adapter merged in, as before."""
 
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ def export_run(run_dir: str, out_dir: str, checkpoint: str | None = None, fmt: s
     state, note = export_state_dict(folder, meta)
     tok_path = run / "tokenizer.json"
     params = _write(meta["model_config"], state, tok_path, folder, out_dir, fmt)
+    if fmt == "hf":
+        _write_manifest(out_dir, {run.name: {"folder": "."}})
     return {"checkpoint": str(folder), "out_dir": out_dir, "params": params, "note": note}
 
 
@@ -38,26 +46,60 @@ def export_agents(run: Path, folder: Path, meta: dict, out_dir: str, fmt: str = 
     the tokenizer it was trained with, in format `fmt`."""
     params = 0
     names = []
+    served: dict[str, dict] = {}  # export.json: model name -> its folder (and its LoRA adapter, if written)
     from agents.value import strip_value_heads  # a PPO agent's value head is not part of its policy
 
     for agent, config in meta["agent_model_configs"].items():
         state = strip_value_heads(consolidated_state_dict(folder, meta, f"agent_{agent}"))
         params += _write(config, state, run / "tokenizers" / f"{agent}.json", folder, str(Path(out_dir) / agent), fmt)
         names.append(agent)
+        served[agent] = {"folder": agent}
     for component, lora in meta.get("lora", {}).items():
         # LoRA agents over one base: each folder holds the base with that agent's adapter merged
-        from agents.lora import add_adapters, merged_state_dict
+        from agents.lora import adapter_state_dict, add_adapters, base_state_dict, merged_state_dict
         from model import GPT, GPTConfig
+        from model.hf import save_lora_adapter
 
-        model = GPT(GPTConfig(**{**lora["config"], "kernels": "torch"}), init=False)
+        cfg = GPTConfig(**{**lora["config"], "kernels": "torch"})
+        model = GPT(cfg, init=False)
         add_adapters(model, lora["adapters"])
         model.load_state_dict(strip_value_heads(consolidated_state_dict(folder, meta, component)))
+        # vLLM serves PEFT adapters over an unmerged base, for the architectures that take LoRA: Llama yes,
+        # GPT-2 no (serve/vllm_engine.py), so only a llama-style base gets its base and adapter folders.
+        base = f"{component}.base"
+        with_adapters = fmt == "hf" and cfg.style == "llama"
+        if with_adapters:
+            first = next(iter(lora["adapters"]))  # the LoRA agents share the base's vocabulary
+            _write(lora["config"], base_state_dict(model), run / "tokenizers" / f"{first}.json", folder,
+                   str(Path(out_dir) / base), fmt)
         for agent in lora["adapters"]:
             params += _write(lora["config"], merged_state_dict(model, agent), run / "tokenizers" / f"{agent}.json",
                              folder, str(Path(out_dir) / agent), fmt)
             names.append(agent)
+            served[agent] = {"folder": agent}
+            if with_adapters:
+                spec = model._lora_hub.specs[agent]
+                save_lora_adapter(adapter_state_dict(model, agent), cfg, spec["rank"], spec["alpha"],
+                                  Path(out_dir) / agent / "adapter", f"../../{base}")
+                served[agent].update(lora_base=base, adapter=f"{agent}/adapter")
+    for agent, settings in (meta.get("config", {}).get("agents") or {}).items():
+        owner = (settings or {}).get("policy_of")  # served by its owner's policy under its own name (serve.loader)
+        if owner is not None and owner in served and agent not in served:
+            served[agent] = {**served[owner], "policy_of": owner}
+    if fmt == "hf":
+        _write_manifest(out_dir, dict(sorted(served.items())))
     return {"checkpoint": str(folder), "out_dir": out_dir, "params": params,
             "note": f"one {'Hugging Face' if fmt == 'hf' else fmt} folder per agent: {', '.join(names)}"}
+
+
+MANIFEST = "export.json"
+
+
+def _write_manifest(out_dir: str, models: dict[str, dict]) -> None:
+    import json
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / MANIFEST).write_text(json.dumps({"format": "hf", "models": models}, indent=1) + "\n")
 
 
 def _write(config: dict, state: dict, tok_path: Path, folder: Path, out_dir: str, fmt: str) -> int:

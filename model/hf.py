@@ -344,3 +344,28 @@ def _wrap_tokenizer(tokenizer, max_len: int):
         return tokenizer
     raise ValueError(f"unsupported tokenizer type {type(tokenizer).__name__}: "
                      "pass a tokenizers.Tokenizer or a transformers tokenizer")
+
+
+def save_lora_adapter(state: dict[str, torch.Tensor], config: GPTConfig, rank: int, alpha: float,
+                      path: str | os.PathLike, base_model: str) -> None:
+    """One LoRA adapter of a llama-style GPT (`agents.lora.adapter_state_dict` keys) as a PEFT adapter folder
+    (adapter_config.json + adapter_model.safetensors, keys under `base_model.model.` as peft saves them) over
+    the HF Llama folder `save_hf` writes for its base: what peft's `PeftModel.from_pretrained` and vLLM's
+    `--lora-modules name=path` load. Llama only: HF GPT-2 fuses q, k, v into one Conv1D (c_attn), and vLLM's
+    GPT2LMHeadModel takes no LoRA adapters anyway (it does not implement SupportsLoRA)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if config.style != "llama":
+        raise ValueError(f"PEFT adapter folders are written for llama-style models only, not {config.style!r}")
+    renames = {"attn": "self_attn"}  # as _gpt_to_hf: blocks.i.attn.q_proj -> model.layers.i.self_attn.q_proj
+    out = {}
+    for key, t in state.items():
+        _, i, mod, rest = key.split(".", 3)
+        out[f"base_model.model.model.layers.{i}.{renames.get(mod, mod)}.{rest}"] = t.detach().to("cpu").contiguous()
+    targets = sorted({k.split(".")[-3] for k in out})  # ...q_proj.lora_A.weight -> q_proj
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
+               task_type="CAUSAL_LM", base_model_name_or_path=base_model).save_pretrained(str(path))
+    save_file(out, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})

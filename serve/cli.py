@@ -4,7 +4,8 @@ Loads the run (serve.loader), starts the scheduler's thread and serves the app w
 SIGTERM; on either, uvicorn stops accepting connections, lets the requests in flight finish, and then the
 scheduler thread ends. A run that cannot be served is one line on stderr and exit 2. `--replicas N` puts N such
 servers behind a router (serve.router); `--tp N` splits every model over N processes (serve.tp, serve.tp_ranks),
-this one rank 0."""
+this one rank 0. `--engine vllm` serves a `make export FORMAT=hf` folder with `vllm serve` processes behind the
+router instead (serve.vllm_engine; vLLM is not installed with this project)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="KV-cache slots per module: the most rows decoded together (default 16)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder of the run (default: its latest)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding loop (default: torch's)")
-    p.add_argument("--engine", default="torch", choices=["torch", "onnxruntime"],
+    p.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "vllm"],
                    help="onnxruntime: RUN is a `make export FORMAT=onnx` folder, served by ONNX Runtime (serve.ort: "
-                        "requests interleave per token, not batched)")
+                        "requests interleave per token, not batched); vllm: RUN is a `make export FORMAT=hf` folder, "
+                        "served by `vllm serve` processes behind the router (serve.vllm_engine; GPU machines, "
+                        "vLLM installed)")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8: int8 weight-only linear layers (model/quantize.py; a tied head stays float)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
@@ -75,6 +78,8 @@ def quantize(run) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.engine == "vllm":
+        return serve_vllm(args)
     if args.replicas != 1:
         for key, value in ROUTER_DEFAULTS.items():
             if getattr(args, key) is None:
@@ -221,8 +226,7 @@ def start_tp(args: argparse.Namespace):
 
 def serve_replicas(args: argparse.Namespace) -> int:
     """N replica processes behind the router (serve.router), the router in this process."""
-    from .router import Workers, build_router_app
-    from .routing import Router
+    from .router import Workers
 
     for flag, value, low in (("--replicas", args.replicas, 1), ("--max-slots", args.max_slots, 1),
                              ("--cache-slack", args.cache_slack, 1), ("--prefix-block", args.prefix_block, 1)):
@@ -241,26 +245,73 @@ def serve_replicas(args: argparse.Namespace) -> int:
     if args.tp != 1:  # each replica is a tensor-parallel group of its own
         worker_args += ["--tp", str(args.tp)]
     worker_args += ["--prefill-chunk", str(args.prefill_chunk)] + (["--no-prefix-cache"] if args.no_prefix_cache else [])
+    return run_router(args, Workers(args.run, args.replicas, worker_args))
+
+
+def run_router(args: argparse.Namespace, workers, models: list | None = None, start_timeout: float = 300.0) -> int:
+    """Start `workers`, then serve the router over them on --host/--port until SIGINT/SIGTERM. `models`: per
+    replica, the model names it serves (None: each serves every model)."""
     import uvicorn
 
-    workers = Workers(args.run, args.replicas, worker_args)
+    from .router import build_router_app
+    from .routing import Router
+
     try:
-        rc = workers.start()
+        rc = workers.start(start_timeout)
     except TimeoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if rc is not None:  # the replica printed its one-line error
         return rc
     try:
-        router = Router(workers.urls, args.policy, slack=args.cache_slack, block=args.prefix_block)
+        router = Router(workers.urls, args.policy, slack=args.cache_slack, block=args.prefix_block, models=models)
         app = build_router_app(router, workers)
         print(json.dumps({"event": "router", "run": args.run, "replicas": workers.urls, "policy": args.policy,
-                          "slack": args.cache_slack, "url": f"http://{args.host}:{args.port}/v1"}),
+                          "slack": args.cache_slack, "engine": args.engine,
+                          "models": [sorted(m) for m in models] if models else None,
+                          "url": f"http://{args.host}:{args.port}/v1"}),
               file=sys.stderr, flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):  # as in main(): uvicorn's graceful shutdown, then exit 0
             signal.signal(sig, lambda *_: None)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
         workers.stop()  # after uvicorn's shutdown this finds them stopped already
-    print(json.dumps({"event": "stopped", "run": args.run, "replicas": args.replicas}), file=sys.stderr, flush=True)
+    print(json.dumps({"event": "stopped", "run": args.run, "replicas": len(workers.urls)}), file=sys.stderr,
+          flush=True)
     return 0
+
+
+VLLM_START_TIMEOUT = 1200.0  # s per process: vLLM loads the weights, profiles memory and captures CUDA graphs
+
+
+def serve_vllm(args: argparse.Namespace) -> int:
+    """`--engine vllm`: the export's vLLM processes (serve.vllm_engine) behind the router, this process. Stops
+    with one line and exit 2, before starting anything, when vLLM is missing or the options do not apply."""
+    from .router import Workers
+    from .vllm_engine import commands, missing_vllm, plan
+
+    not_here = [flag for flag, given in (("--tp", args.tp != 1), ("--quantize", args.quantize),
+                                         ("--checkpoint", args.checkpoint), ("--replicas", args.replicas != 1),
+                                         ("--threads", args.threads), ("--no-prefix-cache", args.no_prefix_cache))
+                if given]
+    if not_here:
+        print(f"error: {', '.join(not_here)} {'does' if len(not_here) == 1 else 'do'} not apply to --engine vllm "
+              "(RUN is the exported folder; vLLM's own settings are `vllm serve` flags)", file=sys.stderr)
+        return 2
+    missing = missing_vllm()
+    if missing is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    try:
+        processes = plan(args.run)
+        command = commands(processes)
+        for i in range(len(processes)):
+            command(i, 0)  # every command line is built (a LoRA rank vLLM cannot take fails here)
+    except (UsageError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for key, value in ROUTER_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    workers = Workers(args.run, len(processes), [], command=command, one_at_a_time=True)
+    return run_router(args, workers, [p.models for p in processes], VLLM_START_TIMEOUT)

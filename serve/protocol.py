@@ -18,7 +18,7 @@ from model.generate import SamplingParams
 from . import chat
 from .loader import ServedModel
 
-__all__ = ["APIError", "GenerationRequest", "MAX_N", "MAX_STOP", "parse_body", "parse_request"]
+__all__ = ["APIError", "GenerationRequest", "MAX_N", "MAX_STOP", "MISSING_MODEL", "parse_body", "parse_request", "unknown_model"]
 
 MAX_N = 16  # choices per prompt
 MAX_STOP = 4  # stop strings, as OpenAI
@@ -34,6 +34,16 @@ UNSUPPORTED_DEFAULTS = {"echo": (False,), "logprobs": (None, False), "best_of": 
                         "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                         "logit_bias": (None, {}), "top_logprobs": (None, 0), "tools": (None, []),
                         "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
+
+
+MISSING_MODEL = "model is required: the name of one of the models of GET /v1/models"
+
+
+def unknown_model(name: str, models) -> APIError:
+    """The 404 for a model no one serves (the server's, and the router's when its replicas serve different
+    models)."""
+    return APIError(404, f"The model `{name}` does not exist; this server has: {', '.join(models)}",
+                    param="model", code="model_not_found")
 
 
 class APIError(Exception):
@@ -97,10 +107,9 @@ def parse_request(body: dict, models: dict[str, ServedModel], is_chat: bool) -> 
 
     name = body.get("model")
     if not isinstance(name, str):
-        raise _bad("model", "model is required: the name of one of the models of GET /v1/models", "missing_model")
+        raise _bad("model", MISSING_MODEL, "missing_model")
     if name not in models:
-        raise APIError(404, f"The model `{name}` does not exist; this server has: {', '.join(models)}",
-                       param="model", code="model_not_found")
+        raise unknown_model(name, models)
     model = models[name]
     prompts = _chat_prompt(body, model) if is_chat else _completion_prompts(body, model)
 

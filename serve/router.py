@@ -8,7 +8,9 @@ JSON request log) is passed on, each JSON line with `"replica": i`.
 `build_router_app` is the router: an ASGI app with the same OpenAI routes. Each generation request goes to
 the replica `serve.routing.Router` picks (least-loaded, cache-aware with a load cap; the rule is there), its
 body untouched; the replica's answer is passed back as it comes (a stream chunk by chunk), with an
-`x-replica` header naming the replica. A client that disconnects closes the router's connection to the
+`x-replica` header naming the replica. Replicas may each serve models of their own (`--engine vllm`): then
+only those that serve a request's `model` are candidates, an unknown model is the server's 404, and
+`/v1/models` is the union of theirs. A client that disconnects closes the router's connection to the
 replica, so the replica frees the request's KV slots as it does for a direct client.
 
 A replica whose process exits (or that refuses a connection) is taken out of rotation at once; the requests
@@ -41,8 +43,8 @@ from starlette.routing import Route
 from launch.multiproc import free_port
 
 from .procs import stop_all
-from .protocol import APIError
-from .routing import Replica, Router, prefix_text
+from .protocol import MISSING_MODEL, APIError, unknown_model
+from .routing import Replica, Router, UnknownModel, prefix_text
 
 __all__ = ["Workers", "build_router_app"]
 
@@ -62,18 +64,26 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class Workers:
-    """The replica processes (`python -m serve RUN --host 127.0.0.1 --port P ...worker_args`)."""
+    """The replica processes: `python -m serve RUN --host 127.0.0.1 --port P ...worker_args`, or the command
+    line `command(i, P)` gives for replica i (serve.vllm_engine: `vllm serve ...`), which must serve the
+    OpenAI routes and `/health` on 127.0.0.1:P. `one_at_a_time`: each replica is started once the one before
+    answers /health (vLLM sizes its KV cache from the GPU memory free when it starts)."""
 
-    def __init__(self, run: str, n: int, worker_args: list[str], env: dict | None = None):
+    def __init__(self, run: str, n: int, worker_args: list[str], env: dict | None = None, command=None,
+                 one_at_a_time: bool = False):
         self.run, self.n, self.worker_args, self.env = run, n, worker_args, env
+        self.command, self.one_at_a_time = command, one_at_a_time
         self.procs: list[subprocess.Popen] = []
         self.urls: list[str] = []
         self._threads: list[threading.Thread] = []
 
     def _spawn(self, i: int) -> None:
         port = free_port()
-        cmd = [sys.executable, "-m", "serve", self.run, "--host", "127.0.0.1", "--port", str(port),
-               *self.worker_args]
+        if self.command is not None:
+            cmd = self.command(i, port)
+        else:
+            cmd = [sys.executable, "-m", "serve", self.run, "--host", "127.0.0.1", "--port", str(port),
+                   *self.worker_args]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env,
                                 start_new_session=True, preexec_fn=_die_with_parent)
         t = threading.Thread(target=self._forward, args=(i, proc), name=f"replica-{i}-log", daemon=True)
@@ -118,7 +128,13 @@ class Workers:
         try:
             self._spawn(0)
             rc = self._wait_healthy([0], timeout)
-            if rc is None:
+            if rc is None and self.one_at_a_time:
+                for i in range(1, self.n):
+                    self._spawn(i)
+                    rc = self._wait_healthy([i], timeout)
+                    if rc is not None:
+                        break
+            elif rc is None:
                 for i in range(1, self.n):
                     self._spawn(i)
                 rc = self._wait_healthy(list(range(1, self.n)), timeout)
@@ -218,12 +234,33 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
         live = router.live()
         if not live:
             return _error(503, "no replica is in rotation", "unavailable")
+        if router.model_sets():
+            return await union_of_models(live)
         r = min(live, key=lambda x: x.in_flight)
         try:
             resp = await state["client"].get(r.url + "/v1/models")
         except httpx.HTTPError as e:
             return _error(503, failed(r, e), "replica_failed")
         return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+
+    async def union_of_models(live: list[Replica]):
+        """Replicas that each serve their own models: every live replica's /v1/models entries for the models
+        it is routed (a vLLM process also lists a LoRA base's own name, which is not routed), by name."""
+        async def one(r: Replica):
+            try:
+                resp = await state["client"].get(r.url + "/v1/models")
+                return r, resp.json()["data"]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                if isinstance(e, httpx.HTTPError):
+                    failed(r, e)
+                return r, []
+
+        seen: dict[str, dict] = {}
+        for r, data in await asyncio.gather(*(one(r) for r in live)):
+            for m in data:
+                if isinstance(m, dict) and router.serves(r, m.get("id")):
+                    seen.setdefault(m["id"], m)
+        return JSONResponse({"object": "list", "data": [seen[k] for k in sorted(seen)]})
 
     async def health(request: Request):
         async def one(r: Replica):
@@ -235,6 +272,7 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
 
         answers = await asyncio.gather(*(one(r) for r in router.replicas))
         reps = [{"replica": r.index, "url": r.url, "pid": procs[r.index].pid if procs else None, "alive": r.alive,
+                 "models": sorted(r.models) if r.models is not None else None,
                  "returncode": procs[r.index].poll() if procs else None, "in_flight": r.in_flight,
                  "routed": r.routed, "prefix_hits": r.prefix_hits, "failed": r.failed, "health": h}
                 for r, h in zip(router.replicas, answers)]
@@ -289,8 +327,15 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
         except ValueError:
             body = None  # the replica answers the error
         model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else ""
+        if not model and router.model_sets() and isinstance(body, dict):  # no replica serves every model
+            count(400)
+            e = APIError(400, MISSING_MODEL, param="model", code="missing_model")
+            return JSONResponse(e.body(), status_code=400)
         try:
             choice = router.choose(model, prefix_text(body))
+        except UnknownModel as e:  # as the one-process server answers it
+            count(404)
+            return JSONResponse(unknown_model(model, e.known).body(), status_code=404)
         except LookupError:
             count(503)
             return _error(503, "no replica is in rotation (every replica has failed)", "unavailable")

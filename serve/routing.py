@@ -23,6 +23,11 @@ replica ever runs more than `slack` requests above the least-loaded one on accou
 
 round_robin: live replicas in turn, whatever their load (the baseline of bench/bench_serve.py). A "prefix
 hit" is counted for both policies the same way: the request had a prefix owner and went to it.
+
+Models: a replica may serve only some model names (`models`, a set; None: every model, as the replicas of
+`--replicas N` do). Every rule above then picks among the replicas that serve the request's `model`; a
+model that no replica serves is `UnknownModel` (the router answers OpenAI's 404), one whose replicas are
+all out of rotation is a LookupError like any other (503). A request without a model name goes to any.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["POLICIES", "Choice", "Replica", "Router", "prefix_text"]
+__all__ = ["POLICIES", "Choice", "Replica", "Router", "UnknownModel", "prefix_text"]
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 
@@ -45,6 +50,15 @@ class Replica:
     routed: int = 0
     prefix_hits: int = 0
     failed: int = 0  # requests that got a 503 because this replica failed under them
+    models: frozenset[str] | None = None  # the model names it serves (None: all)
+
+
+class UnknownModel(LookupError):
+    """No replica serves the request's model; `known`: the names that are served."""
+
+    def __init__(self, model: str, known: list[str]):
+        super().__init__(f"no replica serves model {model!r}")
+        self.known = known
 
 
 @dataclass
@@ -75,20 +89,41 @@ def prefix_text(body) -> str:
 
 class Router:
     def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = 2, block: int = 32,
-                 capacity: int = 100_000):
+                 capacity: int = 100_000, models: list | None = None):
+        """`models`: per replica, the model names it serves (None, or a None entry: every model)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; one of {', '.join(POLICIES)}")
         if slack < 1 or block < 1:
             raise ValueError(f"slack and block must be >= 1, got {slack} and {block}")
-        self.replicas = [Replica(i, u) for i, u in enumerate(urls)]
+        if models is not None and len(models) != len(urls):
+            raise ValueError(f"{len(models)} model sets for {len(urls)} replicas")
+        self.replicas = [Replica(i, u, models=None if models is None or models[i] is None else frozenset(models[i]))
+                         for i, u in enumerate(urls)]
         self.policy, self.slack, self.block, self.capacity = policy, slack, block, capacity
         self._owner: OrderedDict[bytes, int] = OrderedDict()
-        self._turn = 0
+        self._turns: dict[str, int] = {}
         self.lookups = 0  # requests with a prefix text
         self.spills = 0  # requests whose owner was over the cap
 
     def live(self) -> list[Replica]:
         return [r for r in self.replicas if r.alive]
+
+    def model_sets(self) -> bool:
+        """Whether the replicas serve models of their own (else each serves every model)."""
+        return any(r.models is not None for r in self.replicas)
+
+    def serves(self, r: Replica, model: str | None) -> bool:
+        return r.models is None or model in r.models
+
+    def for_model(self, model: str) -> list[Replica]:
+        """The replicas, live or not, that serve `model` (every one for a request without a model name);
+        UnknownModel when none does."""
+        if not model:
+            return self.replicas
+        rs = [r for r in self.replicas if self.serves(r, model)]
+        if not rs:
+            raise UnknownModel(model, sorted(set().union(*(r.models for r in self.replicas))))
+        return rs
 
     def blocks(self, model: str, text: str) -> list[bytes]:
         h = hashlib.blake2b(model.encode(), digest_size=16)
@@ -99,21 +134,24 @@ class Router:
         return out
 
     def choose(self, model: str, text: str) -> Choice:
-        """Pick a live replica (LookupError when none is left). Call `dispatched` once it is sent."""
-        live = self.live()
+        """Pick a live replica that serves `model` (UnknownModel when none serves it, LookupError when none of
+        those is left). Call `dispatched` once it is sent."""
+        live = [r for r in self.for_model(model) if r.alive]
         if not live:
             raise LookupError("no replica is in rotation")
         blocks = self.blocks(model, text) if text else []
         owner = None
         for key in reversed(blocks):  # the longest prefix recorded for a live replica
-            i = self._owner.get(key)
-            if i is not None and self.replicas[i].alive:
+            i = self._owner.get(key)  # keys hash the model name: an owner served this model
+            if i is not None and self.replicas[i].alive and self.serves(self.replicas[i], model):
                 owner = self.replicas[i]
                 break
         least = min(live, key=lambda r: (r.in_flight, r.routed, r.index))
-        if self.policy == "round_robin":
-            pick = live[self._turn % len(live)]
-            self._turn += 1
+        if self.policy == "round_robin":  # in turn among the replicas of the model (one turn when all serve all)
+            key = model if self.model_sets() else ""
+            turn = self._turns.get(key, 0)
+            pick = live[turn % len(live)]
+            self._turns[key] = turn + 1
         elif self.policy == "least_loaded" or owner is None:
             pick = least
         elif owner.in_flight < least.in_flight + self.slack:
