@@ -47,9 +47,9 @@ export: $(STAMP) ## export a run: make export RUN=runs/<name> OUT=<dir> [FORMAT=
 
 # OpenAI-compatible HTTP server over a trained run's models, one per agent (docs/serving.md); SIGTERM/Ctrl-C
 # finishes the requests in flight.
-serve: $(STAMP) ## serve a run over the OpenAI API: make serve RUN=runs/<name> [PORT=8000 HOST=127.0.0.1 REPLICAS=1]
-	@test -n "$(RUN)" || { echo "usage: make serve RUN=runs/<name> [PORT=8000] [HOST=127.0.0.1] [REPLICAS=N]" >&2; exit 2; }
-	$(PY) -m serve $(RUN) --host $(HOST) --port $(PORT) --replicas $(or $(REPLICAS),1) $(ARGS)
+serve: $(STAMP) ## serve a run over the OpenAI API: make serve RUN=runs/<name> [PORT=8000 HOST=127.0.0.1 REPLICAS=1 ENGINE=torch|onnxruntime|vllm]
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=runs/<name> [PORT=8000] [HOST=127.0.0.1] [REPLICAS=N] [ENGINE=torch|onnxruntime|vllm]" >&2; exit 2; }
+	$(PY) -m serve $(RUN) --host $(HOST) --port $(PORT) --replicas $(or $(REPLICAS),1) $(if $(ENGINE),--engine $(ENGINE)) $(ARGS)
 
 # Two workers by default: the suite alone keeps ~1.4 of 2 cores busy (process start-up, waits on
 # launched ranks), so a second worker fills the idle time. Each test file stays on one worker

@@ -205,6 +205,18 @@ def test_without_vllm_it_stops_with_one_line_and_exit_2(runs, tmp_path):
         "`vllm serve` flags)"]
 
 
+def test_make_serve_engine_reaches_the_server_as_its_engine_flag(runs, tmp_path):
+    """`make serve ... ENGINE=vllm` runs `python -m serve ... --engine vllm`: here without vLLM, so
+    the server's own one-line error and exit 2 come back through make."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    out = _export(runs["agents"])
+    e = {**env(), "PATH": f"{empty}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin"}
+    r = subprocess.run(["make", "-s", "serve", f"RUN={out}", "ENGINE=vllm", f"PORT={free_port()}"], cwd=REPO, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "error: --engine vllm needs vLLM" in r.stderr, r.stderr[-2000:]
+
+
 def test_routing_sends_each_model_only_to_replicas_serving_it():
     from serve.routing import Router, UnknownModel
 
