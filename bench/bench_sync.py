@@ -54,7 +54,7 @@ def strategies(r: int) -> dict[str, tuple[str, list[str]]]:
         "local_sgd H=8": ("gpt-tiny-localsgd", rep),
         "diloco H=32": ("gpt-tiny-diloco", rep),
         "gossip (exponential)": ("gpt-tiny-gossip", rep),
-        "hybrid (2 x diloco H=16)": ("gpt-tiny-hybrid", [f"sync.replicas={max(2, r // 2)}"]),
+        f"hybrid ({max(2, r // 2)} x diloco H=16)": ("gpt-tiny-hybrid", [f"sync.replicas={max(2, r // 2)}"]),
         "fedavg H=16, Dir(0.1)": ("gpt-tiny-fedavg-noniid", rep),
         "fedavg-local, Dir(0.1)": ("gpt-tiny-fedavg-noniid", [*rep, "sync.every=1000000"]),
     }
