@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from model import GPT, GPTConfig  # noqa: E402
 from model import hf as hf_mod  # noqa: E402
 from model.hf import gpt_config_from_hf, hf_config_from_gpt, load_hf, save_hf  # noqa: E402
+from tests.trainutil import byte_bpe_tokenizer  # noqa: E402
 
 V = 101
 ATOL = 1e-4
@@ -196,14 +197,7 @@ def test_unsupported_errors(tmp_path):
 
 
 def test_save_hf_with_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello world, this is a tiny tokenizer test"] * 20, trainer)
+    tok = byte_bpe_tokenizer("hello world, this is a tiny tokenizer test")
     gpt = GPT(GPTConfig(style="llama", vocab_size=tok.get_vocab_size(), n_layer=1, n_head=4, d_model=64,
                         max_seq_len=32))
     save_hf(gpt, tmp_path, tokenizer=tok)

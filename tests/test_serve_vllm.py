@@ -34,7 +34,7 @@ import torch
 
 from launch.multiproc import free_port
 from serve.procs import ServerDidNotStart, launch_server
-from tests.trainutil import REPO, env
+from tests.trainutil import REPO, byte_bpe_tokenizer, env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,14 +49,7 @@ def _config(style: str) -> dict:
 
 
 def _tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello world, the answer is 42\n"] * 20, trainer)
+    tok = byte_bpe_tokenizer("hello world, the answer is 42\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
 

@@ -65,3 +65,16 @@ def latest_components(root: Path, name: str) -> list[dict]:
     folder = ckpt.latest_checkpoint(root / "runs" / name / "checkpoints")
     meta = ckpt.verify(folder)
     return [consolidated_state_dict(folder, meta, c) for c in meta["components"]]
+
+
+def byte_bpe_tokenizer(text: str, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (GPT-2's kind, `<|endoftext|>` special) trained on `text`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text] * 20, trainer)
+    return tok
