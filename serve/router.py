@@ -123,21 +123,18 @@ class Workers:
 
     def start(self, timeout: float = 300.0) -> int | None:
         """Start replica 0 first (a run that cannot be served fails once, with the replica's one-line
-        error), then the others together. None when all are up, else the failed replica's exit code (the
+        error), then the others together (`one_at_a_time`: each once the one before is up). None when all are up, else the failed replica's exit code (the
         others are stopped)."""
         try:
             self._spawn(0)
             rc = self._wait_healthy([0], timeout)
-            if rc is None and self.one_at_a_time:
-                for i in range(1, self.n):
+            rest = list(range(1, self.n))
+            for batch in ([[i] for i in rest] if self.one_at_a_time else [rest]):
+                if rc is not None or not batch:
+                    break
+                for i in batch:
                     self._spawn(i)
-                    rc = self._wait_healthy([i], timeout)
-                    if rc is not None:
-                        break
-            elif rc is None:
-                for i in range(1, self.n):
-                    self._spawn(i)
-                rc = self._wait_healthy(list(range(1, self.n)), timeout)
+                rc = self._wait_healthy(batch, timeout)
         except BaseException:
             self.stop(kill=True)
             raise

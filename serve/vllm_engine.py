@@ -35,11 +35,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.export import MANIFEST
 from trainer.errors import UsageError
 
-__all__ = ["MANIFEST", "VllmProcess", "missing_vllm", "plan"]
+__all__ = ["VllmProcess", "commands", "missing_vllm", "plan"]
 
-MANIFEST = "export.json"  # launch/export.py writes it
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks (vllm/config/lora.py)
 GPU_MEMORY = 0.9  # vLLM's default --gpu-memory-utilization, shared out among our processes
 
