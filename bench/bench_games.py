@@ -67,7 +67,8 @@ def our_rows(run_dir: Path) -> tuple[str, str, list[dict]]:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rl = cfg.get("rl", {})
-    method = ("XFP, exact best responses, LLM average" if rl.get("best_response") == "exact" else
+    method = (f"XFP, LLM fitted to the {rl.get('average_weighting', 'uniform')} average of exact best responses"
+              if rl.get("best_response") == "exact" else
               f"self-play, {rl.get('average_weighting', 'uniform')} average, {cfg['optim'].get('optimizer', 'adamw')}")
     return cfg["env"]["args"]["game"], f"{run_dir.name}: {method}", [
         {"iteration": r["step"], "seconds": r["train_s"], "nash_conv": r["nash_conv"]}
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
              "XFP: extensive-form fictitious play with exact best responses (both OpenSpiel's Python solvers, "
              "one thread, measuring time not counted). Ours: the recipe's run; self-play: one step = one batch of "
              "self-play episodes and one optimizer step of the GPT policy; XFP (rl.best_response: exact): one "
-             "step = one distillation step of the GPT toward the XFP target, an XFP iteration (exact best "
-             "responses to the GPT's table) every rl.average_every steps; seconds = training seconds on the "
+             "step = one distillation step of the GPT toward the XFP target (the average of the best responses so "
+             "far), an XFP iteration (exact best responses to the GPT's table) every rl.average_every steps; seconds = training seconds on the "
              "shared 2-core machine (other jobs were running).", ""]
     summary = ["| game | method | final NashConv | iterations (steps) | seconds |", "|---|---|---:|---:|---:|"]
     for game in args.games:

@@ -153,46 +153,49 @@ def test_linear_average_resumes_from_its_state_dict_bit_for_bit():
         AveragePolicy(space, "uniform").load_state_dict(first.state_dict())
 
 
-def test_xfp_target_with_a_perfect_fit_is_openspiels_xfp_on_kuhn():
-    """rl.best_response=exact: starting from the uniform table and taking each target as the next
-    average (a perfect fit), our best responses and XFP targets give OpenSpiel's XFPSolver average
-    policy after every one of the first iterations, and its NashConv."""
+def test_xfp_iterations_with_a_perfect_fit_are_openspiels_xfp_on_kuhn():
+    """rl.best_response=exact: starting from the uniform table and taking each target (the average of the
+    best responses so far) as the next table (a perfect fit), our best responses and average give
+    OpenSpiel's XFPSolver average policy after every one of the first iterations, and its NashConv."""
     from open_spiel.python import policy as os_policy
     from open_spiel.python.algorithms import exploitability, fictitious_play
 
-    from agents.games.xfp import best_response_table, xfp_target
+    from agents.games.xfp import xfp_iteration
 
     game, space = _kuhn()
     solver = fictitious_play.XFPSolver(game)
-    avg = space.uniform()
-    for t in range(1, 9):
+    average = AveragePolicy(space)
+    table = space.uniform()
+    for _ in range(8):
         solver.iteration()
-        avg = xfp_target(space, avg, best_response_table(game, space, avg), t)
+        table = xfp_iteration(game, space, average, table)
         want = os_policy.tabular_policy_from_callable(game, solver.average_policy())
         for s, i in space.index.items():
-            np.testing.assert_allclose(avg[i], want.action_probability_array[want.state_lookup[s]], atol=1e-12)
-        assert nash_conv(game, space, avg) == pytest.approx(exploitability.nash_conv(game, want), abs=1e-12)
-    assert nash_conv(game, space, avg) < 0.25  # it moved from the uniform 0.917
+            np.testing.assert_allclose(table[i], want.action_probability_array[want.state_lookup[s]], atol=1e-12)
+        assert nash_conv(game, space, table) == pytest.approx(exploitability.nash_conv(game, want), abs=1e-12)
+    assert nash_conv(game, space, table) < 0.25  # it moved from the uniform 0.917
 
 
-def test_xfp_target_is_the_reach_weighted_mixture():
-    """target(I) proportional to t r_avg(I) avg(I) + r_br(I) br(I) at a state reached by neither
-    at the root (a reference by hand on one state of player 0 in Kuhn: "1pb", after Pass at "1")."""
-    from agents.games.xfp import xfp_target
+def test_xfp_iteration_mixes_the_table_and_its_best_responses_by_reach():
+    """The first iteration from a table pi: target(I) proportional to w_0 r_pi(I) pi(I) + w_1 r_br(I) br(I),
+    with weights 1, 1 (uniform) or 1, 2 (linear); by hand at Kuhn's "1pb" (after Pass at "1") and "1"."""
+    from agents.games.xfp import best_response_table, xfp_iteration
 
-    _, space = _kuhn()
+    game, space = _kuhn()
     rng = np.random.default_rng(2)
-    avg = rng.random(space.legal.shape)
-    avg /= avg.sum(axis=1, keepdims=True)
-    br = np.zeros(space.legal.shape)
-    br[:, 1] = 1.0
-    br[space.index["1"]] = [0.3, 0.7]  # a mixed "best response" keeps both reaches non-trivial
-    t = 3
-    out = xfp_target(space, avg, br, t)
+    pi = rng.random(space.legal.shape)
+    pi /= pi.sum(axis=1, keepdims=True)
+    br = best_response_table(game, space, pi)
     i, parent = space.index["1pb"], space.index["1"]
-    want = t * avg[parent, 0] * avg[i] + 0.3 * br[i]
-    np.testing.assert_allclose(out[i], want / want.sum(), atol=1e-14)
-    np.testing.assert_allclose(out[parent], (t * avg[parent] + br[parent]) / (t + 1), atol=1e-14)
+    for weighting, w in (("uniform", 1.0), ("linear", 2.0)):
+        average = AveragePolicy(space, weighting)
+        out = xfp_iteration(game, space, average, pi)
+        assert average.updates == 2
+        want = pi[parent, 0] * pi[i] + w * br[parent, 0] * br[i]
+        np.testing.assert_allclose(out[i], want / want.sum(), atol=1e-14)
+        np.testing.assert_allclose(out[parent], (pi[parent] + w * br[parent]) / (1 + w), atol=1e-14)
+    # the second iteration adds one best response, not the table again
+    assert (xfp_iteration(game, space, average, out), average.updates)[1] == 3
 
 
 # ---- the env -------------------------------------------------------------------------------------------
@@ -283,6 +286,32 @@ def test_action_probabilities_are_a_float64_softmax_over_the_legal_actions_logit
             want = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
             assert torch.allclose(got[n], want, atol=1e-6, rtol=0)
             assert (got[n][~mask] == 0).all()
+
+
+def test_game_tokenizer_reads_leducs_field_names_and_numbers_as_words_and_kuhn_as_characters():
+    """Every information-state string encodes without an unknown token and decodes back to itself; Leduc's
+    bracketed field names and numbers are one token each (its longest string 111 characters, 48 tokens);
+    Kuhn's strings stay one token per character, in the character vocabulary."""
+    import re
+
+    from agents.envs.base import CHARSET
+
+    leduc, kuhn = pyspiel.load_game("leduc_poker"), pyspiel.load_game("kuhn_poker")
+    for game in (leduc, kuhn):
+        tok, space = game_tokenizer(game), InfoStates(game)
+        unk = tok.token_to_id("?")
+        for s in space.strings:
+            enc = tok.encode(s)
+            assert tok.decode(enc.ids) == s
+            assert unk not in enc.ids or "?" in s
+    tok = game_tokenizer(leduc)
+    s = "[Observer: 1][Private: 3][Round 2][Player: 1][Pot: 14][Money: 93 97][Public: 0][Round1: 2 1][Round2: 2]"
+    assert tok.encode(s).tokens == re.findall(r"\[[A-Za-z][A-Za-z0-9]*:?|[0-9]+|.", s)
+    assert tok.encode(s).tokens[:8] == ["[Observer:", " ", "1", "]", "[Private:", " ", "3", "]"]
+    assert max(len(tok.encode(s).ids) for s in InfoStates(leduc).strings) == 48
+    ktok = game_tokenizer(kuhn)
+    assert ktok.get_vocab_size() == len(dict.fromkeys(CHARSET)) + 1 + len(action_names(kuhn))
+    assert ktok.encode("2pb").tokens == ["2", "p", "b"]
 
 
 def test_a_name_that_is_not_one_token_is_refused():

@@ -25,8 +25,9 @@ policy-gradient self-play cycles around a mixed equilibrium; its reach-weighted 
 
 `rl.average_weighting: linear` weighs iterate t by t in that average. `rl.best_response: exact` replaces
 the whole step by full-width XFP with the LLM as the average policy (agents.games.xfp): every
-rl.average_every steps OpenSpiel's exact best responses to the LLM's table give XFP's target, and
-every step is one distillation step toward it (`distill_update`); no episodes are played.
+rl.average_every steps OpenSpiel's exact best responses to the LLM's table join the average of all best
+responses so far, XFP's target, and every step is one distillation step toward it (`distill_update`);
+no episodes are played.
 
 Agents: player_0 and player_1 (the env's); `policy_of: player_0` on player_1 makes one shared
 policy (one engine) for both seats. Checkpoints hold the engines, the step, the episode generator,
@@ -66,7 +67,7 @@ from .actions import action_names, action_token_ids, game_tokenizer, legal_logpr
 from .settings import check_game_settings
 from .tables import AveragePolicy, InfoStates, nash_conv, write_policy_json
 from .tracking import GameTracker
-from .xfp import best_response_table, xfp_target
+from .xfp import xfp_iteration
 
 __all__ = ["Decisions", "distill_update", "play", "policy_table", "train_game"]
 
@@ -305,16 +306,15 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         average.load_state_dict(loop_state["average_policy"])
         if exact:
             xfp["iteration"] = loop_state["xfp_iteration"]
-            xfp["target"] = loop_state["xfp_target"].numpy().copy()
+            xfp["target"] = average.table() if xfp["iteration"] else None
     tracker = GameTracker.open(ctx, cfg_dict, step if resume_from is not None else None, list(agents))
     single_states = len(space) == 2  # a matrix game: log every action's probability
 
     def save(at: int) -> Path:
         loop_state = {"step": at, "episode_generator": gen.get_state(), "train_s": train_s,
                       "average_policy": average.state_dict()}
-        if exact:
+        if exact:  # the target is average.table(), recomputed on resume
             loop_state["xfp_iteration"] = xfp["iteration"]
-            loop_state["xfp_target"] = torch.from_numpy(xfp["target"].copy())
         meta = {"step": at, "config": cfg_dict, "agents": list(agents), "world_size": dims.dp,
                 "zero_stage": recipe.parallel.zero_stage, "tp": 1, "pp": 1,
                 "model_config": learners[0].replica.model_config.to_dict(),
@@ -369,8 +369,7 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
             if step % recipe.rl.average_every == 0:  # the next XFP iteration: best responses to the LLM's table
                 current = policy_table(space, agents, state_prompts, tokens)
                 xfp["iteration"] += 1
-                xfp["target"] = xfp_target(space, current, best_response_table(game, space, current),
-                                           xfp["iteration"])
+                xfp["target"] = xfp_iteration(game, space, average, current)
             picks = None
             if recipe.rl.distill_states is not None:
                 picks = {n: torch.randperm(len(state_prompts[n][0]), generator=gen)[:recipe.rl.distill_states].tolist()

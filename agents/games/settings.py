@@ -18,9 +18,6 @@ def check_game_settings(recipe: Recipe, world: int) -> None:
     if recipe.train.schedule != "simultaneous":
         raise UsageError(f"train.schedule={recipe.train.schedule}: game self-play updates its agents together every "
                          "step (train.schedule: simultaneous)")
-    if recipe.rl.best_response == "exact" and recipe.rl.average_weighting != "uniform":
-        raise UsageError(f"rl.average_weighting={recipe.rl.average_weighting}: rl.best_response=exact mixes each best "
-                         "response in with weight 1/(t+1) as XFP does (rl.average_weighting: uniform)")
     for name, a in recipe.agents.items():
         if a.policy_of is not None:
             continue

@@ -1,36 +1,43 @@
-r"""Full-width extensive-form fictitious play (XFP, Heinrich, Lanctot and Silver 2015, algorithm 1) with an
-LLM as the function approximator of the average policy (`rl.best_response: exact`).
+r"""Full-width extensive-form fictitious play (XFP, Heinrich, Lanctot and Silver 2015) with an LLM as the
+function approximator of the average policy (`rl.best_response: exact`).
 
 Every fictitious-play iteration t = 1, 2, ... (every `rl.average_every` steps of the loop):
 
-    avg      = the LLM's own table (its pi over every information state; agents.games.selfplay.policy_table)
-    br       = for each player, OpenSpiel's exact best response to avg
+    pi_t     = the LLM's own table (its pi over every information state; agents.games.selfplay.policy_table)
+    br_t     = for each player, OpenSpiel's exact best response to pi_t
                (open_spiel.python.algorithms.exploitability.best_response, a full walk of the game tree)
-    target   = XFP's average-policy update, at every state I of player i, with lambda = 1 / (t + 1):
+    target_t = the average of the best responses so far, at every state I of player i
 
-        target(I) = avg(I) + lambda r_br(I) (br(I) - avg(I)) / ((1 - lambda) r_avg(I) + lambda r_br(I))
+        target_t(I) = (r_0(I) pi_0(I) + sum_{s<=t} r_s(I) br_s(I)) / (r_0(I) + sum_{s<=t} r_s(I))
 
-               (r_avg, r_br: player i's own reach probability of I under avg and under br), i.e.
-               target(I) is proportional to t r_avg(I) avg(I) + r_br(I) br(I): the behaviour strategy
-               realisation-equivalent to the mixture (t avg + br) / (t + 1) of the two strategies.
-               The initial LLM counts as iterate 1, as OpenSpiel's XFPSolver counts its uniform policy.
+               (r_s: player i's own reach probability of I under br_s; pi_0 the initial LLM, counted as
+               the first iterate as OpenSpiel's XFPSolver counts its uniform policy): the behaviour strategy
+               realisation-equivalent to the uniform mixture of the strategies pi_0, br_1, ..., br_t
+               (agents.games.tables.AveragePolicy; `rl.average_weighting: linear` weighs br_s by s + 1)
 
-and then the LLM is distilled toward `target` by supervised learning (the KL divergence from target to
-the LLM's pi, averaged over every information state) for the steps until the next iteration. What is
-measured (NashConv, policy.json) is the LLM's own table, fitting error included. With a perfect fit the
-sequence of tables is OpenSpiel's `fictitious_play.XFPSolver` (tests/test_games.py checks the targets
-against it on Kuhn poker). This is XFP with an exact best-response oracle, not NFSP: nothing is learnt
-by reinforcement and no episodes are sampled; the oracle needs the whole game tree, so it is for games
-small enough to walk (Kuhn, Leduc).
+and the steps until the next iteration distil the LLM toward target_t by supervised learning (the KL
+divergence from target_t to the LLM's pi). This is NFSP's split with both halves made exact: the best
+responses are computed, not learnt, and the LLM's supervised target is the average of all of them so far
+(NFSP's reservoir of best-response play, here without sampling), while every best response answers the
+LLM's own table, fitting error included. What is measured (NashConv, policy.json) is the LLM's table.
+
+Why the mixture of best responses and not XFP's recursive update (target_t = a 1/(t+1) step from the
+LLM's table pi_t toward br_t; the same sequence under a perfect fit): with the recursive form the LLM's
+fitting error enters every later target and is never corrected, and on Leduc, where a fresh LLM needs a
+few hundred steps to learn to read its cards, the early iterations' lag stayed in the average (the
+targets' NashConv 1.36 after 132 iterations, against 0.61 for the mixture at the same step count;
+docs/games.md). With a perfect fit the tables are OpenSpiel's `fictitious_play.XFPSolver` (tests/
+test_games.py checks them on Kuhn poker). No episodes are sampled; the oracle needs the whole game tree,
+so it is for games small enough to walk (Kuhn, Leduc).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .tables import InfoStates, tabular_policy
+from .tables import AveragePolicy, InfoStates, tabular_policy
 
-__all__ = ["best_response_table", "xfp_target"]
+__all__ = ["best_response_table", "xfp_iteration"]
 
 
 def best_response_table(game, space: InfoStates, table: np.ndarray) -> np.ndarray:
@@ -53,14 +60,11 @@ def best_response_table(game, space: InfoStates, table: np.ndarray) -> np.ndarra
     return out
 
 
-def xfp_target(space: InfoStates, avg: np.ndarray, br: np.ndarray, t: int) -> np.ndarray:
-    """XFP's average policy after iteration t (>= 1) from the average `avg` and the best responses `br`
-    (module docstring): lambda = 1 / (t + 1), reach-weighted per information state."""
-    lam = 1.0 / (t + 1)
-    r_avg = space.own_reach(avg)[:, None]
-    r_br = space.own_reach(br)[:, None]
-    den = (1.0 - lam) * r_avg + lam * r_br
-    step = np.divide(lam * r_br, den, out=np.zeros_like(den), where=den > 0)
-    out = avg + step * (br - avg)
-    out[~space.legal] = 0.0
-    return out / out.sum(axis=1, keepdims=True)
+def xfp_iteration(game, space: InfoStates, average: AveragePolicy, table: np.ndarray) -> np.ndarray:
+    """One XFP iteration (module docstring) from the LLM's current `table`: the first call also takes the
+    table itself in as the initial iterate; adds both players' exact best responses to it to `average`
+    and returns the new target, average.table()."""
+    if average.updates == 0:
+        average.add(table)
+    average.add(best_response_table(game, space, table))
+    return average.table()
