@@ -242,8 +242,10 @@ def _corrupt_elsewhere_worker(rank, world, out):
 
 # --------------------------------------------------------------------------- end-to-end runs
 
+# train.peak_tflops: a given MFU ceiling instead of two sgemm measurements per rank and run (MFU is not
+# checked here; test_evaluation and test_flops check the measurement).
 BASE = ["train.max_steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=5", "model.dropout=0.1",
-        "train.eval_every=1000", "train.sample_tokens=0"]
+        "train.eval_every=1000", "train.sample_tokens=0", "train.peak_tflops=1"]
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +369,7 @@ def test_changed_model_settings_are_refused_in_one_line(root, base):
 # --------------------------------------------- steps replayed after a kill: the very same state
 
 REPLAY = ["train.max_steps=7", "train.checkpoint_every=3", "model.dropout=0.1", "train.eval_every=1000",
-          "train.sample_tokens=0", "model.kernels=fused"]
+          "train.sample_tokens=0", "model.kernels=fused", "train.peak_tflops=1"]
 LAYOUTS = {"fused": ("gpt-tiny", []),
            "pp2-fused": ("gpt-tiny-pp2", ["parallel.micro_batch=4", "parallel.global_batch=8"])}
 
