@@ -21,7 +21,8 @@ from trainer import checkpoint as ckpt
 
 STEPS = 8
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "parallel.micro_batch=4",
-          "optim.warmup_steps=2", "launch.timeout_s=60"]
+          "optim.warmup_steps=2", "launch.timeout_s=60",
+          "train.peak_tflops=1"]  # a given MFU ceiling: no sgemm measurement per rank (MFU is not checked here)
 PS = ["sync.strategy=parameter_server", "launch.procs_per_node=3"]
 ASYNC = ["sync.strategy=parameter_server", "launch.procs_per_node=4", "sync.servers=2", "sync.staleness=1",
          "model.dropout=0.1"]
