@@ -40,7 +40,10 @@ LAYOUTS = {
     "tp2-pp2": ("gpt-tiny-tp2-pp2", ["parallel.micro_batch=4"], 1e-3),
 }
 
-COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "optim.warmup_steps=3"]
+# train.peak_tflops: a given MFU ceiling instead of two sgemm measurements per rank and run (MFU is not
+# checked here; test_evaluation and test_flops check the measurement).
+COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "optim.warmup_steps=3",
+          "train.peak_tflops=1"]
 # Layouts whose logged gradient norm (DeepSpeed's, the one it clips with) must equal the single
 # process's: tensor-parallel slices counted on every tp rank, replicated tensors once.
 GRAD_NORM_CHECKED = {"tp2-dp2-zero3"}
