@@ -24,8 +24,10 @@ from tests.trainutil import latest_components, metrics, run_train, train_losses,
 from trainer import checkpoint as ckpt
 
 STEPS = 8
+# train.peak_tflops: a given MFU ceiling instead of two sgemm measurements per rank and run (about 3 s of
+# a 4-rank run on 2 cores); nothing here checks MFU (test_evaluation and test_flops do).
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=1000", "train.sample_tokens=0", "parallel.micro_batch=4",
-          "launch.procs_per_node=2", "optim.warmup_steps=2"]
+          "launch.procs_per_node=2", "optim.warmup_steps=2", "train.peak_tflops=1"]
 TWO = ["sync.replicas=2"]
 
 
