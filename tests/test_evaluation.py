@@ -236,7 +236,7 @@ def test_run_evaluates_one_sample_throughout_and_reports_the_full_split(tmp_path
     from trainer.loop import _prepare_data
     from trainer.recipe import load_recipe
 
-    overrides = ["train.max_steps=10", "train.checkpoint_every=5"]
+    overrides = ["train.max_steps=10", "train.checkpoint_every=5", "train.peak_tflops=null"]  # measured
     out = run_train(tmp_path, "ev", *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = metrics(tmp_path, "ev")
@@ -299,7 +299,8 @@ def test_run_threads_sets_torchs_threads_in_the_run(tmp_path):
     env): the start-up matmul ceiling names the threads it was measured on."""
     from tests.trainutil import metrics, run_train
 
-    out = run_train(tmp_path, "th", "train.max_steps=2", "train.checkpoint_every=null", "run.threads=2")
+    out = run_train(tmp_path, "th", "train.max_steps=2", "train.checkpoint_every=null", "run.threads=2",
+                    "train.peak_tflops=null")
     assert out.returncode == 0, out.stderr[-3000:]
     source = next(r["peak_flops_source"] for r in metrics(tmp_path, "th") if r.get("tokens_per_s"))
     assert source.startswith("measured CPU sgemm 1536x1536x1536 on 2 threads"), source
