@@ -181,13 +181,17 @@ def test_least_loaded_dispatch(router, reference):
         after = routed(router)
         assert after[first] == before[first] + 1 and after[1 - first] == before[1 - first] + 3
     assert held.join() == tok.decode(greedy_reference(model, encode(tok, "while True:\n"), LONG, eos))
-    # Concurrent requests spread: 4 at once over 2 idle replicas go 2 and 2.
+    # Concurrent requests spread: 4 at once over 2 idle replicas go 2 and 2. Both replicas are paused while
+    # the 4 are dispatched, so none can finish (and free its replica) before the last is routed: under a
+    # loaded machine a request answered early let the next go to the same replica (3 and 1, a flake).
     before = routed(router)
     threads = [threading.Thread(target=router.client.completions.create,
                                 kwargs={"model": "tiny", "prompt": p, "max_tokens": 60, "temperature": 0})
                for p in ["a = 1", "b = 2", "c = 3", "d = 4"]]
-    for t in threads:
-        t.start()
+    with paused(h["replicas"][0]["pid"]), paused(h["replicas"][1]["pid"]):
+        for t in threads:
+            t.start()
+        assert sorted(wait_in_flight(router, 4)) == [2, 2]
     for t in threads:
         t.join(60)
     after = routed(router)
