@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -169,14 +170,18 @@ def main(argv=None) -> int:
     # access_log off: every request already gets one JSON line from the app.
     try:
         if ranks is not None:
-            ranks.watch()
+            from .tp import RankLost
+            ranks.watch(on_lost=lambda why: scheduler.fail_all(RankLost(why)))
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
         if ranks is not None:
             ranks.stop()  # every other rank exits (after the requests in flight, which uvicorn waited for)
     lost = ranks.lost if ranks is not None else None
     print(json.dumps({"event": "stopped", "run": str(run.run_dir), "error": lost}), file=sys.stderr, flush=True)
-    return 1 if lost else 0
+    if lost:  # now: the scheduler thread may still wait in a collective, and the interpreter's exit with it
+        sys.stdout.flush()
+        os._exit(1)
+    return 0
 
 
 def start_tp(args: argparse.Namespace):

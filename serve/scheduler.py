@@ -116,6 +116,20 @@ class Scheduler:
             self._inbox.extend(rows)
             self._cond.notify()
 
+    def fail_all(self, error: Exception) -> None:
+        """Every row not done gets `error` now, from this (another) thread: for when no engine call can
+        finish any more (serve.tp: a lost rank), as the loop itself may be stuck in the collective that lost
+        it. A row the loop also fails later gets a second error its request no longer reads."""
+        with self._cond:  # list() copies in one C call: the loop thread may be changing these now
+            rows = self._inbox + [r for q in self._waiting.values() for r in list(q)] + [
+                r for running in self._running.values() for r in list(running.values())]
+            self._inbox = []
+            for r in rows:
+                r.cancelled = True
+        for r in rows:
+            if not r.done:
+                self._fail(r, error)
+
     def cancel(self, rows: list[Row]) -> None:
         """The rows' slots are freed at the next token boundary (nothing happens to finished rows)."""
         with self._cond:

@@ -158,6 +158,8 @@ class Channel:
     def close(self) -> None:
         """Tell the other ranks to exit (nothing when the group is already broken)."""
         self._stop.set()
+        if self.dead is not None:  # the lock may be held by a call stuck in a collective with a gone rank
+            return
         with self.lock:
             if self.dead is None:
                 try:
@@ -268,6 +270,11 @@ class TPScheduler(Scheduler):
         if self.channel.dead is not None:
             raise RankLost(self.channel.dead)
         super().submit(rows)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.channel.dead is not None:  # the loop may wait in a collective with a gone rank: not joined
+            return
+        super().stop(timeout)
 
 
 class Diverged(RuntimeError):

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import timedelta
 
@@ -91,8 +92,10 @@ class Ranks:
         self.parameter_bytes: dict[str, int] = {}  # module key -> this rank's parameter bytes
         self._stopping = False
 
-    def watch(self, period: float = 0.1) -> None:
-        """In a thread: a rank that exits (or a broken channel) while serving stops the server."""
+    def watch(self, on_lost: Callable[[str], None], period: float = 0.1) -> None:
+        """In a thread: a rank that exits (or a broken channel) while serving stops the server. `on_lost(why)`
+        fails the requests in flight at once: the scheduler thread may be waiting in a collective with the
+        gone rank, which gloo does not always end (seen: a TP all-reduce still waiting 8 s after the kill)."""
 
         def exited() -> dict[int, int]:
             return {r: p.returncode for r, p in enumerate(self.procs, 1) if p.poll() is not None}
@@ -113,6 +116,7 @@ class Ranks:
                 self.channel.mark_dead(why)
                 self.lost = why
                 _log(event="tp_rank_lost", error=why, failure=failure if failure != why else None)
+                on_lost(why)
                 # uvicorn's graceful shutdown (requests in flight fail fast now), with a hard deadline.
                 threading.Timer(EXIT_GRACE_S, os._exit, (1,)).start()
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -134,8 +138,9 @@ class Ranks:
         self._stopping = True
         self.channel.close()
         stop_all(self.procs, timeout)
-        with suppress(Exception):
-            dist.destroy_process_group()
+        if self.lost is None:  # after a lost rank a collective may still wait with it: no teardown
+            with suppress(Exception):
+                dist.destroy_process_group()
 
 
 def start_ranks(run: str, tp: int, follower_args: list[str]) -> Ranks | int:

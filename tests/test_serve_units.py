@@ -3,6 +3,8 @@ templates, request checking (fast; the HTTP behaviour is in tests/test_serve.py)
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from serve.chat import render
@@ -107,3 +109,45 @@ def test_a_crash_of_the_decoding_loop_fails_its_rows_instead_of_leaving_them_wai
     assert not scheduler.alive
     with pytest.raises(RuntimeError, match="decoding loop has stopped"):
         scheduler.submit([])
+
+
+def test_fail_all_answers_every_row_while_the_loop_is_stuck_in_an_engine_call():
+    """serve.tp's lost rank: the scheduler thread can wait in a collective that never returns, so the rows
+    are failed from another thread; once the call returns, the loop frees their slots."""
+    import threading
+
+    from model import GPT, GPTConfig
+    from model.generate import DecodeEngine, SamplingParams
+    from serve.metrics import Metrics
+    from serve.scheduler import Row, Scheduler
+
+    entered, release = threading.Event(), threading.Event()
+
+    class StuckDecode(DecodeEngine):
+        def decode(self, slots):
+            entered.set()
+            assert release.wait(30)
+            return super().decode(slots)
+
+    model = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=32, kernels="torch")).eval()
+    engine = StuckDecode(model, max_slots=2)
+    scheduler = Scheduler({}, 2, Metrics(), engines={"model": engine})
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    rows = [Row("model", [1, 2, 3], SamplingParams(max_new_tokens=8), None, got[i].append) for i in range(3)]
+    scheduler.submit(rows)  # 2 slots: two rows run, the third waits
+    scheduler.start()
+    try:
+        assert entered.wait(10)
+        assert [len(engine.running_slots()), len(scheduler._waiting["model"])] == [2, 1]
+        scheduler.fail_all(RuntimeError("a rank is gone"))
+        for i in range(3):  # answered while decode still waits
+            assert isinstance(got[i][-1], RuntimeError) and "a rank is gone" in str(got[i][-1]), got[i]
+        assert sum(isinstance(x, RuntimeError) for x in got[2]) == 1 and len(got[2]) == 1  # it never ran
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while engine.running_slots() or scheduler._busy():
+        assert time.monotonic() < deadline, (engine.running_slots(), scheduler.snapshot)
+        time.sleep(0.01)
+    assert sorted(engine.free_slots()) == [0, 1]
+    scheduler.stop()
