@@ -67,7 +67,7 @@ from .actions import action_names, action_token_ids, game_tokenizer, legal_logpr
 from .settings import check_game_settings
 from .tables import AveragePolicy, InfoStates, nash_conv, write_policy_json
 from .tracking import GameTracker
-from .xfp import xfp_iteration
+from .xfp import iterations_done, xfp_iteration
 
 __all__ = ["Decisions", "distill_update", "play", "policy_table", "train_game"]
 
@@ -278,7 +278,7 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
     space = InfoStates(game)
     average = AveragePolicy(space, recipe.rl.average_weighting)
     exact = recipe.rl.best_response == "exact"
-    xfp = {"iteration": 0, "target": None}  # rl.best_response=exact: iterations done, the current target
+    target = None  # rl.best_response=exact: the current XFP target (its iteration: iterations_done(average))
     action_list = action_names(game)
     try:
         tokens = {n: action_token_ids(ag.policy.tokenizer, action_list) for n, ag in agents.items()}
@@ -304,17 +304,14 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         step, train_s = loop_state["step"], loop_state["train_s"]
         gen.set_state(loop_state["episode_generator"])
         average.load_state_dict(loop_state["average_policy"])
-        if exact:
-            xfp["iteration"] = loop_state["xfp_iteration"]
-            xfp["target"] = average.table() if xfp["iteration"] else None
+        if exact and iterations_done(average):
+            target = average.table()
     tracker = GameTracker.open(ctx, cfg_dict, step if resume_from is not None else None, list(agents))
     single_states = len(space) == 2  # a matrix game: log every action's probability
 
     def save(at: int) -> Path:
         loop_state = {"step": at, "episode_generator": gen.get_state(), "train_s": train_s,
                       "average_policy": average.state_dict()}
-        if exact:  # the target is average.table(), recomputed on resume
-            loop_state["xfp_iteration"] = xfp["iteration"]
         meta = {"step": at, "config": cfg_dict, "agents": list(agents), "world_size": dims.dp,
                 "zero_stage": recipe.parallel.zero_stage, "tp": 1, "pp": 1,
                 "model_config": learners[0].replica.model_config.to_dict(),
@@ -331,9 +328,9 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         avg = average_table(current)
         row = {"step": at, "train_s": train_s, "nash_conv": nash_conv(game, space, avg),
                "nash_conv_last": nash_conv(game, space, current)}
-        if exact and xfp["target"] is not None:  # the exact XFP mixture the LLM is being fitted to
-            row["nash_conv_target"] = nash_conv(game, space, xfp["target"])
-            row["xfp_iteration"] = xfp["iteration"]
+        if exact and target is not None:  # the exact XFP mixture the LLM is being fitted to
+            row["nash_conv_target"] = nash_conv(game, space, target)
+            row["xfp_iteration"] = iterations_done(average)
         if single_states:
             for i in range(len(space)):
                 for a in np.flatnonzero(space.legal[i]):
@@ -368,14 +365,13 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         if exact:
             if step % recipe.rl.average_every == 0:  # the next XFP iteration: best responses to the LLM's table
                 current = policy_table(space, agents, state_prompts, tokens)
-                xfp["iteration"] += 1
-                xfp["target"] = xfp_iteration(game, space, average, current)
+                target = xfp_iteration(game, space, average, current)
             picks = None
             if recipe.rl.distill_states is not None:
                 picks = {n: torch.randperm(len(state_prompts[n][0]), generator=gen)[:recipe.rl.distill_states].tolist()
                          for n in agents}
             for lr in learners:
-                figures.update(distill_update(lr, agents, state_prompts, space, xfp["target"], tokens, picks))
+                figures.update(distill_update(lr, agents, state_prompts, space, target, tokens, picks))
         else:
             env_seeds = torch.randint(0, SEED_HIGH, (E,), generator=gen).tolist()
             batch = play(envs, env_seeds, agents, tokens, space.num_actions, gen, recipe.rl.max_env_steps)
@@ -387,7 +383,7 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         train_s += time.perf_counter() - t0
         row = {"step": step, "step_time_s": time.perf_counter() - t0}
         if exact:
-            row["xfp_iteration"] = xfp["iteration"]
+            row["xfp_iteration"] = iterations_done(average)
         for j, n in enumerate(agents):
             if not exact:
                 row[f"agent/{n}/return"] = float(batch.returns[:, j].mean())
@@ -416,7 +412,7 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
                                                                         ("return", "entropy", "loss"))}
                           for n in agents}}
     if exact:
-        summary["xfp_iterations"] = xfp["iteration"]
+        summary["xfp_iterations"] = iterations_done(average)
         summary["nash_conv_target"] = final.get("nash_conv_target")
     if single_states:
         eq = _matrix_equilibrium(env_args.get("game"), env_args.get("params") or {})

@@ -37,7 +37,7 @@ import numpy as np
 
 from .tables import AveragePolicy, InfoStates, tabular_policy
 
-__all__ = ["best_response_table", "xfp_iteration"]
+__all__ = ["best_response_table", "iterations_done", "xfp_iteration"]
 
 
 def best_response_table(game, space: InfoStates, table: np.ndarray) -> np.ndarray:
@@ -68,3 +68,8 @@ def xfp_iteration(game, space: InfoStates, average: AveragePolicy, table: np.nda
         average.add(table)
     average.add(best_response_table(game, space, table))
     return average.table()
+
+
+def iterations_done(average: AveragePolicy) -> int:
+    """XFP iterations that built `average`: the initial table, then one best response per iteration."""
+    return max(average.updates - 1, 0)
