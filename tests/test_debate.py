@@ -94,6 +94,32 @@ def test_response_loss_is_the_cross_entropy_of_the_response_tokens_only():
     assert got.item() == pytest.approx(nll / count, rel=1e-5)
 
 
+def test_response_loss_with_kl_base_adds_the_exact_kl_to_the_reference_per_response_token():
+    from model import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch")
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    reference = GPT(cfg).eval()  # other weights
+    rows = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10, 11]), ([12], [13])]
+    got = response_loss(model, rows, reference, kl=0.3)
+    assert response_loss(model, rows, reference, kl=0.0).item() == pytest.approx(response_loss(model, rows).item())
+    assert response_loss(model, rows, model, kl=0.3).item() == pytest.approx(response_loss(model, rows).item(), rel=1e-5)
+    m64, r64 = model.double(), reference.double()
+    total, count = 0.0, 0
+    for prompt, resp in rows:  # float64, whole-sequence forwards, one row at a time
+        ids = torch.tensor([prompt + resp])
+        logp, logq = torch.log_softmax(m64(ids)[0], -1), torch.log_softmax(r64(ids)[0], -1)
+        for i, t in enumerate(resp):
+            pos = len(prompt) + i - 1
+            kld = (logp[pos].exp() * (logp[pos] - logq[pos])).sum().item()
+            total += -logp[pos, t].item() + 0.3 * kld
+            count += 1
+    assert got.item() == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="reference"):
+        response_loss(model, rows, None, kl=0.3)
+
+
 def test_sft_batches_are_epochs_of_permutations_from_the_agents_generator():
     rows = list(range(10))
     b = sft_batches(rows, 2, 4, torch.Generator().manual_seed(1))

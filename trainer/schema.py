@@ -291,6 +291,9 @@ class DebateSection(Section):
     min_votes: PosInt = _f(2, "env debate_arith: votes the most common final answer needs to become a pseudo-label")
     sft_epochs: PosInt = _f(1, "env debate_arith: passes over an agent's selected responses per iteration")
     sft_batch: PosInt = _f(32, "env debate_arith: responses per SFT step (cross-entropy on the response tokens)")
+    kl_base: float = _f(0.0, "env debate_arith: weight of KL(agent || its starting weights) over the vocabulary at "
+                        "the response tokens, added to every SFT step's loss (agents and baseline alike): keeps "
+                        "each agent's answer distribution, so the agents' diversity, near the base's", ge=0.0)
     baseline: bool = _f(True, "env debate_arith: also train the single-agent self-training baseline (agent "
                         "'single', from the first agent's settings) side by side")
     samples: PosInt | None = _f(None, "env debate_arith: the baseline's samples per problem; null = agents x rounds "

@@ -40,6 +40,7 @@ agent (the baseline's as `single/`): the agents checkpoint layout of agents.trai
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -147,6 +148,9 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
     agents, learners = build_learners(full, dims, dist.device)
     components = [lr.replica.name for lr in learners]
     learner_of = {lr.agents[0]: lr for lr in learners}
+    # debate.kl_base's references: every engine's starting weights, frozen (taken before a resume loads)
+    references = {n: copy.deepcopy(agents[n].module).eval().requires_grad_(False)
+                  for n in learner_of} if d.kl_base > 0 else {}
     if ctx.is_main:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(ctx.run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
@@ -238,7 +242,7 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
             gen = torch.Generator().manual_seed(_key(seed, iteration, 2, i))
             losses = []
             for batch in sft_batches(data[name], d.sft_epochs, d.sft_batch, gen):
-                loss = sft_step(lr, batch)
+                loss = sft_step(lr, batch, references.get(name), d.kl_base)
                 losses.append(loss)
                 sft_count += 1
                 faults.maybe_kill(faults.KILL_AFTER_STEP, sft_count)
