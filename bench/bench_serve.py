@@ -17,11 +17,14 @@ Load test (--parts load): Poisson arrivals at several rates (--rates) of the sam
 one server, and a shared-prefix multi-agent trace (--agents agents, each with its own ~330-character system
 prefix, every request that prefix plus a short turn), each request streamed: p50/p99 TTFT, TPOT, e2e, output
 tokens/s, in `vllm bench serve`'s fields.
-Router (--parts router): 3 replicas (`--replicas 3`, one torch thread each) behind the router, the
-shared-prefix trace once with `--policy cache_aware` and once with `--policy round_robin`: the router's
-prefix-hit rate (goal >= 2x round-robin's), p99 TTFT (goal <= 0.5x), and the busiest / least-busy
-replica's mean requests in flight (each request counted on its replica, from the `x-replica` header, over
-its e2e time; goal <= 1.5x).
+Router (--parts router): one router per policy (`--replicas 3 --policy P`, one torch thread per replica), all
+up side by side; --pairs pairs, each one shared-prefix trace (--router-requests requests, its own seed and its
+own agents, so no replica has its prefixes cached when it starts) run under `--policy cache_aware` and
+`--policy round_robin` with the same requests and arrival times, the order alternating (A B, B A, ...): the
+router's prefix-hit rate (goal >= 2x round-robin's), p99 TTFT (goal <= 0.5x: the median of the pairs' ratios,
+and the p99 pooled over all pairs' requests), the busiest / least-busy replica's mean requests in flight (each
+request counted on its replica, from the `x-replica` header, over its e2e time; goal <= 1.5x), and where the
+TTFT comes from (requests that found their prefix in their replica's cache or not; the queue each found).
 
 Prefix cache (--parts prefix): the decoding engine alone in this process on the trace's prompts, one at a
 time in arrival order, with its prefix cache off and on (side by side, two passes each, the second counted):
@@ -35,7 +38,8 @@ then served: the two servers of the first part (with --no-prefix-cache), a mix o
 trace's long ones arriving Poisson at 24 req/s: TPOT, the gaps between text chunks, the long prompts' TTFT.
 
     python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix,chunked] [--rounds 3] [--threads 1]
-                                [--max-tokens 128] [--rates 4,16,64] [--out bench/results/serve-cpu.md]
+                                [--max-tokens 128] [--rates 4,16,64] [--pairs 8] [--router-requests 240]
+                                [--out bench/results/serve-cpu.md]
 Each part replaces its own section of the results file and its own key of the .json beside it.
 """
 
@@ -48,6 +52,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -182,6 +187,15 @@ def engine_floor(run: Path, threads: int, steps: int = 60) -> dict:
     return out
 
 
+_SCALARS = re.compile(r"\[\s*(?:[-\w.+]+\s*,\s*)*[-\w.+]+\s*\]")  # a JSON list of numbers/true/false/null
+
+
+def dump_json(obj) -> str:
+    """json.dumps(indent=1), each list of plain numbers on one line (the router's per-request figures)."""
+    return _SCALARS.sub(lambda m: re.sub(r"\s+", " ", m.group(0)).replace("[ ", "[").replace(" ]", "]"),
+                        json.dumps(obj, indent=1)) + "\n"
+
+
 def start_server(run: Path, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -228,7 +242,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server's decoding loop")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rates", default="4,16,64", help="load: Poisson arrival rates, requests/s")
-    p.add_argument("--requests", type=int, default=48, help="load, router: requests per rate / per trace")
+    p.add_argument("--requests", type=int, default=48, help="load, prefix: requests per rate / of the trace")
+    p.add_argument("--router-requests", type=int, default=240, help="router: requests per trace (per pair)")
+    p.add_argument("--pairs", type=int, default=8,
+                   help="router: pairs of runs, each one trace under every policy, the order alternating")
+    p.add_argument("--policies", default=ROUTER_POLICIES,
+                   help="router: the policies compared (cache_aware and round_robin; least_loaded may be added)")
     p.add_argument("--agents", type=int, default=6, help="agents (shared prefixes) of the multi-agent trace")
     p.add_argument("--trace-rate", type=float, default=12.0, help="arrivals/s of the shared-prefix trace")
     p.add_argument("--cache-slack", type=int, default=None, help="router: the cache_aware slack (default: the server's)")
@@ -250,28 +269,28 @@ def main(argv=None) -> int:
     if "basic" in parts:
         report = basic(run, args, command)
         stored.update(report)  # the basic part's fields stay at the top level, as before
-        js.write_text(json.dumps(stored, indent=1) + "\n")
+        js.write_text(dump_json(stored))
         report["json"] = js.name
         write_marked_section(out, f"{BASIC[0]}\n{markdown(report)}{BASIC[1]}\n", *BASIC)
     if "load" in parts:
         report = load_test(run, args, command)
         stored["load"] = report
-        js.write_text(json.dumps(stored, indent=1) + "\n")
+        js.write_text(dump_json(stored))
         write_marked_section(out, f"{LOAD[0]}\n{load_markdown(report, js.name)}{LOAD[1]}\n", *LOAD)
     if "router" in parts:
         report = router_test(run, args, command)
         stored["router"] = report
-        js.write_text(json.dumps(stored, indent=1) + "\n")
+        js.write_text(dump_json(stored))
         write_marked_section(out, f"{ROUTER[0]}\n{router_markdown(report, js.name)}{ROUTER[1]}\n", *ROUTER)
     if "prefix" in parts:
         report = prefix_test(run, args, command)
         stored["prefix"] = report
-        js.write_text(json.dumps(stored, indent=1) + "\n")
+        js.write_text(dump_json(stored))
         write_marked_section(out, f"{PREFIX[0]}\n{prefix_markdown(report, js.name)}{PREFIX[1]}\n", *PREFIX)
     if "chunked" in parts:
         report = chunked_test(run, args, command)
         stored["chunked"] = report
-        js.write_text(json.dumps(stored, indent=1) + "\n")
+        js.write_text(dump_json(stored))
         write_marked_section(out, f"{CHUNKED[0]}\n{chunked_markdown(report, js.name)}{CHUNKED[1]}\n", *CHUNKED)
     print(out.read_text())
     return 0
@@ -418,12 +437,13 @@ def basic_requests(n: int, max_tokens: int) -> list[dict]:
     return [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i} for i in range(n)]
 
 
-def trace_requests(n: int, agents: int, seed: int = 0) -> list[dict]:
-    """The multi-agent trace: each request from a random agent, its prefix plus one turn."""
+def trace_requests(n: int, agents: int, seed: int = 0, first_agent: int = 0) -> list[dict]:
+    """The multi-agent trace: each request from a random agent (numbered first_agent, first_agent + 1, ...),
+    its prefix plus one turn."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        a = rng.randrange(agents)
+        a = first_agent + rng.randrange(agents)
         turn = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
         out.append({"prompt": f"{agent_prefix(a)}\n# turn {i}: {turn}\n", "max_tokens": 32, "seed": i, "agent": a})
     return out
@@ -470,36 +490,153 @@ def load_test(run: Path, args, command: str) -> dict:
             "max_tokens": 64, "poisson": poisson, "shared_prefix_trace": {"agents": args.agents, **trace}}
 
 
+ROUTER_POLICIES = "cache_aware,round_robin"  # --policies: the goals' subject and baseline (least_loaded may join)
+SUBJECT, BASELINE = "cache_aware", "round_robin"
+
+
+def pair_orders(pairs: int, policies: list[str]) -> list[list[str]]:
+    """The order of the policies in each pair: as given in even pairs, reversed in odd ones (A B, B A, A B, ...),
+    so that over two pairs each policy runs first once and a drift of the machine's load weighs on both."""
+    return [list(policies) if k % 2 == 0 else list(policies)[::-1] for k in range(pairs)]
+
+
+def annotate(res: list[dict], reqs: list[dict]) -> None:
+    """Per request of one run (in place): its `agent`; `queue`, the other requests in flight on its replica
+    when it was sent; `cold`, whether no earlier request of its agent on that replica had its first token
+    before it was sent. The engine stores a prompt's prefix blocks after its prefill, so a cold request found
+    no copy of its agent's prefix in its replica's cache (barring eviction): a cache miss, seen from the client."""
+    for req, r in zip(reqs, res):
+        r["agent"] = req["agent"]
+    for r in res:
+        same = [o for o in res if o is not r and o["replica"] == r["replica"]]
+        r["queue"] = sum(1 for o in same if o["start"] <= r["start"] < o["end"])
+        r["cold"] = not any(o["agent"] == r["agent"] and o["start"] + o["ttft"] <= r["start"] for o in same)
+
+
+def run_stats(r: dict, rate: float, replicas: int = 3) -> dict:
+    """One policy's figures over `r` = {"wall", "results", "lookups", "hits", "spills"} (one run, or several
+    pooled: walls and counts summed, results concatenated): vllm bench serve's fields, the router's prefix hits,
+    and each replica's mean requests in flight (its requests' e2e seconds / the wall seconds)."""
+    res, wall = r["results"], r["wall"]
+    busy = [sum(x["e2e"] for x in res if x["replica"] == i) / wall for i in range(replicas)]
+    return {**stats(wall, res, rate), "prefix_lookups": r["lookups"], "prefix_hits": r["hits"],
+            "prefix_hit_rate": r["hits"] / r["lookups"] if r["lookups"] else 0.0, "spills": r["spills"],
+            "mean_in_flight_per_replica": busy,
+            "routed_per_replica": [sum(1 for x in res if x["replica"] == i) for i in range(replicas)],
+            "in_flight_ratio": max(busy) / min(busy) if min(busy) > 0 else float("inf"),
+            "cold_requests": sum(1 for x in res if x["cold"])}
+
+
+def ttft_breakdown(res: list[dict]) -> dict:
+    """Where one policy's TTFT comes from (see annotate): warm and cold requests apart, the queue each found on
+    its replica, and the slowest 1% (TTFT >= the p99): how many of those were cold, what queue they found."""
+    ms = lambda rs: [x["ttft"] * 1000 for x in rs]  # noqa: E731
+    warm, cold = [x for x in res if not x["cold"]], [x for x in res if x["cold"]]
+    p99 = percentile(ms(res), 99)
+    tail = [x for x in res if x["ttft"] * 1000 >= p99]
+    by_queue = {}
+    for q in range(4):
+        rs = [x for x in res if min(x["queue"], 3) == q]
+        if rs:
+            by_queue[f"{q}+" if q == 3 else str(q)] = {"requests": len(rs), "median_ttft_ms": statistics.median(ms(rs)),
+                                                       "p99_ttft_ms": percentile(ms(rs), 99)}
+    part = lambda rs: ({"requests": len(rs), "median_ttft_ms": statistics.median(ms(rs)),  # noqa: E731
+                        "p99_ttft_ms": percentile(ms(rs), 99)} if rs else {"requests": 0})
+    return {"warm": part(warm), "cold": part(cold), "cold_share": len(cold) / len(res),
+            "mean_queue": statistics.mean(x["queue"] for x in res), "by_queue": by_queue,
+            "tail": {"requests": len(tail), "cold": sum(1 for x in tail if x["cold"]),
+                     "mean_queue": statistics.mean(x["queue"] for x in tail)}}
+
+
+def router_summary(pairs: list[dict], policies: list[str], rate: float, replicas: int = 3) -> dict:
+    """The figures of the pairs (each {"order", ..., "runs": {policy: {"wall", "results", "lookups", "hits",
+    "spills"}}}, results annotated): per pair each policy's run_stats and its ratios to round-robin's; per policy
+    the pooled figures over every pair's requests; the ratios to round-robin per pair, their median and pooled.
+    The headline p99 TTFT ratio is the median of the pairs' ratios (each pair: one trace, both policies)."""
+    out_pairs = []
+    for p in pairs:
+        entry = {k: v for k, v in p.items() if k != "runs"}
+        entry.update({pol: run_stats(p["runs"][pol], rate, replicas) for pol in policies})
+        base = entry[BASELINE]
+        for pol in policies:
+            if pol != BASELINE:
+                entry[f"{pol}_vs_round_robin"] = {
+                    "p99_ttft": entry[pol]["p99_ttft_ms"] / base["p99_ttft_ms"],
+                    "hit_rate": entry[pol]["prefix_hit_rate"] / base["prefix_hit_rate"] if base["prefix_hit_rate"] else None}
+        out_pairs.append(entry)
+    pooled, requests = {}, {}
+    for pol in policies:
+        runs = [p["runs"][pol] for p in pairs]
+        res = [x for r in runs for x in r["results"]]
+        pooled[pol] = {**run_stats({"wall": sum(r["wall"] for r in runs), "results": res,
+                                    **{k: sum(r[k] for r in runs) for k in ("lookups", "hits", "spills")}}, rate, replicas),
+                       "in_flight_ratio_per_pair": [e[pol]["in_flight_ratio"] for e in out_pairs],
+                       "ttft_breakdown": ttft_breakdown(res)}
+        requests[pol] = {"pair": [k for k, r in enumerate(runs) for _ in r["results"]],
+                         "ttft_ms": [round(x["ttft"] * 1000, 2) for x in res], "replica": [x["replica"] for x in res],
+                         "agent": [x["agent"] for x in res], "queue": [x["queue"] for x in res],
+                         "cold": [int(x["cold"]) for x in res]}
+    base = pooled[BASELINE]
+    vs = {}
+    for pol in policies:
+        if pol == BASELINE:
+            continue
+        per_pair = [e[f"{pol}_vs_round_robin"]["p99_ttft"] for e in out_pairs]
+        p, bw, pw = pooled[pol], base["ttft_breakdown"]["warm"], pooled[pol]["ttft_breakdown"]["warm"]
+        vs[pol] = {"p99_ttft_per_pair": per_pair, "p99_ttft_median_of_pairs": statistics.median(per_pair),
+                   "p99_ttft_pooled": p["p99_ttft_ms"] / base["p99_ttft_ms"],
+                   "median_ttft_pooled": p["median_ttft_ms"] / base["median_ttft_ms"],
+                   "warm_p99_ttft_pooled": pw["p99_ttft_ms"] / bw["p99_ttft_ms"] if pw["requests"] and bw["requests"] else None,
+                   "hit_rate_per_pair": [e[f"{pol}_vs_round_robin"]["hit_rate"] for e in out_pairs],
+                   "hit_rate_pooled": p["prefix_hit_rate"] / base["prefix_hit_rate"] if base["prefix_hit_rate"] else None}
+    ca = vs[SUBJECT]
+    return {"pairs": out_pairs, "policies": pooled, "vs_round_robin": vs,
+            "hit_rate_vs_round_robin": ca["hit_rate_pooled"], "p99_ttft_vs_round_robin": ca["p99_ttft_median_of_pairs"],
+            "p99_ttft_vs_round_robin_per_pair": ca["p99_ttft_per_pair"],
+            "p99_ttft_vs_round_robin_pooled": ca["p99_ttft_pooled"],
+            "in_flight_ratio": pooled[SUBJECT]["in_flight_ratio"],
+            "in_flight_ratio_median_of_pairs": statistics.median(pooled[SUBJECT]["in_flight_ratio_per_pair"]),
+            "requests": requests}
+
+
 def router_test(run: Path, args, command: str) -> dict:
-    load = os.getloadavg()[0]
-    reqs = trace_requests(args.requests, args.agents)
-    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
-           "machine": cpu_name(), "replicas": 3, "replica_threads": 1, "agents": args.agents,
-           "rate": args.trace_rate, "cache_slack": args.cache_slack, "load_average_at_start": load, "policies": {}}
-    for policy in ("cache_aware", "round_robin"):
-        slack = ["--cache-slack", str(args.cache_slack)] if args.cache_slack else []
-        # (the warm-up's prompts are no agent's prefix)
-        with servers(run, 1, {policy: ["--replicas", "3", "--policy", policy, *slack]}, stop_s=120) as (urls, model):
-            url = urls[policy]
-            before = httpx.get(url + "/health", timeout=10).json()
-            wall, res = asyncio.run(poisson_run(url, model, reqs, args.trace_rate))
-            after = httpx.get(url + "/health", timeout=10).json()
-        lookups = after["prefix_lookups"] - before["prefix_lookups"]
-        hits = after["prefix_hits"] - before["prefix_hits"]
-        busy = [sum(r["e2e"] for r in res if r["replica"] == i) / wall for i in range(3)]
-        routed = [sum(1 for r in res if r["replica"] == i) for i in range(3)]
-        out["policies"][policy] = {**stats(wall, res, args.trace_rate), "prefix_lookups": lookups,
-                                   "prefix_hits": hits, "prefix_hit_rate": hits / lookups if lookups else 0.0,
-                                   "spills": after["prefix_spills"] - before["prefix_spills"],
-                                   "mean_in_flight_per_replica": busy, "routed_per_replica": routed,
-                                   "in_flight_ratio": max(busy) / min(busy) if min(busy) > 0 else float("inf")}
-        print(f"router {policy}: hit rate {out['policies'][policy]['prefix_hit_rate']:.2f}, p99 TTFT "
-              f"{out['policies'][policy]['p99_ttft_ms']:.1f} ms", flush=True)
-    ca, rr = out["policies"]["cache_aware"], out["policies"]["round_robin"]
-    out["hit_rate_vs_round_robin"] = ca["prefix_hit_rate"] / rr["prefix_hit_rate"] if rr["prefix_hit_rate"] else None
-    out["p99_ttft_vs_round_robin"] = ca["p99_ttft_ms"] / rr["p99_ttft_ms"]
-    out["goals"] = {"hit_rate_vs_round_robin_min": 2.0, "p99_ttft_vs_round_robin_max": 0.5, "in_flight_ratio_max": 1.5}
-    return out
+    """Every policy's router (3 replicas each) up throughout, side by side; --pairs pairs, each one trace
+    (seed k: agents' turns and Poisson arrival times) run once under every policy, the order alternating
+    between pairs. Pair k's agents are numbered from k * agents: prefixes no replica has seen, so each pair
+    starts with cold caches and a cold router index, as on fresh servers."""
+    policies = args.policies.split(",")
+    if SUBJECT not in policies or BASELINE not in policies or len(set(policies)) != len(policies):
+        raise SystemExit(f"--policies: {SUBJECT} and {BASELINE}, each once (and least_loaded if wanted)")
+    load = os.getloadavg()
+    slack = ["--cache-slack", str(args.cache_slack)] if args.cache_slack else []
+    configs = {pol: ["--replicas", "3", "--policy", pol, *slack] for pol in policies}
+    pairs = []
+    # (the warm-up's prompts are no agent's prefix)
+    with servers(run, 1, configs, stop_s=120) as (urls, model):
+        for k, order in enumerate(pair_orders(args.pairs, policies)):
+            reqs = trace_requests(args.router_requests, args.agents, seed=k, first_agent=k * args.agents)
+            pair = {"order": order, "seed": k, "first_agent": k * args.agents, "load_average": os.getloadavg()[0],
+                    "runs": {}}
+            for pol in order:
+                url = urls[pol]
+                before = httpx.get(url + "/health", timeout=10).json()
+                wall, res = asyncio.run(poisson_run(url, model, reqs, args.trace_rate, seed=k))
+                after = httpx.get(url + "/health", timeout=10).json()
+                annotate(res, reqs)
+                pair["runs"][pol] = {"wall": wall, "results": res,
+                                     **{k2: after[f"prefix_{k2}"] - before[f"prefix_{k2}"] for k2 in ("lookups", "hits", "spills")}}
+                s = latency_fields(res)
+                print(f"router pair {k + 1}/{args.pairs} {pol}: hits {pair['runs'][pol]['hits']}/"
+                      f"{pair['runs'][pol]['lookups']}, TTFT p50 {s['median_ttft_ms']:.1f} p99 {s['p99_ttft_ms']:.1f} ms",
+                      flush=True)
+            pairs.append(pair)
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
+            "machine": cpu_name(), "replicas": 3, "replica_threads": 1, "agents": args.agents,
+            "rate": args.trace_rate, "cache_slack": args.cache_slack, "requests_per_trace": args.router_requests,
+            "num_pairs": args.pairs, "policy_order": policies, "load_average_at_start": load[0],
+            "load_averages_at_start": list(load), "load_averages_at_end": list(os.getloadavg()),
+            **router_summary(pairs, policies, args.trace_rate),
+            "goals": {"hit_rate_vs_round_robin_min": 2.0, "p99_ttft_vs_round_robin_max": 0.5, "in_flight_ratio_max": 1.5}}
 
 
 def _row(name: str, s: dict) -> str:
@@ -528,29 +665,80 @@ def load_markdown(r: dict, json_name: str) -> str:
 
 
 def router_markdown(r: dict, json_name: str) -> str:
-    ca, rr = r["policies"]["cache_aware"], r["policies"]["round_robin"]
+    pols = list(r["policies"])
+    others = [p for p in pols if p != BASELINE]
+    ca, rr = r["policies"][SUBJECT], r["policies"][BASELINE]
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
-    hit_ratio = r["hit_rate_vs_round_robin"]
-    return "\n".join([
+    hit_ratio, p99r, per_pair = r["hit_rate_vs_round_robin"], r["p99_ttft_vs_round_robin"], r["p99_ttft_vs_round_robin_per_pair"]
+    n = r["num_pairs"]
+    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    loads = r["load_averages_at_start"], r["load_averages_at_end"]
+    pair_rows = [
+        f"| {k + 1} | {' '.join(e['order'])} | {e['load_average']:.1f} | "
+        + " | ".join(f"{e[p]['median_ttft_ms']:.1f} / {e[p]['p99_ttft_ms']:.1f}" for p in pols) + " | "
+        + " | ".join(f"{e[f'{p}_vs_round_robin']['p99_ttft']:.2f}x" for p in others) + " | "
+        + " | ".join(f"{e[p]['prefix_hit_rate']:.2f}" for p in pols) + " | "
+        + " | ".join(f"{e[p]['in_flight_ratio']:.2f}x" for p in pols) + " |"
+        for k, e in enumerate(r["pairs"])]
+
+    def why_row(name, b):
+        w, c, t = b["warm"], b["cold"], b["tail"]
+        cold = f"{c['median_ttft_ms']:.1f} / {c['p99_ttft_ms']:.1f}" if c["requests"] else "-"
+        q = ", ".join(f"{k}: {v['median_ttft_ms']:.1f} / {v['p99_ttft_ms']:.1f} ({v['requests']})"
+                      for k, v in b["by_queue"].items())
+        return (f"| {name} | {c['requests']} ({b['cold_share']:.0%}) | {w['median_ttft_ms']:.1f} / {w['p99_ttft_ms']:.1f} | "
+                f"{cold} | {b['mean_queue']:.2f} | {q} | {t['cold']} of {t['requests']}, {t['mean_queue']:.1f} |")
+
+    lines = [
         "# Router: 3 replicas, cache-aware against round-robin on the shared-prefix trace", "",
         f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts router\"`)  ",
-        f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared by the router, the 3 replicas (1 torch thread each) "
-        f"and the clients (1-minute load average {r['load_average_at_start']:.1f} at the start). Run `{r['run']}`, "
-        f"the trace of the section above ({r['agents']} agents, {ca['num_prompts']} requests, Poisson at "
-        f"{r['rate']:g} req/s, the same requests and arrival times for both policies). Raw figures: {json_name} "
-        "(`router`).", "",
-        *HEADER, _row("cache_aware", ca), _row("round_robin", rr), "",
-        "| | prefix hits | hit rate | spills | requests per replica | mean in flight per replica | busiest / least busy |",
+        f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared by the routers, their replicas (1 torch thread each) "
+        f"and the clients (load averages 1/5/15 min: {fmt(loads[0])} at the start, {fmt(loads[1])} at the end). "
+        f"Run `{r['run']}`, the trace of the load section ({r['agents']} agents, each request one agent's ~110-token "
+        f"prefix plus a turn, up to 32 new tokens), {r['requests_per_trace']} requests per trace, Poisson at "
+        f"{r['rate']:g} req/s. One router per policy ({', '.join(pols)}; 3 replicas each, cache slack "
+        f"{r['cache_slack'] or 'the default'}), all up throughout; {n} pairs, each one trace (its own seed and its "
+        f"own {r['agents']} agents: prefixes no replica has cached when the pair starts) run under every policy "
+        "with the same requests and arrival times, the order alternating between pairs. Raw figures, with every "
+        f"request's TTFT, replica, queue and cold flag: {json_name} (`router`).", "",
+        f"Pooled over the {n} pairs ({ca['num_prompts']} requests per policy):", "",
+        *HEADER, *(_row(p, r["policies"][p]) for p in pols), "",
+        "| | prefix hits | hit rate | spills | requests per replica | mean in flight per replica | busiest / least busy (pooled; per pair median, max) |",
         "|---|---:|---:|---:|---|---|---:|",
-        *(f"| {n} | {s['prefix_hits']} / {s['prefix_lookups']} | {s['prefix_hit_rate']:.2f} | {s['spills']} | "
+        *(f"| {p} | {s['prefix_hits']} / {s['prefix_lookups']} | {s['prefix_hit_rate']:.2f} | {s['spills']} | "
           f"{', '.join(map(str, s['routed_per_replica']))} | {', '.join(f'{b:.2f}' for b in s['mean_in_flight_per_replica'])} | "
-          f"{s['in_flight_ratio']:.2f}x |" for n, s in (("cache_aware", ca), ("round_robin", rr))), "",
-        f"- prefix-hit rate, cache-aware / round-robin: **{hit_ratio:.2f}x** (goal >= 2x: {met(hit_ratio >= 2)})"
+          f"{s['in_flight_ratio']:.2f}x; {statistics.median(s['in_flight_ratio_per_pair']):.2f}x, "
+          f"{max(s['in_flight_ratio_per_pair']):.2f}x |" for p, s in r["policies"].items()), "",
+        "Per pair (TTFT in ms):", "",
+        "| pair | order | load | " + " | ".join(f"{p} TTFT p50 / p99" for p in pols) + " | "
+        + " | ".join(f"{p} / round_robin p99" for p in others) + " | "
+        + " | ".join(f"{p} hit rate" for p in pols) + " | " + " | ".join(f"{p} busiest / least" for p in pols) + " |",
+        "|---|---|---:|" + "---:|" * (3 * len(pols) + len(others)), *pair_rows, "",
+        "Where the TTFT comes from, pooled: a *cold* request is one whose replica had not yet finished a prefill "
+        "of its agent when it was sent (so its prefix was not in that replica's cache: a miss); *queue*: the "
+        "requests already in flight on its replica when it was sent (from each request's `x-replica`, send and "
+        "end times).", "",
+        "| | cold requests | warm TTFT p50 / p99 ms | cold TTFT p50 / p99 ms | mean queue | TTFT p50 / p99 ms by queue "
+        "(requests) | slowest 1%: cold, mean queue |", "|---|---:|---:|---:|---:|---|---:|",
+        *(why_row(p, r["policies"][p]["ttft_breakdown"]) for p in pols), "",
+        f"- prefix-hit rate, cache-aware / round-robin, pooled: **{hit_ratio:.2f}x** (goal >= 2x: {met(hit_ratio >= 2)}; "
+        f"per pair {fmt(r['vs_round_robin'][SUBJECT]['hit_rate_per_pair'])})"
         if hit_ratio is not None else "- prefix-hit rate of round-robin: 0 (no ratio)",
-        f"- p99 TTFT, cache-aware / round-robin: **{r['p99_ttft_vs_round_robin']:.2f}x** (goal <= 0.5x: "
-        f"{met(r['p99_ttft_vs_round_robin'] <= 0.5)})",
-        f"- busiest / least-busy replica's mean requests in flight, cache-aware: **{ca['in_flight_ratio']:.2f}x** "
-        f"(goal <= 1.5x: {met(ca['in_flight_ratio'] <= 1.5)}; round-robin {rr['in_flight_ratio']:.2f}x)", ""])
+        f"- p99 TTFT, cache-aware / round-robin: median of the {n} pairs' ratios **{p99r:.2f}x** (goal <= 0.5x: "
+        f"{met(p99r <= 0.5)}); per pair {fmt(per_pair)} ({sum(x <= 0.5 for x in per_pair)} of {n} <= 0.5x, "
+        f"{sum(x < 1 for x in per_pair)} of {n} < 1x); pooled p99 **{r['p99_ttft_vs_round_robin_pooled']:.2f}x** "
+        f"({ca['p99_ttft_ms']:.1f} against {rr['p99_ttft_ms']:.1f} ms); median TTFT pooled "
+        f"{r['vs_round_robin'][SUBJECT]['median_ttft_pooled']:.2f}x",
+        f"- p99 TTFT of the warm requests alone (prefix in the replica's cache), cache-aware / round-robin, pooled: "
+        f"**{r['vs_round_robin'][SUBJECT]['warm_p99_ttft_pooled']:.2f}x**"
+        if r["vs_round_robin"][SUBJECT]["warm_p99_ttft_pooled"] is not None else "- no warm requests",
+        f"- busiest / least-busy replica's mean requests in flight, cache-aware: pooled **{r['in_flight_ratio']:.2f}x**, "
+        f"median of pairs {r['in_flight_ratio_median_of_pairs']:.2f}x (goal <= 1.5x: {met(r['in_flight_ratio'] <= 1.5)}; "
+        f"round-robin pooled {rr['in_flight_ratio']:.2f}x)",
+        *(f"- {p} / round-robin: p99 TTFT median of pairs {v['p99_ttft_median_of_pairs']:.2f}x (per pair "
+          f"{fmt(v['p99_ttft_per_pair'])}), pooled {v['p99_ttft_pooled']:.2f}x; hit rate {v['hit_rate_pooled']:.2f}x"
+          for p, v in r["vs_round_robin"].items() if p != SUBJECT), ""]
+    return "\n".join(lines)
 
 
 def prefix_test(run: Path, args, command: str) -> dict:
