@@ -90,7 +90,7 @@ def test_router_summary_medians_pairs_and_pools_requests():
 def test_router_part_reduced_run(tmp_path):
     """2 pairs of 12 requests, both routers up: the JSON's pairs alternate, its ratios are the pairs' own
     figures', its pooled p99 is over both pairs' requests; the markdown section names the command."""
-    train_once(tmp_path, "tiny", "train.max_steps=4", "train.eval_every=0", "model.max_seq_len=512")
+    train_once(tmp_path, "tiny", "train.max_steps=4", "model.max_seq_len=512")
     out = tmp_path / "serve.md"
     cmd = [sys.executable, "bench/bench_serve.py", "--run", str(tmp_path / "runs" / "tiny"), "--parts", "router",
            "--pairs", "2", "--router-requests", "12", "--out", str(out)]
