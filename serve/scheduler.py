@@ -84,6 +84,8 @@ class Scheduler:
         self._inbox: list[Row] = []
         self._waiting: dict[str, deque[Row]] = {k: deque() for k in self.engines}
         self._running: dict[str, dict[int, Row]] = {k: {} for k in self.engines}
+        self._starting: list[Row] = []  # rows inside a prefill/admit call: in neither _waiting nor _running
+        self._failed: Exception | None = None  # set by fail_all: every later submit raises it
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
         # What /health and /metrics read from other threads (replaced, never mutated, by this loop).
@@ -109,6 +111,8 @@ class Scheduler:
 
     def submit(self, rows: list[Row]) -> None:
         with self._cond:
+            if self._failed is not None:
+                raise RuntimeError(f"the decoding loop cannot run any more: {self._failed}")
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
             if self._thread.ident is not None and not self._thread.is_alive():  # started, then crashed
@@ -121,7 +125,8 @@ class Scheduler:
         finish any more (serve.tp: a lost rank), as the loop itself may be stuck in the collective that lost
         it. A row the loop also fails later gets a second error its request no longer reads."""
         with self._cond:  # list() copies in one C call: the loop thread may be changing these now
-            rows = self._inbox + [r for q in self._waiting.values() for r in list(q)] + [
+            self._failed = error
+            rows = self._inbox + list(self._starting) + [r for q in self._waiting.values() for r in list(q)] + [
                 r for running in self._running.values() for r in list(running.values())]
             self._inbox = []
             for r in rows:
@@ -198,10 +203,12 @@ class Scheduler:
         free = engine.free_slots()
         admit = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         if admit:
+            self._starting = admit
             if running and self._chunks(engine):  # rows decoding or prefilling: the new ones go in by chunks
                 self._admit(engine, running, admit, free)
             else:  # nothing decodes: one whole prefill stalls no one
                 self._prefill(engine, running, admit, free)
+            self._starting = []
         pending = set(self._prefilling(engine))
         slots = sorted(s for s, r in running.items() if not r.cancelled and s not in pending)
         if slots:

@@ -116,17 +116,19 @@ class Ranks:
                 self.channel.mark_dead(why)
                 self.lost = why
                 _log(event="tp_rank_lost", error=why, failure=failure if failure != why else None)
-                on_lost(why)
-                # uvicorn's graceful shutdown (requests in flight fail fast now), with a hard deadline.
+                # uvicorn's graceful shutdown (the requests in flight are failed first), with a hard deadline.
                 threading.Timer(EXIT_GRACE_S, os._exit, (1,)).start()
-                os.kill(os.getpid(), signal.SIGTERM)
+                try:
+                    on_lost(why)
+                finally:
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return
 
         threading.Thread(target=loop, name="tp-watch", daemon=True).start()
         self.channel.start_heartbeat()
 
     def abort(self) -> None:
-        """Before serving (rank 0 could not load the run): end the other ranks at once."""
+        """End the other ranks at once: before serving (rank 0 could not load the run), or after a loss."""
         self._stopping = True
         for p in self.procs:
             with suppress(OSError):
@@ -136,6 +138,8 @@ class Ranks:
     def stop(self, timeout: float = 30.0) -> None:
         """Every rank exits: an "exit" message, then wait (SIGKILL after `timeout`)."""
         self._stopping = True
+        if self.lost is not None:  # the group is broken: no "exit" reaches the ranks still alive
+            self.abort()
         self.channel.close()
         stop_all(self.procs, timeout)
         if self.lost is None:  # after a lost rank a collective may still wait with it: no teardown

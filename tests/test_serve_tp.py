@@ -349,7 +349,7 @@ def test_a_lost_rank_fails_requests_with_503_and_the_server_exits(runs):
         t.join(60)
         assert result["status"] == 503 and result["body"]["error"]["code"] == "unavailable", result
         assert "RankLost" in result["body"]["error"]["message"]
-        assert s.proc.wait(30) == 1  # stopped by itself, not hanging
+        assert s.proc.wait(10) == 1  # stopped by itself at once, not by the 30 s hard exit
         lines = [json.loads(x) for x in s.log_path.read_text().splitlines() if x.startswith("{")]
         assert any(x.get("event") == "tp_rank_lost" and "rank 1 exited" in x["error"] for x in lines)
     finally:

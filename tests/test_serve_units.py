@@ -111,9 +111,11 @@ def test_a_crash_of_the_decoding_loop_fails_its_rows_instead_of_leaving_them_wai
         scheduler.submit([])
 
 
-def test_fail_all_answers_every_row_while_the_loop_is_stuck_in_an_engine_call():
+@pytest.mark.parametrize("stuck", ["decode", "prefill"])
+def test_fail_all_answers_every_row_while_the_loop_is_stuck_in_an_engine_call(stuck):
     """serve.tp's lost rank: the scheduler thread can wait in a collective that never returns, so the rows
-    are failed from another thread; once the call returns, the loop frees their slots."""
+    are failed from another thread (rows running, waiting, and those inside the stuck prefill, which are in
+    neither queue); later requests are refused; once the call returns, the loop frees the slots."""
     import threading
 
     from model import GPT, GPTConfig
@@ -123,26 +125,36 @@ def test_fail_all_answers_every_row_while_the_loop_is_stuck_in_an_engine_call():
 
     entered, release = threading.Event(), threading.Event()
 
-    class StuckDecode(DecodeEngine):
+    class StuckEngine(DecodeEngine):
         def decode(self, slots):
-            entered.set()
-            assert release.wait(30)
+            if stuck == "decode":
+                entered.set()
+                assert release.wait(30)
             return super().decode(slots)
 
+        def prefill(self, *args, **kwargs):
+            if stuck == "prefill":
+                entered.set()
+                assert release.wait(30)
+            return super().prefill(*args, **kwargs)
+
     model = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=32, kernels="torch")).eval()
-    engine = StuckDecode(model, max_slots=2)
-    scheduler = Scheduler({}, 2, Metrics(), engines={"model": engine})
+    engine = StuckEngine(model, max_slots=2)
+    scheduler = Scheduler({}, 2, Metrics(), engines={"model": engine}, prefill_chunk=None)
     got: dict[int, list] = {0: [], 1: [], 2: []}
     rows = [Row("model", [1, 2, 3], SamplingParams(max_new_tokens=8), None, got[i].append) for i in range(3)]
     scheduler.submit(rows)  # 2 slots: two rows run, the third waits
     scheduler.start()
     try:
         assert entered.wait(10)
-        assert [len(engine.running_slots()), len(scheduler._waiting["model"])] == [2, 1]
+        assert len(scheduler._waiting["model"]) == 1
+        assert len(engine.running_slots()) == (2 if stuck == "decode" else 0)  # a prefill takes slots after
         scheduler.fail_all(RuntimeError("a rank is gone"))
-        for i in range(3):  # answered while decode still waits
-            assert isinstance(got[i][-1], RuntimeError) and "a rank is gone" in str(got[i][-1]), got[i]
+        for i in range(3):  # answered while the engine call still waits
+            assert got[i] and isinstance(got[i][-1], RuntimeError) and "a rank is gone" in str(got[i][-1]), got[i]
         assert sum(isinstance(x, RuntimeError) for x in got[2]) == 1 and len(got[2]) == 1  # it never ran
+        with pytest.raises(RuntimeError, match="cannot run any more: a rank is gone"):
+            scheduler.submit([Row("model", [1], SamplingParams(max_new_tokens=2), None, print)])
     finally:
         release.set()
     deadline = time.monotonic() + 10
