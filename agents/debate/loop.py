@@ -148,7 +148,8 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
     agents, learners = build_learners(full, dims, dist.device)
     components = [lr.replica.name for lr in learners]
     learner_of = {lr.agents[0]: lr for lr in learners}
-    # debate.kl_base's references: every engine's starting weights, frozen (taken before a resume loads)
+    # debate.kl_base's references: every engine's starting weights, frozen (taken before a resume loads; the
+    # schema refuses kl_base with ZeRO-3, whose modules hold partitioned placeholders)
     references = {n: copy.deepcopy(agents[n].module).eval().requires_grad_(False)
                   for n in learner_of} if d.kl_base > 0 else {}
     if ctx.is_main:
