@@ -495,9 +495,11 @@ SUBJECT, BASELINE = "cache_aware", "round_robin"
 
 
 def pair_orders(pairs: int, policies: list[str]) -> list[list[str]]:
-    """The order of the policies in each pair: as given in even pairs, reversed in odd ones (A B, B A, A B, ...),
-    so that over two pairs each policy runs first once and a drift of the machine's load weighs on both."""
-    return [list(policies) if k % 2 == 0 else list(policies)[::-1] for k in range(pairs)]
+    """The order of the policies in each pair: rotated by one each pair (A B, B A, ...; A B C, B C A, C A B, ...),
+    so that over len(policies) pairs each policy runs in every position once and a drift of the machine's
+    load weighs on all of them."""
+    n = len(policies)
+    return [[policies[(k + i) % n] for i in range(n)] for k in range(pairs)]
 
 
 def annotate(res: list[dict], reqs: list[dict]) -> None:

@@ -28,8 +28,9 @@ def fake_run(ttfts: list[float], replicas: list[int], agents: list[int], hits: i
 def test_pairs_alternate_the_order():
     assert bs.pair_orders(4, ["cache_aware", "round_robin"]) == [
         ["cache_aware", "round_robin"], ["round_robin", "cache_aware"]] * 2
-    assert bs.pair_orders(2, ["cache_aware", "round_robin", "least_loaded"])[1] == [
-        "least_loaded", "round_robin", "cache_aware"]
+    assert bs.pair_orders(3, ["cache_aware", "round_robin", "least_loaded"]) == [
+        ["cache_aware", "round_robin", "least_loaded"], ["round_robin", "least_loaded", "cache_aware"],
+        ["least_loaded", "cache_aware", "round_robin"]]
 
 
 def test_trace_pairs_get_their_own_agents():
@@ -107,8 +108,12 @@ def test_router_part_reduced_run(tmp_path):
         assert sum(pooled["routed_per_replica"]) == 24
         assert pooled["p99_ttft_ms"] == pytest.approx(bs.percentile(r["requests"][pol]["ttft_ms"], 99), abs=0.01)
         assert pooled["prefix_hits"] == sum(p[pol]["prefix_hits"] for p in r["pairs"])
-    # Pair 2's agents are new: cache-aware's first request of each is a cold miss there too.
-    assert {a for a in r["requests"]["cache_aware"]["agent"][12:]} <= set(range(6, 12))
+    # Pair 2's agents are new: under both policies the first request of each is a cold miss there too.
+    for pol in ("cache_aware", "round_robin"):
+        rq = r["requests"][pol]
+        assert {a for a in rq["agent"][12:]} <= set(range(6, 12))
+        firsts = {a: 12 + rq["agent"][12:].index(a) for a in set(rq["agent"][12:])}
+        assert all(rq["cold"][i] for i in firsts.values()), (pol, firsts, rq["cold"])
     assert r["p99_ttft_vs_round_robin_pooled"] == pytest.approx(
         r["policies"]["cache_aware"]["p99_ttft_ms"] / r["policies"]["round_robin"]["p99_ttft_ms"])
     text = out.read_text()
