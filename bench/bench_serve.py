@@ -686,10 +686,11 @@ def router_markdown(r: dict, json_name: str) -> str:
     def why_row(name, b):
         w, c, t = b["warm"], b["cold"], b["tail"]
         cold = f"{c['median_ttft_ms']:.1f} / {c['p99_ttft_ms']:.1f}" if c["requests"] else "-"
+        warm = f"{w['median_ttft_ms']:.1f} / {w['p99_ttft_ms']:.1f}" if w["requests"] else "-"
         q = ", ".join(f"{k}: {v['median_ttft_ms']:.1f} / {v['p99_ttft_ms']:.1f} ({v['requests']})"
                       for k, v in b["by_queue"].items())
-        return (f"| {name} | {c['requests']} ({b['cold_share']:.0%}) | {w['median_ttft_ms']:.1f} / {w['p99_ttft_ms']:.1f} | "
-                f"{cold} | {b['mean_queue']:.2f} | {q} | {t['cold']} of {t['requests']}, {t['mean_queue']:.1f} |")
+        return (f"| {name} | {c['requests']} ({b['cold_share']:.0%}) | {warm} | {cold} | {b['mean_queue']:.2f} | {q} | "
+                f"{t['cold']} of {t['requests']}, {t['mean_queue']:.1f} |")
 
     lines = [
         "# Router: 3 replicas, cache-aware against round-robin on the shared-prefix trace", "",
