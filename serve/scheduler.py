@@ -124,16 +124,22 @@ class Scheduler:
         """Every row not done gets `error` now, from this (another) thread: for when no engine call can
         finish any more (serve.tp: a lost rank), as the loop itself may be stuck in the collective that lost
         it. A row the loop also fails later gets a second error its request no longer reads."""
-        with self._cond:  # list() copies in one C call: the loop thread may be changing these now
+        with self._cond:
             self._failed = error
-            rows = self._inbox + list(self._starting) + [r for q in self._waiting.values() for r in list(q)] + [
-                r for running in self._running.values() for r in list(running.values())]
-            self._inbox = []
+            rows = self._take_unfinished()
             for r in rows:
                 r.cancelled = True
         for r in rows:
             if not r.done:
                 self._fail(r, error)
+
+    def _take_unfinished(self) -> list[Row]:
+        """Every row submitted and not yet released (the caller holds `_cond`); the inbox is emptied. list()
+        copies in one C call: the loop thread may be changing the queues now."""
+        rows = self._inbox + list(self._starting) + [r for q in self._waiting.values() for r in list(q)] + [
+            r for running in self._running.values() for r in list(running.values())]
+        self._inbox = []
+        return rows
 
     def cancel(self, rows: list[Row]) -> None:
         """The rows' slots are freed at the next token boundary (nothing happens to finished rows)."""
@@ -154,9 +160,7 @@ class Scheduler:
             # A bug here, not an engine error (those fail their batch only): no row may wait forever, and
             # /health turns 503 as the thread is gone.
             with self._cond:
-                rows = self._inbox + [r for q in self._waiting.values() for r in q] + [
-                    r for running in self._running.values() for r in running.values()]
-                self._inbox = []
+                rows = self._take_unfinished()
             for r in rows:
                 self._fail(r, RuntimeError(f"the decoding loop stopped: {e!r}"))
             raise
