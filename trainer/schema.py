@@ -383,8 +383,8 @@ class Recipe(Section):
             raise ValueError(f"debate.samples={self.debate.samples}: the baseline votes over its samples, so it needs "
                              ">= 2 (or null: agents x rounds)")
         if self.debate.kl_base > 0 and self.parallel.zero_stage == 3:
-            raise ValueError(f"debate.kl_base={self.debate.kl_base} needs parallel.zero_stage <= 2: its reference is a "
-                             "copy of each agent's starting module, whose parameters ZeRO-3 partitions")
+            raise ValueError(f"debate.kl_base={self.debate.kl_base} needs parallel.zero_stage <= 2: the anchored SFT "
+                             "step (both models' logits at the response tokens) has not been run under ZeRO-3")
         if self.agents and "single" in self.agents and self.debate.baseline:
             raise ValueError("agents: 'single' is the name of the debate.baseline agent; name the debaters otherwise "
                              "(the env's agent_0, agent_1, ...)")

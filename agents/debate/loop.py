@@ -40,7 +40,6 @@ agent (the baseline's as `single/`): the agents checkpoint layout of agents.trai
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -92,7 +91,9 @@ def _recipe_with_baseline(recipe: Recipe, first: str) -> Recipe:
     agents = dict(recipe.agents)
     if recipe.debate.baseline:
         agents[SINGLE] = agents[first]
-    return recipe.model_copy(update={"agents": agents, "rl": recipe.rl.model_copy(update={"kl_ref": False})})
+    # rl.kl_ref builds each engine's frozen starting policy (Agent.ref): debate.kl_base's reference
+    kl_ref = recipe.debate.kl_base > 0
+    return recipe.model_copy(update={"agents": agents, "rl": recipe.rl.model_copy(update={"kl_ref": kl_ref})})
 
 
 def _play(env_args: dict, probs: list, policies: dict, models: dict, seeds: list[int], rounds: int,
@@ -148,10 +149,6 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
     agents, learners = build_learners(full, dims, dist.device)
     components = [lr.replica.name for lr in learners]
     learner_of = {lr.agents[0]: lr for lr in learners}
-    # debate.kl_base's references: every engine's starting weights, frozen (taken before a resume loads; the
-    # schema refuses kl_base with ZeRO-3, whose modules hold partitioned placeholders)
-    references = {n: copy.deepcopy(agents[n].module).eval().requires_grad_(False)
-                  for n in learner_of} if d.kl_base > 0 else {}
     if ctx.is_main:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(ctx.run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
@@ -243,7 +240,7 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
             gen = torch.Generator().manual_seed(_key(seed, iteration, 2, i))
             losses = []
             for batch in sft_batches(data[name], d.sft_epochs, d.sft_batch, gen):
-                loss = sft_step(lr, batch, references.get(name), d.kl_base)
+                loss = sft_step(lr, batch, agents[name].ref, d.kl_base)
                 losses.append(loss)
                 sft_count += 1
                 faults.maybe_kill(faults.KILL_AFTER_STEP, sft_count)
