@@ -536,14 +536,13 @@ def ttft_breakdown(res: list[dict]) -> dict:
     warm, cold = [x for x in res if not x["cold"]], [x for x in res if x["cold"]]
     p99 = percentile(ms(res), 99)
     tail = [x for x in res if x["ttft"] * 1000 >= p99]
+    part = lambda rs: ({"requests": len(rs), "median_ttft_ms": statistics.median(ms(rs)),  # noqa: E731
+                        "p99_ttft_ms": percentile(ms(rs), 99)} if rs else {"requests": 0})
     by_queue = {}
     for q in range(4):
         rs = [x for x in res if min(x["queue"], 3) == q]
         if rs:
-            by_queue[f"{q}+" if q == 3 else str(q)] = {"requests": len(rs), "median_ttft_ms": statistics.median(ms(rs)),
-                                                       "p99_ttft_ms": percentile(ms(rs), 99)}
-    part = lambda rs: ({"requests": len(rs), "median_ttft_ms": statistics.median(ms(rs)),  # noqa: E731
-                        "p99_ttft_ms": percentile(ms(rs), 99)} if rs else {"requests": 0})
+            by_queue[f"{q}+" if q == 3 else str(q)] = part(rs)
     return {"warm": part(warm), "cold": part(cold), "cold_share": len(cold) / len(res),
             "mean_queue": statistics.mean(x["queue"] for x in res), "by_queue": by_queue,
             "tail": {"requests": len(tail), "cold": sum(1 for x in tail if x["cold"]),
