@@ -279,7 +279,8 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
                              "in_flight": sum(r.in_flight for r in router.replicas),
                              "routed": sum(r.routed for r in router.replicas),
                              "prefix_lookups": router.lookups, "prefix_hits": sum(r.prefix_hits for r in router.replicas),
-                             "prefix_spills": router.spills, "replicas": reps}, status_code=200 if ok else 503)
+                             "prefix_spills": router.spills, "prefix_spills_to_holder": router.spills_to_holder,
+                             "replicas": reps}, status_code=200 if ok else 503)
 
     async def prometheus(request: Request):
         rs = router.replicas
@@ -301,6 +302,9 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
                "# TYPE router_prefix_lookups_total counter", f"router_prefix_lookups_total {router.lookups}",
                "# HELP router_prefix_spills_total Requests sent elsewhere because their prefix's replica was over the cap.",
                "# TYPE router_prefix_spills_total counter", f"router_prefix_spills_total {router.spills}",
+               "# HELP router_prefix_spills_to_holder_total Spills sent to another replica that was sent the prefix.",
+               "# TYPE router_prefix_spills_to_holder_total counter",
+               f"router_prefix_spills_to_holder_total {router.spills_to_holder}",
                "# HELP router_requests_total Generation requests answered by the router, by HTTP status.",
                "# TYPE router_requests_total counter",
                *(f'router_requests_total{{status="{s}"}} {n}' for s, n in sorted(state["requests"].items()))]

@@ -2,24 +2,32 @@
 
 State, all on the router's event loop (no locks): per replica its requests in flight (counted at dispatch,
 uncounted when the response has been passed on in full), how many it was sent, and its prefix hits. The
-prefix index maps a request's prefix blocks to the replica that served that prefix last.
+prefix index maps each prefix block to the replicas that were sent it, each with the time (a dispatch
+counter) it was sent it last: the router's own record of which replica holds which prefix in its cache.
 
 Prefix blocks: the request's text (completions: the prompt; a list of prompts: the first one; token ids:
 their decimal form; chat: each message's role and content) cut into blocks of `block` characters, the last
 block possibly shorter, each block's key the hash of the model name and every character up to its end
-(a chain, as vLLM's prefix-cache blocks). The request's prefix owner is the live replica recorded for the
-longest of its blocks found in the index for a live replica; after dispatch every block of the request is recorded for the
-replica it went to (the index keeps the `capacity` most recently used blocks).
+(a chain, as vLLM's prefix-cache blocks: a replica recorded for block n was sent the whole text up to it).
+A replica's *match* for a request is the number of the request's blocks it holds (its longest recorded
+block); the request's prefix owner is the live replica with the longest match, of those the one sent it
+last. After dispatch every block of the request is recorded for the replica it went to (the index keeps the
+`capacity` most recently used blocks).
 
 The rule (cache_aware):
     live  = the replicas in rotation; least = the one with the fewest requests in flight (ties: the one sent
             the fewest requests, then the lowest index)
+    under the cap: a replica r with r.in_flight < least.in_flight + slack
     owner = the prefix owner, if it is live
-    send to owner  if owner.in_flight < least.in_flight + slack      (a prefix hit)
-    else to least                                                   (a spill when there was an owner)
+    send to owner  if it is under the cap                                (a prefix hit)
+    else (a spill) to the holder under the cap with the longest match (ties: fewer in flight, then the one
+         sent the prefix last)                                           (a spill to a holder)
+    else to least                                   (no owner, or no other replica holds any of the prefix)
 So a prefix stays on its replica while that replica has fewer than `slack` more requests in flight than the
-least-loaded one; beyond that the prefix spills over, and the replica it spilled to becomes its owner. No
-replica ever runs more than `slack` requests above the least-loaded one on account of prefixes.
+least-loaded one; beyond that the prefix spills over, first to another replica that was sent it (its cache
+likely holds it: no cold prefill), else to the least-loaded one, and the replica it spilled to becomes its
+owner. A spill goes only to a replica under the cap, so no replica ever runs more than `slack` requests above
+the least-loaded one on account of prefixes.
 
 round_robin: live replicas in turn, whatever their load (the baseline of bench/bench_serve.py). A "prefix
 hit" is counted for both policies the same way: the request had a prefix owner and went to it.
@@ -65,8 +73,10 @@ class UnknownModel(LookupError):
 class Choice:
     replica: Replica
     had_owner: bool
-    hit: bool
+    hit: bool  # went to the prefix owner
     blocks: list[bytes]
+    spill: bool = False  # had an owner over the cap (cache_aware)
+    holder: bool = False  # a spill sent to another replica recorded as holding part of the prefix
 
 
 def prefix_text(body) -> str:
@@ -100,10 +110,12 @@ class Router:
         self.replicas = [Replica(i, u, models=None if models is None or models[i] is None else frozenset(models[i]))
                          for i, u in enumerate(urls)]
         self.policy, self.slack, self.block, self.capacity = policy, slack, block, capacity
-        self._owner: OrderedDict[bytes, int] = OrderedDict()
+        self._holders: OrderedDict[bytes, dict[int, int]] = OrderedDict()  # block -> {replica: last sent}
+        self._tick = 0  # dispatches so far: the time in `_holders`
         self._turns: dict[str, int] = {}
         self.lookups = 0  # requests with a prefix text
         self.spills = 0  # requests whose owner was over the cap
+        self.spills_to_holder = 0  # of those, the ones sent to another replica that holds part of the prefix
 
     def live(self) -> list[Replica]:
         return [r for r in self.replicas if r.alive]
@@ -140,13 +152,10 @@ class Router:
         if not live:
             raise LookupError("no replica is in rotation")
         blocks = self.blocks(model, text) if text else []
-        owner = None
-        for key in reversed(blocks):  # the longest prefix recorded for a live replica
-            i = self._owner.get(key)  # keys hash the model name: an owner served this model
-            if i is not None and self.replicas[i].alive and self.serves(self.replicas[i], model):
-                owner = self.replicas[i]
-                break
+        match = self.matches(blocks, [r for r in live if self.serves(r, model)])
+        owner = self.replicas[max(match, key=match.__getitem__)] if match else None
         least = min(live, key=lambda r: (r.in_flight, r.routed, r.index))
+        spill = holder = False
         if self.policy == "round_robin":  # in turn among the replicas of the model (one turn when all serve all)
             key = model if self.model_sets() else ""
             turn = self._turns.get(key, 0)
@@ -157,9 +166,29 @@ class Router:
         elif owner.in_flight < least.in_flight + self.slack:
             pick = owner
         else:
-            pick = least
+            spill = True
             self.spills += 1
-        return Choice(pick, owner is not None, owner is pick, blocks)
+            held = [r for r in live if r is not owner and r.index in match and r.in_flight < least.in_flight + self.slack]
+            if held:  # the longest match, then the fewest in flight, then the one sent the prefix last
+                pick = max(held, key=lambda r: (match[r.index][0], -r.in_flight, match[r.index][1]))
+                holder = True
+                self.spills_to_holder += 1
+            else:
+                pick = least
+        return Choice(pick, owner is not None, owner is pick, blocks, spill, holder)
+
+    def matches(self, blocks: list[bytes], candidates: list[Replica]) -> dict[int, tuple[int, int]]:
+        """Per candidate replica holding any of `blocks` (the index's record): (its match, the number of
+        blocks it holds, being those up to its longest recorded one; when it was last sent that block)."""
+        want = {r.index for r in candidates}
+        out: dict[int, tuple[int, int]] = {}
+        for n in range(len(blocks), 0, -1):  # the longest first; keys hash the model name
+            for i, t in self._holders.get(blocks[n - 1], {}).items():
+                if i in want and i not in out:
+                    out[i] = (n, t)
+            if len(out) == len(want):
+                break
+        return out
 
     def dispatched(self, c: Choice) -> None:
         r = c.replica
@@ -169,11 +198,13 @@ class Router:
             self.lookups += 1
         if c.hit:
             r.prefix_hits += 1
+        self._tick += 1
         for key in c.blocks:
-            self._owner[key] = r.index
-            self._owner.move_to_end(key)
-        while len(self._owner) > self.capacity:
-            self._owner.popitem(last=False)
+            held = self._holders.setdefault(key, {})
+            held[r.index] = self._tick
+            self._holders.move_to_end(key)
+        while len(self._holders) > self.capacity:
+            self._holders.popitem(last=False)
 
     def done(self, r: Replica) -> None:
         r.in_flight -= 1

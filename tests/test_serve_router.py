@@ -135,9 +135,15 @@ def test_routing_rule_units():
     assert r.choose("other", "abcdefgh").replica is c  # the model name is part of the key: no owner
     r.done(a)
     r.done(a)
+    only_b = r.choose("m", "wxyz")
+    assert only_b.replica is c and not only_b.had_owner  # (least loaded, fewest sent)
+    only_b.replica = b  # recorded for b alone
+    r.dispatched(only_b)
+    r.done(b)
     b.alive = False
-    assert r.choose("m", "abcdefgh").replica is c  # a dead owner is no owner: the least loaded (fewest sent)
-    assert r.choose("m", "abcdXYZ").replica is a  # the longest prefix recorded for a live replica
+    assert r.choose("m", "wxyz").replica is c  # a dead owner is no owner: the least loaded (fewest sent)
+    assert r.choose("m", "abcdefgh").replica is a  # a was sent it too: the live replica with the longest match
+    assert r.choose("m", "abcdefghij").replica is a  # (2 of its 3 blocks)
     c.alive = a.alive = False
     with pytest.raises(LookupError):
         r.choose("m", "x")
@@ -148,6 +154,74 @@ def test_routing_rule_units():
         rr.dispatched(ch)
         picks.append(ch.replica.index)
     assert picks == [0, 1, 0, 1]  # whatever the load and the prefix
+
+
+def test_a_spill_goes_to_another_replica_holding_the_prefix_under_the_cap():
+    r = Router(["a", "b", "c"], "cache_aware", slack=2, block=4)
+    a, b, c = r.replicas
+    p = "abcdefgh"
+    r.dispatched(r.choose("m", p + "1"))  # a was sent the prefix
+    a.in_flight = 5
+    first = r.choose("m", p + "2")  # a over the cap; no other holder: the least loaded
+    assert first.replica is b and first.spill and not first.holder and not first.hit
+    r.dispatched(first)  # b was sent it too, last: b owns it
+    assert r.choose("m", p + "3").replica is b and r.choose("m", p + "3").hit
+    b.in_flight, a.in_flight = 5, 1  # the owner b over the cap, a under it (1 < 0 + 2), c the least loaded
+    spill = r.choose("m", p + "3")
+    assert spill.replica is a and spill.spill and spill.holder and spill.had_owner and not spill.hit
+    assert (r.spills, r.spills_to_holder) == (2, 1)
+    a.in_flight = 2  # a holds it but is at the cap (not 2 < 0 + 2): the load cap wins, the least loaded
+    capped = r.choose("m", p + "3")
+    assert capped.replica is c and capped.spill and not capped.holder
+    assert r.choose("m", "zzzzzzzz").replica is c  # no holder at all: the least loaded, as before
+    assert Router(["a"], "least_loaded").choose("m", p).spill is False
+
+
+def test_a_spill_prefers_the_holder_with_the_longest_match_then_the_least_loaded():
+    r = Router(["a", "b", "c", "d"], "cache_aware", slack=3, block=4)
+    a, b, c, d = r.replicas
+
+    def send(text, replica):
+        ch = r.choose("m", text)
+        ch.replica = replica
+        r.dispatched(ch)
+
+    send("wxyz1234", a)  # a holds 2 blocks of the request below
+    send("wxyzAB", b)  # b holds 1 (wxyz)
+    send("wxyz1234ZZ", c)  # c holds 2 and was sent them last: the owner
+    a.in_flight, b.in_flight, c.in_flight, d.in_flight = 2, 0, 9, 0
+    ch = r.choose("m", "wxyz1234QQ")
+    assert ch.had_owner and ch.replica is a and ch.holder  # the longest match under the cap (2 < 0 + 3)
+    a.in_flight = 3  # at the cap: b (1 block) rather than d (none), both idle
+    assert r.choose("m", "wxyz1234QQ").replica is b
+    send("wxyz1234", d)  # d now holds 2 blocks too, with fewer in flight than a
+    c.in_flight, d.in_flight, a.in_flight = 9, 9, 1  # d became the owner: over the cap with c
+    a2 = r.choose("m", "wxyz1234QQ")
+    assert a2.replica is a and a2.holder
+    d.in_flight = 0
+    a.in_flight = 2
+    assert r.choose("m", "wxyz1234QQ").replica is d  # d: the owner (longest match, sent last), under the cap
+
+
+def test_cache_aware_never_exceeds_the_load_cap():
+    """Random prefixes, dispatches and completions: every pick has fewer than `slack` more requests in flight
+    than the least-loaded replica had (so none runs more than `slack` above it), spills to holders included."""
+    import random
+
+    rng = random.Random(0)
+    for slack in (1, 2, 3):
+        r = Router([str(i) for i in range(3)], "cache_aware", slack=slack, block=4)
+        flying = []
+        for _ in range(3000):
+            if flying and rng.random() < 0.45:
+                r.done(flying.pop(rng.randrange(len(flying))))
+                continue
+            ch = r.choose("m", f"agent{rng.randrange(8)}:" + "x" * rng.randrange(12))
+            least = min(x.in_flight for x in r.live())
+            assert ch.replica.in_flight < least + slack
+            r.dispatched(ch)
+            flying.append(ch.replica)
+        assert r.spills_to_holder > 0 and r.spills > r.spills_to_holder
 
 
 def test_texts_equal_the_models_own_greedy_decode_on_every_replica(router, reference):
