@@ -95,7 +95,7 @@ async def timed_request(client: httpx.AsyncClient, url: str, model: str, req: di
             "seed": req["seed"], "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     t0 = start if t0 is None else t0
-    first = usage = last = any_chunk = None
+    first = usage = last = any_chunk = rid = None
     gaps = []
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -105,6 +105,7 @@ async def timed_request(client: httpx.AsyncClient, url: str, model: str, req: di
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            rid = rid or chunk.get("id")
             if chunk.get("usage"):
                 usage = chunk["usage"]
             elif chunk["choices"]:
@@ -120,7 +121,8 @@ async def timed_request(client: httpx.AsyncClient, url: str, model: str, req: di
         raise RuntimeError("no usage chunk or no choice")
     n = usage["completion_tokens"]
     return {"ttft": first - start, "e2e": end - start, "tokens": n, "tpot": (end - first) / (n - 1) if n > 1 else None,
-            "gaps": gaps, "replica": None if replica is None else int(replica), "start": start - t0, "end": end - t0}
+            "gaps": gaps, "replica": None if replica is None else int(replica), "start": start - t0, "end": end - t0,
+            "id": rid}
 
 
 def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int):
@@ -196,34 +198,37 @@ def dump_json(obj) -> str:
                         json.dumps(obj, indent=1)) + "\n"
 
 
-def start_server(run: Path, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, threads: int, *extra: str, log=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     try:
         proc = launch_server([str(run), "--max-slots", str(N_CLIENTS), "--threads", str(threads), *extra], port,
-                             timeout=120, poll=0.2, cwd=ROOT, env=env)
+                             log=log, timeout=120, poll=0.2, cwd=ROOT, env=env)
     except ServerDidNotStart as e:
         raise SystemExit(f"{e}: run `python -m serve {run}` to see why") from None
     return proc, f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
-def servers(run: Path, threads: int, configs: dict[str, list[str]], stop_s: float = 60):
+def servers(run: Path, threads: int, configs: dict[str, list[str]], stop_s: float = 60, log_dir: Path | None = None):
     """One server per config (its extra arguments), all up together and warmed up (first forwards,
-    allocations); yields ({config: url}, the model's id); every one is stopped at the end."""
+    allocations); yields ({config: url}, the model's id); every one is stopped at the end. `log_dir`: each
+    server's stdout and stderr (its JSON request log; a router's includes its replicas') to log_dir/<config>.log."""
     procs, urls = [], {}
-    try:
-        for name, extra in configs.items():
-            proc, urls[name] = start_server(run, threads, *extra)
-            procs.append(proc)
-        model = httpx.get(next(iter(urls.values())) + "/v1/models", timeout=10).json()["data"][0]["id"]
-        for url in urls.values():
-            asyncio.run(phase(url, model, True, 8))
-        yield urls, model
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(stop_s)
+    with contextlib.ExitStack() as logs:
+        try:
+            for name, extra in configs.items():
+                log = logs.enter_context(open(log_dir / f"{name}.log", "w")) if log_dir else None
+                proc, urls[name] = start_server(run, threads, *extra, log=log)
+                procs.append(proc)
+            model = httpx.get(next(iter(urls.values())) + "/v1/models", timeout=10).json()["data"][0]["id"]
+            for url in urls.values():
+                asyncio.run(phase(url, model, True, 8))
+            yield urls, model
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(stop_s)
 
 
 BASIC = ("<!-- bench-serve: basic -->", "<!-- /bench-serve: basic -->")
@@ -244,13 +249,20 @@ def main(argv=None) -> int:
     p.add_argument("--rates", default="4,16,64", help="load: Poisson arrival rates, requests/s")
     p.add_argument("--requests", type=int, default=48, help="load, prefix: requests per rate / of the trace")
     p.add_argument("--router-requests", type=int, default=240, help="router: requests per trace (per pair)")
+    p.add_argument("--router-warmup", type=int, default=0,
+                   help="router: requests of each pair's trace sent first under each policy and not counted (0: the "
+                        "measured trace starts with cold caches)")
     p.add_argument("--pairs", type=int, default=8,
                    help="router: pairs of runs, each one trace under every policy, the order alternating")
     p.add_argument("--policies", default=ROUTER_POLICIES,
                    help="router: the policies compared (cache_aware and round_robin; least_loaded may be added)")
     p.add_argument("--agents", type=int, default=6, help="agents (shared prefixes) of the multi-agent trace")
     p.add_argument("--trace-rate", type=float, default=12.0, help="arrivals/s of the shared-prefix trace")
+    p.add_argument("--agent-tools", type=int, default=0,
+                   help="router: tool definitions appended to each agent's prefix (~45 tokens each; 0: ~110-token prefixes)")
     p.add_argument("--cache-slack", type=int, default=None, help="router: the cache_aware slack (default: the server's)")
+    p.add_argument("--router-log", default=None,
+                   help="router: a folder for each router's log (its replicas' JSON request lines: id, ttft_s, ...)")
     p.add_argument("--prefill-chunk", type=int, default=32, help="chunked: prompt tokens per engine step")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve-cpu.md"))
     args = p.parse_args(argv)
@@ -425,27 +437,33 @@ WORDS = ["parse", "the", "config", "file", "and", "return", "a", "dict", "of", "
          "check", "errors", "in", "input", "list", "sort", "by", "name", "then", "write", "output"]
 
 
-def agent_prefix(a: int) -> str:
-    """Agent a's system prefix (~330 characters, ~110 tokens of runs/gpt-tiny), distinct from its first line."""
-    return (f"# agent {a}: {ROLES[a % len(ROLES)]}. Reads the task, splits it into steps and hands each step "
+def agent_prefix(a: int, tools: int = 0) -> str:
+    """Agent a's system prefix (~330 characters, ~110 tokens of runs/gpt-tiny), distinct from its first line;
+    `tools`: that many tool definitions of its own appended (~45 tokens each: an agent with a long system
+    prompt, as agents with tool schemas have)."""
+    head = (f"# agent {a}: {ROLES[a % len(ROLES)]}. Reads the task, splits it into steps and hands each step "
             f"to a worker.\nimport json\nimport os\n\nTOOLS = {{'search': search, 'read': read_file, 'write': "
             f"write_file}}\n\ndef plan_{a}(task, memory):\n    steps = []\n    for line in task.splitlines():\n"
             f"        if line.strip():\n            steps.append(line)\n    return steps\n")
+    return head + "".join(
+        f"\ndef tool_{a}_{j}(path, {WORDS[(a + j) % len(WORDS)]}):\n    \"\"\"{WORDS[(a * 7 + j) % len(WORDS)]} the "
+        f"{WORDS[(a + 3 * j) % len(WORDS)]} and return a dict.\"\"\"\n    return read_file(path).get({j})\n"
+        for j in range(tools))
 
 
 def basic_requests(n: int, max_tokens: int) -> list[dict]:
     return [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i} for i in range(n)]
 
 
-def trace_requests(n: int, agents: int, seed: int = 0, first_agent: int = 0) -> list[dict]:
+def trace_requests(n: int, agents: int, seed: int = 0, first_agent: int = 0, tools: int = 0) -> list[dict]:
     """The multi-agent trace: each request from a random agent (numbered first_agent, first_agent + 1, ...),
-    its prefix plus one turn."""
+    its prefix (with `tools` tool definitions) plus one turn."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         a = first_agent + rng.randrange(agents)
         turn = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
-        out.append({"prompt": f"{agent_prefix(a)}\n# turn {i}: {turn}\n", "max_tokens": 32, "seed": i, "agent": a})
+        out.append({"prompt": f"{agent_prefix(a, tools)}\n# turn {i}: {turn}\n", "max_tokens": 32, "seed": i, "agent": a})
     return out
 
 
@@ -502,15 +520,16 @@ def pair_orders(pairs: int, policies: list[str]) -> list[list[str]]:
     return [[policies[(k + i) % n] for i in range(n)] for k in range(pairs)]
 
 
-def annotate(res: list[dict], reqs: list[dict]) -> None:
+def annotate(res: list[dict], reqs: list[dict], history: list[dict] = ()) -> None:
     """Per request of one run (in place): its `agent`; `queue`, the other requests in flight on its replica
     when it was sent; `cold`, whether no earlier request of its agent on that replica had its first token
     before it was sent. The engine stores a prompt's prefix blocks after its prefill, so a cold request found
-    no copy of its agent's prefix in its replica's cache (barring eviction): a cache miss, seen from the client."""
+    no copy of its agent's prefix in its replica's cache (barring eviction): a cache miss, seen from the client.
+    `history`: earlier requests on the same servers (annotated, times on the same clock), e.g. a warm-up."""
     for req, r in zip(reqs, res):
         r["agent"] = req["agent"]
     for r in res:
-        same = [o for o in res if o is not r and o["replica"] == r["replica"]]
+        same = [o for o in [*history, *res] if o is not r and o["replica"] == r["replica"]]
         r["queue"] = sum(1 for o in same if o["start"] <= r["start"] < o["end"])
         r["cold"] = not any(o["agent"] == r["agent"] and o["start"] + o["ttft"] <= r["start"] for o in same)
 
@@ -521,8 +540,14 @@ def run_stats(r: dict, rate: float, replicas: int = 3) -> dict:
     and each replica's mean requests in flight (its requests' e2e seconds / the wall seconds)."""
     res, wall = r["results"], r["wall"]
     busy = [sum(x["e2e"] for x in res if x["replica"] == i) / wall for i in range(replicas)]
+    get = lambda k: r.get(k, 0)  # noqa: E731  (made-up runs in the tests may lack the newer counters)
     return {**stats(wall, res, rate), "prefix_lookups": r["lookups"], "prefix_hits": r["hits"],
             "prefix_hit_rate": r["hits"] / r["lookups"] if r["lookups"] else 0.0, "spills": r["spills"],
+            "spills_to_holder": get("spills_to_holder"),
+            "replica_cache": {k: get(f"cache_{k}") for k in CACHE_COUNTS},
+            "replica_cache_hit_rate": get("cache_hits") / get("cache_lookups") if get("cache_lookups") else None,
+            "replica_cache_token_hit_rate": (get("cache_hit_tokens") / get("cache_prompt_tokens")
+                                             if get("cache_prompt_tokens") else None),
             "mean_in_flight_per_replica": busy,
             "routed_per_replica": [sum(1 for x in res if x["replica"] == i) for i in range(replicas)],
             "in_flight_ratio": max(busy) / min(busy) if min(busy) > 0 else float("inf"),
@@ -570,13 +595,14 @@ def router_summary(pairs: list[dict], policies: list[str], rate: float, replicas
         runs = [p["runs"][pol] for p in pairs]
         res = [x for r in runs for x in r["results"]]
         pooled[pol] = {**run_stats({"wall": sum(r["wall"] for r in runs), "results": res,
-                                    **{k: sum(r[k] for r in runs) for k in ("lookups", "hits", "spills")}}, rate, replicas),
+                                    **{k: sum(r.get(k, 0) for r in runs)
+                                       for k in (*ROUTER_COUNTS, *(f"cache_{c}" for c in CACHE_COUNTS))}}, rate, replicas),
                        "in_flight_ratio_per_pair": [e[pol]["in_flight_ratio"] for e in out_pairs],
                        "ttft_breakdown": ttft_breakdown(res)}
         requests[pol] = {"pair": [k for k, r in enumerate(runs) for _ in r["results"]],
                          "ttft_ms": [round(x["ttft"] * 1000, 2) for x in res], "replica": [x["replica"] for x in res],
                          "agent": [x["agent"] for x in res], "queue": [x["queue"] for x in res],
-                         "cold": [int(x["cold"]) for x in res]}
+                         "cold": [int(x["cold"]) for x in res], "id": [x.get("id") for x in res]}
     base = pooled[BASELINE]
     vs = {}
     for pol in policies:
@@ -589,7 +615,12 @@ def router_summary(pairs: list[dict], policies: list[str], rate: float, replicas
                    "median_ttft_pooled": p["median_ttft_ms"] / base["median_ttft_ms"],
                    "warm_p99_ttft_pooled": pw["p99_ttft_ms"] / bw["p99_ttft_ms"] if pw["requests"] and bw["requests"] else None,
                    "hit_rate_per_pair": [e[f"{pol}_vs_round_robin"]["hit_rate"] for e in out_pairs],
-                   "hit_rate_pooled": p["prefix_hit_rate"] / base["prefix_hit_rate"] if base["prefix_hit_rate"] else None}
+                   "hit_rate_pooled": p["prefix_hit_rate"] / base["prefix_hit_rate"] if base["prefix_hit_rate"] else None,
+                   "replica_cache_hit_rate_pooled": (p["replica_cache_hit_rate"] / base["replica_cache_hit_rate"]
+                                                     if p["replica_cache_hit_rate"] is not None and base["replica_cache_hit_rate"] else None),
+                   "replica_cache_token_hit_rate_pooled": (
+                       p["replica_cache_token_hit_rate"] / base["replica_cache_token_hit_rate"]
+                       if p["replica_cache_token_hit_rate"] is not None and base["replica_cache_token_hit_rate"] else None)}
     ca = vs[SUBJECT]
     return {"pairs": out_pairs, "policies": pooled, "vs_round_robin": vs,
             "hit_rate_vs_round_robin": ca["hit_rate_pooled"], "p99_ttft_vs_round_robin": ca["p99_ttft_median_of_pairs"],
@@ -598,6 +629,37 @@ def router_summary(pairs: list[dict], policies: list[str], rate: float, replicas
             "in_flight_ratio": pooled[SUBJECT]["in_flight_ratio"],
             "in_flight_ratio_median_of_pairs": statistics.median(pooled[SUBJECT]["in_flight_ratio_per_pair"]),
             "requests": requests}
+
+
+ROUTER_COUNTS = ("lookups", "hits", "spills", "spills_to_holder")  # the router's /health prefix_* counters
+CACHE_COUNTS = ("lookups", "hits", "prompt_tokens", "hit_tokens")  # the replicas' serve_prefix_cache_*_total
+
+
+def cache_counts(metrics: str) -> dict:
+    """The replicas' own prefix-cache counters in a router's /metrics text, summed over replicas (the router
+    relabels each replica's serve_prefix_cache_*_total with `replica`): what their caches really held,
+    evictions included."""
+    return {k: sum(float(v) for v in re.findall(rf"^serve_prefix_cache_{k}_total\{{[^}}]*\}} (\S+)$", metrics, re.M))
+            for k in CACHE_COUNTS}
+
+
+def replica_cache(url: str) -> dict:
+    return cache_counts(httpx.get(url + "/metrics", timeout=10).text)
+
+
+def regime(run: Path, agents: int, tools: int = 0, slots: int = N_CLIENTS) -> dict:
+    """How the trace's agents' prefixes compare with one replica's prefix cache (serving's default budget:
+    slots x the model's context, in 16-token blocks): the whole 16-token blocks each agent's prefix fills."""
+    import yaml
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    context = yaml.safe_load((run / "config.yaml").read_text())["model"]["max_seq_len"]
+    tokens = [len(tok.encode(agent_prefix(a, tools)).ids) for a in range(agents)]
+    blocks = sum(t // 16 for t in tokens)
+    cache = slots * context // 16
+    return {"prefix_tokens_mean": statistics.mean(tokens), "prefix_blocks_all_agents": blocks,
+            "cache_blocks_per_replica": cache, "prefixes_vs_one_cache": blocks / cache}
 
 
 def router_test(run: Path, args, command: str) -> dict:
@@ -613,28 +675,46 @@ def router_test(run: Path, args, command: str) -> dict:
     configs = {pol: ["--replicas", "3", "--policy", pol, *slack] for pol in policies}
     pairs = []
     # (the warm-up's prompts are no agent's prefix)
-    with servers(run, 1, configs, stop_s=120) as (urls, model):
+    log_dir = Path(args.router_log) if args.router_log else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    with servers(run, 1, configs, stop_s=120, log_dir=log_dir) as (urls, model):
         for k, order in enumerate(pair_orders(args.pairs, policies)):
-            reqs = trace_requests(args.router_requests, args.agents, seed=k, first_agent=k * args.agents)
+            reqs = trace_requests(args.router_warmup + args.router_requests, args.agents, seed=k,
+                                  first_agent=k * args.agents, tools=args.agent_tools)
+            warm, reqs = reqs[:args.router_warmup], reqs[args.router_warmup:]
             pair = {"order": order, "seed": k, "first_agent": k * args.agents, "load_average": os.getloadavg()[0],
                     "runs": {}}
             for pol in order:
                 url = urls[pol]
-                before = httpx.get(url + "/health", timeout=10).json()
+                history = []
+                if warm:  # not counted: the caches and the router's index warm, then the measured trace
+                    t_warm = time.perf_counter()
+                    history = asyncio.run(poisson_run(url, model, warm, args.trace_rate, seed=1000 + k))[1]
+                    annotate(history, warm)
+                before, cache0 = httpx.get(url + "/health", timeout=10).json(), replica_cache(url)
+                t_run = time.perf_counter()
                 wall, res = asyncio.run(poisson_run(url, model, reqs, args.trace_rate, seed=k))
-                after = httpx.get(url + "/health", timeout=10).json()
-                annotate(res, reqs)
-                pair["runs"][pol] = {"wall": wall, "results": res,
-                                     **{k2: after[f"prefix_{k2}"] - before[f"prefix_{k2}"] for k2 in ("lookups", "hits", "spills")}}
+                after, cache1 = httpx.get(url + "/health", timeout=10).json(), replica_cache(url)
+                for h in history:  # onto the measured run's clock
+                    h["start"], h["end"] = h["start"] + t_warm - t_run, h["end"] + t_warm - t_run
+                annotate(res, reqs, history)
+                run_ = pair["runs"][pol] = {
+                    "wall": wall, "results": res,
+                    **{k2: after.get(f"prefix_{k2}", 0) - before.get(f"prefix_{k2}", 0) for k2 in ROUTER_COUNTS},
+                    **{f"cache_{k2}": cache1[k2] - cache0[k2] for k2 in CACHE_COUNTS}}
                 s = latency_fields(res)
-                print(f"router pair {k + 1}/{args.pairs} {pol}: hits {pair['runs'][pol]['hits']}/"
-                      f"{pair['runs'][pol]['lookups']}, TTFT p50 {s['median_ttft_ms']:.1f} p99 {s['p99_ttft_ms']:.1f} ms",
-                      flush=True)
+                print(f"router pair {k + 1}/{args.pairs} {pol}: hits {run_['hits']}/{run_['lookups']} "
+                      f"(spills {run_['spills']}, to a holder {run_['spills_to_holder']}), replica cache hits "
+                      f"{run_['cache_hits']}/{run_['cache_lookups']}, TTFT p50 {s['median_ttft_ms']:.1f} "
+                      f"p99 {s['p99_ttft_ms']:.1f} ms", flush=True)
             pairs.append(pair)
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "run": str(run),
             "machine": cpu_name(), "replicas": 3, "replica_threads": 1, "agents": args.agents,
             "rate": args.trace_rate, "cache_slack": args.cache_slack, "requests_per_trace": args.router_requests,
             "num_pairs": args.pairs, "policy_order": policies, "load_average_at_start": load[0],
+            "agent_tools": args.agent_tools, "warmup_requests": args.router_warmup,
+            "regime": regime(run, args.agents, args.agent_tools),
             "load_averages_at_start": list(load), "load_averages_at_end": list(os.getloadavg()),
             **router_summary(pairs, policies, args.trace_rate),
             "goals": {"hit_rate_vs_round_robin_min": 2.0, "p99_ttft_vs_round_robin_max": 0.5, "in_flight_ratio_max": 1.5}}
@@ -691,23 +771,37 @@ def router_markdown(r: dict, json_name: str) -> str:
         return (f"| {name} | {c['requests']} ({b['cold_share']:.0%}) | {warm} | {cold} | {b['mean_queue']:.2f} | {q} | "
                 f"{t['cold']} of {t['requests']}, {t['mean_queue']:.1f} |")
 
+    g = r.get("regime")
+    fits = (f"The {r['agents']} agents' prefixes (~{g['prefix_tokens_mean']:.0f} tokens each) fill "
+            f"{g['prefix_blocks_all_agents']} whole 16-token blocks: {g['prefixes_vs_one_cache']:.2f}x one replica's "
+            f"prefix cache ({g['cache_blocks_per_replica']} blocks, serving's default budget of 16 slots x the "
+            f"model's context) and {g['prefixes_vs_one_cache'] / 3:.2f}x the 3 replicas' together, before the "
+            "blocks of each request's own turn and answer. " if g else "")
+    rate = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     lines = [
-        "# Router: 3 replicas, cache-aware against round-robin on the shared-prefix trace", "",
+        f"# Router: 3 replicas, cache-aware against round-robin on the shared-prefix trace ({r['agents']} agents)", "",
         f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts router\"`)  ",
         f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared by the routers, their replicas (1 torch thread each) "
         f"and the clients (load averages 1/5/15 min: {fmt(loads[0])} at the start, {fmt(loads[1])} at the end). "
-        f"Run `{r['run']}`, the trace of the load section ({r['agents']} agents, each request one agent's ~110-token "
-        f"prefix plus a turn, up to 32 new tokens), {r['requests_per_trace']} requests per trace, Poisson at "
-        f"{r['rate']:g} req/s. One router per policy ({', '.join(pols)}; 3 replicas each, cache slack "
+        f"Run `{r['run']}`, the shared-prefix trace of the load section with {r['agents']} agents (each request one "
+        f"agent's ~110-token prefix plus a turn, up to 32 new tokens), {r['requests_per_trace']} requests per trace, Poisson at "
+        f"{r['rate']:g} req/s. {fits}One router per policy ({', '.join(pols)}; 3 replicas each, cache slack "
         f"{r['cache_slack'] or 'the default'}), all up throughout; {n} pairs, each one trace (its own seed and its "
         f"own {r['agents']} agents: prefixes no replica has cached when the pair starts) run under every policy "
-        "with the same requests and arrival times, the order alternating between pairs. Raw figures, with every "
+        "with the same requests and arrival times, the order alternating between pairs"
+        + (f"; under each policy the trace's first {r['warmup_requests']} requests are sent first and not counted "
+           "(the caches and the router's index warm: the measured requests see a server in its steady state)"
+           if r.get("warmup_requests") else "") + ". Raw figures, with every "
         f"request's TTFT, replica, queue and cold flag: {json_name} (`router`).", "",
         f"Pooled over the {n} pairs ({ca['num_prompts']} requests per policy):", "",
         *HEADER, *(_row(p, r["policies"][p]) for p in pols), "",
-        "| | prefix hits | hit rate | spills | requests per replica | mean in flight per replica | busiest / least busy (pooled; per pair median, max) |",
-        "|---|---:|---:|---:|---|---|---:|",
-        *(f"| {p} | {s['prefix_hits']} / {s['prefix_lookups']} | {s['prefix_hit_rate']:.2f} | {s['spills']} | "
+        "| | prefix hits (router) | hit rate | spills (to a holder) | replicas' caches: prompts with a hit | prompt "
+        "tokens from the caches | requests per replica | mean in flight per replica | busiest / least busy (pooled; "
+        "per pair median, max) |",
+        "|---|---:|---:|---:|---:|---:|---|---|---:|",
+        *(f"| {p} | {s['prefix_hits']} / {s['prefix_lookups']} | {s['prefix_hit_rate']:.2f} | {s['spills']} "
+          f"({s.get('spills_to_holder', 0)}) | {rate(s.get('replica_cache_hit_rate'))} | "
+          f"{rate(s.get('replica_cache_token_hit_rate'))} | "
           f"{', '.join(map(str, s['routed_per_replica']))} | {', '.join(f'{b:.2f}' for b in s['mean_in_flight_per_replica'])} | "
           f"{s['in_flight_ratio']:.2f}x; {statistics.median(s['in_flight_ratio_per_pair']):.2f}x, "
           f"{max(s['in_flight_ratio_per_pair']):.2f}x |" for p, s in r["policies"].items()), "",
@@ -726,6 +820,10 @@ def router_markdown(r: dict, json_name: str) -> str:
         f"- prefix-hit rate, cache-aware / round-robin, pooled: **{hit_ratio:.2f}x** (goal >= 2x: {met(hit_ratio >= 2)}; "
         f"per pair {fmt(r['vs_round_robin'][SUBJECT]['hit_rate_per_pair'])})"
         if hit_ratio is not None else "- prefix-hit rate of round-robin: 0 (no ratio)",
+        f"- the replicas' own prefix caches (serve_prefix_cache_*_total, evictions included), cache-aware / "
+        f"round-robin, pooled: prompts with a hit **{rate(r['vs_round_robin'][SUBJECT].get('replica_cache_hit_rate_pooled'))}x** "
+        f"({rate(ca.get('replica_cache_hit_rate'))} against {rate(rr.get('replica_cache_hit_rate'))}), prompt tokens "
+        f"from the cache {rate(r['vs_round_robin'][SUBJECT].get('replica_cache_token_hit_rate_pooled'))}x",
         f"- p99 TTFT, cache-aware / round-robin: median of the {n} pairs' ratios **{p99r:.2f}x** (goal <= 0.5x: "
         f"{met(p99r <= 0.5)}); per pair {fmt(per_pair)} ({sum(x <= 0.5 for x in per_pair)} of {n} <= 0.5x, "
         f"{sum(x < 1 for x in per_pair)} of {n} < 1x); pooled p99 **{r['p99_ttft_vs_round_robin_pooled']:.2f}x** "

@@ -42,6 +42,31 @@ def test_trace_pairs_get_their_own_agents():
     assert not any(r["prompt"].startswith(p) for r in later for p in first)
 
 
+def test_agents_with_tools_have_longer_prefixes_of_their_own():
+    """--agent-tools k: each agent's prefix is its usual one plus k tool definitions of its own (the
+    long-prefix trace); 0 is the usual trace."""
+    assert bs.agent_prefix(4, 0) == bs.agent_prefix(4)
+    long = [bs.agent_prefix(a, 16) for a in range(6)]
+    assert all(x.startswith(bs.agent_prefix(a)) and len(x) > 5 * len(bs.agent_prefix(a)) for a, x in enumerate(long))
+    assert len(set(long)) == 6 and len({x[len(bs.agent_prefix(a)):] for a, x in enumerate(long)}) == 6
+    reqs = bs.trace_requests(12, 6, seed=1, first_agent=6, tools=16)
+    assert all(r["prompt"].startswith(bs.agent_prefix(r["agent"], 16)) for r in reqs)
+    assert [r["agent"] for r in reqs] == [r["agent"] for r in bs.trace_requests(12, 6, seed=1, first_agent=6)]
+
+
+def test_replica_cache_counters_are_summed_over_replicas():
+    text = "\n".join([
+        "# TYPE serve_prefix_cache_hits_total counter",
+        'serve_prefix_cache_lookups_total{replica="0",module="model"} 10',
+        'serve_prefix_cache_lookups_total{replica="1",module="model"} 5',
+        'serve_prefix_cache_hits_total{replica="0",module="model"} 7',
+        'serve_prefix_cache_hits_total{replica="1",module="model"} 1',
+        'serve_prefix_cache_prompt_tokens_total{replica="0",module="model"} 1000.0',
+        'serve_prefix_cache_hit_tokens_total{replica="2",module="model"} 640',
+        "router_prefix_hits_total 99"])
+    assert bs.cache_counts(text) == {"lookups": 15, "hits": 8, "prompt_tokens": 1000, "hit_tokens": 640}
+
+
 def test_annotate_queue_and_cold():
     res = [{"ttft": 0.01, "e2e": 1.0, "replica": 0, "start": 0.0, "end": 1.0},  # agent 0 cold on replica 0
            {"ttft": 0.01, "e2e": 1.0, "replica": 0, "start": 0.5, "end": 1.5},  # agent 0 again, after its prefill
@@ -50,6 +75,19 @@ def test_annotate_queue_and_cold():
     bs.annotate(res, [{"agent": a} for a in (0, 0, 0, 1)])
     assert [r["cold"] for r in res] == [True, False, True, True]
     assert [r["queue"] for r in res] == [0, 1, 0, 2]
+
+
+def test_annotate_counts_a_warm_up_as_history():
+    """--router-warmup: requests sent before the measured trace make its agents warm on their replicas (and
+    are not themselves counted)."""
+    warm = [{"ttft": 0.01, "e2e": 0.1, "replica": 0, "start": -2.0, "end": -1.9}]  # agent 0 on replica 0
+    bs.annotate(warm, [{"agent": 0}])
+    res = [{"ttft": 0.01, "e2e": 1.0, "replica": 0, "start": 0.0, "end": 1.0},  # warm: the warm-up served it
+           {"ttft": 0.01, "e2e": 1.0, "replica": 1, "start": 0.1, "end": 1.1}]  # cold: not on replica 1
+    bs.annotate(res, [{"agent": 0}, {"agent": 0}], history=warm)
+    assert [r["cold"] for r in res] == [False, True] and [r["queue"] for r in res] == [0, 0]
+    bs.annotate(res, [{"agent": 0}, {"agent": 0}])
+    assert [r["cold"] for r in res] == [True, True]
 
 
 def test_router_summary_medians_pairs_and_pools_requests():
@@ -80,11 +118,42 @@ def test_router_summary_medians_pairs_and_pools_requests():
     b = ca["ttft_breakdown"]
     assert b["cold"]["requests"] == 3 * 6  # each pair: each of 6 agents' first request on its one replica
     assert b["tail"]["requests"] >= 3 and b["warm"]["requests"] == 3 * n - 18
+    assert ca["replica_cache_hit_rate"] is None and ca["spills_to_holder"] == 0  # runs without those counters
     md = bs.router_markdown({"command": "python bench/bench_serve.py --parts router", "run": "runs/x", "machine": "cpu",
                              "agents": 6, "rate": 10.0, "cache_slack": None, "requests_per_trace": n, "num_pairs": 3,
                              "load_averages_at_start": [1, 1, 1], "load_averages_at_end": [1, 1, 1], **s}, "x.json")
     assert "median of the 3 pairs' ratios **0.75x** (goal <= 0.5x: missed)" in md
     assert "per pair 0.20, 0.90, 0.75" in md and "| 2 | round_robin cache_aware |" in md
+
+
+def test_router_summary_pools_the_replicas_cache_counters_and_spills_to_holders():
+    n = 30
+    reps, agents = [i % 3 for i in range(n)], [i % 6 for i in range(n)]
+    pairs = []
+    for k, (ca_hits, rr_hits) in enumerate([(27, 9), (24, 15)]):
+        ca, rr = fake_run([0.01] * n, reps, agents, hits=20), fake_run([0.02] * n, reps, agents, hits=10)
+        ca.update(spills=3, spills_to_holder=2, cache_lookups=n, cache_hits=ca_hits, cache_prompt_tokens=100 * n,
+                  cache_hit_tokens=80 * ca_hits)
+        rr.update(cache_lookups=n, cache_hits=rr_hits, cache_prompt_tokens=100 * n, cache_hit_tokens=80 * rr_hits)
+        pairs.append({"order": ["cache_aware", "round_robin"], "seed": k, "load_average": 1.0,
+                      "runs": {"cache_aware": ca, "round_robin": rr}})
+    s = bs.router_summary(pairs, ["cache_aware", "round_robin"], rate=10.0)
+    ca, rr = s["policies"]["cache_aware"], s["policies"]["round_robin"]
+    assert (ca["spills"], ca["spills_to_holder"], rr["spills_to_holder"]) == (6, 4, 0)
+    assert ca["replica_cache"]["hits"] == 51 and ca["replica_cache_hit_rate"] == pytest.approx(51 / 60)
+    assert rr["replica_cache_hit_rate"] == pytest.approx(24 / 60)
+    assert s["pairs"][1]["round_robin"]["replica_cache_hit_rate"] == pytest.approx(15 / 30)
+    vs = s["vs_round_robin"]["cache_aware"]
+    assert vs["replica_cache_hit_rate_pooled"] == pytest.approx(51 / 24)
+    assert vs["replica_cache_token_hit_rate_pooled"] == pytest.approx(51 / 24)
+    md = bs.router_markdown({"command": "c", "run": "runs/x", "machine": "cpu", "agents": 6, "rate": 10.0,
+                             "cache_slack": None, "requests_per_trace": n, "num_pairs": 2,
+                             "load_averages_at_start": [1, 1, 1], "load_averages_at_end": [1, 1, 1],
+                             "regime": {"prefix_tokens_mean": 110.0, "prefix_blocks_all_agents": 36,
+                                        "cache_blocks_per_replica": 256, "prefixes_vs_one_cache": 36 / 256}, **s}, "x.json")
+    assert "prompts with a hit **2.12x** (0.85 against 0.40)" in md
+    assert "| cache_aware | 40 / 60 | 0.67 | 6 (4) | 0.85 | 0.68 |" in md
+    assert "fill 36 whole 16-token blocks: 0.14x one replica's prefix cache (256 blocks" in md
 
 
 @pytest.mark.dist
@@ -108,6 +177,9 @@ def test_router_part_reduced_run(tmp_path):
         assert sum(pooled["routed_per_replica"]) == 24
         assert pooled["p99_ttft_ms"] == pytest.approx(bs.percentile(r["requests"][pol]["ttft_ms"], 99), abs=0.01)
         assert pooled["prefix_hits"] == sum(p[pol]["prefix_hits"] for p in r["pairs"])
+        assert pooled["replica_cache"]["lookups"] == 24  # the replicas' own counters: every prompt looked up
+        assert pooled["replica_cache"]["hits"] <= 24
+    assert r["policies"]["cache_aware"]["replica_cache"]["hits"] > 0  # an agent's later requests on its replica
     # Pair 2's agents are new: under both policies the first request of each is a cold miss there too.
     for pol in ("cache_aware", "round_robin"):
         rq = r["requests"][pol]
@@ -119,6 +191,7 @@ def test_router_part_reduced_run(tmp_path):
     text = out.read_text()
     assert "<!-- bench-serve: router -->" in text and f"Command: `python bench/bench_serve.py {' '.join(cmd[2:])}`" in text
     assert "median of the 2 pairs' ratios" in text
+    assert r["regime"]["cache_blocks_per_replica"] == 16 * 512 // 16 and r["agent_tools"] == 0
 
 
 def test_json_puts_lists_of_numbers_on_one_line():
