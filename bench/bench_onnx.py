@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     seq = meta["config"]["data"]["seq_len"]  # the length it was trained on (learned positions beyond are untrained)
     tokens = val_tokens(meta, 2 * seq + 2 if a.quick else a.val_tokens)
     folder = work / "tiny"
-    write_onnx_folder(model, folder, None, int8=True)
+    manifest = write_onnx_folder(model, folder, None, int8=True)
     ctx, steps = (8, 8) if a.quick else (64, 64)
     rounds = 1 if a.quick else a.rounds
     fp32, int8 = OrtDecoder(folder, threads=a.threads), OrtDecoder(folder, "int8", threads=a.threads)
@@ -150,24 +150,24 @@ def main(argv: list[str] | None = None) -> int:
                "fp32": perplexity(lambda w: fp32.prefill([w.tolist()])[0], tokens, seq),
                "int8": perplexity(lambda w: int8.prefill([w.tolist()])[0], tokens, seq)}
     rows = [{"model": f"gpt-tiny trained ({model.num_params() / 1e6:.1f}M)", "ppl": ppl,
-             **step_times(model, folder, a.threads, rounds, ctx, steps)}]
+             "attention": manifest["attention"], **step_times(model, folder, a.threads, rounds, ctx, steps)}]
     if not a.quick:
         torch.manual_seed(0)
         big = GPT(GPTConfig(style="gpt2", vocab_size=50304, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
                             kernels="torch", dropout=0.0)).eval()
-        write_onnx_folder(big, work / "big", None, int8=True)
+        big_manifest = write_onnx_folder(big, work / "big", None, int8=True)
         rows.append({"model": f"GPT-2-124M shape, random ({big.num_params() / 1e6:.0f}M)", "ppl": None,
-                     **step_times(big, work / "big", a.threads, rounds, ctx, steps)})
+                     "attention": big_manifest["attention"], **step_times(big, work / "big", a.threads, rounds, ctx, steps)})
     lines = [f"Decode step (ms, batch 1, {ctx}-token context, median of {steps} steps x {rounds} rounds) and "
              f"validation perplexity ({len(tokens):,} tokens). Goals: {GOALS}.", "",
-             "| model | eager ms | ORT fp32 ms | ORT int8 ms | torch int8-wo ms | fp32 / eager | int8 / fp32 | "
-             "ppl eager | ppl ORT fp32 | ppl ORT int8 (vs fp32) | ppl torch int8-wo (vs eager) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | ORT attention | eager ms | ORT fp32 ms | ORT int8 ms | torch int8-wo ms | fp32 / eager | "
+             "int8 / fp32 | ppl eager | ppl ORT fp32 | ppl ORT int8 (vs fp32) | ppl torch int8-wo (vs eager) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         p = r["ppl"]
         ppl_cells = (f"{p['eager']:.3f} | {p['fp32']:.3f} | {p['int8']:.3f} ({100 * (p['int8'] / p['fp32'] - 1):+.2f}%) | "
                      f"{p['torch-int8']:.3f} ({100 * (p['torch-int8'] / p['eager'] - 1):+.2f}%)" if p else "- | - | - | -")
-        lines.append(f"| {r['model']} | {r['eager']:.2f} | {r['fp32']:.2f} | {r['int8']:.2f} | {r['torch-int8']:.2f} | "
+        lines.append(f"| {r['model']} | {r['attention']} | {r['eager']:.2f} | {r['fp32']:.2f} | {r['int8']:.2f} | {r['torch-int8']:.2f} | "
                      f"{r['eager'] / r['fp32']:.2f}x | {r['fp32'] / r['int8']:.2f}x | {ppl_cells} |")
     if a.quick:
         print("\n".join(lines), flush=True)
