@@ -147,3 +147,27 @@ def test_unknown_export_format_is_one_line(trained):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == "error: FORMAT=tflite: unknown export format; allowed: hf, onnx, onnx-int8"
     assert not (trained / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-mha"])
+def test_the_stand_in_attention_computes_the_models_function_in_pytorch(name):
+    """What the export traces (each attention module stood in for by the MultiHeadAttention custom op,
+    here on its PyTorch reference) equals the model on real positions, prefill and a step after a past."""
+    from model.onnx import OnnxDecoder, mha_attention, prefill_feeds
+
+    model = _model(name)
+    feeds = prefill_feeds([[5, 17, 33, 2], [9, 8]], 2, 4, 16)
+    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    past = tuple(torch.from_numpy(feeds[k]) for k in list(feeds)[2:])
+    with torch.no_grad():
+        ref, *ref_present = OnnxDecoder(model)(ids, mask, past)
+        with mha_attention(model):
+            out, *present = OnnxDecoder(model)(ids, mask, past)
+        assert all(type(b.attn).__name__ == "Attention" for b in model.blocks)  # restored
+        real = mask.bool()
+        torch.testing.assert_close(out[real], ref[real], atol=1e-6, rtol=0)
+        step_ids, step_mask = torch.tensor([[3], [4]]), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        ref_step = OnnxDecoder(model)(step_ids, step_mask, tuple(ref_present))[0]
+        with mha_attention(model):
+            step = OnnxDecoder(model)(step_ids, step_mask, tuple(present))[0]
+    torch.testing.assert_close(step, ref_step, atol=1e-6, rtol=0)
