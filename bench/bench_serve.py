@@ -602,7 +602,8 @@ def router_summary(pairs: list[dict], policies: list[str], rate: float, replicas
         requests[pol] = {"pair": [k for k, r in enumerate(runs) for _ in r["results"]],
                          "ttft_ms": [round(x["ttft"] * 1000, 2) for x in res], "replica": [x["replica"] for x in res],
                          "agent": [x["agent"] for x in res], "queue": [x["queue"] for x in res],
-                         "cold": [int(x["cold"]) for x in res], "id": [x.get("id") for x in res]}
+                         "cold": [int(x["cold"]) for x in res],
+                         **({"id": [x["id"] for x in res]} if all(x.get("id") for x in res) else {})}
     base = pooled[BASELINE]
     vs = {}
     for pol in policies:
@@ -699,6 +700,9 @@ def router_test(run: Path, args, command: str) -> dict:
                 for h in history:  # onto the measured run's clock
                     h["start"], h["end"] = h["start"] + t_warm - t_run, h["end"] + t_warm - t_run
                 annotate(res, reqs, history)
+                if not log_dir:  # a request's id serves only to find it in the logs
+                    for x in res:
+                        x.pop("id", None)
                 run_ = pair["runs"][pol] = {
                     "wall": wall, "results": res,
                     **{k2: after.get(f"prefix_{k2}", 0) - before.get(f"prefix_{k2}", 0) for k2 in ROUTER_COUNTS},
@@ -784,7 +788,9 @@ def router_markdown(r: dict, json_name: str) -> str:
         f"Machine: {r['machine']}, {os.cpu_count()} CPUs shared by the routers, their replicas (1 torch thread each) "
         f"and the clients (load averages 1/5/15 min: {fmt(loads[0])} at the start, {fmt(loads[1])} at the end). "
         f"Run `{r['run']}`, the shared-prefix trace of the load section with {r['agents']} agents (each request one "
-        f"agent's ~110-token prefix plus a turn, up to 32 new tokens), {r['requests_per_trace']} requests per trace, Poisson at "
+        f"agent's ~{g['prefix_tokens_mean'] if g else 110:.0f}-token prefix"
+        + (f" ({r['agent_tools']} tool definitions appended to the usual ~110 tokens)" if r.get("agent_tools") else "")
+        + f" plus a turn, up to 32 new tokens), {r['requests_per_trace']} requests per trace, Poisson at "
         f"{r['rate']:g} req/s. {fits}One router per policy ({', '.join(pols)}; 3 replicas each, cache slack "
         f"{r['cache_slack'] or 'the default'}), all up throughout; {n} pairs, each one trace (its own seed and its "
         f"own {r['agents']} agents: prefixes no replica has cached when the pair starts) run under every policy "
