@@ -120,21 +120,26 @@ def test_bad_settings_are_one_line(root, override, message):
     assert message.format(root=root) in out.stderr.strip().splitlines()[-1]
 
 
-def test_the_distill_tiny_recipe_runs_at_reduced_size(root):
+def test_the_distill_tiny_recipe_and_its_teacher_gpt_mini_run_at_reduced_size(root):
+    """gpt-mini (distill-tiny's teacher) and distill-tiny, both reduced (tests/trainutil.py's TINY), the
+    student distilled from that gpt-mini run."""
+    out = run_train(root, "mini", "train.max_steps=3", "model.n_layer=2", recipe="gpt-mini")
+    assert out.returncode == 0, out.stderr[-3000:]
     out = run_train(root, "recipe", "train.max_steps=2", "model.n_layer=1",
-                    f"distill.teacher={root / 'runs' / 'teacher'}", recipe="distill-tiny")
+                    f"distill.teacher={root / 'runs' / 'mini'}", recipe="distill-tiny")
     assert out.returncode == 0, out.stderr[-3000:]
     s = json.loads((root / "runs" / "recipe" / "summary.json").read_text())
-    assert s["steps"] == 2 and s["teacher"] == str(root / "runs" / "teacher")
+    assert s["steps"] == 2 and s["teacher"] == str(root / "runs" / "mini")
+    assert s["params"] < s["teacher_params"]
 
 
 def test_a_recipe_teacher_that_has_not_finished_is_trained_first_or_named(tmp_path):
-    """distill-tiny's teacher is recipe:gpt-tiny: the launcher trains it first; a rank (which must
+    """distill-tiny's teacher is recipe:gpt-mini: the launcher trains it first; a rank (which must
     find it finished) says which run is missing."""
     from launch.agents_chain import resolve_chain
     from trainer.errors import UsageError
     from trainer.recipe import load_recipe
 
     recipe = load_recipe("distill-tiny", [f"run.output_dir={tmp_path}"])
-    with pytest.raises(UsageError, match=rf"distill.teacher=recipe:gpt-tiny: {tmp_path}/gpt-tiny has not finished"):
+    with pytest.raises(UsageError, match=rf"distill.teacher=recipe:gpt-mini: {tmp_path}/gpt-mini has not finished"):
         resolve_chain(recipe, train_missing=False)
