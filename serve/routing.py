@@ -155,6 +155,10 @@ class Router:
         match = self.matches(blocks, [r for r in live if self.serves(r, model)])
         owner = self.replicas[max(match, key=match.__getitem__)] if match else None
         least = min(live, key=lambda r: (r.in_flight, r.routed, r.index))
+
+        def under_cap(r: Replica) -> bool:  # the one load cap that hits and spills to holders both obey
+            return r.in_flight < least.in_flight + self.slack
+
         spill = holder = False
         if self.policy == "round_robin":  # in turn among the replicas of the model (one turn when all serve all)
             key = model if self.model_sets() else ""
@@ -163,12 +167,12 @@ class Router:
             self._turns[key] = turn + 1
         elif self.policy == "least_loaded" or owner is None:
             pick = least
-        elif owner.in_flight < least.in_flight + self.slack:
+        elif under_cap(owner):
             pick = owner
         else:
             spill = True
             self.spills += 1
-            held = [r for r in live if r is not owner and r.index in match and r.in_flight < least.in_flight + self.slack]
+            held = [r for r in live if r is not owner and r.index in match and under_cap(r)]
             if held:  # the longest match, then the fewest in flight, then the one sent the prefix last
                 pick = max(held, key=lambda r: (match[r.index][0], -r.in_flight, match[r.index][1]))
                 holder = True
