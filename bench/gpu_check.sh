@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# `make gpu-check`: one script for a machine with one H100/H200 (or more), about 6 minutes.
+# `make gpu-check`: one script for a machine with one H100/H200 (or more), about 2-3 minutes.
 #
 # Steps, each under its own `timeout` (expected time on an H200, estimated, not yet measured /
-# hard limit; the limits add up to 9.75 minutes, so one 10-minute device command gets the summary):
+# hard limit; the limits add up to 9.6 minutes, so one 10-minute device command gets the summary;
+# measured on an H200, 2026-12-04: 114 s in all before the tuned and sweep steps existed):
 #   1. check torch + GPU, install pytest/ninja from build/gpu-wheels when missing   ~10 s
-#   2. build the CUDA and CPU kernels (python -m model.kernels.build)             ~1-2 min / 180 s
-#   3. the `gpu` tests of tests/test_kernels.py                                    ~30 s / 60 s
-#   4. kernel table: bench/bench_kernels.py --device cuda --repeats 10            ~45 s / 90 s
+#   2. build the CUDA and CPU kernels (python -m model.kernels.build)             13 s / 100 s
+#   3. the `gpu` tests of tests/test_kernels.py                                    12 s / 45 s
+#   3b. tuned: the same tests with every kernel on a non-default launch shape     ~12 s / 40 s
+#      (LLMK_TUNE=$TUNED_SHAPES, the shapes step 4b sweeps; see csrc/cuda_common.cuh)
+#   4. kernel table: bench/bench_kernels.py --device cuda --repeats 10            19 s / 90 s
+#   4b. sweep: bench/kernel_sweep.py, the norms' and cross-entropy's launch shapes  ~15 s / 50 s
+#      (forward and backward timed apart, and a profiler table of their kernels): written to
+#      <out>/<device>-sweep.md; the fastest shapes become the .cu launchers' defaults by hand
 #   5. full training run of gpt-tiny: bench/gpu_train.py gpu-check                ~20 s / 60 s
 #      With 2+ GPUs a 2-rank NCCL run, else 1 GPU in bf16; final val loss, tokens/s, MFU and the
 #      peak's source go into the results file (marked gpu_train section).  Our loop
@@ -18,7 +24,7 @@
 #      carry it with the wheels).  Soft budget 45 s (it stops training and still evaluates).
 #      The recipe's model.kernels=auto loads the kernels built in step 2 (kernels=torch when that
 #      step failed; without it, on a fresh machine, auto builds them inside this step's limit).
-#   6. ONNX Runtime: bench/gpu_onnx.py check build/gpu-onnx                        ~20 s / 45 s
+#   6. ONNX Runtime: bench/gpu_onnx.py check build/gpu-onnx                        3 s / 40 s
 #      The exported decoder (gpt-tiny's shape, KV cache as inputs/outputs; made here by
 #      `.venv/bin/python bench/gpu_onnx.py prepare build/gpu-onnx`, carry it) on the TensorRT and
 #      CUDA execution providers against the PyTorch model's logits (prefill + 16 decode steps) and
@@ -39,7 +45,7 @@
 #
 # Environment:
 #   PYTHON=python3           the interpreter to use
-#   GPU_CHECK_STEPS="build tests kernels train onnx step"   run only these steps (e.g. "step" to rerun
+#   GPU_CHECK_STEPS="build tests tuned kernels sweep train onnx step"   run only these steps (e.g. "step" to rerun
 #                            the training-step benchmark after the kernels were built on this machine)
 #   STEP_BUDGET_S=120        soft time limit of bench_step.py (it skips a compile that would not fit
 #                            and stops timing at the limit; SIGTERM 30 s later writes what it has)
@@ -59,7 +65,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=" ${GPU_CHECK_STEPS:-build tests kernels train onnx step} "
+STEPS=" ${GPU_CHECK_STEPS:-build tests tuned kernels sweep train onnx step} "
+# Non-default launch shapes of every kernel the sweep varies (the tuned step runs the gpu tests with them)
+TUNED_SHAPES=norm_fwd_threads=128,norm_bwd_threads=256,norm_bwd_blocks=4,ce_fwd_unroll=4,ce_fwd_threads=256,ce_bwd_unroll=4,ce_bwd_gy=8
 STEP_BUDGET_S=${STEP_BUDGET_S:-120}
 OUT=${GPU_CHECK_OUT:-bench/results}
 DATA=${GPU_CHECK_DATA:-build/gpu-data}
@@ -146,19 +154,23 @@ TRAIN_ARGS+=(${GPU_CHECK_TRAIN_ARGS:-})
 
 if [ "$DEV" = cuda ]; then BUILD_FLAGS=(--cuda --cpu); else BUILD_FLAGS=(--cpu); fi
 case $STEPS in *" build "*)
-  step build 180 $PY -m model.kernels.build "${BUILD_FLAGS[@]}"
+  step build 100 $PY -m model.kernels.build "${BUILD_FLAGS[@]}"
   # kernels=auto would try the build again inside the training run's limit
   [ "$LAST_RC" -eq 0 ] || { TRAIN_ARGS+=(--kernels torch); echo "build failed: the training run uses kernels=torch"; } ;;
 esac
-case $STEPS in *" tests "*) step tests 60 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
+case $STEPS in *" tests "*) step tests 45 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
+case $STEPS in *" tuned "*)
+  step tuned 40 env LLMK_TUNE="$TUNED_SHAPES" $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider ;; esac
 case $STEPS in *" kernels "*)
   step kernels 90 $PY bench/bench_kernels.py --device "$DEV" --out "$OUT" "${KERNEL_ARGS[@]}" "${BENCH_ARGS[@]}" ;; esac
+case $STEPS in *" sweep "*)
+  step sweep 50 $PY bench/kernel_sweep.py --device "$DEV" --out "$OUT" "${BENCH_ARGS[@]}" ;; esac
 case $STEPS in *" train "*)
   step train 60 $PY bench/gpu_train.py gpu-check --plan "$DATA" --out "$TRAIN_OUT" --results "$RESULT" \
     --device "$DEV" --budget 45 "${TRAIN_ARGS[@]}" ;; esac
 case $STEPS in *" onnx "*)
   ONNX_PROVIDERS=(); [ "$DEV" = cpu ] && ONNX_PROVIDERS=(--providers CPUExecutionProvider --repeats 5)
-  step onnx 45 $PY bench/gpu_onnx.py check "$ONNX" --results "$RESULT" "${ONNX_PROVIDERS[@]}" ;; esac
+  step onnx 40 $PY bench/gpu_onnx.py check "$ONNX" --results "$RESULT" "${ONNX_PROVIDERS[@]}" ;; esac
 case $STEPS in *" step "*)
   step step "$((STEP_BUDGET_S + 30))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
     "${BENCH_ARGS[@]}" ;; esac

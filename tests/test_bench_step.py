@@ -1,7 +1,8 @@
 """bench/bench_step.py (training step: plain GPT vs ours) and bench/gpu_check.sh, run as on the GPU machine.
 
 The module's fixture runs the GPU check's CPU rehearsal (`GPU_CHECK_ALLOW_CPU=1 bash
-bench/gpu_check.sh`: kernel build, the `gpu` tests, the kernel table, `bench_step.py --quick`)
+bench/gpu_check.sh`: kernel build, the `gpu` tests (default and tuned launch shapes), the kernel
+table, the launch-shape sweep, `bench_step.py --quick`)
 under a Python that hides every package of ours the GPU machine's bare Python lacks (DeepSpeed,
 transformers, pydantic, ...), so it proves both that the script's command lines work and that the
 benchmarks need nothing but torch and this repo's model package. The `train` step has its own
@@ -28,7 +29,7 @@ sys.path[:0] = [str(BENCH)]
 
 import bench_step  # noqa: E402
 
-REHEARSED = ("build", "tests", "kernels", "step")
+REHEARSED = ("build", "tests", "tuned", "kernels", "sweep", "step")
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:
@@ -95,6 +96,12 @@ def test_rehearsal_results_file_has_the_kernel_table_then_the_step_section(quick
     proc, out = quick_run
     files = list(out.glob("*-quick.md"))
     assert len(files) == 1
+    # the launch-shape sweep's own file: every swept op, each setting, the profiler table
+    sweep = [f.read_text() for f in out.glob("*-sweep.md")]
+    assert len(sweep) == 1
+    for op in ("layer_norm+residual", "rms_norm+residual", "cross_entropy"):
+        assert f"## {op} " in sweep[0]
+    assert "| ce_bwd_gy=1 |" in sweep[0] and "one step under torch.profiler" in sweep[0]
     text = files[0].read_text()
     assert text.startswith("# ") and "| layer_norm" in text.split(bench_step.SECTION_BEGIN)[0]
     assert text.count(bench_step.SECTION_BEGIN) == 1 and text.rstrip().endswith(bench_step.SECTION_END)

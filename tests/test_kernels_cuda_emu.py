@@ -266,7 +266,7 @@ def test_cross_entropy_vocab_parallel_shards(emu_lib, dtype):
 
 
 CE = ("ce_fwd_kernel", "ce_bwd_kernel", "ce_fwd_vec_kernel", "ce_bwd_vec_kernel")
-CE_VEC = ["ce_fwd_vec_kernel<T> 512", "ce_bwd_vec_kernel<T> 256"]
+CE_VEC = ["ce_fwd_vec_kernel<T, 2> 512", "ce_bwd_vec_kernel<T, 2> 256"]
 CE_SCALAR = ["ce_fwd_kernel<T> 512", "ce_bwd_kernel<T> 256"]
 
 
@@ -363,9 +363,36 @@ def test_cross_entropy_vocab_shards_vector_paths(emu_lib, dtype):
     (507 wide) and [1019, 1024) (misaligned start) on the scalar one; targets on shard edges."""
     _ce_launches(emu_lib)
     check_cuda_ce_vocab_shards(emu_lib, dtype, "cpu", N=21, V=1024, bounds=(0, 512, 1019, 1024))
-    fwd, bwd = ["ce_fwd_vec_kernel<T> 512", "ce_fwd_kernel<T> 512", "ce_fwd_kernel<T> 512"], \
-        ["ce_bwd_vec_kernel<T> 256", "ce_bwd_kernel<T> 256", "ce_bwd_kernel<T> 256"]
+    fwd, bwd = ["ce_fwd_vec_kernel<T, 2> 512", "ce_fwd_kernel<T> 512", "ce_fwd_kernel<T> 512"], \
+        ["ce_bwd_vec_kernel<T, 2> 256", "ce_bwd_kernel<T> 256", "ce_bwd_kernel<T> 256"]
     assert _ce_launches(emu_lib) == fwd + bwd
+
+
+# LLMK_TUNE settings (bench/kernel_sweep.py's) -> the kernels they must launch for bf16 rows of
+# 4096 (norms) and 9000 (cross-entropy: the unrolled loop, a partial pass, several chunks).
+NORM = ("norm_fwd_kernel", "norm_bwd_kernel", "norm_fwd_vec_kernel", "norm_bwd_vec_kernel")
+NORM_DEFAULT = {"norm_fwd_vec_kernel<T, O, RMS, 1> 512", "norm_bwd_vec_kernel<T, O, RMS, 1> 512"}
+TUNED = {
+    "": NORM_DEFAULT | set(CE_VEC),
+    "norm_fwd_threads=128,norm_bwd_threads=256,norm_bwd_blocks=1": set(CE_VEC) | {
+        "norm_fwd_vec_kernel<T, O, RMS, 4> 128", "norm_bwd_vec_kernel<T, O, RMS, 2> 256"},
+    "norm_fwd_threads=256,norm_bwd_blocks=4": set(CE_VEC) | {
+        "norm_fwd_vec_kernel<T, O, RMS, 2> 256", "norm_bwd_vec_kernel<T, O, RMS, 1> 512"},
+    "ce_fwd_unroll=4,ce_fwd_threads=256,ce_bwd_unroll=4": NORM_DEFAULT | {"ce_fwd_vec_kernel<T, 4> 256",
+                                                                          "ce_bwd_vec_kernel<T, 4> 256"},
+    "ce_fwd_threads=96,ce_bwd_gy=1": NORM_DEFAULT | {"ce_fwd_vec_kernel<T, 2> 96", "ce_bwd_vec_kernel<T, 2> 256"},
+}
+
+
+@pytest.mark.parametrize("tune", list(TUNED))
+def test_tuned_launch_shapes(emu_lib, emu_ops, tune, monkeypatch):
+    """Every launch shape the kernel sweep tries computes the same results (float64 oracle) and
+    is the one it asks for (launch log); ce_bwd_gy=1 walks a row's column chunks in one block."""
+    monkeypatch.setenv("LLMK_TUNE", tune)
+    _launches(emu_lib)
+    check_cuda_norms(emu_ops, torch.bfloat16, "cpu", (5, 4096), full=False)
+    check_cuda_cross_entropy(emu_ops, torch.bfloat16, "cpu", (3, 9000), inplace=False)
+    assert _launches(emu_lib, *CE, *NORM) == TUNED[tune]
 
 
 @pytest.mark.parametrize("schedule", ["reverse", "random:11"])

@@ -18,8 +18,28 @@
 #endif
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda_launch.h"
+
+// Launch-shape overrides for tuning sweeps (bench/kernel_sweep.py): LLMK_TUNE="key=value,..." in
+// the environment, e.g. "ce_bwd_unroll=4,norm_fwd_threads=128".  Read at each launch (a getenv
+// is small next to a kernel launch), so one process can sweep; 0 or absent = the built-in choice.
+// Outside namespace llmk_cuda: the emulator takes that namespace's function statics for
+// __shared__ variables.
+namespace llmk_tune {
+inline int knob(const char* key) {
+  const char* p = std::getenv("LLMK_TUNE");
+  const size_t n = std::strlen(key);
+  while (p != nullptr && *p != '\0') {
+    if (std::strncmp(p, key, n) == 0 && p[n] == '=') return std::atoi(p + n + 1);
+    p = std::strchr(p, ',');
+    if (p != nullptr) ++p;
+  }
+  return 0;
+}
+}  // namespace llmk_tune
 
 namespace llmk_cuda {
 

@@ -84,7 +84,7 @@ __device__ __forceinline__ void lse_push_block(float& m, float& s, const float (
   s += a;
 }
 
-template <typename T>
+template <typename T, int U>
 __global__ void __launch_bounds__(kCeVecFwdThreads)
     ce_fwd_vec_kernel(const T* logits, int64_t sb, int64_t st, int64_t Tn, int64_t V, const int64_t* tg,
                       int64_t ignore_index, int64_t vocab_start, bool check_range, float* loss, float* lse,
@@ -94,13 +94,13 @@ __global__ void __launch_bounds__(kCeVecFwdThreads)
   const int64_t i = blockIdx.x;
   const T* row = logits + (i / Tn) * sb + (i % Tn) * st;
   const int64_t nvec = V / W;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * kCeUnroll;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * U;
   float m = -kInf, s = 0.f;
   int64_t j = threadIdx.x;
-  for (; j + (kCeUnroll - 1) * static_cast<int64_t>(blockDim.x) < nvec; j += step) {
-    float x[kCeUnroll * W];
+  for (; j + (U - 1) * static_cast<int64_t>(blockDim.x) < nvec; j += step) {
+    float x[U * W];
 #pragma unroll
-    for (int k = 0; k < kCeUnroll; ++k) {
+    for (int k = 0; k < U; ++k) {
       float v[W];
       load_vec(row + (j + k * static_cast<int64_t>(blockDim.x)) * W, v);
 #pragma unroll
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kCeVecFwdThreads)
     }
     lse_push_block(m, s, x);
   }
-  for (; j < nvec; j += blockDim.x) {  // the row's last (fewer than kCeUnroll * blockDim.x) vectors
+  for (; j < nvec; j += blockDim.x) {  // the row's last (fewer than U * blockDim.x) vectors
     float x[W];
     load_vec(row + j * W, x);
     lse_push_block(m, s, x);
@@ -143,13 +143,13 @@ __global__ void ce_bwd_kernel(const T* logits, int64_t sb, int64_t st, int64_t T
   }
 }
 
-// Column chunk of the vectorised backward: kCeVecBwdThreads threads x kCeUnroll vectors.
-template <typename T>
+// Column chunk of the vectorised backward: kCeVecBwdThreads threads x U vectors.
+template <typename T, int U>
 constexpr int64_t ce_vec_bwd_chunk() {
-  return static_cast<int64_t>(kCeVecBwdThreads) * kCeUnroll * (16 / sizeof(T));
+  return static_cast<int64_t>(kCeVecBwdThreads) * U * (16 / sizeof(T));
 }
 
-template <typename T>
+template <typename T, int U>
 __global__ void __launch_bounds__(kCeVecBwdThreads)
     ce_bwd_vec_kernel(const T* logits, int64_t sb, int64_t st, int64_t Tn, int64_t V, const int64_t* tg,
                       const float* lse, const float* scale, int64_t scale_stride, int64_t ignore_index,
@@ -164,17 +164,19 @@ __global__ void __launch_bounds__(kCeVecBwdThreads)
   const float l = lse[i];
   const float sc = scale[i * scale_stride];  // stride 0: one scale for every row
   const int64_t nvec = V / W;
-  const int64_t chunk = static_cast<int64_t>(blockDim.x) * kCeUnroll;  // vectors
+  const int64_t chunk = static_cast<int64_t>(blockDim.x) * U;  // vectors
   for (int64_t v0 = static_cast<int64_t>(blockIdx.y) * chunk; v0 < nvec;
        v0 += static_cast<int64_t>(gridDim.y) * chunk) {
-    float x[kCeUnroll][W];
+    float x[U][W];
+    // Every load of the thread before any of its stores, and not waiting for the target: an
+    // ignored row (rare) is read for nothing rather than every row's loads waiting on tg[i].
 #pragma unroll
-    for (int k = 0; k < kCeUnroll; ++k) {  // every load of the thread before any of its stores
+    for (int k = 0; k < U; ++k) {
       const int64_t j = v0 + threadIdx.x + k * static_cast<int64_t>(blockDim.x);
-      if (j < nvec && !ignored) load_vec(row + j * W, x[k]);
+      if (j < nvec) load_vec(row + j * W, x[k]);
     }
 #pragma unroll
-    for (int k = 0; k < kCeUnroll; ++k) {
+    for (int k = 0; k < U; ++k) {
       const int64_t j = v0 + threadIdx.x + k * static_cast<int64_t>(blockDim.x);
       if (j < nvec) {
         float g[W];
@@ -203,21 +205,37 @@ bool rows_aligned(const void* p, int64_t sb, int64_t st, int64_t Tn, int64_t N) 
   return Tn <= 1 || st % W == 0;
 }
 
+// Launch shapes of the vectorised kernels (LLMK_TUNE overrides, see cuda_common.cuh):
+// ce_fwd_unroll / ce_bwd_unroll = vectors per thread and iteration (2 or 4), ce_fwd_threads = the
+// forward's block (a multiple of 32 up to 512), ce_bwd_gy = column-chunk blocks per row (the rest
+// walked by the grid-stride loop; 0 = one block per chunk).
+inline int ce_unroll(const char* key) { return llmk_tune::knob(key) == 4 ? 4 : 2; }
+
 template <typename T>
 cudaError_t launch_fwd(const void* logits, int64_t sb, int64_t st, int64_t Tn, int64_t N, int64_t V,
                        const int64_t* targets, int64_t ignore_index, int64_t vocab_start, bool check_range,
                        float* loss, float* lse, float* target_logit, cudaStream_t s) {
   const unsigned grid = static_cast<unsigned>(N);
-  if (V % (16 / sizeof(T)) == 0 && rows_aligned<T>(logits, sb, st, Tn, N) &&
-      can_launch(ce_fwd_vec_kernel<T>, kCeVecFwdThreads)) {
-    LLMK_LAUNCH(grid, kCeVecFwdThreads, 0, s, ce_fwd_vec_kernel<T>)(
-        static_cast<const T*>(logits), sb, st, Tn, V, targets, ignore_index, vocab_start, check_range, loss, lse,
-        target_logit);
-  } else {
-    LLMK_LAUNCH(grid, kFwdThreads, 0, s, ce_fwd_kernel<T>)(static_cast<const T*>(logits), sb, st, Tn, V, targets,
-                                                          ignore_index, vocab_start, check_range, loss, lse,
-                                                          target_logit);
+  if (V % (16 / sizeof(T)) == 0 && rows_aligned<T>(logits, sb, st, Tn, N)) {
+    int threads = llmk_tune::knob("ce_fwd_threads");
+    if (threads < 32 || threads > kCeVecFwdThreads || threads % 32 != 0) threads = kCeVecFwdThreads;
+#define LLMK_CE_FWD_VEC(U)                                                                                 \
+  if (can_launch(ce_fwd_vec_kernel<T, U>, threads)) {                                                     \
+    LLMK_LAUNCH(grid, threads, 0, s, ce_fwd_vec_kernel<T, U>)(static_cast<const T*>(logits), sb, st, Tn, V, \
+                                                             targets, ignore_index, vocab_start, check_range, \
+                                                             loss, lse, target_logit);                      \
+    return cudaGetLastError();                                                                             \
   }
+    if (ce_unroll("ce_fwd_unroll") == 4) {
+      LLMK_CE_FWD_VEC(4)
+    } else {
+      LLMK_CE_FWD_VEC(2)
+    }
+#undef LLMK_CE_FWD_VEC
+  }
+  LLMK_LAUNCH(grid, kFwdThreads, 0, s, ce_fwd_kernel<T>)(static_cast<const T*>(logits), sb, st, Tn, V, targets,
+                                                        ignore_index, vocab_start, check_range, loss, lse,
+                                                        target_logit);
   return cudaGetLastError();
 }
 
@@ -227,21 +245,31 @@ cudaError_t launch_bwd(const void* logits, int64_t sb, int64_t st, int64_t Tn, i
                        int64_t ignore_index, int64_t vocab_start, void* grad, int64_t gsb, int64_t gst,
                        cudaStream_t s) {
   auto grid_y = [V](int64_t chunk) {
-    const int64_t gy = (V + chunk - 1) / chunk;
+    int64_t gy = (V + chunk - 1) / chunk;
+    const int64_t cap = llmk_tune::knob("ce_bwd_gy");
+    if (cap > 0 && gy > cap) gy = cap;
     return static_cast<unsigned>(gy > kMaxGridY ? kMaxGridY : gy);
   };
-  if (V % (16 / sizeof(T)) == 0 && rows_aligned<T>(logits, sb, st, Tn, N) &&
-      rows_aligned<T>(grad, gsb, gst, Tn, N) && can_launch(ce_bwd_vec_kernel<T>, kCeVecBwdThreads)) {
-    const dim3 grid(static_cast<unsigned>(N), grid_y(ce_vec_bwd_chunk<T>()));
-    LLMK_LAUNCH(grid, kCeVecBwdThreads, 0, s, ce_bwd_vec_kernel<T>)(
-        static_cast<const T*>(logits), sb, st, Tn, V, targets, lse, scale, scale_stride, ignore_index,
-        vocab_start, static_cast<T*>(grad), gsb, gst);
-  } else {
-    const dim3 grid(static_cast<unsigned>(N), grid_y(kBwdChunk));
-    LLMK_LAUNCH(grid, kBwdThreads, 0, s, ce_bwd_kernel<T>)(static_cast<const T*>(logits), sb, st, Tn, V, targets,
-                                                          lse, scale, scale_stride, ignore_index, vocab_start,
-                                                          static_cast<T*>(grad), gsb, gst);
+  if (V % (16 / sizeof(T)) == 0 && rows_aligned<T>(logits, sb, st, Tn, N) && rows_aligned<T>(grad, gsb, gst, Tn, N)) {
+#define LLMK_CE_BWD_VEC(U)                                                                                 \
+  if (can_launch(ce_bwd_vec_kernel<T, U>, kCeVecBwdThreads)) {                                            \
+    const dim3 grid(static_cast<unsigned>(N), grid_y(ce_vec_bwd_chunk<T, U>()));                          \
+    LLMK_LAUNCH(grid, kCeVecBwdThreads, 0, s, ce_bwd_vec_kernel<T, U>)(                                   \
+        static_cast<const T*>(logits), sb, st, Tn, V, targets, lse, scale, scale_stride, ignore_index,    \
+        vocab_start, static_cast<T*>(grad), gsb, gst);                                                     \
+    return cudaGetLastError();                                                                             \
   }
+    if (ce_unroll("ce_bwd_unroll") == 4) {
+      LLMK_CE_BWD_VEC(4)
+    } else {
+      LLMK_CE_BWD_VEC(2)
+    }
+#undef LLMK_CE_BWD_VEC
+  }
+  const dim3 grid(static_cast<unsigned>(N), grid_y(kBwdChunk));
+  LLMK_LAUNCH(grid, kBwdThreads, 0, s, ce_bwd_kernel<T>)(static_cast<const T*>(logits), sb, st, Tn, V, targets,
+                                                        lse, scale, scale_stride, ignore_index, vocab_start,
+                                                        static_cast<T*>(grad), gsb, gst);
   return cudaGetLastError();
 }
 
@@ -531,7 +559,7 @@ cudaError_t launch_ent_bwd(const void* logits, int64_t sb, int64_t st, int64_t T
   };
   if (V % (16 / sizeof(T)) == 0 && rows_aligned<T>(logits, sb, st, Tn, N) &&
       rows_aligned<T>(grad, gsb, gst, Tn, N) && can_launch(ce_ent_bwd_vec_kernel<T>, kCeVecBwdThreads)) {
-    const dim3 grid(static_cast<unsigned>(N), grid_y(ce_vec_bwd_chunk<T>()));
+    const dim3 grid(static_cast<unsigned>(N), grid_y(ce_vec_bwd_chunk<T, kCeUnroll>()));
     LLMK_LAUNCH(grid, kCeVecBwdThreads, 0, s, ce_ent_bwd_vec_kernel<T>)(
         static_cast<const T*>(logits), sb, st, Tn, V, targets, lse, ent, gloss, gent, ignore_index, vocab_start,
         static_cast<T*>(grad), gsb, gst);

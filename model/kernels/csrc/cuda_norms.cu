@@ -150,6 +150,22 @@ __global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T
   const float inv_d = 1.0f / static_cast<float>(D);
   float v[NV][V];
   float s1 = 0.f;
+  // The affine parameters (same for every row, L2-resident) are loaded with the row, so their
+  // latency overlaps the row's instead of following the reductions; not at NV = 4, where holding
+  // them would spill (the kernel is capped at 64 registers by its 1024-thread launch bound).
+  constexpr bool kHoist = NV <= 2;
+  float wv[NV][V], bv[NV][V];
+  auto load_affine = [&](int k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (j < nvec) {
+      if (w) load_vec(w + j * V, wv[k]);
+      if (!RMS && b) load_vec(b + j * V, bv[k]);
+    }
+  };
+  if constexpr (kHoist) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) load_affine(k);
+  }
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
@@ -194,19 +210,18 @@ __global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if constexpr (!kHoist) load_affine(k);
     if (j < nvec) {
-      float wv[V], bv[V], n[V];
-      if (w) load_vec(w + j * V, wv);
-      if (!RMS && b) load_vec(b + j * V, bv);
+      float n[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         if (RMS) {
           n[e] = rnd<T>(v[k][e] * rs);
-          if (w) n[e] *= wv[e];
+          if (w) n[e] *= wv[k][e];
         } else {
           n[e] = (v[k][e] - mu) * rs;
-          if (w) n[e] *= wv[e];
-          if (b) n[e] += bv[e];
+          if (w) n[e] *= wv[k][e];
+          if (b) n[e] += bv[k][e];
         }
       }
       store_vec(y + row * D + j * V, n);
@@ -301,15 +316,19 @@ __global__ void __launch_bounds__(kVecBwdMaxThreads) norm_bwd_vec_kernel(const O
 // Threads and vectors per thread (NV in {1, 2, 4}, at most max_nv) of the vectorised kernels for
 // a row of D elements of T with at most max_threads threads, or 0 when they do not apply (then the
 // scalar kernels run).
+// `start` (LLMK_TUNE norm_fwd_threads / norm_bwd_threads) replaces row_threads(D) as the first
+// block size tried.
 template <typename T>
-int vec_plan(int64_t D, std::initializer_list<const void*> ptrs, int max_threads, int max_nv, int& threads) {
+int vec_plan(int64_t D, std::initializer_list<const void*> ptrs, int max_threads, int max_nv, int& threads,
+             int start = 0) {
   constexpr int V = 16 / sizeof(T);
   if (D % V != 0) return 0;
   for (const void* p : ptrs) {
     if (p && !aligned16(p)) return 0;
   }
   const int64_t nvec = D / V;
-  threads = row_threads(D) < max_threads ? row_threads(D) : max_threads;
+  if (start < 32 || start % 32 != 0) start = row_threads(D);
+  threads = start < max_threads ? start : max_threads;
   while (nvec > static_cast<int64_t>(max_nv) * threads && threads < max_threads) threads *= 2;
   const int64_t nv = (nvec + threads - 1) / threads;
   const int plan = nv <= 1 ? 1 : nv == 2 ? 2 : nv <= 4 ? 4 : 0;
@@ -322,7 +341,8 @@ cudaError_t launch_fwd(const void* x, const void* r, const float* w, const float
                        void* y, void* h, float* mean, float* rstd, cudaStream_t s) {
   if (N == 0 || D == 0) return cudaSuccess;
   int threads = 0;
-  const int nv = vec_plan<T>(D, {x, r, w, b, y, h}, kVecFwdMaxThreads, 4, threads);
+  const int nv = vec_plan<T>(D, {x, r, w, b, y, h}, kVecFwdMaxThreads, 4, threads,
+                             llmk_tune::knob("norm_fwd_threads"));
   const unsigned grid = static_cast<unsigned>(N);
 #define LLMK_NORM_FWD_VEC(NV)                                                                             \
   if (can_launch(norm_fwd_vec_kernel<T, O, RMS, NV>, threads)) {                                         \
@@ -353,7 +373,8 @@ cudaError_t launch_bwd(const void* dy, const void* h, const float* mean, const f
   constexpr int kAcc = RMS ? 1 : 2;
   const int64_t G = norm_bwd_grid(N);
   int threads = 0;
-  int nv = vec_plan<T>(D, {dy, h, w, dres, dx, partial}, kVecBwdMaxThreads, kVecBwdMaxNV, threads);
+  int nv = vec_plan<T>(D, {dy, h, w, dres, dx, partial}, kVecBwdMaxThreads, kVecBwdMaxNV, threads,
+                       llmk_tune::knob("norm_bwd_threads"));
   if (nv == 1 && !can_launch(norm_bwd_vec_kernel<T, O, RMS, 1>, threads)) nv = 0;
   if (nv == 2 && !can_launch(norm_bwd_vec_kernel<T, O, RMS, 2>, threads)) nv = 0;
   if (nv) {
@@ -402,8 +423,11 @@ cudaError_t launch_bwd(const void* dy, const void* h, const float* mean, const f
 
 }  // namespace
 
+// Blocks of the persistent backward: 2 per SM (LLMK_TUNE norm_bwd_blocks = per SM; blocks beyond
+// what fits at once run in later waves).
 int64_t norm_bwd_grid(int64_t N) {
-  const int64_t g = 2 * static_cast<int64_t>(sm_count());
+  const int per_sm = llmk_tune::knob("norm_bwd_blocks");
+  const int64_t g = (per_sm > 0 ? per_sm : 2) * static_cast<int64_t>(sm_count());
   return N < g ? (N < 1 ? 1 : N) : g;
 }
 
