@@ -36,6 +36,7 @@ The table is printed and written as the marked `bench_step` section of bench/res
     python bench/bench_step.py                     # CUDA when present, else CPU
     python bench/bench_step.py --device cuda --budget 200
     python bench/bench_step.py --quick             # tiny shape, few repeats (smoke test)
+    python bench/bench_step.py --profile           # and one step per row by kernel family (torch.profiler)
 """
 
 from __future__ import annotations
@@ -266,6 +267,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timing, one step per row under torch.profiler: time by kernel family")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
@@ -432,9 +435,18 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - profiler internals differ between torch versions
             print(f"peak memory not measured: {_short(e)}", file=sys.stderr)
 
+    profile_md = []
+    if args.profile and not interrupted and not over_budget():
+        try:
+            profile_md = profile_rows(ready, device)
+        except Interrupted:
+            interrupted = f"interrupted (SIGTERM) after {time.perf_counter() - t_start:.0f}s"
+        except Exception as e:  # noqa: BLE001 - profiler internals differ between torch versions
+            profile_md = [f"- kernel profile not taken: {_short(e)}"]
+
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     table = to_markdown(args, rows, device, amp, n_params, flops_tok, peak_note, build_note, check_lines,
-                        done, load_start, interrupted)
+                        done, load_start, interrupted, profile_md)
     print(table)
     if not args.no_write:
         slug = device_slug(device) + ("-quick" if args.quick else "")
@@ -451,8 +463,57 @@ def fmt(v, spec, none="n/a"):
     return none if v is None else format(v, spec)
 
 
+# Kernel families of the profile table (first match of the kernel's name, lower case).
+KERNEL_FAMILIES = [
+    ("matmuls (cuBLAS / CUTLASS)", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|matmul|addmm|\bmm\b")),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|scaled_dot")),
+    ("our fused kernels", re.compile(r"llmk_")),
+    ("inductor (Triton)", re.compile(r"triton")),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach")),
+    ("other", re.compile(r"")),
+]
+
+
+def profile_rows(ready: list, device: str, top: int = 6) -> list[str]:
+    """One more step of every timed row under torch.profiler: device time by kernel family side by
+    side, and each compiled row's top kernels (where ours and plain torch.compile differ)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    fams, tops = {}, {}
+    for row in ready:
+        with profile(activities=acts) as prof:
+            row.step()
+            _sync(device)
+        evs = [e for e in prof.key_averages() if getattr(e, key, 0) > 0
+               and (device != "cuda" or e.device_type == DeviceType.CUDA)]
+        if device != "cuda":  # CPU: the aten ops (self time), not the Python-level wrappers
+            evs = [e for e in evs if "::" in e.key]
+        by_fam = dict.fromkeys((name for name, _ in KERNEL_FAMILIES), 0.0)
+        for e in evs:
+            name = next(n for n, pat in KERNEL_FAMILIES if pat.search(e.key.lower()))
+            by_fam[name] += getattr(e, key) / 1e3
+        fams[row.spec.key] = by_fam
+        if row.spec.compile:
+            evs.sort(key=lambda e: -getattr(e, key))
+            tops[row.spec.label] = [(e.key, e.count, getattr(e, key) / 1e3) for e in evs[:top]]
+    what = "device" if device == "cuda" else "CPU (aten ops' self time)"
+    lines = ["", f"Where one step's {what} time goes (ms, torch.profiler, one step per row after the timing):", "",
+             "| kernel family | " + " | ".join(r.spec.label for r in ready) + " |",
+             "|---|" + "---:|" * len(ready)]
+    for name, _ in KERNEL_FAMILIES:
+        lines.append(f"| {name} | " + " | ".join(f"{fams[r.spec.key][name]:.2f}" for r in ready) + " |")
+    lines.append("| **all** | " + " | ".join(f"{sum(fams[r.spec.key].values()):.2f}" for r in ready) + " |")
+    for label, items in tops.items():
+        lines += ["", f"Top kernels, {label}:", "", "| kernel | calls | ms |", "|---|---:|---:|"]
+        lines += [f"| `{k[:100]}` | {n} | {ms:.2f} |" for k, n, ms in items]
+    return lines
+
+
 def to_markdown(args, rows, device, amp, n_params, flops_tok, peak_note, build_note, check_lines, done,
-                load_start, interrupted) -> str:
+                load_start, interrupted, profile_md=()) -> str:
     by_key = {r.spec.key: r for r in rows}
     base_eager = getattr(by_key.get("plain"), "tokens_s", None)
     base_comp = getattr(by_key.get("plain-compile"), "tokens_s", None)
@@ -495,6 +556,7 @@ def to_markdown(args, rows, device, amp, n_params, flops_tok, peak_note, build_n
                      "(issue #4 GPU goal: >= 1.15x for GPT-2 124M)")
     if interrupted:
         lines.append(f"- {interrupted}: rows without numbers were not measured.")
+    lines += profile_md
     lines.append(SECTION_END)
     return "\n".join(lines) + "\n"
 

@@ -30,8 +30,9 @@
 #      CUDA execution providers against the PyTorch model's logits (prefill + 16 decode steps) and
 #      the CPU provider's decode-step time.  A provider this onnxruntime lacks (or no onnxruntime)
 #      is one line in the results, not a failure.
-#   7. training step: bench/bench_step.py --device cuda (GPT-2 124M, batch 32 x 1024, plain GPT
-#      eager/compile vs ours torch/fused/fused+compile; two torch.compile runs of ~1 min each)
+#   7. training step: bench/bench_step.py --device cuda --profile (GPT-2 124M, batch 32 x 1024, plain
+#      GPT eager/compile vs ours torch/fused/fused+compile/torch+compile; three torch.compile runs,
+#      14-19 s each on the H200; then one profiled step per row: device time by kernel family)
 #                                              --budget $STEP_BUDGET_S (120) / that + 30 s
 #   Then a summary of each step's status and time, and the results last (bench/results/<device>.md:
 #   the kernel table, the gpu_train section, the marked bench_step section).  A failing step does
@@ -172,8 +173,11 @@ case $STEPS in *" onnx "*)
   ONNX_PROVIDERS=(); [ "$DEV" = cpu ] && ONNX_PROVIDERS=(--providers CPUExecutionProvider --repeats 5)
   step onnx 40 $PY bench/gpu_onnx.py check "$ONNX" --results "$RESULT" "${ONNX_PROVIDERS[@]}" ;; esac
 case $STEPS in *" step "*)
+  # On the GPU also ours with kernels=torch compiled (is the gap to plain compile our model or our
+  # kernels?), and every row's step by kernel family (torch.profiler).
+  STEP_ROWS=(); [ "$DEV" = cuda ] && STEP_ROWS=(--rows plain,plain-compile,ours-torch,ours-fused,ours-fused-compile,ours-torch-compile)
   step step "$((STEP_BUDGET_S + 30))" $PY bench/bench_step.py --device "$DEV" --out "$OUT" --budget "$STEP_BUDGET_S" \
-    "${BENCH_ARGS[@]}" ;; esac
+    --profile "${STEP_ROWS[@]}" "${BENCH_ARGS[@]}" ;; esac
 echo
 echo "================================ summary (total $((SECONDS - T0))s)"
 printf '%s\n' "${SUMMARY[@]}"

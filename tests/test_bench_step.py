@@ -96,17 +96,21 @@ def test_rehearsal_results_file_has_the_kernel_table_then_the_step_section(quick
     proc, out = quick_run
     files = list(out.glob("*-quick.md"))
     assert len(files) == 1
+    text = files[0].read_text()
+    assert text.startswith("# ") and "| layer_norm" in text.split(bench_step.SECTION_BEGIN)[0]
+    assert text.count(bench_step.SECTION_BEGIN) == 1 and text.rstrip().endswith(bench_step.SECTION_END)
+    # the script prints that file last
+    assert proc.stdout.rstrip().endswith(text.rstrip()) and f"results ({files[0]})" in proc.stdout
     # the launch-shape sweep's own file: every swept op, each setting, the profiler table
     sweep = [f.read_text() for f in out.glob("*-sweep.md")]
     assert len(sweep) == 1
     for op in ("layer_norm+residual", "rms_norm+residual", "cross_entropy"):
         assert f"## {op} " in sweep[0]
     assert "| ce_bwd_gy=1 |" in sweep[0] and "one step under torch.profiler" in sweep[0]
-    text = files[0].read_text()
-    assert text.startswith("# ") and "| layer_norm" in text.split(bench_step.SECTION_BEGIN)[0]
-    assert text.count(bench_step.SECTION_BEGIN) == 1 and text.rstrip().endswith(bench_step.SECTION_END)
-    # the script prints that file last
-    assert proc.stdout.rstrip().endswith(text.rstrip()) and f"results ({files[0]})" in proc.stdout
+    # bench_step --profile: time by kernel family per row, every family and the total
+    step = text.split(bench_step.SECTION_BEGIN)[1]
+    assert "Where one step's" in step and "| **all** |" in step
+    assert all(f"| {name} |" in step for name, _ in bench_step.KERNEL_FAMILIES)
 
 
 def test_write_section_keeps_the_kernel_table_and_replaces_itself(tmp_path):
