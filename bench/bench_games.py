@@ -35,7 +35,8 @@ def checkpoints(limit: int) -> list[int]:
 
 
 def run_solver(kind: str, game_name: str, budget: float, iterations: int) -> list[dict]:
-    """[{iteration, seconds, nash_conv}] of OpenSpiel's `kind` (cfr or xfp) on the game."""
+    """[{iteration, seconds, nash_conv}] of OpenSpiel's `kind` (cfr or xfp) on the game, or (psro) our
+    tabular double oracle (agents.games.psro with a perfect fit: each target is the next table)."""
     from open_spiel.python.algorithms import cfr, exploitability, fictitious_play
 
     from agents.envs.games import load_game
@@ -44,9 +45,21 @@ def run_solver(kind: str, game_name: str, budget: float, iterations: int) -> lis
     if kind == "cfr":
         solver = cfr.CFRSolver(game)
         step, average = solver.evaluate_and_update_policy, solver.average_policy
-    else:
+    elif kind == "xfp":
         solver = fictitious_play.XFPSolver(game)
         step, average = solver.iteration, solver.average_policy
+    else:
+        from agents.games.psro import Population, psro_iteration
+        from agents.games.tables import InfoStates, tabular_policy
+
+        space = InfoStates(game)
+        pop, held = Population(game, space), [space.uniform()]
+
+        def step():
+            held[0] = psro_iteration(pop, held[0])[0]
+
+        def average():
+            return tabular_policy(game, space, held[0])
     marks, rows, spent = set(checkpoints(iterations)), [], 0.0
     for it in range(1, iterations + 1):
         t0 = time.perf_counter()
@@ -61,7 +74,8 @@ def run_solver(kind: str, game_name: str, budget: float, iterations: int) -> lis
 
 def our_rows(run_dir: Path) -> tuple[str, str, list[dict]]:
     """(game, label, [{iteration (step), seconds (training), nash_conv}]) from one of our runs; the label
-    names the run and its method (rl.best_response: rl = self-play, exact = XFP with the LLM average)."""
+    names the run and its method (rl.best_response: rl = self-play, exact = XFP with the LLM average,
+    psro = PSRO with the LLM fitted to the meta-equilibrium)."""
     import yaml
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -69,6 +83,8 @@ def our_rows(run_dir: Path) -> tuple[str, str, list[dict]]:
     rl = cfg.get("rl", {})
     method = (f"XFP, LLM fitted to the {rl.get('average_weighting', 'uniform')} average of exact best responses"
               if rl.get("best_response") == "exact" else
+              "PSRO (double oracle), LLM fitted to the population's Nash mixture"
+              if rl.get("best_response") == "psro" else
               f"self-play, {rl.get('average_weighting', 'uniform')} average, {cfg['optim'].get('optimizer', 'adamw')}")
     return cfg["env"]["args"]["game"], f"{run_dir.name}: {method}", [
         {"iteration": r["step"], "seconds": r["train_s"], "nash_conv": r["nash_conv"]}
@@ -103,17 +119,22 @@ def main(argv=None) -> int:
              f"`{command}`", "",
              "NashConv (OpenSpiel's exploitability.nash_conv) of each method's average policy. CFR: vanilla CFR; "
              "XFP: extensive-form fictitious play with exact best responses (both OpenSpiel's Python solvers, "
-             "one thread, measuring time not counted). Ours: the recipe's run; self-play: one step = one batch of "
+             "one thread, measuring time not counted); tabular PSRO: our double oracle (agents.games.psro: "
+             "exact best responses, the population's meta-game solved by LP) with tables, no LLM. Ours: the recipe's run; self-play: one step = one batch of "
              "self-play episodes and one optimizer step of the GPT policy; XFP (rl.best_response: exact): one "
              "step = one distillation step of the GPT toward the XFP target (the average of the best responses so "
-             "far), an XFP iteration (exact best responses to the GPT's table) every rl.average_every steps; seconds = training seconds on the "
+             "far), an XFP iteration (exact best responses to the GPT's table) every rl.average_every steps; PSRO "
+             "(rl.best_response: psro): one step = one distillation step toward the population's Nash mixture, a PSRO "
+             "iteration (exact best responses to that mixture join the population) every rl.average_every steps; "
+             "seconds = training seconds on the "
              "shared 2-core machine (other jobs were running).", ""]
     summary = ["| game | method | final NashConv | iterations (steps) | seconds |", "|---|---|---:|---:|---:|"]
     for game in args.games:
         series = {}
-        for kind in ("cfr", "xfp"):
+        for kind in ("cfr", "xfp", "psro"):
             print(f"{game}: {kind} ...", flush=True)
-            series[f"OpenSpiel {kind.upper()}"] = run_solver(kind, game, args.budget, args.iterations)
+            label = "tabular PSRO (double oracle, ours)" if kind == "psro" else f"OpenSpiel {kind.upper()}"
+            series[label] = run_solver(kind, game, args.budget, args.iterations)
         for name, rows in ours.get(game, []):
             series[f"ours ({name})"] = rows
         lines += table(game, series)

@@ -128,7 +128,7 @@ def test_sgd_two_networks_linear_average_resume_after_sigkill_bit_for_bit(root):
 
 @pytest.mark.parametrize("overrides, message", [
     (["rl.average_weighting=cubic"], "'rl.average_weighting': Input should be 'uniform' or 'linear'"),
-    (["rl.best_response=oracle"], "'rl.best_response': Input should be 'rl' or 'exact'"),
+    (["rl.best_response=oracle"], "'rl.best_response': Input should be 'rl', 'exact' or 'psro'"),
     (["optim.optimizer=lion"], "'optim.optimizer': Input should be 'adamw' or 'sgd'"),
 ])
 def test_bad_averaging_and_best_response_keys_stop_with_one_line(root, overrides, message):
@@ -166,6 +166,35 @@ def test_exact_best_response_run_resumes_after_sigkill_bit_for_bit(root):
     _kill_resume_and_compare(root, "xfp-k", "xfp", XFP, "game-kuhn", kill_after=6)
 
 
+PSRO = [o.replace("=exact", "=psro") for o in XFP]
+
+
+def test_psro_run_counts_its_population_and_resumes_after_sigkill_bit_for_bit(root):
+    """rl.best_response=psro on Kuhn: a member joins the population every rl.average_every steps (the
+    LLM's first table, then one best response per iteration), the NashConv measured is the LLM's own
+    table, and killed after step 6 the run resumes from step 4's checkpoint (the population restored,
+    the meta-game re-solved to the same target) and reproduces the uninterrupted run bit for bit."""
+    import pyspiel
+    from open_spiel.python.algorithms import exploitability
+
+    from agents.games.tables import load_policy_json
+
+    whole = run_train(root, "psro", *PSRO, recipe="game-kuhn")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = root / "runs" / "psro"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_response"] == "psro" and summary["psro_iterations"] == 4
+    assert summary["psro_population"] == 5 and 0 <= summary["nash_conv_target"] < summary["nash_conv_uniform"]
+    game = pyspiel.load_game("kuhn_poker")
+    assert exploitability.nash_conv(game, load_policy_json(run / "policy.json", game)) == pytest.approx(
+        summary["nash_conv"], abs=1e-12)
+    steps = [r for r in metrics(root, "psro") if "agent/player_0/kl" in r]
+    assert [r["psro_iteration"] for r in steps] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert [r["psro_population"] for r in steps] == [2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    assert all(1 <= r["psro_support"] <= 2 * r["psro_population"] for r in steps)
+    _kill_resume_and_compare(root, "psro-k", "psro", PSRO, "game-kuhn", kill_after=6)
+
+
 def test_leduc_runs_and_measures_its_936_states(root):
     out = run_train(root, "leduc", "train.max_steps=3", "train.eval_every=3", "rl.episodes_per_step=8",
                     recipe="game-leduc")
@@ -174,3 +203,25 @@ def test_leduc_runs_and_measures_its_936_states(root):
     assert summary["information_states"] == 936
     assert summary["nash_conv_uniform"] == pytest.approx(4.747222222222222, abs=1e-9)
     assert 0 < summary["nash_conv"] < 14
+
+
+def test_leduc_psro_recipe_runs_at_reduced_size(root):
+    """game-leduc-psro for 40 steps (2 PSRO iterations of 20 distillation steps): a population of 3 (the
+    GPT's first table and two best responses), the target's NashConv measured beside the GPT's, the run's
+    policy.json the GPT's table."""
+    import pyspiel
+    from open_spiel.python.algorithms import exploitability
+
+    from agents.games.tables import load_policy_json
+
+    out = run_train(root, "leduc-psro", "train.max_steps=40", "train.eval_every=40", "rl.distill_states=16",
+                    recipe="game-leduc-psro")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = root / "runs" / "leduc-psro"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_response"] == "psro" and summary["information_states"] == 936
+    assert summary["psro_iterations"] == 2 and summary["psro_population"] == 3
+    assert 0 <= summary["nash_conv_target"] < 14 and 0 < summary["nash_conv"] < 14
+    game = pyspiel.load_game("leduc_poker")
+    assert exploitability.nash_conv(game, load_policy_json(run / "policy.json", game)) == pytest.approx(
+        summary["nash_conv"], abs=1e-9)

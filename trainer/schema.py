@@ -262,17 +262,19 @@ class RLSection(Section):
     kl_ref: bool = _f(True, "track the KL divergence of each agent to its initial policy")
     average_every: PosInt = _f(1, "game self-play (env openspiel): the current policy joins the average policy every "
                                "this many steps (its table is one forward over every information state); with "
-                               "rl.best_response=exact: the steps of distillation per fictitious-play iteration")
+                               "rl.best_response=exact / psro: the steps of distillation per fictitious-play / "
+                               "PSRO iteration")
     average_weighting: Literal["uniform", "linear"] = _f("uniform", "game self-play: iterate t of the average policy "
                                                          "weighs 1 (uniform, fictitious play) or t (linear, as CFR+); "
                                                          "with rl.best_response=exact, best response t")
-    distill_states: PosInt | None = _f(None, "game self-play with rl.best_response=exact: information states per "
+    distill_states: PosInt | None = _f(None, "game self-play with rl.best_response=exact or psro: information states per "
                                        "distillation step, drawn without replacement per agent (null = all)")
-    best_response: Literal["rl", "exact"] = _f("rl", "game self-play: rl = the policy itself learns by REINFORCE "
-                                               "and an exact average of its iterates is measured; exact = full-width "
-                                               "extensive-form fictitious play (XFP): OpenSpiel's exact best response "
-                                               "to the LLM's policy, the LLM distilled toward the average of the "
-                                               "best responses so far")
+    best_response: Literal["rl", "exact", "psro"] = _f(
+        "rl", "game self-play: rl = the policy itself learns by REINFORCE and an exact average of its iterates is "
+        "measured; exact = full-width extensive-form fictitious play (XFP): OpenSpiel's exact best response to the "
+        "LLM's policy, the LLM distilled toward the average of the best responses so far; psro = PSRO (double "
+        "oracle): exact best responses to the Nash mixture of a growing population, the LLM distilled toward "
+        "that mixture")
 
 
 class DistillSection(Section):

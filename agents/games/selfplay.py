@@ -27,7 +27,9 @@ policy-gradient self-play cycles around a mixed equilibrium; its reach-weighted 
 the whole step by full-width XFP with the LLM as the average policy (agents.games.xfp): every
 rl.average_every steps OpenSpiel's exact best responses to the LLM's table join the average of all best
 responses so far, XFP's target, and every step is one distillation step toward it (`distill_update`);
-no episodes are played.
+no episodes are played. `rl.best_response: psro` is the same loop with PSRO's target (agents.games.psro):
+every rl.average_every steps exact best responses to the Nash mixture of a growing population join it,
+and the LLM is distilled toward the new population's Nash mixture (the population is checkpointed).
 
 Agents: player_0 and player_1 (the env's); `policy_of: player_0` on player_1 makes one shared
 policy (one engine) for both seats. Checkpoints hold the engines, the step, the episode generator,
@@ -64,6 +66,7 @@ from ..envs.games import GameEnv, load_game
 from ..learners import Agent, build_learners
 from ..policy import AgentPolicy
 from .actions import action_names, action_token_ids, game_tokenizer, legal_logprobs
+from .psro import Population, meta_target, psro_iteration, psro_iterations_done
 from .settings import check_game_settings
 from .tables import AveragePolicy, InfoStates, nash_conv, write_policy_json
 from .tracking import GameTracker
@@ -203,7 +206,7 @@ def _step_on(learner, loss_fn, figures: dict[str, dict]) -> dict[str, dict]:
 def distill_update(learner, agents: dict[str, Agent], state_prompts: dict[str, tuple[list, list]],
                    space: InfoStates, target: np.ndarray, tokens: dict[str, list[int]],
                    picks: dict[str, list[int]] | None = None) -> dict[str, dict]:
-    """rl.best_response=exact: one step of the learner's engine on the KL divergence from the XFP target
+    """rl.best_response=exact or psro: one step of the learner's engine on the KL divergence from the XFP / PSRO target
     to the policy, averaged over its agents' information states (all, or per agent the positions
     `picks[agent]` in its list: rl.distill_states) (agents.games.xfp)."""
     figures: dict[str, dict] = {}
@@ -277,8 +280,14 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         ag.policy = AgentPolicy(ag.name, ag.policy.tokenizer, template=GAME_TEMPLATE)
     space = InfoStates(game)
     average = AveragePolicy(space, recipe.rl.average_weighting)
-    exact = recipe.rl.best_response == "exact"
-    target = None  # rl.best_response=exact: the current XFP target (its iteration: iterations_done(average))
+    # exact (XFP) and psro: no episodes; the LLM is distilled toward a target that an exact oracle builds
+    exact = recipe.rl.best_response in ("exact", "psro")
+    population = Population(game, space) if recipe.rl.best_response == "psro" else None
+    target = None  # the current XFP / PSRO target (its iteration: oracle_iterations())
+    oracle_figures: dict = {}  # PSRO: the population's size, meta-game value and support
+
+    def oracle_iterations() -> int:
+        return psro_iterations_done(population) if population is not None else iterations_done(average)
     action_list = action_names(game)
     try:
         tokens = {n: action_token_ids(ag.policy.tokenizer, action_list) for n, ag in agents.items()}
@@ -304,7 +313,11 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         step, train_s = loop_state["step"], loop_state["train_s"]
         gen.set_state(loop_state["episode_generator"])
         average.load_state_dict(loop_state["average_policy"])
-        if exact and iterations_done(average):
+        if population is not None:
+            population.load_state_dict(loop_state["psro_population"])
+            if len(population):  # the equilibrium last solved, restored: the same target
+                target, oracle_figures = meta_target(population, solve=False)
+        elif exact and iterations_done(average):
             target = average.table()
     tracker = GameTracker.open(ctx, cfg_dict, step if resume_from is not None else None, list(agents))
     single_states = len(space) == 2  # a matrix game: log every action's probability
@@ -312,6 +325,8 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
     def save(at: int) -> Path:
         loop_state = {"step": at, "episode_generator": gen.get_state(), "train_s": train_s,
                       "average_policy": average.state_dict()}
+        if population is not None:
+            loop_state["psro_population"] = population.state_dict()
         meta = {"step": at, "config": cfg_dict, "agents": list(agents), "world_size": dims.dp,
                 "zero_stage": recipe.parallel.zero_stage, "tp": 1, "pp": 1,
                 "model_config": learners[0].replica.model_config.to_dict(),
@@ -323,14 +338,16 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         """The measured policy: the exact average of the iterates, or (exact) the LLM's own table."""
         return current if exact else average.table()
 
+    iteration_key = "psro_iteration" if population is not None else "xfp_iteration"
+
     def measure(at: int) -> dict:
         current = policy_table(space, agents, state_prompts, tokens)
         avg = average_table(current)
         row = {"step": at, "train_s": train_s, "nash_conv": nash_conv(game, space, avg),
                "nash_conv_last": nash_conv(game, space, current)}
-        if exact and target is not None:  # the exact XFP mixture the LLM is being fitted to
+        if exact and target is not None:  # the exact XFP / PSRO mixture the LLM is being fitted to
             row["nash_conv_target"] = nash_conv(game, space, target)
-            row["xfp_iteration"] = iterations_done(average)
+            row[iteration_key] = oracle_iterations()
         if single_states:
             for i in range(len(space)):
                 for a in np.flatnonzero(space.legal[i]):
@@ -351,7 +368,9 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
               + ", ".join(f"{n} (alpha {ag.settings.alpha}" + (f", policy of {ag.policy_name}" if ag.policy_name != n
                                                                   else "") + ")" for n, ag in agents.items())
               + (f"  resumed from {resume_from.name}" if resume_from else "")
-              + ("  best response: exact (XFP, the LLM distilled toward the average)" if exact else ""), flush=True)
+              + ("  best response: PSRO (double oracle, the LLM distilled toward the population's Nash mixture)"
+                 if population is not None else
+                 "  best response: exact (XFP, the LLM distilled toward the average)" if exact else ""), flush=True)
     if step == 0:
         measure(0)
     E = recipe.rl.episodes_per_step
@@ -363,9 +382,12 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         t0 = time.perf_counter()
         figures = {}
         if exact:
-            if step % recipe.rl.average_every == 0:  # the next XFP iteration: best responses to the LLM's table
+            if step % recipe.rl.average_every == 0:  # the next XFP / PSRO iteration
                 current = policy_table(space, agents, state_prompts, tokens)
-                target = xfp_iteration(game, space, average, current)
+                if population is not None:
+                    target, oracle_figures = psro_iteration(population, current)
+                else:
+                    target, oracle_figures = xfp_iteration(game, space, average, current), {}
             picks = None
             if recipe.rl.distill_states is not None:
                 picks = {n: torch.randperm(len(state_prompts[n][0]), generator=gen)[:recipe.rl.distill_states].tolist()
@@ -383,7 +405,9 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         train_s += time.perf_counter() - t0
         row = {"step": step, "step_time_s": time.perf_counter() - t0}
         if exact:
-            row["xfp_iteration"] = iterations_done(average)
+            row[iteration_key] = oracle_iterations()
+            if population is not None:
+                row.update(oracle_figures)
         for j, n in enumerate(agents):
             if not exact:
                 row[f"agent/{n}/return"] = float(batch.returns[:, j].mean())
@@ -412,8 +436,10 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
                                                                         ("return", "entropy", "loss"))}
                           for n in agents}}
     if exact:
-        summary["xfp_iterations"] = iterations_done(average)
+        summary["psro_iterations" if population is not None else "xfp_iterations"] = oracle_iterations()
         summary["nash_conv_target"] = final.get("nash_conv_target")
+        if population is not None:
+            summary["psro_population"] = len(population)
     if single_states:
         eq = _matrix_equilibrium(env_args.get("game"), env_args.get("params") or {})
         summary["equilibrium"] = {f"player_{space.player[i]}": [float(x) for x in eq[i]] for i in range(len(space))}
@@ -425,7 +451,8 @@ def train_game(recipe: Recipe, dist: DistInfo) -> dict:
         tracker.plot()
         tracker.finish()
         atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=1))
-        print(f"\nrun directory: {ctx.run_dir}\nNashConv of the average policy {summary['nash_conv']:.4f} (uniform "
+        measured = "the LLM's own table" if exact else "the average policy"
+        print(f"\nrun directory: {ctx.run_dir}\nNashConv of {measured} {summary['nash_conv']:.4f} (uniform "
               f"{summary['nash_conv_uniform']:.4f}, last iterate {summary['nash_conv_last']:.4f}) after {step} steps, "
               f"{train_s:.0f} s of training" + (f"\nlargest distance to the equilibrium "
                                                  f"{summary['max_abs_from_equilibrium']:.4f}" if single_states else ""),
