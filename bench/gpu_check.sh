@@ -68,7 +68,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=" ${GPU_CHECK_STEPS:-build tests tuned kernels sweep train onnx step} "
 # Non-default launch shapes of every kernel the sweep varies (the tuned step runs the gpu tests with them)
-TUNED_SHAPES=norm_fwd_threads=128,norm_bwd_threads=256,norm_bwd_blocks=4,ce_fwd_unroll=4,ce_fwd_threads=256,ce_bwd_unroll=4,ce_bwd_gy=8
+TUNED_SHAPES=norm_fwd_threads=128,norm_fwd_hoist=1,norm_bwd_threads=256,norm_bwd_blocks=4,ce_fwd_unroll=4,ce_fwd_threads=256,ce_bwd_unroll=4,ce_bwd_gy=8
 STEP_BUDGET_S=${STEP_BUDGET_S:-120}
 OUT=${GPU_CHECK_OUT:-bench/results}
 DATA=${GPU_CHECK_DATA:-build/gpu-data}

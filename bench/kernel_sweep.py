@@ -32,10 +32,12 @@ from model.kernels import build, get_ops  # noqa: E402
 
 # op -> LLMK_TUNE settings tried ("" = the built-in launch shapes)
 SETTINGS = {
-    "layer_norm+residual": ["", "norm_fwd_threads=128", "norm_fwd_threads=256",
+    "layer_norm+residual": ["", "norm_fwd_threads=128", "norm_fwd_threads=256", "norm_fwd_hoist=1",
+                            "norm_fwd_threads=256,norm_fwd_hoist=1",
                             "norm_bwd_blocks=1", "norm_bwd_blocks=4", "norm_bwd_threads=256",
                             "norm_bwd_threads=256,norm_bwd_blocks=4"],
-    "rms_norm+residual": ["", "norm_fwd_threads=128", "norm_fwd_threads=256",
+    "rms_norm+residual": ["", "norm_fwd_threads=128", "norm_fwd_threads=256", "norm_fwd_hoist=1",
+                          "norm_fwd_threads=256,norm_fwd_hoist=1",
                           "norm_bwd_blocks=1", "norm_bwd_blocks=4", "norm_bwd_threads=256",
                           "norm_bwd_threads=256,norm_bwd_blocks=4"],
     "cross_entropy": ["", "ce_fwd_unroll=4", "ce_fwd_threads=256", "ce_fwd_unroll=4,ce_fwd_threads=256",

@@ -378,6 +378,10 @@ TUNED = {
         "norm_fwd_vec_kernel<T, O, RMS, 4> 128", "norm_bwd_vec_kernel<T, O, RMS, 2> 256"},
     "norm_fwd_threads=256,norm_bwd_blocks=4": set(CE_VEC) | {
         "norm_fwd_vec_kernel<T, O, RMS, 2> 256", "norm_bwd_vec_kernel<T, O, RMS, 1> 512"},
+    "norm_fwd_threads=256,norm_fwd_hoist=1": set(CE_VEC) | {
+        "norm_fwd_vec_kernel<T, O, RMS, 2, true> 256", "norm_bwd_vec_kernel<T, O, RMS, 1> 512"},
+    "norm_fwd_hoist=1": set(CE_VEC) | {
+        "norm_fwd_vec_kernel<T, O, RMS, 1, true> 512", "norm_bwd_vec_kernel<T, O, RMS, 1> 512"},
     "ce_fwd_unroll=4,ce_fwd_threads=256,ce_bwd_unroll=4": NORM_DEFAULT | {"ce_fwd_vec_kernel<T, 4> 256",
                                                                           "ce_bwd_vec_kernel<T, 4> 256"},
     "ce_fwd_threads=96,ce_bwd_gy=1": NORM_DEFAULT | {"ce_fwd_vec_kernel<T, 2> 96", "ce_bwd_vec_kernel<T, 2> 256"},

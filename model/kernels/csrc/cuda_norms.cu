@@ -140,7 +140,7 @@ constexpr int kVecFwdMaxThreads = 1024;
 constexpr int kVecBwdMaxThreads = 512;
 constexpr int kVecBwdMaxNV = 2;
 
-template <typename T, typename O, bool RMS, int NV>
+template <typename T, typename O, bool RMS, int NV, bool HOIST = false>
 __global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T* x, const T* r, const float* w, const float* b, float eps, int64_t D,
                                     O* y, T* h, float* mean_out, float* rstd_out) {
   constexpr int V = 16 / sizeof(T);
@@ -150,10 +150,13 @@ __global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T
   const float inv_d = 1.0f / static_cast<float>(D);
   float v[NV][V];
   float s1 = 0.f;
-  // The affine parameters (same for every row, L2-resident) are loaded with the row, so their
-  // latency overlaps the row's instead of following the reductions; not at NV = 4, where holding
-  // them would spill (the kernel is capped at 64 registers by its 1024-thread launch bound).
-  constexpr bool kHoist = NV <= 2;
+  // HOIST (LLMK_TUNE norm_fwd_hoist=1, NV <= 2 only): the affine parameters (the same for every
+  // row, L2-resident) are loaded with the row, so their latency overlaps the row's instead of
+  // following the reductions; it costs registers (bf16 LayerNorm NV = 1: 40 instead of 32 per
+  // thread, 3 blocks of 512 threads per SM instead of 4), hence measured before it is a default.
+  // Not at NV = 4, where holding them would spill (64 registers at the 1024-thread launch bound).
+  static_assert(!HOIST || NV <= 2, "hoisted affine parameters only for NV <= 2");
+  constexpr bool kHoist = HOIST;
   float wv[NV][V], bv[NV][V];
   auto load_affine = [&](int k) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
@@ -344,19 +347,23 @@ cudaError_t launch_fwd(const void* x, const void* r, const float* w, const float
   const int nv = vec_plan<T>(D, {x, r, w, b, y, h}, kVecFwdMaxThreads, 4, threads,
                              llmk_tune::knob("norm_fwd_threads"));
   const unsigned grid = static_cast<unsigned>(N);
-#define LLMK_NORM_FWD_VEC(NV)                                                                             \
-  if (can_launch(norm_fwd_vec_kernel<T, O, RMS, NV>, threads)) {                                         \
-    LLMK_LAUNCH(grid, threads, 0, s, norm_fwd_vec_kernel<T, O, RMS, NV>)(                                \
-        static_cast<const T*>(x), static_cast<const T*>(r), w, b, eps, D, static_cast<O*>(y),               \
-        static_cast<T*>(h), mean, rstd);                                                                    \
+#define LLMK_NORM_FWD_VEC(...)                                                                            \
+  if (can_launch(__VA_ARGS__, threads)) {                                                                 \
+    LLMK_LAUNCH(grid, threads, 0, s, __VA_ARGS__)(static_cast<const T*>(x), static_cast<const T*>(r), w, b, eps, D, \
+                                                  static_cast<O*>(y), static_cast<T*>(h), mean, rstd);      \
     return cudaGetLastError();                                                                            \
   }
-  if (nv == 1) {
-    LLMK_NORM_FWD_VEC(1)
+  const bool hoist = llmk_tune::knob("norm_fwd_hoist") == 1;
+  if (nv == 1 && hoist) {
+    LLMK_NORM_FWD_VEC(norm_fwd_vec_kernel<T, O, RMS, 1, true>)
+  } else if (nv == 1) {
+    LLMK_NORM_FWD_VEC(norm_fwd_vec_kernel<T, O, RMS, 1>)
+  } else if (nv == 2 && hoist) {
+    LLMK_NORM_FWD_VEC(norm_fwd_vec_kernel<T, O, RMS, 2, true>)
   } else if (nv == 2) {
-    LLMK_NORM_FWD_VEC(2)
+    LLMK_NORM_FWD_VEC(norm_fwd_vec_kernel<T, O, RMS, 2>)
   } else if (nv == 4) {
-    LLMK_NORM_FWD_VEC(4)
+    LLMK_NORM_FWD_VEC(norm_fwd_vec_kernel<T, O, RMS, 4>)
   }
 #undef LLMK_NORM_FWD_VEC
   LLMK_LAUNCH(grid, row_threads(D), 0, s, norm_fwd_kernel<T, O, RMS>)(
