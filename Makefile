@@ -96,8 +96,8 @@ bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 and int8 weight-only PyTorch agai
 	$(PY) bench/bench_onnx.py $(ARGS)
 
 # OpenSpiel's CFR and XFP beside the game-* runs (train them first): NashConv against iterations and seconds.
-bench-games: $(STAMP) ## OpenSpiel CFR and XFP beside our game self-play runs (bench/results/games-cpu.md)
-	$(PY) bench/bench_games.py --runs $(wildcard runs/game-kuhn runs/game-rps-biased runs/game-leduc) $(ARGS)
+bench-games: $(STAMP) ## OpenSpiel CFR and XFP and our tabular PSRO beside our game runs (bench/results/games-cpu.md)
+	$(PY) bench/bench_games.py --runs $(wildcard runs/game-kuhn runs/game-rps-biased runs/game-leduc runs/game-leduc-psro) $(ARGS)
 
 # Every sync strategy side by side at the same token budget, 4 replicas, then 8 (bench/results/sync-cpu*.md),
 # and our ring all-reduce against gloo's (bench/results/ring-cpu.md).
