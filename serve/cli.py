@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 
 from trainer.checkpoint import CheckpointError
@@ -28,7 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serve", description="OpenAI-compatible server for a trained run")
     p.add_argument("run", help="the run directory, runs/<name>")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, named in the "
+                   "'loaded' line)")
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # a socket bound by the parent
     p.add_argument("--max-slots", type=int, default=16,
                    help="KV-cache slots per module: the most rows decoded together (default 16)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder of the run (default: its latest)")
@@ -77,8 +80,41 @@ def quantize(run) -> dict:
     return done
 
 
+def listening_socket(args: argparse.Namespace) -> socket.socket:
+    """The HTTP socket, bound before anything else starts: a tensor-parallel rank's or a replica's own
+    ephemeral ports (gloo's, the TCPStore's) could otherwise take --port between its choice and uvicorn's
+    bind. With --listen-fd (serve.procs.launch_server, the router's replicas) the parent bound it already
+    and passed it on. args.port becomes the bound port (--port 0: the one the OS chose)."""
+    if args.listen_fd is not None:
+        sock = socket.socket(fileno=args.listen_fd)
+        sock.set_inheritable(False)  # not on to the tensor-parallel ranks this process starts
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as e:
+            sock.close()
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    args.port = sock.getsockname()[1]
+    return sock
+
+
+def serve_http(app, sock: socket.socket) -> None:
+    """uvicorn on the bound socket; graceful shutdown on SIGINT/SIGTERM as uvicorn.run. access_log off:
+    every request already gets one JSON line from the app."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        args.listen = listening_socket(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.engine == "vllm":
         return serve_vllm(args)
     if args.replicas != 1:
@@ -139,7 +175,6 @@ def main(argv=None) -> int:
             return started
         ranks, run = started
         engines = ranks.engines
-    import uvicorn
 
     # The decoding thread and the event loop share the GIL. At Python's default switch interval (5 ms) the
     # decoding thread, back from a torch op, can wait up to 5 ms while the loop runs Python code; 0.5 ms
@@ -167,12 +202,11 @@ def main(argv=None) -> int:
     # exits 0 (set just before uvicorn.run: while the run loads, a signal still stops the process at once).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    # access_log off: every request already gets one JSON line from the app.
     try:
         if ranks is not None:
             from .tp import RankLost
             ranks.watch(on_lost=lambda why: scheduler.fail_all(RankLost(why)))
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        serve_http(app, args.listen)
     finally:
         if ranks is not None:
             ranks.stop()  # every other rank exits (after the requests in flight, which uvicorn waited for)
@@ -256,8 +290,6 @@ def serve_replicas(args: argparse.Namespace) -> int:
 def run_router(args: argparse.Namespace, workers, models: list | None = None, start_timeout: float = 300.0) -> int:
     """Start `workers`, then serve the router over them on --host/--port until SIGINT/SIGTERM. `models`: per
     replica, the model names it serves (None: each serves every model)."""
-    import uvicorn
-
     from .router import build_router_app
     from .routing import Router
 
@@ -278,7 +310,7 @@ def run_router(args: argparse.Namespace, workers, models: list | None = None, st
               file=sys.stderr, flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):  # as in main(): uvicorn's graceful shutdown, then exit 0
             signal.signal(sig, lambda *_: None)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        serve_http(app, args.listen)
     finally:
         workers.stop()  # after uvicorn's shutdown this finds them stopped already
     print(json.dumps({"event": "stopped", "run": args.run, "replicas": len(workers.urls)}), file=sys.stderr,

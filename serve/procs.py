@@ -5,6 +5,7 @@ benchmarks (bench/bench_serve*.py) and the tests (tests/test_serve.py) start a s
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -47,13 +48,32 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, poll: float =
         time.sleep(poll)
 
 
+def bound_socket(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to host:port (0: any free port), not yet listening: for a server started with
+    --listen-fd, so the port is held from the moment it is chosen."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def launch_server(args: list[str], port: int, log=None, timeout: float = 120, poll: float = 0.1, **popen) -> subprocess.Popen:
     """`python -m serve *args --port port` on loopback, its stdout and stderr to `log` (an open file; None:
     discarded); returns the process once /health answers 200. ServerDidNotStart when it exits first or does
     not answer within `timeout` seconds. popen: more subprocess.Popen arguments (cwd, env)."""
     out = subprocess.DEVNULL if log is None else log
-    proc = subprocess.Popen([sys.executable, "-m", "serve", *args, "--port", str(port)], stdout=out,
-                            stderr=subprocess.STDOUT, **popen)
+    # Bound here and handed over (--listen-fd): nothing started meanwhile can take the port.
+    sock = bound_socket(port)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "serve", *args, "--port", str(port), "--listen-fd",
+                                 str(sock.fileno())], stdout=out, stderr=subprocess.STDOUT,
+                                pass_fds=(sock.fileno(),), **popen)
+    finally:
+        sock.close()  # the server holds its own copy
     try:
         rc = wait_healthy(proc, f"http://127.0.0.1:{port}", timeout, poll)
     except TimeoutError as e:

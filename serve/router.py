@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 from launch.multiproc import free_port
 
-from .procs import stop_all
+from .procs import bound_socket, stop_all
 from .protocol import MISSING_MODEL, APIError, unknown_model
 from .routing import Replica, Router, UnknownModel, prefix_text
 
@@ -78,14 +78,21 @@ class Workers:
         self._threads: list[threading.Thread] = []
 
     def _spawn(self, i: int) -> None:
-        port = free_port()
-        if self.command is not None:
-            cmd = self.command(i, port)
-        else:
+        if self.command is not None:  # another program (vLLM) binds the port itself
+            port = free_port()
+            cmd, sock = self.command(i, port), None
+        else:  # our replica gets the port bound (--listen-fd): nothing started meanwhile can take it
+            sock = bound_socket(0)
+            port = sock.getsockname()[1]
             cmd = [sys.executable, "-m", "serve", self.run, "--host", "127.0.0.1", "--port", str(port),
-                   *self.worker_args]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                   "--listen-fd", str(sock.fileno()), *self.worker_args]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env,
+                                    start_new_session=True, preexec_fn=_die_with_parent,
+                                    pass_fds=(sock.fileno(),) if sock is not None else ())
+        finally:
+            if sock is not None:
+                sock.close()  # the replica holds its own copy
         t = threading.Thread(target=self._forward, args=(i, proc), name=f"replica-{i}-log", daemon=True)
         t.start()
         self.procs.append(proc)

@@ -163,3 +163,32 @@ def test_fail_all_answers_every_row_while_the_loop_is_stuck_in_an_engine_call(st
         time.sleep(0.01)
     assert sorted(engine.free_slots()) == [0, 1]
     scheduler.stop()
+
+
+def test_a_busy_port_is_one_line_and_exit_2_before_the_run_loads(tmp_path):
+    """--port taken by another socket: `error: cannot listen on ...`, exit 2, no traceback, and before the
+    run is read (the run directory here does not even exist); --port 0 is not an error (any free port)."""
+    import socket
+    import subprocess
+    import sys
+
+    from serve.cli import listening_socket, parse_args
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    try:
+        r = subprocess.run([sys.executable, "-m", "serve", str(tmp_path / "no-such-run"), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        held.close()
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in r.stderr
+    args = parse_args([str(tmp_path), "--port", "0"])
+    sock = listening_socket(args)
+    try:
+        assert args.port == sock.getsockname()[1] > 0
+    finally:
+        sock.close()
