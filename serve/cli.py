@@ -89,12 +89,11 @@ def listening_socket(args: argparse.Namespace) -> socket.socket:
         sock = socket.socket(fileno=args.listen_fd)
         sock.set_inheritable(False)  # not on to the tensor-parallel ranks this process starts
     else:
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        from .procs import bound_socket
+
         try:
-            sock.bind((args.host, args.port))
+            sock = bound_socket(args.port, args.host)
         except OSError as e:
-            sock.close()
             raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     args.port = sock.getsockname()[1]
     return sock

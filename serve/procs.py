@@ -49,9 +49,10 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, poll: float =
 
 
 def bound_socket(port: int, host: str = "127.0.0.1") -> socket.socket:
-    """A TCP socket bound to host:port (0: any free port), not yet listening: for a server started with
-    --listen-fd, so the port is held from the moment it is chosen."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A TCP socket bound to host:port (0: any free port; IPv6 when host has a ':'), not yet listening:
+    the server's own (serve.cli.listening_socket), or one handed to a server started with --listen-fd, so
+    the port is held from the moment it is chosen. OSError when it cannot be bound."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

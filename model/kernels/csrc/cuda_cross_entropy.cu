@@ -205,6 +205,14 @@ bool rows_aligned(const void* p, int64_t sb, int64_t st, int64_t Tn, int64_t N) 
   return Tn <= 1 || st % W == 0;
 }
 
+// Blocks per row along the columns of a backward: one per chunk of `chunk` columns, at most `cap`
+// (> 0) and gridDim.y's limit; the kernels' grid-stride loop walks the chunks beyond.
+inline unsigned column_blocks(int64_t V, int64_t chunk, int64_t cap = 0) {
+  int64_t gy = (V + chunk - 1) / chunk;
+  if (cap > 0 && gy > cap) gy = cap;
+  return static_cast<unsigned>(gy > kMaxGridY ? kMaxGridY : gy);
+}
+
 // Launch shapes of the vectorised kernels (LLMK_TUNE overrides, see cuda_common.cuh):
 // ce_fwd_unroll / ce_bwd_unroll = vectors per thread and iteration (2 or 4), ce_fwd_threads = the
 // forward's block (a multiple of 32 up to 512), ce_bwd_gy = column-chunk blocks per row (the rest
@@ -244,12 +252,7 @@ cudaError_t launch_bwd(const void* logits, int64_t sb, int64_t st, int64_t Tn, i
                        const int64_t* targets, const float* lse, const float* scale, int64_t scale_stride,
                        int64_t ignore_index, int64_t vocab_start, void* grad, int64_t gsb, int64_t gst,
                        cudaStream_t s) {
-  auto grid_y = [V](int64_t chunk) {
-    int64_t gy = (V + chunk - 1) / chunk;
-    const int64_t cap = llmk_tune::knob("ce_bwd_gy");
-    if (cap > 0 && gy > cap) gy = cap;
-    return static_cast<unsigned>(gy > kMaxGridY ? kMaxGridY : gy);
-  };
+  auto grid_y = [V](int64_t chunk) { return column_blocks(V, chunk, llmk_tune::knob("ce_bwd_gy")); };
   if (V % (16 / sizeof(T)) == 0 && rows_aligned<T>(logits, sb, st, Tn, N) && rows_aligned<T>(grad, gsb, gst, Tn, N)) {
 #define LLMK_CE_BWD_VEC(U)                                                                                 \
   if (can_launch(ce_bwd_vec_kernel<T, U>, kCeVecBwdThreads)) {                                            \
@@ -553,18 +556,14 @@ cudaError_t launch_ent_bwd(const void* logits, int64_t sb, int64_t st, int64_t T
                            const int64_t* targets, const float* lse, const float* ent, const float* gloss,
                            const float* gent, int64_t ignore_index, int64_t vocab_start, void* grad, int64_t gsb,
                            int64_t gst, cudaStream_t s) {
-  auto grid_y = [V](int64_t chunk) {
-    const int64_t gy = (V + chunk - 1) / chunk;
-    return static_cast<unsigned>(gy > kMaxGridY ? kMaxGridY : gy);
-  };
   if (V % (16 / sizeof(T)) == 0 && rows_aligned<T>(logits, sb, st, Tn, N) &&
       rows_aligned<T>(grad, gsb, gst, Tn, N) && can_launch(ce_ent_bwd_vec_kernel<T>, kCeVecBwdThreads)) {
-    const dim3 grid(static_cast<unsigned>(N), grid_y(ce_vec_bwd_chunk<T, kCeUnroll>()));
+    const dim3 grid(static_cast<unsigned>(N), column_blocks(V, ce_vec_bwd_chunk<T, kCeUnroll>()));
     LLMK_LAUNCH(grid, kCeVecBwdThreads, 0, s, ce_ent_bwd_vec_kernel<T>)(
         static_cast<const T*>(logits), sb, st, Tn, V, targets, lse, ent, gloss, gent, ignore_index, vocab_start,
         static_cast<T*>(grad), gsb, gst);
   } else {
-    const dim3 grid(static_cast<unsigned>(N), grid_y(kBwdChunk));
+    const dim3 grid(static_cast<unsigned>(N), column_blocks(V, kBwdChunk));
     LLMK_LAUNCH(grid, kBwdThreads, 0, s, ce_ent_bwd_kernel<T>)(
         static_cast<const T*>(logits), sb, st, Tn, V, targets, lse, ent, gloss, gent, ignore_index, vocab_start,
         static_cast<T*>(grad), gsb, gst);

@@ -156,7 +156,6 @@ __global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T
   // thread, 3 blocks of 512 threads per SM instead of 4), hence measured before it is a default.
   // Not at NV = 4, where holding them would spill (64 registers at the 1024-thread launch bound).
   static_assert(!HOIST || NV <= 2, "hoisted affine parameters only for NV <= 2");
-  constexpr bool kHoist = HOIST;
   float wv[NV][V], bv[NV][V];
   auto load_affine = [&](int k) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
@@ -165,7 +164,7 @@ __global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T
       if (!RMS && b) load_vec(b + j * V, bv[k]);
     }
   };
-  if constexpr (kHoist) {
+  if constexpr (HOIST) {
 #pragma unroll
     for (int k = 0; k < NV; ++k) load_affine(k);
   }
@@ -213,7 +212,7 @@ __global__ void __launch_bounds__(kVecFwdMaxThreads) norm_fwd_vec_kernel(const T
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    if constexpr (!kHoist) load_affine(k);
+    if constexpr (!HOIST) load_affine(k);
     if (j < nvec) {
       float n[V];
 #pragma unroll
