@@ -301,17 +301,17 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
         # A rank that had not seen the signal yet when the ranks agreed to stop reports SIGTERM; the
         # launcher passes on whichever rank exited first. Report the signal this supervisor got.
         rc = 128 + int(stop["signal"])
-    if rc not in (0, 2) and not stopped:  # 2: a usage error that rank 0 has already reported in one line
+    if rc != 0 and not stopped:
         first = first_error(logs, local_ranks)
-        if first is not None and first[1] == 2:
-            # A usage error (reported in one line by the rank that found it) ended the job; DeepSpeed's
-            # launcher passes on whichever failed rank it polls first, often one the usage error broke.
+        if rc == 2 or (first is not None and first[1] == 2):
+            # A usage error ended the job. DeepSpeed's launcher passes on whichever failed rank it polls
+            # first, often one the usage error broke; and when every rank refuses, the first to exit can
+            # get rank 0 stopped before rank 0 printed its line. So the line is repeated here unless rank
+            # 0 recorded that it printed it.
             rc = 2
-            if first[0] != 0:  # rank 0's line is on this terminal already; another rank's is in its log
-                why = logs / f"rank{first[0]}.error"
-                msg = why.read_text().strip() if why.exists() else "it refused the recipe"
-                print(f"error: {msg} (rank {first[0]}; log: {logs / f'rank{first[0]}.log'})",
-                      file=sys.stderr, flush=True)
+            line = usage_error_report(logs, local_ranks)
+            if line is not None:
+                print(line, file=sys.stderr, flush=True)
         else:
             print(f"error: {describe_failure(logs, local_ranks, rc)}", file=sys.stderr, flush=True)
     return rc
@@ -331,6 +331,23 @@ def first_error(logs: Path, ranks: range) -> tuple[int, int] | None:
     exits = _exit_records(logs, ranks)
     errors = sorted((float(v[1]), r, int(v[0])) for r, v in exits.items() if v and v[0] != "0")
     return (errors[0][1], errors[0][2]) if errors else None
+
+
+def usage_error_report(logs: Path, ranks: range) -> str | None:
+    """The line to print for a job that a usage error ended, or None when rank 0 has printed it already
+    (its exit record, written after its message, says 2). The message is the one recorded by the first
+    rank to exit with a usage error, else by the lowest rank that recorded one before it was stopped."""
+    exits = _exit_records(logs, ranks)
+    if 0 in ranks and exits.get(0, [""])[0] == "2":
+        return None
+    refused = sorted((float(v[1]), r) for r, v in exits.items() if v and v[0] == "2")
+    candidates = [r for _, r in refused] + list(ranks)
+    for r in candidates:
+        why = logs / f"rank{r}.error"
+        if why.exists():
+            where = "" if r == 0 else f"; log: {logs / f'rank{r}.log'}"
+            return f"error: {why.read_text().strip()} (rank {r}{where})"
+    return f"error: a rank refused the recipe (exit 2) without recording why. Logs: {logs}"
 
 
 def describe_failure(logs: Path, ranks: int | range, rc: int) -> str:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from launch.multiproc import deepspeed_command, describe_failure, first_error
+from launch.multiproc import deepspeed_command, describe_failure, first_error, usage_error_report
 from tests.trainutil import run_train
 
 
@@ -33,6 +33,27 @@ def test_the_earliest_recorded_failure_is_the_one_reported(tmp_path):
     assert first_error(tmp_path, range(3)) == (1, 1)
     assert first_error(tmp_path, range(2, 3)) is None
 
+
+
+def test_a_usage_error_line_is_repeated_unless_rank_0_printed_it(tmp_path):
+    # Every rank refuses the same recipe; rank 1 exits first and the launcher stops rank 0 before its
+    # line reaches the terminal (a CI flake): the supervisor prints the first refusing rank's line.
+    for r in range(3):
+        (tmp_path / f"rank{r}.error").write_text(f"the layout differs (seen by rank {r})\n")
+    (tmp_path / "rank2.exit").write_text("2 100.0\n")
+    (tmp_path / "rank1.exit").write_text("2 99.0\n")
+    line = usage_error_report(tmp_path, range(3))
+    assert line.startswith("error: the layout differs (seen by rank 1) (rank 1; log: ")
+    assert line.endswith("rank1.log)")
+    (tmp_path / "rank0.exit").write_text("2 100.5\n")  # rank 0 recorded its exit: it printed its line
+    assert usage_error_report(tmp_path, range(3)) is None
+    (tmp_path / "rank0.exit").unlink()
+    (tmp_path / "rank1.exit").write_text("1 99.0\n")  # broken by the error, not refusing: rank 2's line
+    assert "(seen by rank 2)" in usage_error_report(tmp_path, range(3))
+    (tmp_path / "rank2.exit").write_text("1 100.0\n")  # nobody exited refusing: the lowest rank's line
+    assert "(seen by rank 0) (rank 0)" in usage_error_report(tmp_path, range(3))
+    assert usage_error_report(tmp_path, range(2, 3)) == (
+        f"error: the layout differs (seen by rank 2) (rank 2; log: {tmp_path / 'rank2.log'})")
 
 RANK_END = """
 import atexit, sys, threading, time
