@@ -284,11 +284,17 @@ def test_double_oracle_reaches_kuhns_equilibrium_and_its_state_round_trips():
 
     game, space = _kuhn()
     pop = Population(game, space)
+    solves = []
+    solve = pop.solve
+    pop.solve = lambda: solves.append(len(pop)) or solve()
     table, convs = space.uniform(), []
     for _ in range(10):
         table, figures = psro_iteration(pop, table)
         convs.append(nash_conv(game, space, table))
     assert psro_iterations_done(pop) == 10 and figures["psro_population"] == 11
+    # Each population is solved once: the first iteration's lone member, then each grown one (the next
+    # iteration's best responses reuse the equilibrium meta_target solved).
+    assert solves == list(range(1, 12)), solves
     assert convs[0] > 0.5 and convs[-1] < 1e-7, convs  # (the meta-solver's tolerance: 1e-9 of the value)
     assert figures["psro_meta_value"] == pytest.approx(-1 / 18, abs=1e-9)
     again = Population(game, space)
