@@ -1,8 +1,12 @@
 """Start a recipe on several processes through the `deepspeed` launcher, and supervise it.
 
 `python -m launch train RECIPE` calls `run_deepspeed` when the recipe asks for more than one
-process (`launch.procs_per_node` x `launch.nodes`). Each rank re-enters the same command line with
-RANK/LOCAL_RANK/WORLD_SIZE set by the launcher. Rank 0 owns the console; rank r>0 writes to
+process (`launch.procs_per_node` x `launch.nodes`). On one node, and on each node of a Slurm job, it
+starts DeepSpeed's per-node launcher (`deepspeed.launcher.launch`) itself, with the world_info the
+`deepspeed` runner would have built: the runner adds nothing to a launch without ssh but a Python
+start-up (~2 s of every launch on a small machine). Several nodes through ssh/pdsh (`launch.hostfile`)
+go through the runner. Each rank re-enters the same command line with RANK/LOCAL_RANK/WORLD_SIZE set
+by the launcher. Rank 0 owns the console; rank r>0 writes to
 `<run>/logs/rank<r>.log`. Every rank records its pid and, on a clean exit, its exit status in
 `<run>/logs/`, so that when the job fails this supervisor can name the rank that died first.
 DeepSpeed's per-node launcher stops the remaining ranks as soon as one exits with an error; a rank
@@ -10,26 +14,29 @@ stuck in a collective is bounded by `launch.timeout_s`.
 
 Stopping: SIGTERM or SIGUSR1 to this supervisor is delivered to the ranks themselves (the children of
 DeepSpeed's per-node launcher), which save a checkpoint together at the next step and exit with
-128+signal. The two launcher processes in between ignore both signals, so a signal sent to the whole
-process tree (which is how Slurm signals a job step) cannot kill them before the ranks have saved.
+128+signal. The launcher in between (DeepSpeed's per-node launcher; for ssh jobs its runner too) starts
+with both signals ignored, so a signal sent to the whole process tree (which is how Slurm signals a job
+step) cannot kill it before the ranks have saved; once its ranks run, the per-node launcher's own SIGTERM
+handler passes SIGTERM on to them, which is what they are stopping on already.
 (Several nodes through ssh/pdsh with `launch.hostfile`: the ranks are remote, so the supervisor sends
 SIGTERM to DeepSpeed's runner instead, as before.)
 
 Inside a Slurm job (launch/slurm.py renders the script) one supervisor runs per node: the script
 exports LAUNCH_MASTER_ADDR/LAUNCH_MASTER_PORT, the node rank is the srun task's SLURM_NODEID, and the
-deepspeed launcher starts only this node's ranks, without ssh (`slurm_layout`).
+per-node launcher starts only this node's ranks (`slurm_layout`).
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,27 +55,29 @@ def free_port() -> int:
 
 
 def deepspeed_command(recipe_arg: str, overrides: list[str], procs_per_node: int, nodes: int = 1,
-                      master_port: int | None = None, master_addr: str | None = None,
-                      hostfile: str | None = None, node_rank: int | None = None,
-                      include: str | None = None) -> list[str]:
-    """The `deepspeed` launcher command that starts every local rank of this recipe.
-
-    With `node_rank` set (e.g. one launcher per node started by Slurm's srun), the launcher runs
-    without ssh: each node starts only its own ranks. `include` (`host:0,1@host2:0,1`) names the
-    devices per host instead of counting them (DeepSpeed takes one or the other)."""
+                      master_port: int | None = None, hostfile: str | None = None) -> list[str]:
+    """The `deepspeed` runner command for a job over several nodes through ssh/pdsh (`launch.hostfile`):
+    the runner starts every node's per-node launcher."""
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    devices = ["--include", include] if include else ["--num_gpus", str(procs_per_node)]
-    cmd = [exe, "--log_level", "warning", *devices, "--master_port", str(master_port or free_port()),
-           "--no_local_rank", "--module"]
-    if node_rank is not None:
-        cmd += ["--no_ssh", "--node_rank", str(node_rank)] + ([] if include else ["--num_nodes", str(nodes)])
-    elif nodes > 1:
+    cmd = [exe, "--log_level", "warning", "--num_gpus", str(procs_per_node),
+           "--master_port", str(master_port or free_port()), "--no_local_rank", "--module"]
+    if nodes > 1:
         cmd += ["--num_nodes", str(nodes)]
     if hostfile:
         cmd += ["--hostfile", hostfile]
-    if master_addr:
-        cmd += ["--master_addr", master_addr]
     return cmd + ["launch", "train", recipe_arg, *overrides]
+
+
+def node_launch_command(recipe_arg: str, overrides: list[str], devices: dict[str, list[int]], node_rank: int,
+                        master_addr: str, master_port: int) -> list[str]:
+    """DeepSpeed's per-node launcher for this node's ranks, as the `deepspeed` runner starts it for a job
+    without ssh. `devices`: every node of the job in node-rank order with its device indices (DeepSpeed's
+    world_info; the launcher numbers node r's ranks after those of the nodes before it and gives each rank
+    its device through CUDA_VISIBLE_DEVICES)."""
+    info = base64.urlsafe_b64encode(json.dumps(devices).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
+            f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
+            "--module", "--no_local_rank", "--log_level=warning", "launch", "train", recipe_arg, *overrides]
 
 
 def launcher_env(procs_per_node: int) -> dict:
@@ -171,12 +180,14 @@ def _ignore_stop_signals() -> None:  # runs in the launcher child between fork a
 
 
 def _rank_processes(proc: subprocess.Popen) -> list:
-    """The rank processes: children of DeepSpeed's per-node launcher (`deepspeed.launcher.launch`),
-    which is the child of the `deepspeed` runner started by `run_deepspeed`."""
+    """The rank processes: the children of DeepSpeed's per-node launcher (`deepspeed.launcher.launch`),
+    which `run_deepspeed` started itself (`proc`) or through the `deepspeed` runner."""
     import psutil
 
     try:
-        return [rank for launcher in psutil.Process(proc.pid).children() for rank in launcher.children()]
+        top = psutil.Process(proc.pid)
+        launchers = [top] if "deepspeed.launcher.launch" in top.cmdline() else top.children()
+        return [rank for launcher in launchers for rank in launcher.children()]
     except psutil.Error:
         return []
 
@@ -207,15 +218,6 @@ def _signal_ranks(proc: subprocess.Popen, signum: int, delivered: set[int]) -> N
         except psutil.Error:
             pass
         delivered.add(rank.pid)
-
-
-def _write_hostfile(layout: NodeLayout, slots: int) -> str:
-    """A DeepSpeed hostfile with one line per node of the job. Without ssh the names are only labels:
-    the launcher of node r starts the ranks of line r, numbered after those of lines < r."""
-    fd, path = tempfile.mkstemp(prefix="ds-hostfile-", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(f"node{i} slots={slots}\n" for i in range(layout.nodes))
-    return path
 
 
 def slurm_gpu_ids(recipe: Recipe, env: dict | None = None) -> list[int] | None:
@@ -261,41 +263,35 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
     for r in local_ranks:  # on a shared file system, the other nodes' records are theirs to clear
         for stale in (logs / f"rank{r}.pid", logs / f"rank{r}.exit", logs / f"rank{r}.error"):
             stale.unlink(missing_ok=True)
-    hostfile = None
     if layout is not None:
         gpus = slurm_gpu_ids(recipe)
-        include = "@".join(f"node{i}:{','.join(map(str, gpus))}" for i in range(layout.nodes)) if gpus else None
-        hostfile = _write_hostfile(layout, max(gpus) + 1 if gpus else ppn)
-        cmd = deepspeed_command(recipe_arg, overrides, ppn, layout.nodes, master_port=layout.master_port,
-                                master_addr=layout.master_addr, hostfile=hostfile, node_rank=layout.node_rank,
-                                include=include)
+        devices = {f"node{i}": gpus or list(range(ppn)) for i in range(layout.nodes)}
+        cmd = node_launch_command(recipe_arg, overrides, devices, layout.node_rank, layout.master_addr,
+                                  layout.master_port)
+    elif recipe.launch.nodes == 1 and not recipe.launch.hostfile:
+        cmd = node_launch_command(recipe_arg, overrides, {"localhost": list(range(ppn))}, 0, "127.0.0.1",
+                                  free_port())
     else:
         cmd = deepspeed_command(recipe_arg, overrides, ppn, recipe.launch.nodes, hostfile=recipe.launch.hostfile)
     env = launcher_env(ppn)
     if stop:  # stopped before any rank started: nothing to save
-        if hostfile:
-            os.unlink(hostfile)
         name = signal.Signals(stop["signal"]).name
         print(f"stopped: {name} received before the ranks started; no checkpoint written", file=sys.stderr,
               flush=True)
         return 128 + int(stop["signal"])
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_stop_signals if direct else None)
-    try:
-        while True:
-            try:
-                rc = proc.wait(timeout=RESEND_S)
-                break
-            except subprocess.TimeoutExpired:
-                # Ranks that were still starting (before the training loop installed its handlers)
-                # or did not exist yet get the signal now.
-                if stop and direct:
-                    _signal_ranks(proc, stop["signal"], delivered)
-            except KeyboardInterrupt:
-                # The launcher got the same SIGINT (same process group) and forwards it to the ranks.
-                continue
-    finally:
-        if hostfile:
-            os.unlink(hostfile)
+    while True:
+        try:
+            rc = proc.wait(timeout=RESEND_S)
+            break
+        except subprocess.TimeoutExpired:
+            # Ranks that were still starting (before the training loop installed its handlers)
+            # or did not exist yet get the signal now.
+            if stop and direct:
+                _signal_ranks(proc, stop["signal"], delivered)
+        except KeyboardInterrupt:
+            # The launcher got the same SIGINT (same process group) and forwards it to the ranks.
+            continue
     stopped = rc in {128 + int(s) for s in (signal.SIGINT, *STOP_SIGNALS)}  # checkpoint saved; rank 0 said so
     if stopped and stop:
         # A rank that had not seen the signal yet when the ranks agreed to stop reports SIGTERM; the

@@ -26,6 +26,9 @@ RECIPE = "gpt-tiny-zero1"  # 2 processes, ZeRO-1
 ACCELERATE = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", "0"]
 
+# The `deepspeed` runner's options in docs/launchers.md, before `-m launch train RECIPE ...`.
+DEEPSPEED = ["--num_gpus", "2", "--no_local_rank"]
+
 
 def accelerate_exe() -> str:
     exe = shutil.which("accelerate", path=str(Path(sys.executable).parent))
@@ -37,6 +40,7 @@ def accelerate_exe() -> str:
 def test_documented_command_is_the_tested_one():
     text = (REPO / "docs" / "launchers.md").read_text()
     assert "accelerate " + " ".join(ACCELERATE) + " -m launch train" in text
+    assert "deepspeed " + " ".join(DEEPSPEED) + " --module launch train" in text
 
 
 def test_torchrun_local_world_size_becomes_deepspeeds_local_size():
@@ -87,7 +91,7 @@ def test_a_rank_refuses_accelerates_deepspeed_settings_in_one_line(tmp_path):
 
 
 @pytest.mark.dist
-def test_accelerate_launch_logs_the_deepspeed_launchers_losses(tmp_path):
+def test_accelerate_launch_and_the_deepspeed_runner_log_our_launchers_losses(tmp_path):
     ds = run_train(tmp_path, "ds", *ZERO1, recipe=RECIPE)
     assert ds.returncode == 0, ds.stderr[-3000:]
 
@@ -103,9 +107,19 @@ def test_accelerate_launch_logs_the_deepspeed_launchers_losses(tmp_path):
     logs = tmp_path / "runs" / "acc" / "logs"
     assert (logs / "rank1.log").exists() and (logs / "rank1.exit").read_text().split()[0] == "0"
 
-    rows = {name: [r for r in metrics(tmp_path, name) if "loss" in r or "val_loss" in r] for name in ("ds", "acc")}
-    assert [r["step"] for r in rows["acc"]] == [r["step"] for r in rows["ds"]]
-    for a, d in zip(rows["acc"], rows["ds"], strict=True):
-        for key in ("loss", "val_loss", "grad_norm"):
-            if key in d:
-                assert a[key] == pytest.approx(d[key], rel=1e-6, abs=0), (key, a["step"])
+    # DeepSpeed's own runner by hand (docs/launchers.md): our launcher starts DeepSpeed's per-node
+    # launcher itself on one node, so this is the path an ssh multi-node job takes through the runner
+    runner = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    cmd = [runner, *DEEPSPEED, "--module", *train_cmd(tmp_path, "runner", *ZERO1, recipe=RECIPE)[2:]]
+    by_hand = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert by_hand.returncode == 0, by_hand.stderr[-3000:]
+    assert "world: 2 (dp=2 tp=1 pp=1 zero=1)" in by_hand.stdout
+
+    runs = ("ds", "acc", "runner")
+    rows = {name: [r for r in metrics(tmp_path, name) if "loss" in r or "val_loss" in r] for name in runs}
+    for other in ("acc", "runner"):
+        assert [r["step"] for r in rows[other]] == [r["step"] for r in rows["ds"]]
+        for a, d in zip(rows[other], rows["ds"], strict=True):
+            for key in ("loss", "val_loss", "grad_norm"):
+                if key in d:
+                    assert a[key] == pytest.approx(d[key], rel=1e-6, abs=0), (other, key, a["step"])

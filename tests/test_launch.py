@@ -6,19 +6,33 @@ import time
 
 import pytest
 
-from launch.multiproc import deepspeed_command, describe_failure, first_error, usage_error_report
+from launch.multiproc import (
+    deepspeed_command,
+    describe_failure,
+    first_error,
+    node_launch_command,
+    usage_error_report,
+)
 from tests.trainutil import run_train
 
 
-def test_deepspeed_command_single_node_and_per_node():
-    cmd = deepspeed_command("gpt-tiny", ["train.max_steps=3"], procs_per_node=4, master_port=29512)
-    assert cmd[0].endswith("deepspeed") and "--module" in cmd and "--no_local_rank" in cmd
-    assert cmd[cmd.index("--num_gpus") + 1] == "4"
+def test_launch_commands_one_node_per_node_and_over_ssh():
+    import base64
+    import json
+
+    cmd = node_launch_command("gpt-tiny", ["train.max_steps=3"], {"localhost": [0, 1, 2, 3]}, 0, "127.0.0.1", 29512)
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and "--no_local_rank" in cmd and "--module" in cmd
+    opts = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    assert json.loads(base64.urlsafe_b64decode(opts["world_info"])) == {"localhost": [0, 1, 2, 3]}
+    assert (opts["master_addr"], opts["master_port"], opts["node_rank"]) == ("127.0.0.1", "29512", "0")
     assert cmd[-4:] == ["launch", "train", "gpt-tiny", "train.max_steps=3"]
-    per_node = deepspeed_command("r", [], procs_per_node=2, nodes=3, master_addr="10.0.0.1", node_rank=2)
-    assert "--no_ssh" in per_node and per_node[per_node.index("--node_rank") + 1] == "2"
-    assert per_node[per_node.index("--num_nodes") + 1] == "3"
-    assert per_node[per_node.index("--master_addr") + 1] == "10.0.0.1"
+    # DeepSpeed's runner builds the same world_info for a local launch of 4 processes
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, encode_world_info
+
+    assert encode_world_info(apply_num_nodes_and_gpus({"localhost": [0]}, -1, 4)) == opts["world_info"]
+    ssh = deepspeed_command("r", [], procs_per_node=2, nodes=3, hostfile="/tmp/hosts")
+    assert ssh[0].endswith("deepspeed") and ssh[ssh.index("--num_nodes") + 1] == "3"
+    assert ssh[ssh.index("--hostfile") + 1] == "/tmp/hosts" and ssh[ssh.index("--num_gpus") + 1] == "2"
 
 
 def test_the_earliest_recorded_failure_is_the_one_reported(tmp_path):

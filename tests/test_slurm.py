@@ -7,7 +7,6 @@ namespaces cannot be made here)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from launch import cli
-from launch.multiproc import NodeLayout, _write_hostfile, deepspeed_command, slurm_gpu_ids, slurm_layout
+from launch.multiproc import NodeLayout, node_launch_command, slurm_gpu_ids, slurm_layout
 from launch.slurm import render, time_limit_seconds
 from tests.slurm_cluster import SlurmCluster, netns_unavailable_reason, unavailable_reason
 from tests.trainutil import REPO, TINY, env, metrics, train_cmd, train_losses
@@ -142,17 +141,15 @@ def test_slurm_layout_from_the_job_step_environment(tmp_path):
         slurm_layout(recipe, {**step, "SLURM_STEP_NUM_NODES": "2"})
     with pytest.raises(ConfigError, match="one task per node"):
         slurm_layout(recipe, {**step, "SLURM_STEP_NUM_TASKS": "6"})
-    hostfile = _write_hostfile(layout, 2)
-    try:
-        assert Path(hostfile).read_text() == "node0 slots=2\nnode1 slots=2\nnode2 slots=2\n"
-    finally:
-        os.unlink(hostfile)
-    cmd = deepspeed_command("gpt-tiny", [], 2, 3, master_port=20042, master_addr="node-a", hostfile=hostfile,
-                            node_rank=2)
-    for flag, value in (("--node_rank", "2"), ("--num_nodes", "3"), ("--master_port", "20042"),
-                        ("--master_addr", "node-a"), ("--hostfile", hostfile)):
-        assert cmd[cmd.index(flag) + 1] == value
-    assert "--no_ssh" in cmd
+    cmd = node_launch_command("gpt-tiny", [], {f"node{i}": [0, 1] for i in range(3)}, layout.node_rank,
+                              layout.master_addr, layout.master_port)
+    opts = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    assert (opts["node_rank"], opts["master_port"], opts["master_addr"]) == ("2", "20042", "node-a")
+    # DeepSpeed's runner, given a hostfile of the 3 nodes and --no_ssh, builds the same world_info
+    from deepspeed.launcher.runner import encode_world_info, parse_inclusion_exclusion
+
+    hosts = {"node0": 2, "node1": 2, "node2": 2}
+    assert opts["world_info"] == encode_world_info(parse_inclusion_exclusion(hosts, "", ""))
 
 
 def test_gpu_node_keeps_the_gpus_slurm_gave_the_task():
@@ -161,10 +158,13 @@ def test_gpu_node_keeps_the_gpus_slurm_gave_the_task():
     assert slurm_gpu_ids(recipe, {"CUDA_VISIBLE_DEVICES": "GPU-1c2d,GPU-77aa"}) is None  # UUIDs: leave them
     assert slurm_gpu_ids(recipe, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) is None  # not one per process
     assert slurm_gpu_ids(load_recipe("gpt-tiny", ["launch.procs_per_node=2"]), {"CUDA_VISIBLE_DEVICES": "2,3"}) is None
-    cmd = deepspeed_command("gpt-tiny", [], 2, 2, master_port=20001, master_addr="n0", hostfile="/tmp/h",
-                            node_rank=1, include="node0:2,3@node1:2,3")
-    assert cmd[cmd.index("--include") + 1] == "node0:2,3@node1:2,3"
-    assert "--num_gpus" not in cmd and "--num_nodes" not in cmd  # DeepSpeed refuses both with --include
+    # the world_info the supervisor gives DeepSpeed's per-node launcher for those GPUs: the runner's, from
+    # a hostfile of the 2 nodes and --include node0:2,3@node1:2,3
+    from deepspeed.launcher.runner import encode_world_info, parse_inclusion_exclusion
+
+    runner = encode_world_info(parse_inclusion_exclusion({"node0": 4, "node1": 4}, "node0:2,3@node1:2,3", ""))
+    cmd = node_launch_command("gpt-tiny", [], {"node0": [2, 3], "node1": [2, 3]}, 1, "n0", 20001)
+    assert f"--world_info={runner}" in cmd
 
 
 @pytest.mark.dist
