@@ -18,6 +18,7 @@ ValueError in one line that names the known ones. `register_env(name, constructo
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 
@@ -27,12 +28,39 @@ from .games import GameEnv
 from .gvr_arith import GVRArithEnv
 from .signaling import SignalingEnv
 from .split_arith import SplitArithEnv
-from .traffic import TrafficEnv
 
 __all__ = ["CHARSET", "ENVS", "WAIT", "DebateArithEnv", "GVRArithEnv", "GameEnv", "SignalingEnv", "SplitArithEnv", "TextParallelEnv", "clean",
            "env_arguments", "make_env", "register_env"]
 
-ENVS: dict[str, Callable] = {"signaling": SignalingEnv, "split_arith": SplitArithEnv, "traffic": TrafficEnv,
+
+
+class _Deferred:
+    """A registered env whose module is imported when the env is first used or inspected: traffic's
+    sumo-rl (with pandas) takes ~0.3 s to import, which every process that reads this registry (each
+    launched rank, each recipe check) would otherwise pay for an env few runs use."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def load(self) -> Callable:
+        return getattr(importlib.import_module(self.module, __name__), self.name)
+
+    def __call__(self, *args, **kwargs):
+        return self.load()(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what inspect.signature reads: the class's own
+        return inspect.signature(self.load())
+
+
+def __getattr__(name: str):
+    if name == "TrafficEnv":
+        return _Deferred(".traffic", "TrafficEnv").load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+ENVS: dict[str, Callable] = {"signaling": SignalingEnv, "split_arith": SplitArithEnv,
+                           "traffic": _Deferred(".traffic", "TrafficEnv"),
                            "openspiel": GameEnv, "gvr_arith": GVRArithEnv,
                            "debate_arith": DebateArithEnv}
 
