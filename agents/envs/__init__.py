@@ -33,7 +33,6 @@ __all__ = ["CHARSET", "ENVS", "WAIT", "DebateArithEnv", "GVRArithEnv", "GameEnv"
            "env_arguments", "make_env", "register_env"]
 
 
-
 class _Deferred:
     """A registered env whose module is imported when the env is first used or inspected: traffic's
     sumo-rl (with pandas) takes ~0.3 s to import, which every process that reads this registry (each
