@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UsageError
-from trainer.schema import Recipe
+from trainer.schema import ENV_DATA_PREFIX, Recipe
 
 RECIPE_PREFIX = "recipe:"
 DEFAULT_CORPUS_EPISODES = 20_000
@@ -90,11 +90,11 @@ def _train_first(recipe: Recipe, other: str, key: str) -> None:
 
 
 def resolve_corpus(recipe: Recipe) -> Recipe:
-    from agents.corpus import ENV_PREFIX, write_corpus
-
     path = recipe.data.path
-    if not path.startswith(ENV_PREFIX):
+    if not path.startswith(ENV_DATA_PREFIX):
         return recipe
+    from agents.corpus import ENV_PREFIX, write_corpus  # torch (agents.policy): only for a corpus
+
     episodes = recipe.data.max_documents or DEFAULT_CORPUS_EPISODES
     try:  # an unknown env or argument is found when the env is made (a cached corpus had a good one)
         file = write_corpus(path[len(ENV_PREFIX):], dict(recipe.env.args), episodes, recipe.train.seed,

@@ -68,9 +68,9 @@ def cmd_train(args) -> int:
         adopt_launcher_env()
     world = int(os.environ["WORLD_SIZE"]) if launched else recipe.world_size()
     check_layout(recipe, world)
-    from agents.sync.strategies import build_synchronizer
+    from agents.sync.checks import check_sync
 
-    sync = build_synchronizer(recipe, world)  # bad sync settings stop here, before any process starts
+    check_sync(recipe, world)  # bad sync settings stop here, before any process starts
     from launch.agents_chain import resolve_chain
 
     # `recipe:` starting points are trained first by the first process (ranks find them finished).
@@ -84,9 +84,12 @@ def cmd_train(args) -> int:
 
         return run_deepspeed(recipe, args.recipe, args.overrides)
 
+    from agents.sync.strategies import build_synchronizer
     from launch.multiproc import register_exit_record, setup_rank_process
     from trainer.distributed import destroy, init_distributed
     from trainer.loop import TrainingStopped, train
+
+    sync = build_synchronizer(recipe, world)
 
     exit_box = None
     if launched:

@@ -80,16 +80,26 @@ def node_launch_command(recipe_arg: str, overrides: list[str], devices: dict[str
             "--module", "--no_local_rank", "--log_level=warning", "launch", "train", recipe_arg, *overrides]
 
 
+GPU_DEVICE_NODES = ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd")  # NVIDIA's driver; AMD's ROCm
+
+
+def cuda_visible(device_nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> bool:
+    """torch.cuda.is_available(), as the ranks will find it. On a machine with no GPU driver at all the
+    answer is no without importing torch, which the supervisor otherwise never needs (~1.5 s of every
+    multi-rank launch)."""
+    if not any(os.path.exists(p) for p in device_nodes):
+        return False
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return torch.cuda.is_available()
+
+
 def launcher_env(procs_per_node: int) -> dict:
     env = dict(os.environ)
     # DeepSpeed's CPU accelerator counts LOCAL_SIZE as its "devices"; on GPU nodes it counts GPUs.
-    try:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        on_gpu = False
-    if not on_gpu:
+    if not cuda_visible():
         env["LOCAL_SIZE"] = str(procs_per_node)
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs_per_node)))

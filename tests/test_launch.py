@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,42 @@ def test_a_usage_error_line_is_repeated_unless_rank_0_printed_it(tmp_path):
     assert "(seen by rank 0) (rank 0)" in usage_error_report(tmp_path, range(3))
     assert usage_error_report(tmp_path, range(2, 3)) == (
         f"error: the layout differs (seen by rank 2) (rank 2; log: {tmp_path / 'rank2.log'})")
+
+
+SUPERVISOR_ONLY = """
+import subprocess, sys
+sys.path.insert(0, {repo!r})
+started = []
+class Launcher:  # stands in for DeepSpeed's per-node launcher: the ranks' work is not this test's
+    pid = 0
+    def __init__(self, cmd, **kwargs): started.append(cmd)
+    def wait(self, timeout=None): return 0
+    def poll(self): return 0
+subprocess.Popen = Launcher
+from launch.cli import main
+rc = main(["train", "gpt-tiny", "run.output_dir={out}/runs", "data.cache_dir={out}/cache", "launch.procs_per_node=2",
+           "sync.strategy=ring", "sync.replicas=2"])
+print(rc, len(started), "deepspeed.launcher.launch" in started[0], "torch" in sys.modules)
+"""
+
+
+def test_the_supervisor_starts_the_ranks_without_importing_torch(tmp_path):
+    """`python -m launch train` with several processes checks the recipe (sync settings included) and
+    starts DeepSpeed's per-node launcher without importing torch (~1.5 s of every launch): on a machine
+    without a GPU driver it needs torch for nothing. (Checked in a fresh interpreter.)"""
+    import subprocess
+    import sys
+
+    from launch.multiproc import GPU_DEVICE_NODES, cuda_visible
+    from tests.trainutil import REPO
+
+    if any(Path(p).exists() for p in GPU_DEVICE_NODES):
+        pytest.skip("a GPU driver is present: the supervisor asks torch whether CUDA is usable")
+    assert cuda_visible() is False
+    code = SUPERVISOR_ONLY.format(repo=str(REPO), out=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["0", "1", "True", "False"], out.stdout
 
 RANK_END = """
 import atexit, sys, threading, time

@@ -201,6 +201,7 @@ class SyncSection(Section):
 
 
 # what an agent with policy_of takes from the agent whose policy it uses
+ENV_DATA_PREFIX = "env:"  # data.path env:<name>: a corpus of the env's random play (agents/corpus.py)
 SHARED_POLICY_KEYS = ("init_from", "adapter", "lora_rank", "lora_alpha", "lora_targets", "lr", "trainable", "algorithm",
                       "ppo_epochs")
 
@@ -409,7 +410,7 @@ class Recipe(Section):
             raise ValueError("train.schedule=alternating needs agents (it alternates which agents update)")
         if not self.agents:
             # data.path env:<name> (a corpus of random play, launch/agents_chain.py) reads env.* too.
-            if self.env.name and self.env.name != self.data.path.removeprefix("env:"):
+            if self.env.name and self.env.name != self.data.path.removeprefix(ENV_DATA_PREFIX):
                 raise ValueError(f"env.name={self.env.name} needs agents: a mapping of agent names to their settings "
                                  f"(or data.path: env:{self.env.name}, a corpus of random play)")
             return

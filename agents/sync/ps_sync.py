@@ -50,25 +50,6 @@ TAG_CONTROL = 0x50530010  # rank 0 <-> server: control messages and snapshots
 KILL_SERVER_AT_VERSION = "RECIPES_FAULT_KILL_SERVER_AT_VERSION"
 
 
-def check_settings(recipe: Recipe, world_size: int, replicas: int) -> None:
-    """UsageError (one line) for a parameter-server job that cannot run."""
-    s = recipe.sync
-    workers = world_size - s.servers
-    if workers < 1:
-        raise UsageError(f"sync.servers={s.servers} must be below the number of processes {world_size} "
-                         "(launch.nodes x launch.procs_per_node): at least one rank must train")
-    if replicas != workers:
-        raise UsageError(f"sync.strategy=parameter_server: each of the {workers} worker ranks is its own replica; "
-                         f"set sync.replicas={workers} (or leave it unset), got {replicas}")
-    if workers < 2:
-        raise UsageError("sync.strategy=parameter_server needs at least 2 workers (launch processes minus "
-                         "sync.servers)")
-    if 0 < s.staleness < workers - 1:
-        raise UsageError(f"sync.staleness={s.staleness} cannot be guaranteed with {workers} workers applying one at a "
-                         f"time (the first round alone is {workers - 1} versions late): use 0 (synchronous) or "
-                         f">= {workers - 1}")
-
-
 def _timeout(recipe: Recipe) -> datetime.timedelta:
     return datetime.timedelta(seconds=recipe.launch.timeout_s)
 

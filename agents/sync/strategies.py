@@ -47,8 +47,9 @@ from trainer.errors import UsageError
 from trainer.schema import Recipe
 
 from . import ring
+from .checks import check_sync, replica_count
 from .gossip import gossip_average_, unflatten_
-from .mixing import is_connected, mixing_matrix
+from .mixing import mixing_matrix
 
 GRADIENT_STRATEGIES = ("ring",)
 # Compressions whose payload of a slice is the slice's payload: summed chunk by chunk by its owner.
@@ -56,46 +57,16 @@ CHUNKED = ("int8", "fp16")
 WEIGHT_STRATEGIES = ("local_sgd", "fedavg", "diloco", "gossip")
 
 
-def replica_count(recipe: Recipe, world_size: int) -> int:
-    """`sync.replicas`; unset: one replica per node for `hybrid` (DeepSpeed inside a node, the
-    strategy across nodes: replicas are consecutive ranks, as the launcher numbers a node's), else
-    the data-parallel degree of the job (every model-parallel group a replica)."""
-    if recipe.sync.replicas:
-        return recipe.sync.replicas
-    if recipe.sync.strategy == "hybrid":
-        if recipe.launch.nodes < 2:
-            raise UsageError("sync.strategy=hybrid on one node needs sync.replicas (groups of several ranks); "
-                             "unset, it makes one replica per node of launch.nodes")
-        return recipe.launch.nodes
-    return recipe.dp_degree(world_size)
-
-
 def build_synchronizer(recipe: Recipe, world_size: int):
     """The recipe's strategy (None for `allreduce`: DeepSpeed's own reduction over every rank).
-    Raises UsageError (one line, exit 2) for settings that cannot run."""
-    s = recipe.sync
-    if s.strategy == "allreduce":
+    Raises UsageError (one line, exit 2) for settings that cannot run (agents/sync/checks.py)."""
+    kind = check_sync(recipe, world_size)
+    if kind is None:
         return None
-    if recipe.server_ranks() >= world_size:
-        raise UsageError(f"sync.servers={recipe.server_ranks()} must be below the number of processes {world_size} "
-                         "(launch.nodes x launch.procs_per_node): at least one rank must train")
-    total, world_size = world_size, recipe.train_world(world_size)
-    replicas = replica_count(recipe, world_size)
-    dp = recipe.dp_degree(world_size)
-    if dp % replicas:
-        raise UsageError(f"sync.replicas={replicas} must divide the data-parallel degree {dp} (world {world_size} / "
-                         f"(tp={recipe.parallel.tp} x pp={recipe.parallel.pp}))")
-    if replicas < 2:
-        raise UsageError(f"sync.strategy={s.strategy} needs sync.replicas >= 2 (got {replicas}); with one replica "
-                         "use sync.strategy=allreduce")
-    kind = s.across if s.strategy == "hybrid" else s.strategy
-    if kind == "gossip" and not is_connected(s.topology, replicas, seed=recipe.train.seed):
-        raise UsageError(f"sync.topology={s.topology} over {replicas} replicas is not connected: the replicas would "
-                         "never agree; use ring, torus or exponential")
+    replicas = replica_count(recipe, recipe.train_world(world_size))
     if kind == "parameter_server":
-        from .ps_sync import ParameterServerSync, check_settings
+        from .ps_sync import ParameterServerSync
 
-        check_settings(recipe, total, replicas)
         return ParameterServerSync(recipe, replicas)
     if kind in GRADIENT_STRATEGIES:
         return RingGradients(recipe, replicas)
