@@ -243,6 +243,7 @@ def test_export_writes_one_hugging_face_folder_per_agent(plain, root, tmp_path):
     ("debate.samples=1", "debate.samples=1: the baseline votes over its samples, so it needs >= 2"),
     ("env.args.rounds=0", "debate_arith: rounds must be an integer >= 1, got 0"),
     ("parallel.zero_stage=3", "debate.kl_base=0.5 needs parallel.zero_stage <= 2"),
+    ("env.args.steps=bytes", "debate_arith: steps must be one of pairwise, digits, got 'bytes'"),
 ])
 def test_bad_configs_are_one_line_with_exit_2(tmp_path, override, message):
     out = subprocess.run([sys.executable, "-m", "launch", "train", "debate-arith", override,

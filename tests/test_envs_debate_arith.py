@@ -100,3 +100,91 @@ def test_problems_are_in_range_and_bad_arguments_are_one_line():
         make_env("debate_arith", rounds=0)
     with pytest.raises(ValueError, match=r"problem must be 6 integers in \[0, 29\], got \[1, 2\]"):
         env.reset(options={"problem": [1, 2]})
+
+
+def _check_digits_steps(text: str, p) -> list[int]:
+    """Recomputes every step of a steps="digits" answer to problem p; returns how far each of its two
+    products is off (0: right). The products must be written as the rule says: a multiplier >= 10 as
+    "x*y=T+O=P" with T = x*10*(y's tens) and O = x*(y's ones) (O possibly slipped), else "x*y=P"; the rest
+    must follow from what was written."""
+    a, b, c, d, e, f = p
+    parts = text.split(" ")
+    assert len(parts) == 5, text
+    written, offs = [], []
+    for part, (x, y) in zip(parts[:2], ((b, c), (e, f))):
+        lhs, *vals = part.split("=")
+        assert lhs == f"{x}*{y}", part
+        if y >= 10:
+            assert len(vals) == 2, part
+            tens, ones = (int(v) for v in vals[0].split("+"))
+            assert tens == x * int(str(y)[:-1]) * 10
+            assert ones >= 0 and int(vals[1]) == tens + ones
+            offs.append(ones - x * int(str(y)[-1]))
+        else:
+            assert len(vals) == 1, part
+            assert int(vals[0]) >= 0
+            offs.append(int(vals[0]) - x * y)
+        written.append(int(vals[-1]))
+    s1 = a + written[0]
+    s2 = s1 + d
+    assert parts[2:] == [f"{a}+{written[0]}={s1}", f"{s1}+{d}={s2}", f"{s2}-{written[1]}={s2 - written[1]}"]
+    assert parse_answer(text) == s2 - written[1] == solve(p) + offs[0] - offs[1]
+    return offs
+
+
+def test_digits_steps_split_a_two_digit_multiplier_and_recompute_by_hand():
+    p = (3, 12, 23, 6, 27, 18)
+    assert solve(p) == 3 + 276 + 6 - 486 == -201
+    text = reasoning(p, steps="digits")
+    assert text == "12*23=240+36=276 27*18=270+216=486 3+276=279 279+6=285 285-486=-201"
+    assert _check_digits_steps(text, p) == [0, 0]
+    # a slipped digit product: the product and every step after it follow from it
+    assert reasoning(p, (1, -9), "digits") == "12*23=240+36=276 27*18=270+207=477 3+276=279 279+6=285 285-477=-192"
+    # a one-digit multiplier is one step; a slip that would go below 0 goes up instead; 0*10 is "0", not "00"
+    q = (3, 12, 3, 6, 0, 10)
+    assert reasoning(q, (1, -9), "digits") == "12*3=36 0*10=0+9=9 3+36=39 39+6=45 45-9=36"
+    assert reasoning(q, (0, -40), "digits") == "12*3=76 0*10=0+0=0 3+76=79 79+6=85 85-0=85"
+    assert reasoning((1, 2, 3, 4, 5, 6), steps="digits") == reasoning((1, 2, 3, 4, 5, 6))  # no multiplier >= 10
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        p = tuple(int(x) for x in rng.integers(0, 30, 6))
+        which, amount = int(rng.integers(2)), int(rng.integers(1, 10)) * int(rng.choice([-1, 1]))
+        assert _check_digits_steps(reasoning(p, steps="digits"), p) == [0, 0]
+        offs = _check_digits_steps(reasoning(p, (which, amount), "digits"), p)
+        assert abs(offs[which]) == abs(amount) and offs[1 - which] == 0
+        assert len(reasoning(p, (which, amount), "digits")) <= 70  # the default message_chars, 80, holds it
+
+
+def test_digits_corpus_player_slips_one_digit_product_in_round_one_only_and_answers_fit_the_spaces():
+    env = make_env("debate_arith", max_operand=29, steps="digits", corpus_slip=0.5)
+    assert env.message_chars == 80 and make_env("debate_arith").message_chars == 64
+    assert make_env("debate_arith", steps="digits", message_chars=100).message_chars == 100
+    rng = np.random.default_rng(0)
+    slipped = {1: 0, 2: 0}
+    for _ in range(400):
+        env.reset(seed=int(rng.integers(1 << 30)))
+        for r in (1, 2):
+            acts = {a: env.corpus_action(a, rng) for a in env.agents}
+            for t in acts.values():
+                offs = _check_digits_steps(t, env.problem)
+                assert 0 in offs and all(abs(o) <= 9 for o in offs)
+                slipped[r] += offs != [0, 0]
+                assert env.action_spaces["agent_0"].contains(t)
+            obs, *_ = env.step(acts)
+            if r == 1:  # the others' answers are shown whole
+                for a in env.agents:
+                    assert all(f"{o}: {acts[o]}" in obs[a].split("\n") for o in env.agents if o != a)
+                    assert env.observation_spaces[a].contains(obs[a])
+    assert slipped[2] == 0 and 0.42 < slipped[1] / 1200 < 0.58
+
+
+def test_digits_env_passes_the_api_tests_and_bad_steps_are_one_line():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel_api_test(make_env("debate_arith", steps="digits", max_operand=29), num_cycles=30)
+    with pytest.raises(ValueError, match=r"^debate_arith: steps must be one of pairwise, digits, got 'bytes'$"):
+        make_env("debate_arith", steps="bytes")
+    with pytest.raises(ValueError, match=r"^debate_arith: steps must be one of pairwise, digits, got 'x'$"):
+        reasoning((1, 2, 3, 4, 5, 6), steps="x")
+    with pytest.raises(ValueError, match=r"^debate_arith: message_chars must be an integer >= 1, got 0$"):
+        make_env("debate_arith", steps="digits", message_chars=0)

@@ -51,6 +51,8 @@ __all__ = ["DebateArithEnv", "agent_names", "draw_problem", "majority", "parse_a
            "problem_text", "reasoning", "solve"]
 
 _ANSWER = re.compile(r"=\s*(-?[0-9]+)")
+STEPS = ("pairwise", "digits")
+MESSAGE_CHARS = {"pairwise": 64, "digits": 80}  # the default message_chars per steps
 
 
 def agent_names(n: int) -> list[str]:
@@ -71,16 +73,32 @@ def draw_problem(rng: np.random.Generator, lo: int = 0, hi: int = 29) -> tuple[i
     return tuple(int(x) for x in rng.integers(lo, hi + 1, size=6))
 
 
-def reasoning(p, slip: tuple[int, int] = (0, 0)) -> str:
-    """The answer's text; slip = (which product, 0 or 1; amount added to it) gives a slipped one."""
+def _product(x: int, y: int, slip: int, steps: str) -> tuple[str, int]:
+    """One product's text and value. pairwise: "x*y=P". digits: a multiplier y >= 10 split into its tens
+    and ones, "x*y=T+O=P" (T = x*(y//10)*10, O = x*(y%10)); y < 10: "x*y=P". A slip is added to the
+    last digit product (O, or P when y < 10; pairwise: P), negated when that would make it negative,
+    and P follows from it."""
+    if steps == "pairwise" or y < 10:
+        v = x * y + slip
+        if steps != "pairwise" and v < 0:
+            v = x * y - slip
+        return f"{x}*{y}={v}", v
+    tens, ones = x * (y // 10) * 10, x * (y % 10) + slip
+    if ones < 0:
+        ones = x * (y % 10) - slip
+    return f"{x}*{y}={tens}+{ones}={tens + ones}", tens + ones
+
+
+def reasoning(p, slip: tuple[int, int] = (0, 0), steps: str = "pairwise") -> str:
+    """The answer's text; slip = (which product, 0 or 1; amount added to it) gives a slipped one (see
+    `_product` for where the slip goes with steps="digits")."""
+    if steps not in STEPS:
+        raise ValueError(f"debate_arith: steps must be one of {', '.join(STEPS)}, got {steps!r}")
     a, b, c, d, e, f = p
-    bc, ef = b * c, e * f
-    if slip[0] == 0:
-        bc += slip[1]
-    else:
-        ef += slip[1]
+    t1, bc = _product(b, c, slip[1] if slip[0] == 0 else 0, steps)
+    t2, ef = _product(e, f, slip[1] if slip[0] == 1 else 0, steps)
     s1, s2 = a + bc, a + bc + d
-    return f"{b}*{c}={bc} {e}*{f}={ef} {a}+{bc}={s1} {s1}+{d}={s2} {s2}-{ef}={s2 - ef}"
+    return f"{t1} {t2} {a}+{bc}={s1} {s1}+{d}={s2} {s2}-{ef}={s2 - ef}"
 
 
 def parse_answer(text: str | None) -> int | None:
@@ -118,14 +136,19 @@ class DebateArithEnv(SimultaneousTextEnv):
         agents         N, the number of debating agents (>= 2: a debate needs others to read)
         rounds         R >= 1 (1: no debate, the agents answer once)
         min_operand, max_operand  the range of a..f, inclusive (default 0..29)
-        message_chars  the longest answer another agent reads (default 64)
+        message_chars  the longest answer another agent reads (default 64 with steps pairwise, 80 with digits:
+                       every answer of operands in [0, 29] fits)
         corpus_slip    probability of a slipped product in the corpus player's round-1 answers (default 0.25)
+        steps          the corpus player's reasoning: "pairwise" (default; "4*5=20 7*8=56 3+20=23 23+6=29
+                       29-56=-27") or "digits", for two-digit operands: a multiplier >= 10 split into tens
+                       and ones ("12*23=240+36=276"), the sum pairwise as before
     """
 
     metadata = {"name": "debate_arith", "render_modes": ["ansi"], "is_parallelizable": True}
 
     def __init__(self, agents: int = 3, rounds: int = 2, min_operand: int = 0, max_operand: int = 29,
-                 message_chars: int = 64, corpus_slip: float = 0.25, render_mode: str | None = None):
+                 message_chars: int | None = None, corpus_slip: float = 0.25, steps: str = "pairwise",
+                 render_mode: str | None = None):
         if isinstance(agents, bool) or not isinstance(agents, int) or agents < 2:
             raise ValueError(f"debate_arith: agents must be an integer >= 2 (a debate needs at least two agents), "
                              f"got {agents!r}")
@@ -135,7 +158,11 @@ class DebateArithEnv(SimultaneousTextEnv):
         self.rounds = check_int("debate_arith", "rounds", rounds, 1)
         self.min_operand = check_int("debate_arith", "min_operand", min_operand, 0, 10**6)
         self.max_operand = check_int("debate_arith", "max_operand", max_operand, self.min_operand, 10**6)
-        self.message_chars = check_int("debate_arith", "message_chars", message_chars, 1)
+        if steps not in STEPS:
+            raise ValueError(f"debate_arith: steps must be one of {', '.join(STEPS)}, got {steps!r}")
+        self.steps = steps
+        self.message_chars = check_int("debate_arith", "message_chars",
+                                       MESSAGE_CHARS[steps] if message_chars is None else message_chars, 1)
         if isinstance(corpus_slip, bool) or not isinstance(corpus_slip, (int, float)) or not 0 <= corpus_slip <= 1:
             raise ValueError(f"debate_arith: corpus_slip must be a number in [0, 1], got {corpus_slip!r}")
         self.corpus_slip = float(corpus_slip)
@@ -256,8 +283,8 @@ class DebateArithEnv(SimultaneousTextEnv):
         module docstring)."""
         if self.round == 0 and rng.random() < self.corpus_slip:
             amount = int(rng.integers(1, 10)) * (1 if rng.random() < 0.5 else -1)
-            return reasoning(self.problem, (int(rng.integers(2)), amount))
-        return reasoning(self.problem)
+            return reasoning(self.problem, (int(rng.integers(2)), amount), self.steps)
+        return reasoning(self.problem, steps=self.steps)
 
     def random_action(self, agent: str, rng: np.random.Generator) -> str:
         """A well-formed answer with a uniformly random value (the environment's random player)."""
