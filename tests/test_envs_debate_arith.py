@@ -66,17 +66,24 @@ def test_answers_votes_and_pseudo_labels_by_hand():
     assert diversity([None, None]) == 1.0
 
 
-def test_the_corpus_player_writes_right_reasoning_slipping_only_in_round_one():
-    env = make_env("debate_arith", corpus_slip=0.5)
+def _corpus_rounds(env, episodes: int = 400):
+    """(round, the corpus player's answers, the observations after them) of every round of `episodes`
+    two-round debates."""
     rng = np.random.default_rng(0)
-    right = {1: 0, 2: 0}
-    for _ in range(400):
+    for _ in range(episodes):
         env.reset(seed=int(rng.integers(1 << 30)))
         for r in (1, 2):
             acts = {a: env.corpus_action(a, rng) for a in env.agents}
-            right[r] += sum(parse_answer(t) == env.expected for t in acts.values())
-            assert all(t.count("=") == 5 for t in acts.values())
-            env.step(acts)
+            obs, *_ = env.step(acts)
+            yield r, acts, obs
+
+
+def test_the_corpus_player_writes_right_reasoning_slipping_only_in_round_one():
+    env = make_env("debate_arith", corpus_slip=0.5)
+    right = {1: 0, 2: 0}
+    for r, acts, _ in _corpus_rounds(env):
+        right[r] += sum(parse_answer(t) == solve(env.problem) for t in acts.values())
+        assert all(t.count("=") == 5 for t in acts.values())
     assert right[2] == 1200
     assert 0.42 < 1 - right[1] / 1200 < 0.58  # the slip rate, 0.5
     p = (1, 2, 3, 4, 5, 6)
@@ -159,22 +166,17 @@ def test_digits_corpus_player_slips_one_digit_product_in_round_one_only_and_answ
     env = make_env("debate_arith", max_operand=29, steps="digits", corpus_slip=0.5)
     assert env.message_chars == 80 and make_env("debate_arith").message_chars == 64
     assert make_env("debate_arith", steps="digits", message_chars=100).message_chars == 100
-    rng = np.random.default_rng(0)
     slipped = {1: 0, 2: 0}
-    for _ in range(400):
-        env.reset(seed=int(rng.integers(1 << 30)))
-        for r in (1, 2):
-            acts = {a: env.corpus_action(a, rng) for a in env.agents}
-            for t in acts.values():
-                offs = _check_digits_steps(t, env.problem)
-                assert 0 in offs and all(abs(o) <= 9 for o in offs)
-                slipped[r] += offs != [0, 0]
-                assert env.action_spaces["agent_0"].contains(t)
-            obs, *_ = env.step(acts)
-            if r == 1:  # the others' answers are shown whole
-                for a in env.agents:
-                    assert all(f"{o}: {acts[o]}" in obs[a].split("\n") for o in env.agents if o != a)
-                    assert env.observation_spaces[a].contains(obs[a])
+    for r, acts, obs in _corpus_rounds(env):
+        for t in acts.values():
+            offs = _check_digits_steps(t, env.problem)
+            assert 0 in offs and all(abs(o) <= 9 for o in offs)
+            slipped[r] += offs != [0, 0]
+            assert env.action_spaces["agent_0"].contains(t)
+        if r == 1:  # the others' answers are shown whole
+            for a in env.agents:
+                assert all(f"{o}: {acts[o]}" in obs[a].split("\n") for o in env.agents if o != a)
+                assert env.observation_spaces[a].contains(obs[a])
     assert slipped[2] == 0 and 0.42 < slipped[1] / 1200 < 0.58
 
 
