@@ -73,6 +73,12 @@ def draw_problem(rng: np.random.Generator, lo: int = 0, hi: int = 29) -> tuple[i
     return tuple(int(x) for x in rng.integers(lo, hi + 1, size=6))
 
 
+def _check_steps(steps) -> str:
+    if steps not in STEPS:
+        raise ValueError(f"debate_arith: steps must be one of {', '.join(STEPS)}, got {steps!r}")
+    return steps
+
+
 def _product(x: int, y: int, slip: int, steps: str) -> tuple[str, int]:
     """One product's text and value. pairwise: "x*y=P". digits: a multiplier y >= 10 split into its tens
     and ones, "x*y=T+O=P" (T = x*(y//10)*10, O = x*(y%10)); y < 10: "x*y=P". A slip is added to the
@@ -92,8 +98,7 @@ def _product(x: int, y: int, slip: int, steps: str) -> tuple[str, int]:
 def reasoning(p, slip: tuple[int, int] = (0, 0), steps: str = "pairwise") -> str:
     """The answer's text; slip = (which product, 0 or 1; amount added to it) gives a slipped one (see
     `_product` for where the slip goes with steps="digits")."""
-    if steps not in STEPS:
-        raise ValueError(f"debate_arith: steps must be one of {', '.join(STEPS)}, got {steps!r}")
+    _check_steps(steps)
     a, b, c, d, e, f = p
     t1, bc = _product(b, c, slip[1] if slip[0] == 0 else 0, steps)
     t2, ef = _product(e, f, slip[1] if slip[0] == 1 else 0, steps)
@@ -158,9 +163,7 @@ class DebateArithEnv(SimultaneousTextEnv):
         self.rounds = check_int("debate_arith", "rounds", rounds, 1)
         self.min_operand = check_int("debate_arith", "min_operand", min_operand, 0, 10**6)
         self.max_operand = check_int("debate_arith", "max_operand", max_operand, self.min_operand, 10**6)
-        if steps not in STEPS:
-            raise ValueError(f"debate_arith: steps must be one of {', '.join(STEPS)}, got {steps!r}")
-        self.steps = steps
+        self.steps = _check_steps(steps)
         self.message_chars = check_int("debate_arith", "message_chars",
                                        MESSAGE_CHARS[steps] if message_chars is None else message_chars, 1)
         if isinstance(corpus_slip, bool) or not isinstance(corpus_slip, (int, float)) or not 0 <= corpus_slip <= 1:
