@@ -36,15 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from trainer.files import atomic_write_text
-from trainer.schema import ENV_DATA_PREFIX
 
 from .envs import make_env
 from .policy import DEFAULT_TEMPLATE
 from .rollout import SEED_HIGH
 
-__all__ = ["ENV_PREFIX", "episode_text", "write_corpus"]
+__all__ = ["episode_text", "write_corpus"]
 
-ENV_PREFIX = ENV_DATA_PREFIX
 FORMAT = 2  # 2: the signalling speaker of random play names the target half of the time
 # per env, where its random player changed since: 3 = split_arith's answer repeats a number it saw half of the time
 # 4 = traffic's corpus player (max-queue half of the time) and whole episodes (no 64-step cap)

@@ -93,11 +93,11 @@ def resolve_corpus(recipe: Recipe) -> Recipe:
     path = recipe.data.path
     if not path.startswith(ENV_DATA_PREFIX):
         return recipe
-    from agents.corpus import ENV_PREFIX, write_corpus  # torch (agents.policy): only for a corpus
+    from agents.corpus import write_corpus  # torch (agents.policy): only for a corpus
 
     episodes = recipe.data.max_documents or DEFAULT_CORPUS_EPISODES
     try:  # an unknown env or argument is found when the env is made (a cached corpus had a good one)
-        file = write_corpus(path[len(ENV_PREFIX):], dict(recipe.env.args), episodes, recipe.train.seed,
+        file = write_corpus(path[len(ENV_DATA_PREFIX):], dict(recipe.env.args), episodes, recipe.train.seed,
                             recipe.data.cache_dir)
     except (ValueError, TypeError) as e:
         raise UsageError(f"data.path={path}: {e}") from None

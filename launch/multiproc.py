@@ -196,7 +196,7 @@ def _rank_processes(proc: subprocess.Popen) -> list:
 
     try:
         top = psutil.Process(proc.pid)
-        launchers = [top] if "deepspeed.launcher.launch" in top.cmdline() else top.children()
+        launchers = [top] if "deepspeed.launcher.launch" in proc.args else top.children()
         return [rank for launcher in launchers for rank in launcher.children()]
     except psutil.Error:
         return []

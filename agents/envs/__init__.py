@@ -52,14 +52,17 @@ class _Deferred:
         return inspect.signature(self.load())
 
 
+_TRAFFIC = _Deferred(".traffic", "TrafficEnv")
+
+
 def __getattr__(name: str):
     if name == "TrafficEnv":
-        return _Deferred(".traffic", "TrafficEnv").load()
+        return _TRAFFIC.load()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ENVS: dict[str, Callable] = {"signaling": SignalingEnv, "split_arith": SplitArithEnv,
-                           "traffic": _Deferred(".traffic", "TrafficEnv"),
+                           "traffic": _TRAFFIC,
                            "openspiel": GameEnv, "gvr_arith": GVRArithEnv,
                            "debate_arith": DebateArithEnv}
 
