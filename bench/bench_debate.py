@@ -3,10 +3,11 @@ fine-tuning iteration (mean and spread over seeds), the single-agent self-traini
 agents' diversity, and the issue's goals met or missed (`python bench/bench_debate.py`, writes
 bench/results/debate-cpu.md and .json).
 
-    python bench/bench_debate.py --seeds 0 1 2 --runs runs/bench-debate [--args key=value ...]
+    python bench/bench_debate.py --seeds 0 1 2 --runs runs/bench-debate [--recipe debate-arith-30] [--args key=value ...]
 
-Each seed is one `python -m launch train debate-arith train.seed=<seed>` (its own held-out set, training
-problems, sampling and data order); the base (`recipe:debate-arith-base`, in the same output folder) is
+Each seed is one `python -m launch train <recipe> train.seed=<seed>` (its own held-out set, training
+problems, sampling and data order; recipe debate-arith unless --recipe names another debate recipe, e.g.
+debate-arith-30); the base (the recipe's `recipe:...-base`, in the same output folder) is
 pretrained by the first run and shared by the others, so the spread is that of the debate and fine-tuning,
 not of the pretraining. A seed whose run already has a summary.json is read, not rerun.
 """
@@ -27,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 KEYS = ["single", "vote", "debate", "diversity", "baseline/single", "baseline/vote"]
 
 
-def run_seed(seed: int, runs: Path, extra: list[str]) -> tuple[dict, float | None, list[str]]:
-    name = f"debate-arith-s{seed}"
-    cmd = [sys.executable, "-m", "launch", "train", "debate-arith", f"run.name={name}", f"train.seed={seed}",
+def run_seed(seed: int, runs: Path, extra: list[str], recipe: str = "debate-arith") -> tuple[dict, float | None, list[str]]:
+    name = f"{recipe}-s{seed}"
+    cmd = [sys.executable, "-m", "launch", "train", recipe, f"run.name={name}", f"train.seed={seed}",
            f"run.output_dir={runs}", "train.progress=false", "tracking.wandb=disabled", *extra]
     summary = runs / name / "summary.json"
     took = None
@@ -68,11 +69,12 @@ def aggregate(summaries: dict[int, dict]) -> tuple[list[dict], dict]:
     return table, goals
 
 
-def markdown(table: list[dict], goals: dict, summaries: dict, times: dict, cmd: str) -> str:
+def markdown(table: list[dict], goals: dict, summaries: dict, times: dict, cmd: str,
+             recipe: str = "debate-arith") -> str:
     def cell(v):
         return "-" if v is None else f"{v['mean']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
 
-    lines = [f"# debate-arith on CPU ({platform.processor() or platform.machine()}), seeds "
+    lines = [f"# {recipe} on CPU ({platform.processor() or platform.machine()}), seeds "
              f"{', '.join(str(s) for s in summaries)}", "",
              f"Command: `{cmd}`", "",
              "Accuracy on each seed's 500 held-out problems, mean (min-max over seeds). single: each agent's "
@@ -107,22 +109,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="runs/bench-debate")
+    ap.add_argument("--recipe", default="debate-arith", help="the debate recipe (debate-arith, debate-arith-30)")
     ap.add_argument("--args", nargs="*", default=[], help="extra recipe overrides (key=value)")
     ap.add_argument("--out", default="bench/results/debate-cpu")
     a = ap.parse_args()
     runs = Path(a.runs).resolve()
     summaries, times = {}, {}
     for seed in a.seeds:
-        summaries[seed], times[seed], _ = run_seed(seed, runs, a.args)
+        summaries[seed], times[seed], _ = run_seed(seed, runs, a.args, a.recipe)
     table, goals = aggregate(summaries)
     cmd = "python bench/bench_debate.py " + shlex.join(["--seeds", *map(str, a.seeds), "--runs", a.runs]
+                                                       + (["--recipe", a.recipe] if a.recipe != "debate-arith" else [])
                                                        + (["--args", *a.args] if a.args else []))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": cmd, "table": table, "goals": goals, "seconds": times,
                                                     "runs": {s: v["per_iteration"] for s, v in summaries.items()}},
                                                    indent=1))
-    text = markdown(table, goals, summaries, times, cmd)
+    text = markdown(table, goals, summaries, times, cmd, a.recipe)
     out.with_suffix(".md").write_text(text)
     print(text)
 

@@ -6,6 +6,7 @@ per agent, bad configs in one line (exit 2)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -243,7 +244,7 @@ def test_export_writes_one_hugging_face_folder_per_agent(plain, root, tmp_path):
     ("debate.samples=1", "debate.samples=1: the baseline votes over its samples, so it needs >= 2"),
     ("env.args.rounds=0", "debate_arith: rounds must be an integer >= 1, got 0"),
     ("parallel.zero_stage=3", "debate.kl_base=0.5 needs parallel.zero_stage <= 2"),
-    ("env.args.steps=bytes", "debate_arith: steps must be one of pairwise, digits, got 'bytes'"),
+    ("env.args.steps=bytes", "debate_arith: steps must be one of pairwise, digits, columns, got 'bytes'"),
 ])
 def test_bad_configs_are_one_line_with_exit_2(tmp_path, override, message):
     out = subprocess.run([sys.executable, "-m", "launch", "train", "debate-arith", override,
@@ -259,3 +260,32 @@ def test_debate_keys_need_the_debate_env(tmp_path):
                          timeout=120)
     assert out.returncode == 2 and "debate.* keys need env.name=debate_arith" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_issue_range_recipes_chain_at_reduced_size(tmp_path):
+    """debate-arith-30-base and debate-arith-30 (operands in [0, 30), `columns` reasoning) as written but
+    tiny: the base learns from transcripts in the columns format, and its agents debate at that range."""
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_kv_head=2", "model.d_model=32", "model.kernels=torch",
+            "data.max_documents=40", "parallel.micro_batch=2", "train.max_steps=4", "train.eval_every=4",
+            "train.checkpoint_every=4", "train.eval_batches=1", "train.progress=false", "tracking.wandb=disabled",
+            "train.sample_tokens=4"]
+    out = run_train(tmp_path, "base30", *tiny, recipe="debate-arith-30-base")
+    assert out.returncode == 0, out.stderr[-3000:]
+    import yaml
+
+    base = yaml.safe_load((tmp_path / "runs" / "base30" / "config.yaml").read_text())
+    assert base["env"]["args"] == {"agents": 3, "rounds": 2, "max_operand": 29, "steps": "columns"}
+    corpus = [json.loads(x)["text"] for x in (tmp_path / base["data"]["path"]).read_text().splitlines()]
+    answers = [line.split(": ", 1)[1] for doc in corpus for line in doc.splitlines() if line.startswith("agent_0: ")]
+    assert len(answers) >= 80 and all(re.search(r" \d+-\d+=[+-]\(\d{3}-\d{3}\)( b?\d-\d=\d){3} =-?\d+$", a)
+                                      for a in answers), answers[:3]
+    assert max(int(x) for doc in corpus for x in re.findall(r"Q: ([0-9+*-]+)", doc)[0].replace("*", "+")
+               .replace("-", "+").split("+")) > 9
+    out = run_train(tmp_path, "debate30", *(f"agents.agent_{i}.init_from={tmp_path / 'runs' / 'base30'}" for i in range(3)),
+                    "debate.iterations=1", "debate.train_problems=3", "debate.heldout_problems=3", "debate.sft_batch=2",
+                    "train.progress=false", "tracking.wandb=disabled", recipe="debate-arith-30")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "debate30"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["env"]["args"]["steps"] == "columns" and cfg["rl"]["max_new_tokens"] == 112
+    assert [r["iteration"] for r in json.loads((run / "summary.json").read_text())["per_iteration"]] == [0, 1]

@@ -11,6 +11,7 @@ from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 from agents.envs import make_env
 from agents.envs.debate_arith import (
+    column_subtraction,
     diversity,
     majority,
     parse_answer,
@@ -109,13 +110,30 @@ def test_problems_are_in_range_and_bad_arguments_are_one_line():
         env.reset(options={"problem": [1, 2]})
 
 
-def _check_digits_steps(text: str, p) -> list[int]:
-    """Recomputes every step of a steps="digits" answer to problem p; returns how far each of its two
-    products is off (0: right). The products must be written as the rule says: a multiplier >= 10 as
-    "x*y=T+O=P" with T = x*10*(y's tens) and O = x*(y's ones) (O possibly slipped), else "x*y=P"; the rest
-    must follow from what was written."""
+def _check_columns(text: str, s: int, t: int) -> int:
+    """Checks a steps="columns" subtraction of s-t against integer arithmetic, not the column rule: the
+    sign, the larger and smaller number padded to one width, each column's digit of |s-t|, and the
+    borrow flag into column i present exactly when the smaller's last i digits exceed the larger's."""
+    head, *cols, value = text.split(" ")
+    big, small = max(s, t), min(s, t)
+    width = max(3, len(str(big)))
+    assert head == f"{s}-{t}={'+' if s >= t else '-'}({big:0{width}d}-{small:0{width}d})", text
+    assert len(cols) == width, text
+    for i, col in enumerate(cols):
+        borrow = small % 10**i > big % 10**i
+        x, y = big // 10**i % 10, small // 10**i % 10
+        assert col == f"{'b' if borrow else ''}{x}-{y}={(big - small) // 10**i % 10}", (text, i)
+    assert value == f"={s - t}", text
+    return s - t
+
+
+def _check_digits_steps(text: str, p, steps: str = "digits") -> list[int]:
+    """Recomputes every step of a steps="digits" (or "columns") answer to problem p; returns how far each
+    of its two products is off (0: right). The products must be written as the rule says: a multiplier
+    >= 10 as "x*y=T+O=P" with T = x*10*(y's tens) and O = x*(y's ones) (O possibly slipped), else
+    "x*y=P"; the rest must follow from what was written."""
     a, b, c, d, e, f = p
-    parts = text.split(" ")
+    parts = text.split(" ", 4)
     assert len(parts) == 5, text
     written, offs = [], []
     for part, (x, y) in zip(parts[:2], ((b, c), (e, f))):
@@ -134,7 +152,11 @@ def _check_digits_steps(text: str, p) -> list[int]:
         written.append(int(vals[-1]))
     s1 = a + written[0]
     s2 = s1 + d
-    assert parts[2:] == [f"{a}+{written[0]}={s1}", f"{s1}+{d}={s2}", f"{s2}-{written[1]}={s2 - written[1]}"]
+    last = f"{s2}-{written[1]}={s2 - written[1]}"
+    if steps == "columns":
+        _check_columns(parts[4], s2, written[1])
+        last = parts[4]
+    assert parts[2:] == [f"{a}+{written[0]}={s1}", f"{s1}+{d}={s2}", last]
     assert parse_answer(text) == s2 - written[1] == solve(p) + offs[0] - offs[1]
     return offs
 
@@ -180,13 +202,49 @@ def test_digits_corpus_player_slips_one_digit_product_in_round_one_only_and_answ
     assert slipped[2] == 0 and 0.42 < slipped[1] / 1200 < 0.58
 
 
+def test_column_subtraction_matches_integer_arithmetic_and_its_borrows():
+    assert column_subtraction(29, 56) == "29-56=-(056-029) 6-9=7 b5-2=2 0-0=0 =-27"
+    assert column_subtraction(100, 1) == "100-1=+(100-001) 0-1=9 b0-0=9 b1-0=0 =99"  # a chain of borrows
+    assert column_subtraction(5, 5) == "5-5=+(005-005) 5-5=0 0-0=0 0-0=0 =0"
+    assert column_subtraction(1000, 999) == "1000-999=+(1000-0999) 0-9=1 b0-9=0 b0-9=0 b1-0=0 =1"
+    for s in range(0, 1000, 7):
+        for t in range(0, 1000, 3):
+            text = column_subtraction(s, t)
+            assert _check_columns(text, s, t) == parse_answer(text) == s - t
+
+
+def test_columns_steps_recompute_by_hand_and_every_answer_fits_the_message():
+    p = (3, 12, 23, 6, 27, 18)
+    assert reasoning(p, steps="columns") == ("12*23=240+36=276 27*18=270+216=486 3+276=279 279+6=285 "
+                                             "285-486=-(486-285) 6-5=1 8-8=0 4-2=2 =-201")
+    env = make_env("debate_arith", max_operand=29, steps="columns", corpus_slip=0.5)
+    assert env.message_chars == 112
+    rng = np.random.default_rng(4)
+    for _ in range(2000):
+        p = tuple(int(x) for x in rng.integers(0, 30, 6))
+        which, amount = int(rng.integers(2)), int(rng.integers(1, 10)) * int(rng.choice([-1, 1]))
+        assert _check_digits_steps(reasoning(p, steps="columns"), p, "columns") == [0, 0]
+        offs = _check_digits_steps(reasoning(p, (which, amount), "columns"), p, "columns")
+        assert abs(offs[which]) == abs(amount) and offs[1 - which] == 0
+        assert len(reasoning(p, (which, amount), "columns")) <= 104  # the default message_chars, 112, holds it
+    for r, acts, obs in _corpus_rounds(env):
+        for t in acts.values():
+            assert 0 in _check_digits_steps(t, env.problem, "columns")
+            assert env.action_spaces["agent_0"].contains(t)
+        if r == 1:  # the others' answers are shown whole
+            for a in env.agents:
+                assert all(f"{o}: {acts[o]}" in obs[a].split("\n") for o in env.agents if o != a)
+                assert env.observation_spaces[a].contains(obs[a])
+
+
 def test_digits_env_passes_the_api_tests_and_bad_steps_are_one_line():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parallel_api_test(make_env("debate_arith", steps="digits", max_operand=29), num_cycles=30)
-    with pytest.raises(ValueError, match=r"^debate_arith: steps must be one of pairwise, digits, got 'bytes'$"):
+        parallel_api_test(make_env("debate_arith", steps="columns", max_operand=29), num_cycles=30)
+    with pytest.raises(ValueError, match=r"^debate_arith: steps must be one of pairwise, digits, columns, got 'bytes'$"):
         make_env("debate_arith", steps="bytes")
-    with pytest.raises(ValueError, match=r"^debate_arith: steps must be one of pairwise, digits, got 'x'$"):
+    with pytest.raises(ValueError, match=r"^debate_arith: steps must be one of pairwise, digits, columns, got 'x'$"):
         reasoning((1, 2, 3, 4, 5, 6), steps="x")
     with pytest.raises(ValueError, match=r"^debate_arith: message_chars must be an integer >= 1, got 0$"):
         make_env("debate_arith", steps="digits", message_chars=0)

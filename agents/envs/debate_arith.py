@@ -47,12 +47,12 @@ import numpy as np
 
 from .base import SimultaneousTextEnv, check_int, clean, text_space
 
-__all__ = ["DebateArithEnv", "agent_names", "draw_problem", "majority", "parse_answer", "plurality",
+__all__ = ["DebateArithEnv", "agent_names", "column_subtraction", "draw_problem", "majority", "parse_answer", "plurality",
            "problem_text", "reasoning", "solve"]
 
 _ANSWER = re.compile(r"=\s*(-?[0-9]+)")
-STEPS = ("pairwise", "digits")
-MESSAGE_CHARS = {"pairwise": 64, "digits": 80}  # the default message_chars per steps
+STEPS = ("pairwise", "digits", "columns")
+MESSAGE_CHARS = {"pairwise": 64, "digits": 80, "columns": 112}  # the default message_chars per steps
 
 
 def agent_names(n: int) -> list[str]:
@@ -95,15 +95,37 @@ def _product(x: int, y: int, slip: int, steps: str) -> tuple[str, int]:
     return f"{x}*{y}={tens}+{ones}={tens + ones}", tens + ones
 
 
+def column_subtraction(s: int, t: int) -> str:
+    """s-t (s, t >= 0) for steps="columns", with no step that needs a borrow chain held in the head:
+    the sign, then the larger minus the smaller, both zero-padded to the same width (at least 3), then
+    one column at a time from the ones, "x-y=r" with r = (x - y - borrow) mod 10, prefixed "b" when the
+    column before borrowed; then the value:
+
+        29-56=-(056-029) 6-9=7 b5-2=2 0-0=0 =-27
+
+    Every column reads two digits at fixed places and one visible flag (the first, pairwise attempt at
+    [0, 30) learned every step but this subtraction done at once: docs/debate.md)."""
+    big, small, sign = (s, t, "+") if s >= t else (t, s, "-")
+    width = max(3, len(str(big)))
+    x, y = f"{big:0{width}d}", f"{small:0{width}d}"
+    cols, borrow = [], 0
+    for i in range(width - 1, -1, -1):
+        r = int(x[i]) - int(y[i]) - borrow
+        cols.append(f"{'b' if borrow else ''}{x[i]}-{y[i]}={r % 10}")
+        borrow = int(r < 0)
+    return f"{s}-{t}={sign}({x}-{y}) {' '.join(cols)} ={s - t}"
+
+
 def reasoning(p, slip: tuple[int, int] = (0, 0), steps: str = "pairwise") -> str:
     """The answer's text; slip = (which product, 0 or 1; amount added to it) gives a slipped one (see
-    `_product` for where the slip goes with steps="digits")."""
+    `_product` for where the slip goes with steps="digits" or "columns")."""
     _check_steps(steps)
     a, b, c, d, e, f = p
     t1, bc = _product(b, c, slip[1] if slip[0] == 0 else 0, steps)
     t2, ef = _product(e, f, slip[1] if slip[0] == 1 else 0, steps)
     s1, s2 = a + bc, a + bc + d
-    return f"{t1} {t2} {a}+{bc}={s1} {s1}+{d}={s2} {s2}-{ef}={s2 - ef}"
+    last = column_subtraction(s2, ef) if steps == "columns" else f"{s2}-{ef}={s2 - ef}"
+    return f"{t1} {t2} {a}+{bc}={s1} {s1}+{d}={s2} {last}"
 
 
 def parse_answer(text: str | None) -> int | None:
@@ -141,12 +163,13 @@ class DebateArithEnv(SimultaneousTextEnv):
         agents         N, the number of debating agents (>= 2: a debate needs others to read)
         rounds         R >= 1 (1: no debate, the agents answer once)
         min_operand, max_operand  the range of a..f, inclusive (default 0..29)
-        message_chars  the longest answer another agent reads (default 64 with steps pairwise, 80 with digits:
-                       every answer of operands in [0, 29] fits)
+        message_chars  the longest answer another agent reads (default 64 with steps pairwise, 80 with
+                       digits, 112 with columns: every answer of operands in [0, 29] fits)
         corpus_slip    probability of a slipped product in the corpus player's round-1 answers (default 0.25)
         steps          the corpus player's reasoning: "pairwise" (default; "4*5=20 7*8=56 3+20=23 23+6=29
                        29-56=-27") or "digits", for two-digit operands: a multiplier >= 10 split into tens
-                       and ones ("12*23=240+36=276"), the sum pairwise as before
+                       and ones ("12*23=240+36=276"), the sum pairwise as before; or "columns": digits,
+                       with the last subtraction column by column (`column_subtraction`)
     """
 
     metadata = {"name": "debate_arith", "render_modes": ["ansi"], "is_parallelizable": True}
