@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = "bench/results/debate-cpu"
 KEYS = ["single", "vote", "debate", "diversity", "baseline/single", "baseline/vote"]
 
 
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/bench-debate")
     ap.add_argument("--recipe", default="debate-arith", help="the debate recipe (debate-arith, debate-arith-30)")
     ap.add_argument("--args", nargs="*", default=[], help="extra recipe overrides (key=value)")
-    ap.add_argument("--out", default="bench/results/debate-cpu")
+    ap.add_argument("--out", default=OUT)
     a = ap.parse_args()
     runs = Path(a.runs).resolve()
     summaries, times = {}, {}
@@ -120,6 +121,7 @@ def main() -> None:
     table, goals = aggregate(summaries)
     cmd = "python bench/bench_debate.py " + shlex.join(["--seeds", *map(str, a.seeds), "--runs", a.runs]
                                                        + (["--recipe", a.recipe] if a.recipe != "debate-arith" else [])
+                                                       + (["--out", a.out] if a.out != OUT else [])
                                                        + (["--args", *a.args] if a.args else []))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
