@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from agents.debate import problems
 from agents.debate.selection import debate_rows, single_rows
@@ -271,8 +272,6 @@ def test_the_issue_range_recipes_chain_at_reduced_size(tmp_path):
             "train.sample_tokens=4"]
     out = run_train(tmp_path, "base30", *tiny, recipe="debate-arith-30-base")
     assert out.returncode == 0, out.stderr[-3000:]
-    import yaml
-
     base = yaml.safe_load((tmp_path / "runs" / "base30" / "config.yaml").read_text())
     assert base["env"]["args"] == {"agents": 3, "rounds": 2, "max_operand": 29, "steps": "columns"}
     corpus = [json.loads(x)["text"] for x in (tmp_path / base["data"]["path"]).read_text().splitlines()]
