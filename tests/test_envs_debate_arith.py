@@ -174,24 +174,31 @@ def test_digits_steps_split_a_two_digit_multiplier_and_recompute_by_hand():
     assert reasoning(q, (1, -9), "digits") == "12*3=36 0*10=0+9=9 3+36=39 39+6=45 45-9=36"
     assert reasoning(q, (0, -40), "digits") == "12*3=76 0*10=0+0=0 3+76=79 79+6=85 85-0=85"
     assert reasoning((1, 2, 3, 4, 5, 6), steps="digits") == reasoning((1, 2, 3, 4, 5, 6))  # no multiplier >= 10
+
+
+# the longest answer of operands in [0, 29], slipped or not; the default message_chars holds it
+@pytest.mark.parametrize("steps,longest,message_chars", [("digits", 70, 80), ("columns", 104, 112)])
+def test_every_step_of_random_answers_recomputes_and_fits_the_message(steps, longest, message_chars):
+    assert make_env("debate_arith", steps=steps).message_chars == message_chars
     rng = np.random.default_rng(3)
     for _ in range(2000):
         p = tuple(int(x) for x in rng.integers(0, 30, 6))
         which, amount = int(rng.integers(2)), int(rng.integers(1, 10)) * int(rng.choice([-1, 1]))
-        assert _check_digits_steps(reasoning(p, steps="digits"), p) == [0, 0]
-        offs = _check_digits_steps(reasoning(p, (which, amount), "digits"), p)
+        assert _check_digits_steps(reasoning(p, steps=steps), p, steps) == [0, 0]
+        offs = _check_digits_steps(reasoning(p, (which, amount), steps), p, steps)
         assert abs(offs[which]) == abs(amount) and offs[1 - which] == 0
-        assert len(reasoning(p, (which, amount), "digits")) <= 70  # the default message_chars, 80, holds it
+        assert len(reasoning(p, (which, amount), steps)) <= longest
 
 
-def test_digits_corpus_player_slips_one_digit_product_in_round_one_only_and_answers_fit_the_spaces():
-    env = make_env("debate_arith", max_operand=29, steps="digits", corpus_slip=0.5)
-    assert env.message_chars == 80 and make_env("debate_arith").message_chars == 64
-    assert make_env("debate_arith", steps="digits", message_chars=100).message_chars == 100
+@pytest.mark.parametrize("steps", ["digits", "columns"])
+def test_digits_corpus_player_slips_one_digit_product_in_round_one_only_and_answers_fit_the_spaces(steps):
+    env = make_env("debate_arith", max_operand=29, steps=steps, corpus_slip=0.5)
+    assert make_env("debate_arith").message_chars == 64
+    assert make_env("debate_arith", steps=steps, message_chars=100).message_chars == 100
     slipped = {1: 0, 2: 0}
     for r, acts, obs in _corpus_rounds(env):
         for t in acts.values():
-            offs = _check_digits_steps(t, env.problem)
+            offs = _check_digits_steps(t, env.problem, steps)
             assert 0 in offs and all(abs(o) <= 9 for o in offs)
             slipped[r] += offs != [0, 0]
             assert env.action_spaces["agent_0"].contains(t)
@@ -213,28 +220,12 @@ def test_column_subtraction_matches_integer_arithmetic_and_its_borrows():
             assert _check_columns(text, s, t) == parse_answer(text) == s - t
 
 
-def test_columns_steps_recompute_by_hand_and_every_answer_fits_the_message():
+def test_columns_steps_end_with_the_subtraction_by_columns():
     p = (3, 12, 23, 6, 27, 18)
-    assert reasoning(p, steps="columns") == ("12*23=240+36=276 27*18=270+216=486 3+276=279 279+6=285 "
-                                             "285-486=-(486-285) 6-5=1 8-8=0 4-2=2 =-201")
-    env = make_env("debate_arith", max_operand=29, steps="columns", corpus_slip=0.5)
-    assert env.message_chars == 112
-    rng = np.random.default_rng(4)
-    for _ in range(2000):
-        p = tuple(int(x) for x in rng.integers(0, 30, 6))
-        which, amount = int(rng.integers(2)), int(rng.integers(1, 10)) * int(rng.choice([-1, 1]))
-        assert _check_digits_steps(reasoning(p, steps="columns"), p, "columns") == [0, 0]
-        offs = _check_digits_steps(reasoning(p, (which, amount), "columns"), p, "columns")
-        assert abs(offs[which]) == abs(amount) and offs[1 - which] == 0
-        assert len(reasoning(p, (which, amount), "columns")) <= 104  # the default message_chars, 112, holds it
-    for r, acts, obs in _corpus_rounds(env):
-        for t in acts.values():
-            assert 0 in _check_digits_steps(t, env.problem, "columns")
-            assert env.action_spaces["agent_0"].contains(t)
-        if r == 1:  # the others' answers are shown whole
-            for a in env.agents:
-                assert all(f"{o}: {acts[o]}" in obs[a].split("\n") for o in env.agents if o != a)
-                assert env.observation_spaces[a].contains(obs[a])
+    text = reasoning(p, steps="columns")
+    assert text == ("12*23=240+36=276 27*18=270+216=486 3+276=279 279+6=285 "
+                    "285-486=-(486-285) 6-5=1 8-8=0 4-2=2 =-201")
+    assert text == reasoning(p, steps="digits").rsplit(" ", 1)[0] + " " + column_subtraction(285, 486)
 
 
 def test_digits_env_passes_the_api_tests_and_bad_steps_are_one_line():
