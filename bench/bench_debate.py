@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = "bench/results/debate-cpu"
 KEYS = ["single", "vote", "debate", "diversity", "baseline/single", "baseline/vote"]
@@ -35,11 +37,27 @@ def run_seed(seed: int, runs: Path, extra: list[str], recipe: str = "debate-arit
            f"run.output_dir={runs}", "train.progress=false", "tracking.wandb=disabled", *extra]
     summary = runs / name / "summary.json"
     took = None
-    if not summary.is_file():
+    if summary.is_file():
+        _check_reused(runs / name, seed, extra)
+    else:
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
         took = time.perf_counter() - t0
     return json.loads(summary.read_text()), took, cmd
+
+
+def _check_reused(run: Path, seed: int, extra: list[str]) -> None:
+    """A finished run is read rather than rerun only when it is this seed's run with these overrides (a run
+    copied in by hand once carried the recipe's default seed under another seed's name)."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    wanted = [("train.seed", seed)] + [(k, yaml.safe_load(v)) for k, v in (x.split("=", 1) for x in extra)]
+    for key, value in wanted:
+        got = cfg
+        for part in key.split("."):
+            got = got.get(part) if isinstance(got, dict) else None
+        if got != value:
+            raise SystemExit(f"bench_debate: {run} was trained with {key}={got!r}, not {value!r}: "
+                             "move it away or name another --runs folder")
 
 
 def spread(values: list[float]) -> dict:
