@@ -239,7 +239,8 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
 
     env: a callable making a new env (called K times) or a sequence of K envs (one per episode).
     policies: agent -> AgentPolicy, for every agent of the env. models: agent -> model, or one model
-    for all (a model.GPT, or a wrapper holding it as `.module`). episodes: K (default: len(seeds), or
+    for all (a model.GPT, or a wrapper holding it as `.module`), or a list of those, one per step of an
+    episode, the last for every later step (a debate's critics answer from round 2 on). episodes: K (default: len(seeds), or
     the number of envs). generator / seeds: where the episode seeds come from (seeds wins).
     reset_options: options for every env's reset, or one per episode. max_steps: an episode still
     running after this many steps is an error. batch_agents: False = one generation call per agent
@@ -264,20 +265,27 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
 
     agents = list(envs[0].possible_agents)
     _check_policies(policies, agents, _env_name(envs[0]))
-    model_of = _models(models, agents)
-    # Generation groups: agents sharing one model object (or each agent alone with batch_agents=False).
-    groups: dict[Any, list[str]] = {}
-    for a in agents:
-        key = id(model_of[a]) if batch_agents else a
-        groups.setdefault(key, []).append(a)
-    group_of = {a: key for key, members in groups.items() for a in members}
+    if isinstance(models, (list, tuple)):  # one spec per step of an episode, the last for every later step
+        if not models:
+            raise ValueError("rollout: models is an empty list; give a model, a mapping, or one per step")
+        model_maps = [_models(m, agents) for m in models]
+    else:
+        model_maps = [_models(models, agents)]
+
+    def model_at(agent: str, step: int):
+        return model_maps[min(step, len(model_maps) - 1)][agent]
+
+    # An engine per model object, with a slot per episode for each agent it serves at one step.
     per_model: dict[int, int] = {}
-    for a in agents:
-        per_model[id(model_of[a])] = per_model.get(id(model_of[a]), 0) + 1
+    for model_of in model_maps:
+        counts: dict[int, int] = {}
+        for a in agents:
+            counts[id(model_of[a])] = counts.get(id(model_of[a]), 0) + 1
+        for m, c in counts.items():
+            per_model[m] = max(per_model.get(m, 0), c)
     engines: dict[int, DecodeEngine] = {}
 
-    def engine_for(agent: str) -> DecodeEngine:
-        m = model_of[agent]
+    def engine_for(m) -> DecodeEngine:
         if id(m) not in engines:
             engines[id(m)] = DecodeEngine(m, max_slots=K * per_model[id(m)], max_len=max_len)
         return engines[id(m)]
@@ -305,24 +313,27 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
     while active:
         # Every acting agent's prompt of this step, drawing each episode's sampling seeds in order.
         requests: list[tuple[int, str, list[int], Any]] = []
+        # Generation groups: the requests of agents acting through one model object (or of each agent
+        # alone with batch_agents=False), in the order of the agents.
+        by_group: dict[Any, list[int]] = {}
         for k in active:
             for a in _acting(envs[k], infos[k]):
                 if a not in policies:
                     raise ValueError(f"rollout: env {_env_name(envs[k])!r} asks agent {a!r} to act, which has no "
                                      f"policy; policies: {', '.join(policies)}")
-                pol = policies[a]
-                room = engine_for(a).max_len - pol.max_new_tokens
+                pol, m = policies[a], model_at(a, lengths[k])
+                room = engine_for(m).max_len - pol.max_new_tokens
+                by_group.setdefault((id(m),) if batch_agents else (id(m), a), []).append(len(requests))
                 requests.append((k, a, pol.prompt_ids(obs[k][a], max_tokens=room),
                                  pol.sampling_params(seed=_draw(gens[k]))))
-        by_group: dict[Any, list[int]] = {}
-        for i, (_, a, _, _) in enumerate(requests):
-            by_group.setdefault(group_of[a], []).append(i)
         completions: list[Any] = [None] * len(requests)
-        for key, idx in by_group.items():
-            engine = engine_for(groups[key][0])
-            done = engine.generate([requests[i][2] for i in idx], [requests[i][3] for i in idx],
-                                   adapters=[policies[requests[i][1]].adapter for i in idx])
-            calls.append(("+".join(groups[key]), len(idx)))
+        for idx in by_group.values():
+            k0, a0 = requests[idx[0]][0], requests[idx[0]][1]
+            m = model_at(a0, lengths[k0])
+            done = engine_for(m).generate([requests[i][2] for i in idx], [requests[i][3] for i in idx],
+                                          adapters=[policies[requests[i][1]].adapter for i in idx])
+            members = [a for a in agents if model_at(a, lengths[k0]) is m] if batch_agents else [a0]
+            calls.append(("+".join(members), len(idx)))
             for i, c in zip(idx, done):
                 completions[i] = c
         actions: dict[int, dict[str, Action]] = {k: {} for k in active}

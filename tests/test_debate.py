@@ -65,6 +65,13 @@ def test_debate_rows_keep_each_agents_responses_that_agree_with_the_final_majori
     assert [r[0][:2] for r in rows["agent_2"]] == [[0, 0]]
     rows3, _ = debate_rows(_rollout(texts), 3, min_votes=3)
     assert all(r == [] for r in rows3.values())
+    # separate critics: the same rows, rounds 2..R in the seat's critic, round 1 in the agent
+    critics = {f"agent_{i}": f"critic_{i}" for i in range(3)}
+    split, split_kinds = debate_rows(_rollout(texts), 3, min_votes=2, critics=critics)
+    assert split_kinds == kinds and set(split) == {*texts, *critics.values()}
+    for a, c in critics.items():
+        assert split[a] == [r for r in rows[a] if r[0][1] == 0]
+        assert split[c] == [r for r in rows[a] if r[0][1] == 1]
 
 
 def test_single_rows_keep_the_samples_that_agree_with_their_own_majority():
@@ -222,6 +229,41 @@ def test_sigkill_mid_iteration_then_resume_reproduces_the_run_bit_for_bit(plain,
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_separate_critics_answer_later_rounds_train_on_them_and_resume_bit_for_bit(root):
+    """debate.critics=separate: critic_i answers in agent_i's seat from round 2 on and fine-tunes on those
+    rows (its rows = the seat's corrected + confirmed), agent_i on round 1's (= generator); the critics'
+    weights move apart from the agents'; SIGKILL mid-iteration and resume reproduce the run bit for bit."""
+    args = _args(root, "debate.critics=separate", "debate.baseline=false")
+    out = run_train(root, "critics", *args, recipe="debate-arith")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "separate critics: critic_0, critic_1, critic_2" in out.stdout
+    rows = _timeless(root, "critics")
+    for r in rows[1:]:
+        for i in range(3):
+            assert r[f"agent/agent_{i}/rows"] == r[f"agent/agent_{i}/generator"]
+            assert r[f"agent/critic_{i}/rows"] == r[f"agent/agent_{i}/corrected"] + r[f"agent/agent_{i}/confirmed"]
+    assert sum(r[f"agent/critic_{i}/sft_steps"] for r in rows[1:] for i in range(3)) > 0
+    from trainer import checkpoint as ckpt
+    from trainer.consolidate import consolidated_state_dict
+
+    folder = ckpt.latest_checkpoint(root / "runs" / "critics" / "checkpoints")
+    meta = ckpt.verify(folder)
+    assert meta["agents"] == ["agent_0", "agent_1", "agent_2", "critic_0", "critic_1", "critic_2"]
+    agent, critic = (consolidated_state_dict(folder, meta, f"agent_{n}_0") for n in ("agent", "critic"))
+    assert not torch.equal(agent["tok_emb.weight"], critic["tok_emb.weight"])
+    steps_first = sum(rows[1][f"agent/{n}_{i}/sft_steps"] for n in ("agent", "critic") for i in range(3))
+    killed = run_train(root, "critics-killed", *args, recipe="debate-arith",
+                       RECIPES_FAULT_KILL_AFTER_STEP=str(steps_first + 1))
+    assert killed.returncode != 0
+    resumed = run_train(root, "critics-killed", *args, "train.resume=auto", recipe="debate-arith")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _timeless(root, "critics-killed") == rows
+    other = ckpt.latest_checkpoint(root / "runs" / "critics-killed" / "checkpoints")
+    for comp in ("agent_agent_1", "agent_critic_1"):
+        sa, sb = consolidated_state_dict(folder, meta, comp), consolidated_state_dict(other, ckpt.verify(other), comp)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_export_writes_one_hugging_face_folder_per_agent(plain, root, tmp_path):
     res = subprocess.run([sys.executable, "-m", "launch", "export", str(plain), str(tmp_path / "hf")], cwd=REPO,
                          env=env(), capture_output=True, text=True, timeout=300)
@@ -253,6 +295,15 @@ def test_bad_configs_are_one_line_with_exit_2(tmp_path, override, message):
                          timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_separate_critics_need_their_names_free(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "launch", "train", "debate-arith", "debate.critics=separate",
+                          "agents.critic_0.init_from=recipe:debate-arith-base", f"run.output_dir={tmp_path}/runs"],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "agents: 'critic_0' is the name of a debate.critics=separate critic" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_debate_keys_need_the_debate_env(tmp_path):

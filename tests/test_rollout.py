@@ -288,6 +288,36 @@ def test_turn_based_calls_batch_across_agents_of_one_model(tok, gpt_a, gpt_b):
     assert [c[1] for c in out.calls] == [sum(L > t for L in out.lengths) for t in range(max(out.lengths))]
 
 
+def test_models_per_step_act_at_their_steps(tok, gpt_a, gpt_b):
+    """models as a list, one spec per step, the last for later steps (a debate's separate critics): every
+    action's tokens are scored by the model of its step (a plain forward of that model, not of the other),
+    batched episodes still equal episodes run alone, one call per model per step, and a one-element list
+    is the same rollout as the spec itself."""
+    env_fn, pols, models = setup("count-simultaneous", tok, gpt_a, gpt_b, temperature=1.0)
+    per_step = [models, {a: gpt_b for a in models}]
+    out = rollout(env_fn, pols, per_step, episodes=6, generator=torch.Generator().manual_seed(5))
+    assert max(out.lengths) >= 3
+    for a, r in out.agents.items():
+        batch = r.token_batch()
+        for step, model, other in [(0, models[a], gpt_b if models[a] is gpt_a else gpt_a), (1, gpt_b, gpt_a)]:
+            rows = (batch.step == step) if step == 0 else (batch.step >= 1)
+            if not rows.any() or model is other:
+                continue
+            mine = token_logprobs(model, batch.input_ids[rows], batch.targets[rows])
+            theirs = token_logprobs(other, batch.input_ids[rows], batch.targets[rows])
+            assert torch.allclose(mine.logprobs, batch.old_logprobs[rows], atol=1e-5, rtol=0)
+            assert not torch.allclose(theirs.logprobs, batch.old_logprobs[rows], atol=1e-3, rtol=0)
+    for k in range(6):
+        same_episode(out, k, rollout(env_fn, pols, per_step, seeds=[out.seeds[k]]), 1e-5)
+    steps = [sum(L > t for L in out.lengths) for t in range(max(out.lengths))]
+    assert out.calls == [("a+b", 2 * steps[0]), ("c", steps[0])] + [("a+b+c", 3 * n) for n in steps[1:]]
+    same = rollout(env_fn, pols, [models], seeds=out.seeds)
+    plain = rollout(env_fn, pols, models, seeds=out.seeds)
+    for k in range(6):
+        same_episode(same, k, rollout(env_fn, pols, models, seeds=[out.seeds[k]]), 1e-5)
+    assert same.calls == plain.calls
+
+
 def test_token_batch_matches_the_objectives_and_the_policy(tok, gpt_a, gpt_b):
     env_fn, pols, models = setup("count-turns", tok, gpt_a, gpt_b)
     out = rollout(env_fn, pols, models, episodes=6, generator=torch.Generator().manual_seed(8))
@@ -334,6 +364,8 @@ def test_bad_input_fails_in_one_line(tok, gpt_a):
         (dict(models={"speaker": gpt_a}), "no model for agent 'listener'"),
         (dict(models={"speaker": gpt_a, "listener": gpt_a, "x": gpt_a}), "model for unknown agent 'x'"),
         (dict(models=object()), "must be a model.GPT"),
+        (dict(models=[]), "models is an empty list"),
+        (dict(models=[gpt_a, {"speaker": gpt_a}]), "no model for agent 'listener'"),
         (dict(seeds=[1, 2]), "2 seeds for 3 episodes"),
         (dict(episodes=0), "episodes must be an integer >= 1"),
         (dict(reset_options=[{}, {}]), "reset_options has 2 entries for 3 episodes"),

@@ -301,6 +301,11 @@ class DebateSection(Section):
                         "'single', from the first agent's settings) side by side")
     samples: PosInt | None = _f(None, "env debate_arith: the baseline's samples per problem; null = agents x rounds "
                                 "(the debate's responses per problem, so both generate as many tokens)")
+    critics: Literal["shared", "separate"] = _f(
+        "shared", "env debate_arith: who answers rounds 2..R. shared: each agent, with its one set of weights "
+        "(generator in round 1, critic after); separate: N more engines critic_0.. (each from its agent's settings "
+        "and the same base) answer in agent_i's seat from round 2 on and fine-tune on those rounds' responses, "
+        "the agents on round 1's only (the multi-agent fine-tuning paper's generator and critic models)")
 
 
 class Recipe(Section):
@@ -388,6 +393,10 @@ class Recipe(Section):
         if self.debate.kl_base > 0 and self.parallel.zero_stage == 3:
             raise ValueError(f"debate.kl_base={self.debate.kl_base} needs parallel.zero_stage <= 2: the anchored SFT "
                              "step (both models' logits at the response tokens) has not been run under ZeRO-3")
+        clash = [a for a in self.agents if a.startswith("critic_")]
+        if clash and self.debate.critics == "separate":
+            raise ValueError(f"agents: {clash[0]!r} is the name of a debate.critics=separate critic; name the "
+                             "debaters otherwise (the env's agent_0, agent_1, ...)")
         if self.agents and "single" in self.agents and self.debate.baseline:
             raise ValueError("agents: 'single' is the name of the debate.baseline agent; name the debaters otherwise "
                              "(the env's agent_0, agent_1, ...)")

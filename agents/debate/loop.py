@@ -15,6 +15,11 @@ generation call per agent's model over every problem. Then, each of `debate.iter
        on the response tokens (agents/debate/sft.py), its data order from its own generator;
     4. evaluate on the fixed held-out set and checkpoint.
 
+Separate critics (debate.critics=separate, the multi-agent fine-tuning paper's generator and critic
+models): N more engines critic_0.. (each from its agent's settings and the same base) answer in agent_i's
+seat from round 2 on (the rollout's models per step); agent_i fine-tunes on its round-1 rows only,
+critic_i on the rounds-2..R rows of that seat. Default shared: one set of weights plays both roles.
+
 Baseline (debate.baseline, in the same run, side by side in metrics and summary): single-agent
 self-training. One more engine, `single`, from the first agent's settings and the same base; per
 iteration it samples S = debate.samples (default N x R, the debate's responses per problem, so both
@@ -87,10 +92,20 @@ def _seeds(seed: int, *key: int, n: int) -> list[int]:
     return torch.randint(0, SEED_HIGH, (n,), generator=gen).tolist()
 
 
-def _recipe_with_baseline(recipe: Recipe, first: str) -> Recipe:
+def _critics(recipe: Recipe, names: list[str]) -> dict[str, str]:
+    """agent -> its separate critic model's name (debate.critics=separate), else {}."""
+    return {a: f"critic_{i}" for i, a in enumerate(names)} if recipe.debate.critics == "separate" else {}
+
+
+def _full_recipe(recipe: Recipe, names: list[str]) -> Recipe:
+    """The recipe with the engines the debate adds: the baseline and the separate critics, each with the
+    settings of the agent it stands beside (after the agents, so the agents' engines and random streams
+    are the same with or without them)."""
     agents = dict(recipe.agents)
     if recipe.debate.baseline:
-        agents[SINGLE] = agents[first]
+        agents[SINGLE] = agents[names[0]]
+    for a, c in _critics(recipe, names).items():
+        agents[c] = agents[a]
     # rl.kl_ref builds each engine's frozen starting policy (Agent.ref): debate.kl_base's reference
     kl_ref = recipe.debate.kl_base > 0
     return recipe.model_copy(update={"agents": agents, "rl": recipe.rl.model_copy(update={"kl_ref": kl_ref})})
@@ -99,9 +114,11 @@ def _recipe_with_baseline(recipe: Recipe, first: str) -> Recipe:
 def _play(env_args: dict, probs: list, policies: dict, models: dict, seeds: list[int], rounds: int,
           max_rows: int = 1024):
     """The debates of `probs` (episode k: problem k, sampling seed k) through the batched rollout, in chunks
-    of episodes holding at most `max_rows` rows per model (the decode engines' KV caches). Returns a
-    namespace with `agents` (name -> .actions, episodes numbered over all chunks) and `final_infos`."""
-    per_model = max(Counter(id(m) for m in models.values()).values())
+    of episodes holding at most `max_rows` rows per model (the decode engines' KV caches). models: agent ->
+    model, or a list of those per round (separate critics). Returns a namespace with `agents` (name ->
+    .actions, episodes numbered over all chunks) and `final_infos`."""
+    per_model = max(max(Counter(id(m) for m in spec.values()).values())
+                    for spec in (models if isinstance(models, list) else [models]))
     chunk = max(1, max_rows // per_model)
     actions: dict[str, list] = {a: [] for a in policies}
     finals: list[dict] = []
@@ -143,7 +160,8 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
                              "no policy_of)")
     S = d.samples or N * R
     seed = recipe.env.seed if recipe.env.seed is not None else recipe.train.seed
-    full = _recipe_with_baseline(recipe, names[0])
+    critic_of = _critics(recipe, names)
+    full = _full_recipe(recipe, names)
     cfg_dict = recipe_to_dict(recipe)
     resume_from, resume_meta = find_resume(recipe, ctx.checkpoints, ctx.group)
     agents, learners = build_learners(full, dims, dist.device)
@@ -169,6 +187,8 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
 
     debaters = {a: agents[a].policy for a in names}
     debate_models = {a: agents[a].module for a in names}
+    if critic_of:  # round 1 by the agents, rounds 2..R by their critics, in the agents' seats
+        debate_models = [debate_models, {a: agents[c].module for a, c in critic_of.items()}]
     single_policies: dict = {}
     if d.baseline:  # every sample is the single agent, prompted under the first agent's name
         sp = agents[SINGLE].policy
@@ -212,6 +232,7 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
     if ctx.is_main:
         print(f"run: {ctx.run_dir}  debate: {N} agents x {R} rounds, {d.iterations} iterations of "
               f"{d.train_problems} problems, held-out {len(heldout)}"
+              + (f"  separate critics: {', '.join(critic_of.values())}" if critic_of else "")
               + (f"  baseline: single-agent self-training, {S} samples per problem" if d.baseline else "")
               + (f"  resumed from {resume_from.name}" if resume_from else ""), flush=True)
     if resume_from is None:
@@ -223,7 +244,7 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
         t0 = time.perf_counter()
         probs = problems.training(seed, iteration, d.train_problems, exclude, lo, hi)
         out = _play(env_args, probs, debaters, debate_models, _seeds(seed, iteration, n=len(probs)), R)
-        rows, kinds = debate_rows(out.agents, len(probs), d.min_votes)
+        rows, kinds = debate_rows(out.agents, len(probs), d.min_votes, critic_of)
         labels = [f[names[0]] for f in out.final_infos]
         stats = {"train/debate_tokens": _tokens(out),
                  "train/labelled": kinds[names[0]]["labelled"] / len(probs),
@@ -249,6 +270,7 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
             stats[f"{key}/sft_steps"] = len(losses)
             if name != SINGLE:
                 stats[f"{key}/rows"] = len(data[name])
+            if name in names:  # per seat: with separate critics, corrected / confirmed are its critic's rows
                 for kind in ("generator", "corrected", "confirmed"):
                     stats[f"{key}/{kind}"] = kinds[name][kind]
         tokens["debate"] += stats["train/debate_tokens"]

@@ -6,6 +6,8 @@ both roles of the multi-agent fine-tuning recipe:
     generator  its round-1 response, when its answer equals the pseudo-label;
     critic     its responses of rounds 2..R that equal the pseudo-label: "corrected" when its answer in
                the round before differed, "confirmed" when it already agreed.
+With debate.critics=separate the critic role in seat i is its own model (critic_i): the rows of rounds
+2..R are critic_i's, agent_i keeps its round-1 rows.
 Single agent (`single_rows`): per problem, the pseudo-label is the majority of the agent's own samples
 (same rule); its samples that equal it.
 
@@ -29,12 +31,16 @@ def _by_episode(actions) -> dict[int, dict[int, object]]:
     return out
 
 
-def debate_rows(rollout_agents: dict, episodes: int, min_votes: int) -> tuple[dict[str, list], dict[str, Counter]]:
+def debate_rows(rollout_agents: dict, episodes: int, min_votes: int,
+                critics: dict[str, str] | None = None) -> tuple[dict[str, list], dict[str, Counter]]:
     """rollout_agents: agent -> AgentRollout (agents.rollout) of a debate. Returns each agent's rows and
-    counts of its rows by kind (generator, corrected, confirmed) and of labelled problems."""
+    counts of its rows by kind (generator, corrected, confirmed) and of labelled problems, per seat.
+    critics: agent -> the separate critic model that answered in its seat from round 2 on
+    (debate.critics=separate); those rounds' rows are then the critic's, round 1's the agent's."""
     names = list(rollout_agents)
+    critics = critics or {}
     per = {a: _by_episode(rollout_agents[a].actions) for a in names}
-    rows: dict[str, list] = {a: [] for a in names}
+    rows: dict[str, list] = {a: [] for a in [*names, *critics.values()]}
     kinds: dict[str, Counter] = {a: Counter() for a in names}
     for k in range(episodes):
         rounds = max(per[names[0]][k]) + 1
@@ -49,7 +55,7 @@ def debate_rows(rollout_agents: dict, episodes: int, min_votes: int) -> tuple[di
                 if answers[r] != label:
                     continue
                 kind = "generator" if r == 0 else ("confirmed" if answers[r - 1] == label else "corrected")
-                rows[a].append((list(acts[r].prompt), list(acts[r].tokens)))
+                rows[critics.get(a, a) if r else a].append((list(acts[r].prompt), list(acts[r].tokens)))
                 kinds[a][kind] += 1
     return rows, kinds
 
