@@ -240,8 +240,8 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
     env: a callable making a new env (called K times) or a sequence of K envs (one per episode).
     policies: agent -> AgentPolicy, for every agent of the env. models: agent -> model, or one model
     for all (a model.GPT, or a wrapper holding it as `.module`), or a list of those, one per step of an
-    episode, the last for every later step (a debate's critics answer from round 2 on). episodes: K (default: len(seeds), or
-    the number of envs). generator / seeds: where the episode seeds come from (seeds wins).
+    episode, the last for every later step (a debate's critics answer from round 2 on). episodes: K
+    (default: len(seeds), or the number of envs). generator / seeds: where the episode seeds come from (seeds wins).
     reset_options: options for every env's reset, or one per episode. max_steps: an episode still
     running after this many steps is an error. batch_agents: False = one generation call per agent
     instead of per model. max_len: the engines' positions per request (default: each model's
@@ -313,8 +313,8 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
     while active:
         # Every acting agent's prompt of this step, drawing each episode's sampling seeds in order.
         requests: list[tuple[int, str, list[int], Any]] = []
-        # Generation groups: the requests of agents acting through one model object (or of each agent
-        # alone with batch_agents=False), in the order of the agents.
+        # Generation groups: the requests of agents acting through one model object at this step (or of
+        # each agent alone with batch_agents=False), called in the order of their first request.
         by_group: dict[Any, list[int]] = {}
         for k in active:
             for a in _acting(envs[k], infos[k]):
