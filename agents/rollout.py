@@ -241,8 +241,8 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
     policies: agent -> AgentPolicy, for every agent of the env. models: agent -> model, or one model
     for all (a model.GPT, or a wrapper holding it as `.module`), or a list of those, one per step of an
     episode, the last for every later step (a debate's critics answer from round 2 on). episodes: K
-    (default: len(seeds), or the number of envs). generator / seeds: where the episode seeds come from (seeds wins).
-    reset_options: options for every env's reset, or one per episode. max_steps: an episode still
+    (default: len(seeds), or the number of envs). generator / seeds: where the episode seeds come from
+    (seeds wins). reset_options: options for every env's reset, or one per episode. max_steps: an episode still
     running after this many steps is an error. batch_agents: False = one generation call per agent
     instead of per model. max_len: the engines' positions per request (default: each model's
     max_seq_len). env_seeds: the envs' reset seeds, one per episode, instead of each episode's first
