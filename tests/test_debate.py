@@ -337,4 +337,6 @@ def test_the_issue_range_recipes_chain_at_reduced_size(tmp_path):
     run = tmp_path / "runs" / "debate30"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["env"]["args"]["steps"] == "columns" and cfg["rl"]["max_new_tokens"] == 112
+    assert cfg["debate"]["critics"] == "separate" and cfg["debate"]["kl_base"] == 0.0
+    assert "separate critics: critic_0, critic_1, critic_2" in out.stdout
     assert [r["iteration"] for r in json.loads((run / "summary.json").read_text())["per_iteration"]] == [0, 1]
