@@ -27,6 +27,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trainer.recipe import parse_override  # noqa: E402
+
 OUT = "bench/results/debate-cpu"
 KEYS = ["single", "vote", "debate", "diversity", "baseline/single", "baseline/vote"]
 
@@ -50,13 +54,13 @@ def _check_reused(run: Path, seed: int, extra: list[str]) -> None:
     """A finished run is read rather than rerun only when it is this seed's run with these overrides (a run
     copied in by hand once carried the recipe's default seed under another seed's name)."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    wanted = [("train.seed", seed)] + [(k, yaml.safe_load(v)) for k, v in (x.split("=", 1) for x in extra)]
-    for key, value in wanted:
+    # parsed as the CLI parses them, so `debate.kl_base=0` matches the run's 0.0
+    for path, value in [(["train", "seed"], seed), *map(parse_override, extra)]:
         got = cfg
-        for part in key.split("."):
+        for part in path:
             got = got.get(part) if isinstance(got, dict) else None
         if got != value:
-            raise SystemExit(f"bench_debate: {run} was trained with {key}={got!r}, not {value!r}: "
+            raise SystemExit(f"bench_debate: {run} was trained with {'.'.join(path)}={got!r}, not {value!r}: "
                              "move it away or name another --runs folder")
 
 
