@@ -97,14 +97,14 @@ def _critics(recipe: Recipe, names: list[str]) -> dict[str, str]:
     return {a: f"critic_{i}" for i, a in enumerate(names)} if recipe.debate.critics == "separate" else {}
 
 
-def _full_recipe(recipe: Recipe, names: list[str]) -> Recipe:
+def _full_recipe(recipe: Recipe, names: list[str], critic_of: dict[str, str]) -> Recipe:
     """The recipe with the engines the debate adds: the baseline and the separate critics, each with the
     settings of the agent it stands beside (after the agents, so the agents' engines and random streams
     are the same with or without them)."""
     agents = dict(recipe.agents)
     if recipe.debate.baseline:
         agents[SINGLE] = agents[names[0]]
-    for a, c in _critics(recipe, names).items():
+    for a, c in critic_of.items():
         agents[c] = agents[a]
     # rl.kl_ref builds each engine's frozen starting policy (Agent.ref): debate.kl_base's reference
     kl_ref = recipe.debate.kl_base > 0
@@ -161,7 +161,7 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
     S = d.samples or N * R
     seed = recipe.env.seed if recipe.env.seed is not None else recipe.train.seed
     critic_of = _critics(recipe, names)
-    full = _full_recipe(recipe, names)
+    full = _full_recipe(recipe, names, critic_of)
     cfg_dict = recipe_to_dict(recipe)
     resume_from, resume_meta = find_resume(recipe, ctx.checkpoints, ctx.group)
     agents, learners = build_learners(full, dims, dist.device)
