@@ -48,6 +48,7 @@ episode, step and acting agents.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,8 @@ from model.generate import DecodeEngine
 
 from .policy import IGNORE_INDEX, AgentPolicy, build_inputs, unwrap_model
 
-__all__ = ["SEED_HIGH", "Action", "AgentRollout", "Rollout", "StepTensors", "TokenBatch", "build_token_batch", "rollout"]
+__all__ = ["SEED_HIGH", "Action", "AgentRollout", "Rollout", "StepTensors", "TokenBatch", "agents_per_model",
+           "build_token_batch", "rollout"]
 
 SEED_HIGH = 2**63 - 1
 
@@ -265,24 +267,13 @@ def rollout(env: Callable[[], Any] | Sequence[Any], policies: Mapping[str, Agent
 
     agents = list(envs[0].possible_agents)
     _check_policies(policies, agents, _env_name(envs[0]))
-    if isinstance(models, (list, tuple)):  # one spec per step of an episode, the last for every later step
-        if not models:
-            raise ValueError("rollout: models is an empty list; give a model, a mapping, or one per step")
-        model_maps = [_models(m, agents) for m in models]
-    else:
-        model_maps = [_models(models, agents)]
+    model_maps = _model_maps(models, agents)
 
     def model_at(agent: str, step: int):
         return model_maps[min(step, len(model_maps) - 1)][agent]
 
     # An engine per model object, with a slot per episode for each agent it serves at one step.
-    per_model: dict[int, int] = {}
-    for model_of in model_maps:
-        counts: dict[int, int] = {}
-        for a in agents:
-            counts[id(model_of[a])] = counts.get(id(model_of[a]), 0) + 1
-        for m, c in counts.items():
-            per_model[m] = max(per_model.get(m, 0), c)
+    per_model = _agents_per_model(model_maps)
     engines: dict[int, DecodeEngine] = {}
 
     def engine_for(m) -> DecodeEngine:
@@ -409,6 +400,29 @@ def _check_policies(policies, agents, env_name) -> None:
     for a, p in policies.items():
         if not isinstance(p, AgentPolicy):
             raise ValueError(f"rollout: the policy of agent {a!r} must be an AgentPolicy, got {type(p).__name__}")
+
+
+def agents_per_model(models, agents: Sequence[str]) -> dict[int, int]:
+    """id(model) -> the most agents it serves at one step of an episode, for rollout's `models` (a model, a
+    mapping or a list per step): its decode engine holds that many slots per episode."""
+    return _agents_per_model(_model_maps(models, list(agents)))
+
+
+def _agents_per_model(model_maps: list[dict[str, Any]]) -> dict[int, int]:
+    per: Counter = Counter()
+    for model_of in model_maps:
+        for m, c in Counter(id(g) for g in model_of.values()).items():
+            per[m] = max(per[m], c)
+    return dict(per)
+
+
+def _model_maps(models, agents) -> list[dict[str, Any]]:
+    """One agent -> model.GPT map per step (the last serves every later step)."""
+    if isinstance(models, (list, tuple)):
+        if not models:
+            raise ValueError("rollout: models is an empty list; give a model, a mapping, or one per step")
+        return [_models(m, agents) for m in models]
+    return [_models(models, agents)]
 
 
 def _models(models, agents) -> dict[str, Any]:

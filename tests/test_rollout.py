@@ -16,7 +16,7 @@ from pettingzoo import ParallelEnv
 from agents.envs import make_env
 from agents.policy import AgentPolicy, token_logprobs
 from agents.rl.objectives import discounted_returns, objective_loss
-from agents.rollout import rollout
+from agents.rollout import agents_per_model, rollout
 from model import GPT, GPTConfig
 from trainer.data import train_bpe_tokenizer
 
@@ -316,6 +316,9 @@ def test_models_per_step_act_at_their_steps(tok, gpt_a, gpt_b):
     for k in range(6):
         same_episode(same, k, rollout(env_fn, pols, models, seeds=[out.seeds[k]]), 1e-5)
     assert same.calls == plain.calls
+    # the engines' slots per episode: the most agents a model serves at one step (gpt_a 2 of 3 at step 0)
+    assert agents_per_model(per_step, list(models)) == {id(gpt_a): 2, id(gpt_b): 3}
+    assert agents_per_model(gpt_a, ["x", "y"]) == {id(gpt_a): 2}
 
 
 def test_token_batch_matches_the_objectives_and_the_policy(tok, gpt_a, gpt_b):

@@ -70,7 +70,7 @@ from ..envs import make_env
 from ..envs.debate_arith import majority
 from ..learners import build_learners
 from ..policy import AgentPolicy
-from ..rollout import SEED_HIGH, rollout
+from ..rollout import SEED_HIGH, agents_per_model, rollout
 from . import problems
 from .selection import debate_rows, single_rows
 from .sft import sft_batches, sft_step
@@ -117,9 +117,7 @@ def _play(env_args: dict, probs: list, policies: dict, models: dict, seeds: list
     of episodes holding at most `max_rows` rows per model (the decode engines' KV caches). models: agent ->
     model, or a list of those per round (separate critics). Returns a namespace with `agents` (name ->
     .actions, episodes numbered over all chunks) and `final_infos`."""
-    per_model = max(max(Counter(id(m) for m in spec.values()).values())
-                    for spec in (models if isinstance(models, list) else [models]))
-    chunk = max(1, max_rows // per_model)
+    chunk = max(1, max_rows // max(agents_per_model(models, list(policies)).values()))
     actions: dict[str, list] = {a: [] for a in policies}
     finals: list[dict] = []
     for start in range(0, len(probs), chunk):
