@@ -1,7 +1,8 @@
 """agents.debate (recipe debate-arith): the problem sets, the selection of fine-tuning data from the
 majority against hand computations, the SFT loss against plain PyTorch in float64, the recipe chain at
-reduced size through the CLI (metrics, summary, plot), SIGKILL mid-iteration + resume bit for bit, export
-per agent, bad configs in one line (exit 2)."""
+reduced size through the CLI (metrics, summary, plot), SIGKILL mid-iteration + resume bit for bit (with
+shared weights, and with separate critics and split data), export per agent, bad configs in one line
+(exit 2)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,15 @@ def test_debate_rows_keep_each_agents_responses_that_agree_with_the_final_majori
     for a, c in critics.items():
         assert split[a] == [r for r in rows[a] if r[0][1] == 0]
         assert split[c] == [r for r in rows[a] if r[0][1] == 1]
+    # agent_data=split: problem k's rows only in seat k mod 3 (agent_2's problem 2 has no label)
+    dealt, dealt_kinds = debate_rows(_rollout(texts), 3, min_votes=2, split=True)
+    assert dealt == {"agent_0": [r for r in rows["agent_0"] if r[0][0] == 0],
+                     "agent_1": [r for r in rows["agent_1"] if r[0][0] == 1], "agent_2": []}
+    assert dealt_kinds == {"agent_0": {"labelled": 2, "generator": 1, "confirmed": 1},
+                           "agent_1": {"labelled": 2, "generator": 1, "confirmed": 1}, "agent_2": {"labelled": 2}}
+    both, _ = debate_rows(_rollout(texts), 3, min_votes=2, critics=critics, split=True)
+    assert both["agent_1"] == [r for r in dealt["agent_1"] if r[0][1] == 0]
+    assert both["critic_1"] == [r for r in dealt["agent_1"] if r[0][1] == 1]
 
 
 def test_single_rows_keep_the_samples_that_agree_with_their_own_majority():
@@ -232,8 +242,9 @@ def test_sigkill_mid_iteration_then_resume_reproduces_the_run_bit_for_bit(plain,
 def test_separate_critics_answer_later_rounds_train_on_them_and_resume_bit_for_bit(root):
     """debate.critics=separate: critic_i answers in agent_i's seat from round 2 on and fine-tunes on those
     rows (its rows = the seat's corrected + confirmed), agent_i on round 1's (= generator); the critics'
-    weights move apart from the agents'; SIGKILL mid-iteration and resume reproduce the run bit for bit."""
-    args = _args(root, "debate.critics=separate", "debate.baseline=false")
+    weights move apart from the agents'; SIGKILL mid-iteration and resume reproduce the run bit for bit.
+    With debate.agent_data=split too: each seat's rows come from its third of the 12 problems."""
+    args = _args(root, "debate.critics=separate", "debate.agent_data=split", "debate.baseline=false")
     out = run_train(root, "critics", *args, recipe="debate-arith")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "separate critics: critic_0, critic_1, critic_2" in out.stdout
@@ -242,6 +253,8 @@ def test_separate_critics_answer_later_rounds_train_on_them_and_resume_bit_for_b
         for i in range(3):
             assert r[f"agent/agent_{i}/rows"] == r[f"agent/agent_{i}/generator"]
             assert r[f"agent/critic_{i}/rows"] == r[f"agent/agent_{i}/corrected"] + r[f"agent/agent_{i}/confirmed"]
+            assert r[f"agent/agent_{i}/rows"] <= 4 and r[f"agent/critic_{i}/rows"] <= 4
+        assert sum(r[f"agent/agent_{i}/rows"] for i in range(3)) <= round(r["train/labelled"] * 12)
     assert sum(r[f"agent/critic_{i}/sft_steps"] for r in rows[1:] for i in range(3)) > 0
     from trainer import checkpoint as ckpt
     from trainer.consolidate import consolidated_state_dict

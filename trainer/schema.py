@@ -306,6 +306,9 @@ class DebateSection(Section):
         "(generator in round 1, critic after); separate: N more engines critic_0.. (each from its agent's settings "
         "and the same base) answer in agent_i's seat from round 2 on and fine-tune on those rounds' responses, "
         "the agents on round 1's only (the multi-agent fine-tuning paper's generator and critic models)")
+    agent_data: Literal["all", "split"] = _f(
+        "all", "env debate_arith: which problems each seat fine-tunes on. all: every labelled problem; split: "
+        "problem k only in seat k mod N (agent and critic), so the agents learn from disjoint problems")
 
 
 class Recipe(Section):

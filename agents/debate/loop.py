@@ -242,7 +242,7 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
         t0 = time.perf_counter()
         probs = problems.training(seed, iteration, d.train_problems, exclude, lo, hi)
         out = _play(env_args, probs, debaters, debate_models, _seeds(seed, iteration, n=len(probs)), R)
-        rows, kinds = debate_rows(out.agents, len(probs), d.min_votes, critic_of)
+        rows, kinds = debate_rows(out.agents, len(probs), d.min_votes, critic_of, d.agent_data == "split")
         labels = [f[names[0]] for f in out.final_infos]
         stats = {"train/debate_tokens": _tokens(out),
                  "train/labelled": kinds[names[0]]["labelled"] / len(probs),

@@ -8,6 +8,9 @@ both roles of the multi-agent fine-tuning recipe:
                the round before differed, "confirmed" when it already agreed.
 With debate.critics=separate the critic role in seat i is its own model (critic_i): the rows of rounds
 2..R are critic_i's, agent_i keeps its round-1 rows.
+With debate.agent_data=split, problem k gives rows to seat k mod N only (its agent and its critic): the
+agents learn from disjoint problems, as bagging's ensemble members learn from different samples, so
+they are not all pulled towards the same answers on the same problems.
 Single agent (`single_rows`): per problem, the pseudo-label is the majority of the agent's own samples
 (same rule); its samples that equal it.
 
@@ -32,11 +35,14 @@ def _by_episode(actions) -> dict[int, dict[int, object]]:
 
 
 def debate_rows(rollout_agents: dict, episodes: int, min_votes: int,
-                critics: dict[str, str] | None = None) -> tuple[dict[str, list], dict[str, Counter]]:
+                critics: dict[str, str] | None = None, split: bool = False
+                ) -> tuple[dict[str, list], dict[str, Counter]]:
     """rollout_agents: agent -> AgentRollout (agents.rollout) of a debate. Returns each agent's rows and
     counts of its rows by kind (generator, corrected, confirmed) and of labelled problems, per seat.
     critics: agent -> the separate critic model that answered in its seat from round 2 on
-    (debate.critics=separate); those rounds' rows are then the critic's, round 1's the agent's."""
+    (debate.critics=separate); those rounds' rows are then the critic's, round 1's the agent's.
+    split: problem k's rows go to seat k mod N only (debate.agent_data=split); every seat still counts
+    it as labelled."""
     names = list(rollout_agents)
     critics = critics or {}
     per = {a: _by_episode(rollout_agents[a].actions) for a in names}
@@ -47,8 +53,10 @@ def debate_rows(rollout_agents: dict, episodes: int, min_votes: int,
         label = majority([parse_answer(per[a][k][rounds - 1].text) for a in names], min_votes)
         if label is None:
             continue
-        for a in names:
+        for i, a in enumerate(names):
             kinds[a]["labelled"] += 1
+            if split and i != k % len(names):
+                continue
             acts = per[a][k]
             answers = [parse_answer(acts[r].text) for r in range(rounds)]
             for r in range(rounds):
