@@ -168,10 +168,12 @@ def root(tmp_path_factory):
 
 
 def _args(root, *extra):
+    """The recipe at reduced size, with one set of weights per agent and the KL anchor (the setting before
+    separate critics; the recipe's own, critics and no anchor, is the critics test's: `extra` wins)."""
     base = root / "runs" / "base"
     return [*(f"agents.agent_{i}.init_from={base}" for i in range(3)), SMALL, "debate.iterations=2",
             "debate.train_problems=12", "debate.heldout_problems=10", "debate.sft_batch=4", "rl.max_new_tokens=24",
-            "train.progress=false", "tracking.wandb=disabled", *extra]
+            "debate.critics=shared", "debate.kl_base=0.5", "train.progress=false", "tracking.wandb=disabled", *extra]
 
 
 def _timeless(root, name):
@@ -244,7 +246,7 @@ def test_separate_critics_answer_later_rounds_train_on_them_and_resume_bit_for_b
     rows (its rows = the seat's corrected + confirmed), agent_i on round 1's (= generator); the critics'
     weights move apart from the agents'; SIGKILL mid-iteration and resume reproduce the run bit for bit.
     With debate.agent_data=split too: each seat's rows come from its third of the 12 problems."""
-    args = _args(root, "debate.critics=separate", "debate.agent_data=split", "debate.baseline=false")
+    args = _args(root, "debate.critics=separate", "debate.kl_base=0", "debate.agent_data=split", "debate.baseline=false")
     out = run_train(root, "critics", *args, recipe="debate-arith")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "separate critics: critic_0, critic_1, critic_2" in out.stdout
@@ -299,11 +301,11 @@ def test_export_writes_one_hugging_face_folder_per_agent(plain, root, tmp_path):
                           "agents), got 1"),
     ("debate.samples=1", "debate.samples=1: the baseline votes over its samples, so it needs >= 2"),
     ("env.args.rounds=0", "debate_arith: rounds must be an integer >= 1, got 0"),
-    ("parallel.zero_stage=3", "debate.kl_base=0.5 needs parallel.zero_stage <= 2"),
+    ("parallel.zero_stage=3 debate.kl_base=0.5", "debate.kl_base=0.5 needs parallel.zero_stage <= 2"),
     ("env.args.steps=bytes", "debate_arith: steps must be one of pairwise, digits, columns, got 'bytes'"),
 ])
 def test_bad_configs_are_one_line_with_exit_2(tmp_path, override, message):
-    out = subprocess.run([sys.executable, "-m", "launch", "train", "debate-arith", override,
+    out = subprocess.run([sys.executable, "-m", "launch", "train", "debate-arith", *override.split(),
                           f"run.output_dir={tmp_path}/runs"], cwd=REPO, env=env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]

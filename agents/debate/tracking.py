@@ -16,6 +16,7 @@ class DebateTracker(AgentTracker):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rows = [r for r in self.rows if r.get("debate") is not None]
         fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
@@ -38,6 +39,7 @@ class DebateTracker(AgentTracker):
         ax_d.set_ylabel("diversity")
         for a in (ax, ax_d):
             a.set_xlabel("fine-tuning iteration")
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
         fig.suptitle(self.run_dir.name)
