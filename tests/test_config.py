@@ -45,6 +45,13 @@ def test_overrides_are_yaml_typed():
     assert r.model.style == "llama" and r.tracking.tags == ["a", "b"] and r.model.init_from is None
 
 
+def test_an_override_of_one_aliased_agent_changes_that_agent_only():
+    """Recipes write their agents as YAML aliases (`agent_1: *debater`), which load as one shared mapping."""
+    r = load_recipe("debate-arith", ["agents.agent_1.temperature=0.3", "agents.agent_2.lr=1e-5"])
+    assert [r.agents[a].temperature for a in ("agent_0", "agent_1", "agent_2")] == [0.7, 0.3, 0.7]
+    assert [r.agents[a].lr for a in ("agent_0", "agent_1", "agent_2")] == [3e-4, 3e-4, 1e-5]
+
+
 def test_recipe_by_path(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text("defaults: [model/gpt-tiny, data/stdlib]\ntrain:\n  max_steps: 7\n")

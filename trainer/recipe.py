@@ -61,7 +61,17 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe or fragment must be a mapping of sections, got {type(data).__name__}")
-    return data
+    return _unaliased(data)
+
+
+def _unaliased(node: Any) -> Any:
+    """`node` with every mapping and list its own copy. YAML aliases (`agent_1: *debater`) load as one shared
+    object, which deepcopy keeps shared; without this an override of agents.agent_1.lr would set every agent's."""
+    if isinstance(node, dict):
+        return {k: _unaliased(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unaliased(v) for v in node]
+    return node
 
 
 def deep_merge(base: dict, over: dict) -> dict:
