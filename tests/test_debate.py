@@ -1,5 +1,6 @@
 """agents.debate (recipe debate-arith): the problem sets, the selection of fine-tuning data from the
-majority against hand computations, the SFT loss against plain PyTorch in float64, the recipe chain at
+majority against hand computations, the SFT loss against plain PyTorch in float64 (at T = 1 and at the
+sampling temperature, whose expected gradient on the agent's own samples is 0), the recipe chain at
 reduced size through the CLI (metrics, summary, plot), SIGKILL mid-iteration + resume bit for bit (with
 shared weights, and with separate critics and split data), export per agent, bad configs in one line
 (exit 2)."""
@@ -139,6 +140,57 @@ def test_response_loss_with_kl_base_adds_the_exact_kl_to_the_reference_per_respo
         response_loss(model, rows, None, kl=0.3)
 
 
+@pytest.mark.parametrize("kl", [0.0, 0.3])
+def test_response_loss_at_a_temperature_fits_softmax_of_logits_over_t(kl):
+    """debate.sft_tempered: the NLL (and the anchor's KL) of softmax(logits / T), against float64."""
+    from model import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch")
+    torch.manual_seed(0)
+    model, reference = GPT(cfg).eval(), GPT(cfg).eval()
+    rows = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10, 11]), ([12], [13])]
+    got = response_loss(model, rows, reference, kl=kl, temperature=0.7)
+    assert got.item() != pytest.approx(response_loss(model, rows, reference, kl=kl).item(), rel=1e-3)
+    m64, r64 = model.double(), reference.double()
+    total, count = 0.0, 0
+    for prompt, resp in rows:
+        ids = torch.tensor([prompt + resp])
+        logp, logq = torch.log_softmax(m64(ids)[0] / 0.7, -1), torch.log_softmax(r64(ids)[0] / 0.7, -1)
+        for i, t in enumerate(resp):
+            pos = len(prompt) + i - 1
+            total += -logp[pos, t].item() + kl * (logp[pos].exp() * (logp[pos] - logq[pos])).sum().item()
+            count += 1
+    assert got.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_tempered_sft_on_its_own_samples_is_a_no_op_in_expectation_and_plain_sft_is_not():
+    """Why debate.sft_tempered exists: the expected gradient of the SFT loss over responses drawn at T = 0.7
+    (exact: every one-token response weighted by its probability) is 0 when the loss is taken at T = 0.7, and
+    not when it is taken at T = 1 (that step pulls p_1 towards the sharper p_0.7)."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch"))
+    model = model.double().eval()
+    prompt, T = [1, 2, 3], 0.7
+    with torch.no_grad():
+        p_t = torch.softmax(model(torch.tensor([prompt]))[0, -1] / T, -1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def expected_grad(temperature):
+        total = [torch.zeros_like(p) for p in params]
+        for y in range(50):
+            g = torch.autograd.grad(response_loss(model, [(prompt, [y])], temperature=temperature), params,
+                                    allow_unused=True)
+            total = [t + p_t[y] * (x if x is not None else 0) for t, x in zip(total, g)]
+        return torch.cat([t.flatten() for t in total]).norm().item()
+
+    one = torch.autograd.grad(response_loss(model, [(prompt, [7])], temperature=T), params, allow_unused=True)
+    scale = torch.cat([x.flatten() for x in one if x is not None]).norm().item()
+    assert expected_grad(T) < 1e-6 * scale  # token_logprobs takes its log-softmax in float32
+    assert expected_grad(1.0) > 1e-3 * scale  # 6e-3 here: over 10^4 times the tempered one
+
+
 def test_sft_batches_are_epochs_of_permutations_from_the_agents_generator():
     rows = list(range(10))
     b = sft_batches(rows, 2, 4, torch.Generator().manual_seed(1))
@@ -245,8 +297,10 @@ def test_separate_critics_answer_later_rounds_train_on_them_and_resume_bit_for_b
     """debate.critics=separate: critic_i answers in agent_i's seat from round 2 on and fine-tunes on those
     rows (its rows = the seat's corrected + confirmed), agent_i on round 1's (= generator); the critics'
     weights move apart from the agents'; SIGKILL mid-iteration and resume reproduce the run bit for bit.
-    With debate.agent_data=split too: each seat's rows come from its third of the 12 problems."""
-    args = _args(root, "debate.critics=separate", "debate.kl_base=0", "debate.agent_data=split", "debate.baseline=false")
+    With debate.agent_data=split too: each seat's rows come from its third of the 12 problems; and
+    debate.sft_tempered (its loss is checked above), so the tempered steps resume bit for bit too."""
+    args = _args(root, "debate.critics=separate", "debate.kl_base=0", "debate.agent_data=split", "debate.baseline=false",
+                 "debate.sft_tempered=true")
     out = run_train(root, "critics", *args, recipe="debate-arith")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "separate critics: critic_0, critic_1, critic_2" in out.stdout
@@ -303,6 +357,8 @@ def test_export_writes_one_hugging_face_folder_per_agent(plain, root, tmp_path):
     ("env.args.rounds=0", "debate_arith: rounds must be an integer >= 1, got 0"),
     ("parallel.zero_stage=3 debate.kl_base=0.5", "debate.kl_base=0.5 needs parallel.zero_stage <= 2"),
     ("env.args.steps=bytes", "debate_arith: steps must be one of pairwise, digits, columns, got 'bytes'"),
+    ("debate.sft_tempered=true agents.agent_1.temperature=0", "debate.sft_tempered fits each agent's sampling "
+     "distribution, which a greedy agent has not got: agents.agent_1.temperature must be > 0 (got 0)"),
 ])
 def test_bad_configs_are_one_line_with_exit_2(tmp_path, override, message):
     out = subprocess.run([sys.executable, "-m", "launch", "train", "debate-arith", *override.split(),

@@ -297,6 +297,10 @@ class DebateSection(Section):
     kl_base: float = _f(0.0, "env debate_arith: weight of KL(agent || its starting weights) over the vocabulary at "
                         "the response tokens, added to every SFT step's loss (agents and baseline alike): keeps "
                         "each agent's answer distribution, so the agents' diversity, near the base's", ge=0.0)
+    sft_tempered: bool = _f(False, "env debate_arith: SFT fits softmax(logits / T), T each learner's sampling "
+                            "temperature (the distribution its responses came from), so only the majority filter "
+                            "moves it; false: cross-entropy at T = 1, which also sharpens every agent towards its "
+                            "own T < 1 samples each iteration")
     baseline: bool = _f(True, "env debate_arith: also train the single-agent self-training baseline (agent "
                         "'single', from the first agent's settings) side by side")
     samples: PosInt | None = _f(None, "env debate_arith: the baseline's samples per problem; null = agents x rounds "
@@ -393,6 +397,10 @@ class Recipe(Section):
         if self.debate.samples is not None and self.debate.samples < 2:
             raise ValueError(f"debate.samples={self.debate.samples}: the baseline votes over its samples, so it needs "
                              ">= 2 (or null: agents x rounds)")
+        cold = [n for n, a in self.agents.items() if a.temperature == 0]
+        if self.debate.sft_tempered and cold:
+            raise ValueError(f"debate.sft_tempered fits each agent's sampling distribution, which a greedy agent has "
+                             f"not got: agents.{cold[0]}.temperature must be > 0 (got 0)")
         if self.debate.kl_base > 0 and self.parallel.zero_stage == 3:
             raise ValueError(f"debate.kl_base={self.debate.kl_base} needs parallel.zero_stage <= 2: the anchored SFT "
                              "step (both models' logits at the response tokens) has not been run under ZeRO-3")
