@@ -220,12 +220,14 @@ def root(tmp_path_factory):
 
 
 def _args(root, *extra):
-    """The recipe at reduced size, with one set of weights per agent and the KL anchor (the setting before
-    separate critics; the recipe's own, critics and no anchor, is the critics test's: `extra` wins)."""
+    """The recipe at reduced size, with one set of weights per agent, the KL anchor and SFT at T = 1 (the
+    setting before separate critics; the recipe's own, critics, no anchor and SFT at the sampling
+    temperature, is the critics test's: `extra` wins)."""
     base = root / "runs" / "base"
     return [*(f"agents.agent_{i}.init_from={base}" for i in range(3)), SMALL, "debate.iterations=2",
             "debate.train_problems=12", "debate.heldout_problems=10", "debate.sft_batch=4", "rl.max_new_tokens=24",
-            "debate.critics=shared", "debate.kl_base=0.5", "train.progress=false", "tracking.wandb=disabled", *extra]
+            "debate.critics=shared", "debate.kl_base=0.5", "debate.sft_tempered=false", "train.progress=false",
+            "tracking.wandb=disabled", *extra]
 
 
 def _timeless(root, name):
