@@ -1,20 +1,21 @@
-"""Start a recipe on several processes through the `deepspeed` launcher, and supervise it.
+"""Start a recipe on several processes, and supervise it.
 
 `python -m launch train RECIPE` calls `run_deepspeed` when the recipe asks for more than one
 process (`launch.procs_per_node` x `launch.nodes`). On one node, and on each node of a Slurm job, it
-starts DeepSpeed's per-node launcher (`deepspeed.launcher.launch`) itself, with the world_info the
-`deepspeed` runner would have built: the runner adds nothing to a launch without ssh but a Python
-start-up (~2 s of every launch on a small machine). Several nodes through ssh/pdsh (`launch.hostfile`)
-go through the runner. Each rank re-enters the same command line with RANK/LOCAL_RANK/WORLD_SIZE set
-by the launcher. Rank 0 owns the console; rank r>0 writes to
+starts the per-node launcher (launch/node.py) with the world_info the `deepspeed` runner would have
+built: it starts this node's ranks with the environment DeepSpeed's per-node launcher gives them, without
+that launcher's torch import and once-a-second polling (~2.5 s of every launch on a small machine).
+Several nodes through ssh/pdsh (`launch.hostfile`) go through the `deepspeed` runner, which starts
+DeepSpeed's per-node launcher on every node. Each rank re-enters the same command line with
+RANK/LOCAL_RANK/WORLD_SIZE set by the launcher. Rank 0 owns the console; rank r>0 writes to
 `<run>/logs/rank<r>.log`. Every rank records its pid and, on a clean exit, its exit status in
 `<run>/logs/`, so that when the job fails this supervisor can name the rank that died first.
-DeepSpeed's per-node launcher stops the remaining ranks as soon as one exits with an error; a rank
+The per-node launcher stops the remaining ranks as soon as one exits with an error; a rank
 stuck in a collective is bounded by `launch.timeout_s`.
 
 Stopping: SIGTERM or SIGUSR1 to this supervisor is delivered to the ranks themselves (the children of
-DeepSpeed's per-node launcher), which save a checkpoint together at the next step and exit with
-128+signal. The launcher in between (DeepSpeed's per-node launcher; for ssh jobs its runner too) starts
+the per-node launcher), which save a checkpoint together at the next step and exit with
+128+signal. The launcher in between (the per-node launcher; for ssh jobs DeepSpeed's runner too) starts
 with both signals ignored, so a signal sent to the whole process tree (which is how Slurm signals a job
 step) cannot kill it before the ranks have saved; once its ranks run, the per-node launcher's own SIGTERM
 handler passes SIGTERM on to them, which is what they are stopping on already.
@@ -68,16 +69,19 @@ def deepspeed_command(recipe_arg: str, overrides: list[str], procs_per_node: int
     return cmd + ["launch", "train", recipe_arg, *overrides]
 
 
+NODE_LAUNCHER = "launch.node"
+
+
 def node_launch_command(recipe_arg: str, overrides: list[str], devices: dict[str, list[int]], node_rank: int,
                         master_addr: str, master_port: int) -> list[str]:
-    """DeepSpeed's per-node launcher for this node's ranks, as the `deepspeed` runner starts it for a job
-    without ssh. `devices`: every node of the job in node-rank order with its device indices (DeepSpeed's
-    world_info; the launcher numbers node r's ranks after those of the nodes before it and gives each rank
-    its device through CUDA_VISIBLE_DEVICES)."""
+    """The per-node launcher (launch/node.py) for this node's ranks, with the world_info the `deepspeed`
+    runner would build for DeepSpeed's. `devices`: every node of the job in node-rank order with its device
+    indices (the launcher numbers node r's ranks after those of the nodes before it and gives the ranks
+    the node's devices through CUDA_VISIBLE_DEVICES)."""
     info = base64.urlsafe_b64encode(json.dumps(devices).encode()).decode()
-    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
-            f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
-            "--module", "--no_local_rank", "--log_level=warning", "launch", "train", recipe_arg, *overrides]
+    return [sys.executable, "-u", "-m", NODE_LAUNCHER, f"--world_info={info}", f"--master_addr={master_addr}",
+            f"--master_port={master_port}", f"--node_rank={node_rank}", "--",
+            sys.executable, "-u", "-m", "launch", "train", recipe_arg, *overrides]
 
 
 GPU_DEVICE_NODES = ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd")  # NVIDIA's driver; AMD's ROCm
@@ -190,13 +194,13 @@ def _ignore_stop_signals() -> None:  # runs in the launcher child between fork a
 
 
 def _rank_processes(proc: subprocess.Popen) -> list:
-    """The rank processes: the children of DeepSpeed's per-node launcher (`deepspeed.launcher.launch`),
-    which `run_deepspeed` started itself (`proc`) or through the `deepspeed` runner."""
+    """The rank processes: the children of the per-node launcher, ours (launch/node.py), which
+    `run_deepspeed` started itself (`proc`), or DeepSpeed's, started by the `deepspeed` runner."""
     import psutil
 
     try:
         top = psutil.Process(proc.pid)
-        launchers = [top] if "deepspeed.launcher.launch" in proc.args else top.children()
+        launchers = [top] if NODE_LAUNCHER in proc.args else top.children()
         return [rank for launcher in launchers for rank in launcher.children()]
     except psutil.Error:
         return []
@@ -232,7 +236,7 @@ def _signal_ranks(proc: subprocess.Popen, signum: int, delivered: set[int]) -> N
 
 def slurm_gpu_ids(recipe: Recipe, env: dict | None = None) -> list[int] | None:
     """The GPUs Slurm gave this node's task (CUDA_VISIBLE_DEVICES), when they are plain indices and
-    one per process. DeepSpeed's launcher would otherwise number the node's GPUs from 0, which picks
+    one per process. The per-node launcher would otherwise number the node's GPUs from 0, which picks
     another job's GPUs on a shared node without device cgroups."""
     env = os.environ if env is None else env
     ids = [i.strip() for i in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip()]
@@ -250,7 +254,7 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
 
     def forward(signum, frame):
         # Straight to the ranks: they save a checkpoint together at the next step and exit with
-        # 128+signum. (DeepSpeed's launcher would turn SIGTERM into a 30 s terminate-then-kill.)
+        # 128+signum. (The per-node launcher would turn SIGTERM into a 30 s terminate-then-kill.)
         # SIGUSR1 is Slurm's "time is nearly up" warning.
         if stop.get("signal") != signum:
             delivered.clear()  # a different signal goes to every rank again
@@ -310,8 +314,8 @@ def run_deepspeed(recipe: Recipe, recipe_arg: str, overrides: list[str]) -> int:
     if rc != 0 and not stopped:
         first = first_error(logs, local_ranks)
         if rc == 2 or (first is not None and first[1] == 2):
-            # A usage error ended the job. DeepSpeed's launcher passes on whichever failed rank it polls
-            # first, often one the usage error broke; and when every rank refuses, the first to exit can
+            # A usage error ended the job. The per-node launcher passes on the first rank to fail, often
+            # one the usage error broke; and when every rank refuses, the first to exit can
             # get rank 0 stopped before rank 0 printed its line. So the line is repeated here unless rank
             # 0 recorded that it printed it.
             rc = 2
@@ -370,7 +374,7 @@ def describe_failure(logs: Path, ranks: int | range, rc: int) -> str:
     if first is not None:
         r, code = first
         return f"rank {r} exited with status {code}; the launcher stopped the other ranks. Logs: {logs}"
-    return f"the deepspeed launcher exited with status {rc}. Logs: {logs}"
+    return f"the per-node launcher exited with status {rc}. Logs: {logs}"
 
 
 def setup_rank_process(recipe: Recipe) -> None:

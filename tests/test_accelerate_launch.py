@@ -107,8 +107,8 @@ def test_accelerate_launch_and_the_deepspeed_runner_log_our_launchers_losses(tmp
     logs = tmp_path / "runs" / "acc" / "logs"
     assert (logs / "rank1.log").exists() and (logs / "rank1.exit").read_text().split()[0] == "0"
 
-    # DeepSpeed's own runner by hand (docs/launchers.md): our launcher starts DeepSpeed's per-node
-    # launcher itself on one node, so this is the path an ssh multi-node job takes through the runner
+    # DeepSpeed's own runner by hand (docs/launchers.md): on one node our supervisor starts its own per-node
+    # launcher (launch/node.py), so this is the path an ssh multi-node job takes through the runner
     runner = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     cmd = [runner, *DEEPSPEED, "--module", *train_cmd(tmp_path, "runner", *ZERO1, recipe=RECIPE)[2:]]
     by_hand = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)

@@ -1,12 +1,18 @@
-"""The multi-process launch path: the deepspeed launcher, per-rank logs, a dying rank."""
+"""The multi-process launch path: the per-node launcher against DeepSpeed's, per-rank logs, a dying rank."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from launch import node
 from launch.multiproc import (
     deepspeed_command,
     describe_failure,
@@ -22,11 +28,12 @@ def test_launch_commands_one_node_per_node_and_over_ssh():
     import json
 
     cmd = node_launch_command("gpt-tiny", ["train.max_steps=3"], {"localhost": [0, 1, 2, 3]}, 0, "127.0.0.1", 29512)
-    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and "--no_local_rank" in cmd and "--module" in cmd
-    opts = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    assert cmd[1:4] == ["-u", "-m", "launch.node"]
+    rank_cmd = cmd[cmd.index("--") + 1:]
+    assert rank_cmd == [sys.executable, "-u", "-m", "launch", "train", "gpt-tiny", "train.max_steps=3"]
+    opts = dict(a[2:].split("=", 1) for a in cmd[:cmd.index("--")] if a.startswith("--") and "=" in a)
     assert json.loads(base64.urlsafe_b64decode(opts["world_info"])) == {"localhost": [0, 1, 2, 3]}
     assert (opts["master_addr"], opts["master_port"], opts["node_rank"]) == ("127.0.0.1", "29512", "0")
-    assert cmd[-4:] == ["launch", "train", "gpt-tiny", "train.max_steps=3"]
     # DeepSpeed's runner builds the same world_info for a local launch of 4 processes
     from deepspeed.launcher.runner import apply_num_nodes_and_gpus, encode_world_info
 
@@ -34,6 +41,64 @@ def test_launch_commands_one_node_per_node_and_over_ssh():
     ssh = deepspeed_command("r", [], procs_per_node=2, nodes=3, hostfile="/tmp/hosts")
     assert ssh[0].endswith("deepspeed") and ssh[ssh.index("--num_nodes") + 1] == "3"
     assert ssh[ssh.index("--hostfile") + 1] == "/tmp/hosts" and ssh[ssh.index("--num_gpus") + 1] == "2"
+
+
+ENV_DUMP = """
+import json, os, sys
+from pathlib import Path
+Path(sys.argv[1], os.environ["RANK"] + ".json").write_text(json.dumps(dict(os.environ)))
+"""
+
+
+def test_the_node_launcher_gives_each_rank_deepspeeds_environment(tmp_path):
+    """launch/node.py against DeepSpeed's per-node launcher on the same world_info (node 1 of a
+    2 x 2 job on GPUs 2 and 3, node 0 named first): every rank sees the same environment, variable for
+    variable (RANK, LOCAL_RANK, WORLD_SIZE, CROSS_RANK, LOCAL_SIZE, CUDA_VISIBLE_DEVICES, ...)."""
+    script = tmp_path / "dump.py"
+    script.write_text(ENV_DUMP)
+    info = base64.urlsafe_b64encode(json.dumps({"n0": [2, 3], "n1": [2, 3]}).encode()).decode()
+    where = [f"--world_info={info}", "--node_rank=1", "--master_addr=n0", "--master_port=20042"]
+    envs = {}
+    for name, cmd in (("deepspeed", ["-m", "deepspeed.launcher.launch", *where, "--no_local_rank", str(script)]),
+                      ("ours", ["-m", "launch.node", *where, "--", sys.executable, "-u", str(script)])):
+        out = tmp_path / name
+        out.mkdir()
+        proc = subprocess.run([sys.executable, "-u", *cmd, str(out)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
+                                                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        envs[name] = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(envs["ours"]) == sorted(envs["deepspeed"]) == ["2", "3"]
+    for rank in ("2", "3"):
+        ds, ours = envs["deepspeed"][rank], envs["ours"][rank]
+        assert ours == ds, {k: (ours.get(k), ds.get(k)) for k in set(ours) | set(ds) if ours.get(k) != ds.get(k)}
+    assert {k: envs["ours"]["3"][k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "CROSS_RANK", "LOCAL_SIZE",
+                                               "CUDA_VISIBLE_DEVICES")} == {
+        "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "CROSS_RANK": "1", "LOCAL_SIZE": "2",
+        "CUDA_VISIBLE_DEVICES": "2,3"}
+
+
+RANK_FAILS = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+if os.environ["RANK"] == "1":
+    sys.exit(3)
+signal.signal(signal.SIGTERM, lambda *a: ((out / "terminated").write_text("yes"), sys.exit(143)))
+time.sleep(60)
+"""
+
+
+def test_the_node_launcher_stops_the_other_ranks_when_one_fails_and_passes_its_status_on(tmp_path):
+    """Rank 1 exits with 3 at once; rank 0 would sleep for a minute: it gets SIGTERM, and the launcher
+    exits with 3 as soon as rank 0 has gone (no polling interval)."""
+    script = tmp_path / "fail.py"
+    script.write_text(RANK_FAILS)
+    info = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
+    t0 = time.perf_counter()
+    rc = node.run(json.loads(base64.urlsafe_b64decode(info)), 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
+    assert rc == 3 and (tmp_path / "terminated").read_text() == "yes"
+    assert time.perf_counter() - t0 < 30
 
 
 def test_the_earliest_recorded_failure_is_the_one_reported(tmp_path):
@@ -75,7 +140,7 @@ SUPERVISOR_ONLY = """
 import subprocess, sys
 sys.path.insert(0, {repo!r})
 started = []
-class Launcher:  # stands in for DeepSpeed's per-node launcher: the ranks' work is not this test's
+class Launcher:  # stands in for the per-node launcher: the ranks' work is not this test's
     pid = 0
     def __init__(self, cmd, **kwargs): started.append(cmd)
     def wait(self, timeout=None): return 0
@@ -84,13 +149,13 @@ subprocess.Popen = Launcher
 from launch.cli import main
 rc = main(["train", "gpt-tiny", "run.output_dir={out}/runs", "data.cache_dir={out}/cache", "launch.procs_per_node=2",
            "sync.strategy=ring", "sync.replicas=2"])
-print(rc, len(started), "deepspeed.launcher.launch" in started[0], "torch" in sys.modules)
+print(rc, len(started), "launch.node" in started[0], "torch" in sys.modules)
 """
 
 
 def test_the_supervisor_starts_the_ranks_without_importing_torch(tmp_path):
     """`python -m launch train` with several processes checks the recipe (sync settings included) and
-    starts DeepSpeed's per-node launcher without importing torch (~1.5 s of every launch): on a machine
+    starts the per-node launcher without importing torch (~1.5 s of every launch): on a machine
     without a GPU driver it needs torch for nothing. (Checked in a fresh interpreter.)"""
     import subprocess
     import sys

@@ -158,7 +158,7 @@ def test_gpu_node_keeps_the_gpus_slurm_gave_the_task():
     assert slurm_gpu_ids(recipe, {"CUDA_VISIBLE_DEVICES": "GPU-1c2d,GPU-77aa"}) is None  # UUIDs: leave them
     assert slurm_gpu_ids(recipe, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) is None  # not one per process
     assert slurm_gpu_ids(load_recipe("gpt-tiny", ["launch.procs_per_node=2"]), {"CUDA_VISIBLE_DEVICES": "2,3"}) is None
-    # the world_info the supervisor gives DeepSpeed's per-node launcher for those GPUs: the runner's, from
+    # the world_info the supervisor gives the per-node launcher for those GPUs: DeepSpeed's runner's, from
     # a hostfile of the 2 nodes and --include node0:2,3@node1:2,3
     from deepspeed.launcher.runner import encode_world_info, parse_inclusion_exclusion
 
@@ -171,7 +171,7 @@ def test_gpu_node_keeps_the_gpus_slurm_gave_the_task():
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_stop_signal_to_the_supervisor_checkpoints_every_rank(tmp_path, sig):
     """The supervisor (`python -m launch train` with 2 ranks) passes SIGUSR1/SIGTERM to the ranks, not
-    to DeepSpeed's launchers. SIGUSR1 is sent as soon as rank 1 exists: the ranks ignore it until their
+    to the per-node launcher. SIGUSR1 is sent as soon as rank 1 exists: the ranks ignore it until their
     training loop has its handler, and get it then. SIGTERM is sent mid-run. Either way the ranks
     save a checkpoint together and the run exits with 128 + the signal."""
     name = sig.name.lower()
