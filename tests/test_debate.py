@@ -96,11 +96,17 @@ def test_single_rows_keep_the_samples_that_agree_with_their_own_majority():
 # ---- SFT -----------------------------------------------------------------------------------------------
 
 
-def test_response_loss_is_the_cross_entropy_of_the_response_tokens_only():
+def _tiny_gpts(n=1):
+    """n tiny byte-vocabulary GPTs (other weights each), seeded 0, in eval mode: the SFT-loss tests' models."""
     from model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch")).eval()
+    cfg = GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch")
+    return [GPT(cfg).eval() for _ in range(n)]
+
+
+def test_response_loss_is_the_cross_entropy_of_the_response_tokens_only():
+    (model,) = _tiny_gpts()
     rows = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10, 11]), ([12], [13])]
     got = response_loss(model, rows)
     ref = model.double()
@@ -115,12 +121,7 @@ def test_response_loss_is_the_cross_entropy_of_the_response_tokens_only():
 
 
 def test_response_loss_with_kl_base_adds_the_exact_kl_to_the_reference_per_response_token():
-    from model import GPT, GPTConfig
-
-    cfg = GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch")
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    reference = GPT(cfg).eval()  # other weights
+    model, reference = _tiny_gpts(2)  # other weights
     rows = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10, 11]), ([12], [13])]
     got = response_loss(model, rows, reference, kl=0.3)
     assert response_loss(model, rows, reference, kl=0.0).item() == pytest.approx(response_loss(model, rows).item())
@@ -143,11 +144,7 @@ def test_response_loss_with_kl_base_adds_the_exact_kl_to_the_reference_per_respo
 @pytest.mark.parametrize("kl", [0.0, 0.3])
 def test_response_loss_at_a_temperature_fits_softmax_of_logits_over_t(kl):
     """debate.sft_tempered: the NLL (and the anchor's KL) of softmax(logits / T), against float64."""
-    from model import GPT, GPTConfig
-
-    cfg = GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch")
-    torch.manual_seed(0)
-    model, reference = GPT(cfg).eval(), GPT(cfg).eval()
+    model, reference = _tiny_gpts(2)
     rows = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10, 11]), ([12], [13])]
     got = response_loss(model, rows, reference, kl=kl, temperature=0.7)
     assert got.item() != pytest.approx(response_loss(model, rows, reference, kl=kl).item(), rel=1e-3)
@@ -167,11 +164,7 @@ def test_tempered_sft_on_its_own_samples_is_a_no_op_in_expectation_and_plain_sft
     """Why debate.sft_tempered exists: the expected gradient of the SFT loss over responses drawn at T = 0.7
     (exact: every one-token response weighted by its probability) is 0 when the loss is taken at T = 0.7, and
     not when it is taken at T = 1 (that step pulls p_1 towards the sharper p_0.7)."""
-    from model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=50, max_seq_len=32, kernels="torch"))
-    model = model.double().eval()
+    model = _tiny_gpts()[0].double()
     prompt, T = [1, 2, 3], 0.7
     with torch.no_grad():
         p_t = torch.softmax(model(torch.tensor([prompt]))[0, -1] / T, -1)
@@ -410,6 +403,6 @@ def test_the_issue_range_recipes_chain_at_reduced_size(tmp_path):
     run = tmp_path / "runs" / "debate30"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["env"]["args"]["steps"] == "columns" and cfg["rl"]["max_new_tokens"] == 112
-    assert cfg["debate"]["critics"] == "separate" and cfg["debate"]["kl_base"] == 0.0
+    assert cfg["debate"]["critics"] == "separate" and cfg["debate"]["kl_base"] == 0.0 and cfg["debate"]["sft_tempered"]
     assert "separate critics: critic_0, critic_1, critic_2" in out.stdout
     assert [r["iteration"] for r in json.loads((run / "summary.json").read_text())["per_iteration"]] == [0, 1]

@@ -397,8 +397,8 @@ class Recipe(Section):
         if self.debate.samples is not None and self.debate.samples < 2:
             raise ValueError(f"debate.samples={self.debate.samples}: the baseline votes over its samples, so it needs "
                              ">= 2 (or null: agents x rounds)")
-        cold = [n for n, a in self.agents.items() if a.temperature == 0]
-        if self.debate.sft_tempered and cold:
+        cold = [n for n, a in self.agents.items() if a.temperature == 0] if self.debate.sft_tempered else []
+        if cold:
             raise ValueError(f"debate.sft_tempered fits each agent's sampling distribution, which a greedy agent has "
                              f"not got: agents.{cold[0]}.temperature must be > 0 (got 0)")
         if self.debate.kl_base > 0 and self.parallel.zero_stage == 3:

@@ -172,8 +172,6 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
         for ag in agents.values():
             ag.policy.tokenizer.save(str(ctx.run_dir / "tokenizers" / f"{ag.name}.json"))
 
-    # debate.sft_tempered: each learner fits the distribution it samples from (agents/debate/sft.py)
-    sft_temperature = {n: agents[n].policy.temperature if d.sft_tempered else 1.0 for n in learner_of}
     heldout = problems.heldout(seed, d.heldout_problems, lo, hi)
     exclude = set(heldout)
     iteration, sft_count, tokens = 0, 0, Counter()
@@ -261,7 +259,9 @@ def train_debate(recipe: Recipe, dist: DistInfo) -> dict:
             gen = torch.Generator().manual_seed(_key(seed, iteration, 2, i))
             losses = []
             for batch in sft_batches(data[name], d.sft_epochs, d.sft_batch, gen):
-                loss = sft_step(lr, batch, agents[name].ref, d.kl_base, sft_temperature[name])
+                # debate.sft_tempered: each learner fits the distribution it samples from (agents/debate/sft.py)
+                loss = sft_step(lr, batch, agents[name].ref, d.kl_base,
+                                agents[name].policy.temperature if d.sft_tempered else 1.0)
                 losses.append(loss)
                 sft_count += 1
                 faults.maybe_kill(faults.KILL_AFTER_STEP, sft_count)
