@@ -30,8 +30,6 @@ per-node launcher starts only this node's ranks (`slurm_layout`).
 from __future__ import annotations
 
 import atexit
-import base64
-import json
 import os
 import shutil
 import signal
@@ -42,6 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch import node
 from trainer.schema import Recipe
 
 
@@ -69,19 +68,14 @@ def deepspeed_command(recipe_arg: str, overrides: list[str], procs_per_node: int
     return cmd + ["launch", "train", recipe_arg, *overrides]
 
 
-NODE_LAUNCHER = "launch.node"
-
-
 def node_launch_command(recipe_arg: str, overrides: list[str], devices: dict[str, list[int]], node_rank: int,
                         master_addr: str, master_port: int) -> list[str]:
     """The per-node launcher (launch/node.py) for this node's ranks, with the world_info the `deepspeed`
     runner would build for DeepSpeed's. `devices`: every node of the job in node-rank order with its device
     indices (the launcher numbers node r's ranks after those of the nodes before it and gives the ranks
     the node's devices through CUDA_VISIBLE_DEVICES)."""
-    info = base64.urlsafe_b64encode(json.dumps(devices).encode()).decode()
-    return [sys.executable, "-u", "-m", NODE_LAUNCHER, f"--world_info={info}", f"--master_addr={master_addr}",
-            f"--master_port={master_port}", f"--node_rank={node_rank}", "--",
-            sys.executable, "-u", "-m", "launch", "train", recipe_arg, *overrides]
+    return node.command(devices, node_rank, master_addr, master_port,
+                        [sys.executable, "-u", "-m", "launch", "train", recipe_arg, *overrides])
 
 
 GPU_DEVICE_NODES = ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd")  # NVIDIA's driver; AMD's ROCm
@@ -200,7 +194,7 @@ def _rank_processes(proc: subprocess.Popen) -> list:
 
     try:
         top = psutil.Process(proc.pid)
-        launchers = [top] if NODE_LAUNCHER in proc.args else top.children()
+        launchers = [top] if "launch.node" in proc.args else top.children()
         return [rank for launcher in launchers for rank in launcher.children()]
     except psutil.Error:
         return []

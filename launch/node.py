@@ -29,6 +29,15 @@ import sys
 STOP_GRACE_S = 30  # DeepSpeed's launcher: terminate, then kill what is left after 30 s
 
 
+def command(world: dict[str, list[int]], node_rank: int, master_addr: str, master_port: int,
+            rank_cmd: list[str]) -> list[str]:
+    """The command line that starts node `node_rank`'s ranks of `world` (node name -> device indices, in
+    node-rank order), each running `rank_cmd`."""
+    info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+    return [sys.executable, "-u", "-m", "launch.node", f"--world_info={info}", f"--master_addr={master_addr}",
+            f"--master_port={master_port}", f"--node_rank={node_rank}", "--", *rank_cmd]
+
+
 def rank_env(base: dict, world: dict[str, list[int]], node_rank: int, local_rank: int, master_addr: str,
              master_port: int) -> dict:
     """The environment of local rank `local_rank` on node `node_rank` of `world` (node name -> device

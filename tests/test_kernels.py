@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import warnings
 
 import pytest
@@ -578,35 +577,52 @@ def test_gpt_fused_under_autocast_uses_every_kernel(fused, style):
 # ------------------------------------------------------------------- vocabulary-parallel (2 ranks)
 
 
-def _vp_worker(rank, world, init_file, dtype_name, use_kernels, inplace):
-    import torch.distributed as dist
+VP_CASES = [(dtype_name, use_kernels, inplace) for dtype_name in ("float32", "bfloat16")
+            for use_kernels, inplace in ((True, False), (True, True), (False, False))]
 
+
+def _vp_case(rank, dtype_name, use_kernels, inplace):
     from model.kernels import vocab_parallel_cross_entropy
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        dtype = getattr(torch, dtype_name)
-        N, V = 37, 1001  # uneven split: 501 + 500
-        full = randn(N, V, dtype=dtype, seed=50, scale=3.0)
-        targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(51))
-        targets[[0, 5, 36]] = -100
-        targets[1], targets[2] = 500, 501  # last id of shard 0, first of shard 1
-        bounds = [0, 501, V]
-        lo, hi = bounds[rank], bounds[rank + 1]
-        shard = full[:, lo:hi].clone().requires_grad_()
-        x = shard * 1 if inplace else shard
-        loss = vocab_parallel_cross_entropy(x, targets, lo, None, -100, use_kernels=use_kernels,
-                                            inplace_backward=inplace)
-        loss.backward()
-        full64 = full.double().requires_grad_()
-        ref = F.cross_entropy(full64, targets, ignore_index=-100)
-        ref.backward()
-        assert_close(loss, ref, dtype, f"rank {rank} loss")
-        unit = ce_grad_unit(full64.detach(), targets, 1 / int((targets != -100).sum()))[:, lo:hi]
-        assert_close(shard.grad, full64.grad[:, lo:hi], dtype, f"rank {rank} grad", unit=unit)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
+    dtype = getattr(torch, dtype_name)
+    N, V = 37, 1001  # uneven split: 501 + 500
+    full = randn(N, V, dtype=dtype, seed=50, scale=3.0)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(51))
+    targets[[0, 5, 36]] = -100
+    targets[1], targets[2] = 500, 501  # last id of shard 0, first of shard 1
+    bounds = [0, 501, V]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    shard = full[:, lo:hi].clone().requires_grad_()
+    x = shard * 1 if inplace else shard
+    loss = vocab_parallel_cross_entropy(x, targets, lo, None, -100, use_kernels=use_kernels, inplace_backward=inplace)
+    loss.backward()
+    full64 = full.double().requires_grad_()
+    ref = F.cross_entropy(full64, targets, ignore_index=-100)
+    ref.backward()
+    assert_close(loss, ref, dtype, f"rank {rank} loss")
+    unit = ce_grad_unit(full64.detach(), targets, 1 / int((targets != -100).sum()))[:, lo:hi]
+    assert_close(shard.grad, full64.grad[:, lo:hi], dtype, f"rank {rank} grad", unit=unit)
+
+
+def _vp_worker(rank, world, folder):
+    """Every case of VP_CASES in one pair of processes (a spawn of two ranks costs seconds); each rank
+    writes what each case gave, in order, and stops at the first failure (the other rank may then wait
+    in a collective: the spawn ends both)."""
+    import traceback
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
+    for case in VP_CASES:
+        try:
+            _vp_case(rank, *case)
+        except BaseException:
+            with open(os.path.join(folder, f"{'-'.join(map(str, case))}.{rank}"), "w") as f:
+                f.write(traceback.format_exc())
+            dist.destroy_process_group()
+            raise
+        with open(os.path.join(folder, f"{'-'.join(map(str, case))}.{rank}"), "w") as f:
+            f.write("ok")
     # Finished: leave without the interpreter's teardown (gloo's threads were once seen to abort
     # while being destroyed at exit under heavy load, failing a test whose checks had passed).
     dist.barrier()
@@ -615,15 +631,27 @@ def _vp_worker(rank, world, init_file, dtype_name, use_kernels, inplace):
     os._exit(0)
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("use_kernels,inplace", [(True, False), (True, True), (False, False)])
-def test_vocab_parallel_cross_entropy_two_ranks(fused, dtype_name, use_kernels, inplace):
+@pytest.fixture(scope="module")
+def vocab_parallel_results(fused, tmp_path_factory):
+    """Each case's outcome on each of the two ranks: "ok" or the traceback (None: not reached)."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_vp_worker, args=(2, os.path.join(d, "init"), dtype_name, use_kernels, inplace), nprocs=2,
-                 join=True)
+    folder = tmp_path_factory.mktemp("vocab_parallel")
+    try:
+        mp.spawn(_vp_worker, args=(2, str(folder)), nprocs=2, join=True)
+    except Exception:  # the failing case's traceback is in its file; a case never reached reads None
+        pass
+    files = {p.name: p.read_text() for p in folder.iterdir() if p.name != "init"}
+    return {case: [files.get(f"{'-'.join(map(str, case))}.{r}") for r in range(2)] for case in VP_CASES}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", VP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_vocab_parallel_cross_entropy_two_ranks(vocab_parallel_results, case):
+    """The vocabulary-parallel cross-entropy over two ranks against float64 F.cross_entropy on the whole
+    vocabulary: the loss, and each rank's slice of the gradient."""
+    outcome = vocab_parallel_results[case]
+    assert outcome == ["ok", "ok"], "\n".join(o or "not reached (an earlier case failed)" for o in outcome)
 
 
 # ------------------------------------------------------------------- CUDA kernel checks (shared)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -91,13 +90,12 @@ def test_two_replicas_in_one_job_train_and_checkpoint_as_alone(tmp_path):
     spec = {"replicas": [["gpt-tiny", _overrides(root, "job-a", REPLICA_A)],
                          ["gpt-tiny", _overrides(root, "job-b", REPLICA_B)]],
             "nan_steps": {"0": "3"}}
-    exe = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    from launch import node
     from launch.multiproc import free_port, launcher_env
 
     e = {**launcher_env(4), **env()}
-    e["LOCAL_SIZE"] = "4"
-    cmd = [exe, "--log_level", "warning", "--num_gpus", "4", "--master_port", str(free_port()), "--no_local_rank",
-           "--module", "tests.replica_job", json.dumps(spec)]
+    cmd = node.command({"localhost": [0, 1, 2, 3]}, 0, "127.0.0.1", free_port(),
+                       [sys.executable, "-u", "-m", "tests.replica_job", json.dumps(spec)])
     job = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
 
