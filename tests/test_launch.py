@@ -94,9 +94,8 @@ def test_the_node_launcher_stops_the_other_ranks_when_one_fails_and_passes_its_s
     exits with 3 as soon as rank 0 has gone (no polling interval)."""
     script = tmp_path / "fail.py"
     script.write_text(RANK_FAILS)
-    info = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
     t0 = time.perf_counter()
-    rc = node.run(json.loads(base64.urlsafe_b64decode(info)), 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
+    rc = node.run({"localhost": [0, 1]}, 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
     assert rc == 3 and (tmp_path / "terminated").read_text() == "yes"
     assert time.perf_counter() - t0 < 30
 
