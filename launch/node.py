@@ -78,9 +78,9 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 
 
 def run(world: dict[str, list[int]], node_rank: int, master_addr: str, master_port: int, cmd: list[str]) -> int:
-    devices = world[list(world)[node_rank]]
+    local_ranks = range(len(world[list(world)[node_rank]]))  # one rank per device of this node
     procs = [subprocess.Popen(cmd, env=rank_env(os.environ, world, node_rank, r, master_addr, master_port))
-             for r in range(len(devices))]
+             for r in local_ranks]
 
     def on_signal(signum, frame):
         _stop_all(procs)
@@ -91,10 +91,9 @@ def run(world: dict[str, list[int]], node_rank: int, master_addr: str, master_po
     running = {p.pid: p for p in procs}
     while running:
         pid, status = os.wait()  # the first rank to end, as soon as it ends
-        p = running.pop(pid, None)
-        if p is None:
+        if running.pop(pid, None) is None:
             continue
-        p.returncode = code = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status)
         if code != 0:
             _stop_all(list(running.values()))
             return code

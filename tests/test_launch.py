@@ -56,16 +56,22 @@ def test_the_node_launcher_gives_each_rank_deepspeeds_environment(tmp_path):
     variable (RANK, LOCAL_RANK, WORLD_SIZE, CROSS_RANK, LOCAL_SIZE, CUDA_VISIBLE_DEVICES, ...)."""
     script = tmp_path / "dump.py"
     script.write_text(ENV_DUMP)
-    info = base64.urlsafe_b64encode(json.dumps({"n0": [2, 3], "n1": [2, 3]}).encode()).decode()
+    world = {"n0": [2, 3], "n1": [2, 3]}
+    info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
     where = [f"--world_info={info}", "--node_rank=1", "--master_addr=n0", "--master_port=20042"]
     envs = {}
-    for name, cmd in (("deepspeed", ["-m", "deepspeed.launcher.launch", *where, "--no_local_rank", str(script)]),
-                      ("ours", ["-m", "launch.node", *where, "--", sys.executable, "-u", str(script)])):
+    for name, cmd in (("deepspeed", [sys.executable, "-u", "-m", "deepspeed.launcher.launch", *where,
+                                     "--no_local_rank", str(script)]),
+                      ("ours", node.command(world, 1, "n0", 20042, [sys.executable, "-u", str(script)]))):
         out = tmp_path / name
         out.mkdir()
-        proc = subprocess.run([sys.executable, "-u", *cmd, str(out)], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
-                                                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        # `import deepspeed` sets PYTORCH_NVML_BASED_CUDA_CHECK in its process, so DeepSpeed's launcher
+        # hands it on; our ranks set it when they import deepspeed. Both get it here, whether or not this
+        # test process has imported deepspeed yet (the comparison must not depend on test order).
+        proc = subprocess.run([*cmd, str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
+                                   "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+                                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         assert proc.returncode == 0, proc.stderr[-3000:]
         envs[name] = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert sorted(envs["ours"]) == sorted(envs["deepspeed"]) == ["2", "3"]
@@ -83,20 +89,27 @@ import os, signal, sys, time
 from pathlib import Path
 out = Path(sys.argv[1])
 if os.environ["RANK"] == "1":
+    while not (out / "ready").exists():  # fail only once rank 0 can tell it was stopped
+        time.sleep(0.01)
     sys.exit(3)
 signal.signal(signal.SIGTERM, lambda *a: ((out / "terminated").write_text("yes"), sys.exit(143)))
+(out / "ready").write_text("")
 time.sleep(60)
 """
 
 
 def test_the_node_launcher_stops_the_other_ranks_when_one_fails_and_passes_its_status_on(tmp_path):
-    """Rank 1 exits with 3 at once; rank 0 would sleep for a minute: it gets SIGTERM, and the launcher
-    exits with 3 as soon as rank 0 has gone (no polling interval)."""
+    """Rank 1 exits with 3 once rank 0 is ready; rank 0 would sleep for a minute: it gets SIGTERM, and the
+    launcher exits with 3 as soon as rank 0 has gone (no polling interval). The launcher runs as its own
+    process, as in a job: in this one it would reap the test process's other children and take its signals."""
     script = tmp_path / "fail.py"
     script.write_text(RANK_FAILS)
     t0 = time.perf_counter()
-    rc = node.run({"localhost": [0, 1]}, 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
-    assert rc == 3 and (tmp_path / "terminated").read_text() == "yes"
+    cmd = node.command({"localhost": [0, 1]}, 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert (tmp_path / "terminated").read_text() == "yes"
     assert time.perf_counter() - t0 < 30
 
 
