@@ -78,17 +78,18 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 
 
 def run(world: dict[str, list[int]], node_rank: int, master_addr: str, master_port: int, cmd: list[str]) -> int:
-    local_ranks = range(len(world[list(world)[node_rank]]))  # one rank per device of this node
-    procs = [subprocess.Popen(cmd, env=rank_env(os.environ, world, node_rank, r, master_addr, master_port))
-             for r in local_ranks]
+    running: dict[int, subprocess.Popen] = {}  # pid -> rank not yet reaped
 
     def on_signal(signum, frame):
-        _stop_all(procs)
+        _stop_all(list(running.values()))  # not the reaped ones: their pids may belong to others by now
         sys.exit(1)
 
+    # Before the first rank starts: a signal while they start still reaches every rank started so far.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    running = {p.pid: p for p in procs}
+    for r in range(len(world[list(world)[node_rank]])):  # one rank per device of this node
+        p = subprocess.Popen(cmd, env=rank_env(os.environ, world, node_rank, r, master_addr, master_port))
+        running[p.pid] = p
     while running:
         pid, status = os.wait()  # the first rank to end, as soon as it ends
         if running.pop(pid, None) is None:

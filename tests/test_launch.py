@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -110,6 +111,35 @@ def test_the_node_launcher_stops_the_other_ranks_when_one_fails_and_passes_its_s
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert (tmp_path / "terminated").read_text() == "yes"
+    assert time.perf_counter() - t0 < 30
+
+
+RANKS_WAIT = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *a: ((out / f"terminated{os.environ['RANK']}").write_text(""), sys.exit(143)))
+(out / f"ready{os.environ['RANK']}").write_text("")
+time.sleep(60)
+"""
+
+
+def test_sigterm_to_the_node_launcher_stops_every_rank_and_exits_1(tmp_path):
+    """What Slurm or a user's kill does to the launcher reaches both ranks (each one's handler runs),
+    and the launcher exits with 1 once they have gone, not after the ranks' minute of sleep."""
+    script = tmp_path / "wait.py"
+    script.write_text(RANKS_WAIT)
+    cmd = node.command({"localhost": [0, 1]}, 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    deadline = time.time() + 60
+    while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)) and time.time() < deadline:
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-3000:]
+    assert all((tmp_path / f"terminated{r}").exists() for r in (0, 1))
     assert time.perf_counter() - t0 < 30
 
 
