@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from launch.multiproc import (
     node_launch_command,
     usage_error_report,
 )
-from tests.trainutil import run_train
+from tests.trainutil import env, run_train
 
 
 def test_launch_commands_one_node_per_node_and_over_ssh():
@@ -70,9 +69,7 @@ def test_the_node_launcher_gives_each_rank_deepspeeds_environment(tmp_path):
         # hands it on; our ranks set it when they import deepspeed. Both get it here, whether or not this
         # test process has imported deepspeed yet (the comparison must not depend on test order).
         proc = subprocess.run([*cmd, str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
-                                   "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
-                                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                              env=env(DS_ACCELERATOR="cpu", PYTORCH_NVML_BASED_CUDA_CHECK="1"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         envs[name] = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert sorted(envs["ours"]) == sorted(envs["deepspeed"]) == ["2", "3"]
@@ -85,53 +82,44 @@ def test_the_node_launcher_gives_each_rank_deepspeeds_environment(tmp_path):
         "CUDA_VISIBLE_DEVICES": "2,3"}
 
 
-RANK_FAILS = """
+# Each rank: a SIGTERM handler that leaves terminated<RANK>, then ready<RANK>, then a minute's sleep. The rank
+# named in argv[2], if any, instead exits with 3 once every other rank is ready (so each can tell it was stopped).
+RANKS = """
 import os, signal, sys, time
 from pathlib import Path
-out = Path(sys.argv[1])
-if os.environ["RANK"] == "1":
-    while not (out / "ready").exists():  # fail only once rank 0 can tell it was stopped
+out, rank, world = Path(sys.argv[1]), os.environ["RANK"], int(os.environ["WORLD_SIZE"])
+if sys.argv[2:] == [rank]:
+    while not all((out / f"ready{r}").exists() for r in range(world) if str(r) != rank):
         time.sleep(0.01)
     sys.exit(3)
-signal.signal(signal.SIGTERM, lambda *a: ((out / "terminated").write_text("yes"), sys.exit(143)))
-(out / "ready").write_text("")
+signal.signal(signal.SIGTERM, lambda *a: ((out / f"terminated{rank}").write_text(""), sys.exit(143)))
+(out / f"ready{rank}").write_text("")
 time.sleep(60)
 """
+
+
+def _two_ranks(tmp_path: Path, *failing: str) -> list[str]:
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    return node.command({"localhost": [0, 1]}, 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path), *failing])
 
 
 def test_the_node_launcher_stops_the_other_ranks_when_one_fails_and_passes_its_status_on(tmp_path):
     """Rank 1 exits with 3 once rank 0 is ready; rank 0 would sleep for a minute: it gets SIGTERM, and the
     launcher exits with 3 as soon as rank 0 has gone (no polling interval). The launcher runs as its own
     process, as in a job: in this one it would reap the test process's other children and take its signals."""
-    script = tmp_path / "fail.py"
-    script.write_text(RANK_FAILS)
     t0 = time.perf_counter()
-    cmd = node.command({"localhost": [0, 1]}, 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc = subprocess.run(_two_ranks(tmp_path, "1"), capture_output=True, text=True, timeout=120, env=env())
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert (tmp_path / "terminated").read_text() == "yes"
+    assert (tmp_path / "terminated0").exists() and not (tmp_path / "terminated1").exists()
     assert time.perf_counter() - t0 < 30
-
-
-RANKS_WAIT = """
-import os, signal, sys, time
-from pathlib import Path
-out = Path(sys.argv[1])
-signal.signal(signal.SIGTERM, lambda *a: ((out / f"terminated{os.environ['RANK']}").write_text(""), sys.exit(143)))
-(out / f"ready{os.environ['RANK']}").write_text("")
-time.sleep(60)
-"""
 
 
 def test_sigterm_to_the_node_launcher_stops_every_rank_and_exits_1(tmp_path):
     """What Slurm or a user's kill does to the launcher reaches both ranks (each one's handler runs),
     and the launcher exits with 1 once they have gone, not after the ranks' minute of sleep."""
-    script = tmp_path / "wait.py"
-    script.write_text(RANKS_WAIT)
-    cmd = node.command({"localhost": [0, 1]}, 0, "127.0.0.1", 1, [sys.executable, str(script), str(tmp_path)])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc = subprocess.Popen(_two_ranks(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env())
     deadline = time.time() + 60
     while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)) and time.time() < deadline:
         time.sleep(0.02)
