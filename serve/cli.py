@@ -99,12 +99,29 @@ def listening_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
-def serve_http(app, sock: socket.socket) -> None:
+def http_stack() -> dict[str, str]:
+    """uvicorn's HTTP parser and event loop: httptools and uvloop, the C implementations of `uvicorn[standard]`
+    (requirements.txt pins both; they took the tokens/s of 16 streaming clients from 4.3x to 5.1x one at a
+    time on 2 cores, bench/results/serve-cpu.md), or h11 and asyncio, pure Python, where they are not
+    installed, which `http_stack_note` says once."""
+    import importlib.util
+
+    fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
+    return {"http": "httptools", "loop": "uvloop"} if fast else {"http": "h11", "loop": "asyncio"}
+
+
+def http_stack_note(stack: dict[str, str]) -> None:
+    if stack["http"] == "h11":
+        print("serve: httptools and uvloop are not installed: serving with h11 and asyncio (pure Python, slower "
+              "per streamed token); `pip install httptools uvloop` for the C ones", file=sys.stderr, flush=True)
+
+
+def serve_http(app, sock: socket.socket, stack: dict[str, str]) -> None:
     """uvicorn on the bound socket; graceful shutdown on SIGINT/SIGTERM as uvicorn.run. access_log off:
     every request already gets one JSON line from the app."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **stack)).run(sockets=[sock])
 
 
 def main(argv=None) -> int:
@@ -191,10 +208,12 @@ def main(argv=None) -> int:
         tp_info = {"size": args.tp, "device": str(ranks.device), "threads_per_rank": ranks.threads,
                    "parameter_bytes_per_rank": ranks.parameter_bytes}
     app = build_app(run, scheduler, metrics)
+    stack = http_stack()
+    http_stack_note(stack)
     print(json.dumps({"event": "loaded", "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
                       "models": list(run.models), "quantized": quantized, "tp": tp_info,
                       "prefill_chunk": args.prefill_chunk, "prefix_cache": not args.no_prefix_cache,
-                      "url": f"http://{args.host}:{args.port}/v1"}), file=sys.stderr,
+                      **stack, "url": f"http://{args.host}:{args.port}/v1"}), file=sys.stderr,
           flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and raises the signal
     # again; with these no-op handlers in place that second delivery does nothing and a clean shutdown
@@ -205,7 +224,7 @@ def main(argv=None) -> int:
         if ranks is not None:
             from .tp import RankLost
             ranks.watch(on_lost=lambda why: scheduler.fail_all(RankLost(why)))
-        serve_http(app, args.listen)
+        serve_http(app, args.listen, stack)
     finally:
         if ranks is not None:
             ranks.stop()  # every other rank exits (after the requests in flight, which uvicorn waited for)
@@ -302,14 +321,16 @@ def run_router(args: argparse.Namespace, workers, models: list | None = None, st
     try:
         router = Router(workers.urls, args.policy, slack=args.cache_slack, block=args.prefix_block, models=models)
         app = build_router_app(router, workers)
+        stack = http_stack()
+        http_stack_note(stack)
         print(json.dumps({"event": "router", "run": args.run, "replicas": workers.urls, "policy": args.policy,
                           "slack": args.cache_slack, "engine": args.engine,
                           "models": [sorted(m) for m in models] if models else None,
-                          "url": f"http://{args.host}:{args.port}/v1"}),
+                          **stack, "url": f"http://{args.host}:{args.port}/v1"}),
               file=sys.stderr, flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):  # as in main(): uvicorn's graceful shutdown, then exit 0
             signal.signal(sig, lambda *_: None)
-        serve_http(app, args.listen)
+        serve_http(app, args.listen, stack)
     finally:
         workers.stop()  # after uvicorn's shutdown this finds them stopped already
     print(json.dumps({"event": "stopped", "run": args.run, "replicas": len(workers.urls)}), file=sys.stderr,

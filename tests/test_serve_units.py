@@ -192,3 +192,22 @@ def test_a_busy_port_is_one_line_and_exit_2_before_the_run_loads(tmp_path):
         assert args.port == sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+def test_the_http_stack_is_httptools_and_uvloop_and_their_absence_is_said(monkeypatch, capsys):
+    """uvicorn gets the C parser and loop when they are installed (requirements.txt pins both), else h11 and
+    asyncio with one line on stderr that says so and how to get them."""
+    import importlib.util
+
+    from serve.cli import http_stack, http_stack_note
+
+    assert http_stack() == {"http": "httptools", "loop": "uvloop"}
+    http_stack_note(http_stack())
+    assert capsys.readouterr().err == ""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    stack = http_stack()
+    assert stack == {"http": "h11", "loop": "asyncio"}
+    http_stack_note(stack)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "uvloop are not installed" in err and "pip install httptools uvloop" in err
