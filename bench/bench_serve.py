@@ -36,8 +36,10 @@ other rows decode: the gaps between consecutive tokens of a request (what a runn
 whole prefills against at most --prefill-chunk prompt tokens per step (`DecodeEngine.stream(prefill_chunk=)`);
 then served: the two servers of the first part (with --no-prefix-cache), a mix of those short prompts and the
 trace's long ones arriving Poisson at 24 req/s: TPOT, the gaps between text chunks, the long prompts' TTFT.
+Detokenisation (--parts text): serve.text.ChoiceText alone on the run's tokenizer, fed a completion token by
+token at several lengths: microseconds per token, against decoding the whole completion after every token.
 
-    python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix,chunked] [--rounds 3] [--threads 1]
+    python bench/bench_serve.py [--run runs/gpt-tiny] [--parts basic,load,router,prefix,chunked,text] [--rounds 3] [--threads 1]
                                 [--max-tokens 128] [--rates 4,16,64] [--pairs 8] [--router-requests 240]
                                 [--out bench/results/serve-cpu.md]
 Each part replaces its own section of the results file and its own key of the .json beside it.
@@ -236,7 +238,8 @@ LOAD = ("<!-- bench-serve: load -->", "<!-- /bench-serve: load -->")
 ROUTER = ("<!-- bench-serve: router -->", "<!-- /bench-serve: router -->")
 PREFIX = ("<!-- bench-serve: prefix -->", "<!-- /bench-serve: prefix -->")
 CHUNKED = ("<!-- bench-serve: chunked -->", "<!-- /bench-serve: chunked -->")
-PARTS = ("basic", "load", "router", "prefix", "chunked")
+TEXT = ("<!-- bench-serve: text -->", "<!-- /bench-serve: text -->")
+PARTS = ("basic", "load", "router", "prefix", "chunked", "text")
 
 
 def main(argv=None) -> int:
@@ -304,6 +307,11 @@ def main(argv=None) -> int:
         stored["chunked"] = report
         js.write_text(dump_json(stored))
         write_marked_section(out, f"{CHUNKED[0]}\n{chunked_markdown(report, js.name)}{CHUNKED[1]}\n", *CHUNKED)
+    if "text" in parts:
+        report = text_test(run, command)
+        stored["text"] = report
+        js.write_text(dump_json(stored))
+        write_marked_section(out, f"{TEXT[0]}\n{text_markdown(report, js.name)}{TEXT[1]}\n", *TEXT)
     print(out.read_text())
     return 0
 
@@ -1041,6 +1049,54 @@ def prefix_markdown(r: dict, json_name: str) -> str:
         f"- where nothing is shared (the first part's 16 ragged prompts, continuously batched in the engine to "
         f"{r['unshared']['tokens']:,} tokens, median of 4): {r['unshared']['off_s'] * 1000:.0f} ms with the cache off, "
         f"{r['unshared']['on_s'] * 1000:.0f} ms on (**{r['unshared']['on_s'] / r['unshared']['off_s']:.2f}x**)", ""])
+
+
+TEXT_LENGTHS = (256, 1024, 4096)
+
+
+def text_test(run: Path, command: str, repeats: int = 3) -> dict:
+    """Detokenisation alone (see the module docstring): the best of `repeats` passes per length. The text is
+    this repository's model/*.py, encoded with the run's tokenizer (a completion's tokens, as the engine would
+    emit them); the choice has a stop string that never occurs, so it is searched for and held back as usual."""
+    from tokenizers import Tokenizer
+
+    from serve.text import ChoiceText
+
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    ids = tok.encode("".join(p.read_text() for p in sorted((ROOT / "model").glob("*.py")))).ids
+    rows = []
+    for n in TEXT_LENGTHS:
+        x = ids[:n]
+        incremental = whole = float("inf")
+        for _ in range(repeats):
+            c = ChoiceText(tok, stop=["\x00never\x00"])
+            start = time.perf_counter()
+            for i, token in enumerate(x):
+                c.add(token, "length" if i == n - 1 else None)
+            incremental = min(incremental, time.perf_counter() - start)
+            assert c.text == tok.decode(x)
+            start = time.perf_counter()
+            for i in range(1, n + 1):
+                tok.decode(x[:i])
+            whole = min(whole, time.perf_counter() - start)
+        rows.append({"tokens": n, "incremental_us_per_token": incremental / n * 1e6,
+                     "whole_decoding_us_per_token": whole / n * 1e6, "ratio": whole / incremental})
+    return {"command": command, "machine": f"{cpu_name()}, {platform.system()}, Python {platform.python_version()}",
+            "run": str(run), "lengths": rows}
+
+
+def text_markdown(r: dict, json_name: str) -> str:
+    rows = [f"| {x['tokens']:,} | {x['incremental_us_per_token']:.1f} | {x['whole_decoding_us_per_token']:.1f} | "
+            f"{x['ratio']:.1f}x |" for x in r["lengths"]]
+    return "\n".join([
+        "# Detokenisation: a streamed choice's text, token by token", "",
+        f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts text\"`)  ",
+        f"Machine: {r['machine']}. Run `{r['run']}`'s tokenizer; the completion is model/*.py's text, fed one token "
+        f"at a time to `serve.text.ChoiceText` (with a stop string that never occurs), best of 3 passes. Raw "
+        f"figures: {json_name} (`text`).", "",
+        "| completion tokens | ChoiceText us per token (incremental window) | decoding the whole completion per token, "
+        "us per token | ratio |",
+        "|---:|---:|---:|---:|", *rows, ""])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,20 @@
 """One choice's generated tokens -> its text, as deltas while it streams, cut at the first stop string.
 
-Detokenisation is incremental: after each token the whole completion is decoded again (completions are
-at most a context long), and the new text is what lies past what was already sent. Two things are held
-back until the next token decides them: a trailing U+FFFD (a multi-byte character whose remaining bytes
-are in the next tokens of a byte-level BPE) and a tail that could be the beginning of a stop string. So the
-concatenated deltas of a stream equal the text of the same request without streaming.
+Detokenisation is incremental, over a window of a few tokens (as vLLM's `detokenize_incrementally`): each
+token, the tokens since the last commit are decoded together with those of the commit before, and the text
+past that context's own decoding is what the new tokens add. It is committed (the window moves on) once it
+does not end in U+FFFD (a multi-byte character whose remaining bytes are in the next tokens of a byte-level
+BPE). Decoding from a token where committed text ended on a whole character, with the same context on both
+sides, gives what decoding the whole completion gives there, for byte-level BPE and for decoders that treat
+a text's first token specially (a SentencePiece leading space) alike. So a token costs the decoding of a few
+tokens however long the completion: decoding all of it again per token, as before, cost 0.42 ms at 4,096
+tokens, quadratic over a stream (bench/results/serve-cpu.md, `--parts text`). Stop strings are searched for
+only where a new occurrence can be: in the new text and the `longest stop - 1` characters before it.
+
+Two things are held back until the next token decides them: a trailing U+FFFD and a tail that could be the
+beginning of a stop string. So the concatenated deltas of a stream equal the text of the same request
+without streaming, and both are the whole completion's decoding cut at its first stop string, ending on the
+same token (tests/test_serve_units.py checks this against decoding the whole completion after every token).
 
 A stop string ends the choice where it begins (the stop string itself is not returned, as in OpenAI's
 API); the scheduler is then told to release the row. Tokens generated after the one that completed the
@@ -23,9 +33,14 @@ class ChoiceText:
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        self._longest_stop = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.sent = ""  # the text handed out so far
         self.finish_reason: str | None = None
+        self._text = ""  # the committed text: the decoding of ids[:_read], ending on a whole character
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the context the next tokens are decoded with
+        self._prefix_text = ""  # its decoding
+        self._searched = 0  # the length of the text searched for stop strings, up to a trailing U+FFFD
 
     @property
     def text(self) -> str:
@@ -38,10 +53,18 @@ class ChoiceText:
         if self.finish_reason is not None:
             raise RuntimeError("a token after the choice finished")
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)  # special tokens (<|endoftext|>) are skipped
-        if not full.startswith(self.sent):
-            raise RuntimeError(f"the tokenizer's decode is not incremental: {self.sent!r} then {full!r}")
-        cut = self._first_stop(full)
+        window = self.tokenizer.decode(self.ids[self._prefix:])  # special tokens (<|endoftext|>) are skipped
+        if not window.startswith(self._prefix_text):
+            raise RuntimeError(f"the tokenizer's decode is not incremental: {self._prefix_text!r} then {window!r}")
+        pending = window[len(self._prefix_text):]
+        full = self._text + pending  # the whole completion's decoding
+        # The last token commits whatever is left, a U+FFFD at the end included (as the whole decoding has it).
+        if engine_finish is not None or (pending and not pending.endswith(REPLACEMENT)):
+            self._text = full
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        cut = self._first_stop(full, max(0, self._searched - self._longest_stop + 1))
+        self._searched = len(full.rstrip(REPLACEMENT))  # what later tokens cannot change
         if cut is not None:
             full, self.finish_reason = full[:cut], "stop"
         elif engine_finish is not None:
@@ -52,18 +75,19 @@ class ChoiceText:
         self.sent = full if len(full) > len(self.sent) else self.sent
         return delta
 
-    def _first_stop(self, full: str) -> int | None:
-        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+    def _first_stop(self, full: str, start: int) -> int | None:
+        """Where the first stop string in `full` begins; none begins before `start` (that text was searched)."""
+        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
     def _held_back(self, full: str) -> int:
-        """Characters at the end of `full` not to send yet."""
+        """Characters at the end of `full` not to send yet: trailing U+FFFD (a character not complete yet, or
+        a stray byte the next tokens will show) and, before it, the longest tail that is the beginning of a
+        stop string."""
         n = len(full) - len(full.rstrip(REPLACEMENT))
         rest = full[:len(full) - n]
-        longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(rest)), longest, -1):
-                if rest.endswith(s[:k]):
-                    longest = k
-                    break
-        return n + longest
+        for k in range(min(self._longest_stop - 1, len(rest)), 0, -1):
+            tail = rest[len(rest) - k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n + k
+        return n

@@ -50,6 +50,96 @@ def test_eos_from_the_engine_finishes_with_stop():
         c.add(ord("z"), None)
 
 
+def _whole_decoding_reference(tokenizer, ids, stop):
+    """What a choice's text must be, from decoding the whole completion after every token (the slow way):
+    (text, finish reason, tokens taken). The choice ends at the first token whose decoding contains a stop
+    string, cut where that begins, or at the last token ("length")."""
+    for t in range(1, len(ids) + 1):
+        full = tokenizer.decode(ids[:t])
+        hits = [i for i in (full.find(s) for s in stop) if i >= 0]
+        if hits:
+            return full[:min(hits)], "stop", t
+    return tokenizer.decode(ids), "length", len(ids)
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style decoder: "\u2581" is a space, and a text's first token loses its leading one
+    (so a suffix of the tokens does not decode to a suffix of the text on its own)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    pieces = ["\u2581a", "b", "\u2581cd", "\u2581", "e\u2581", "\u00e9", "\u2581\u20ac", "<s>"]
+    tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<s>"))
+    tok.decoder = decoders.Metaspace()
+    tok.add_special_tokens(["<s>"])  # skipped when decoding, as <|endoftext|> is
+    return tok, len(pieces)
+
+
+def _byte_level_bpe():
+    """A byte-level BPE as the project trains them, on text with multi-byte characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["caf\u00e9 na\u00efve \u20ac5 \u65e5\u672c\u8a9e \U0001f600 END end" * 3, "def f(x):\n    return x"]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok, tok.get_vocab_size()
+
+
+@pytest.mark.parametrize("kind", ["bytes", "byte-level BPE", "metaspace"])
+def test_incremental_text_equals_the_whole_decoding_token_by_token(kind):
+    """Random completions (random ids: split and invalid UTF-8, special tokens, first-token spaces) and random
+    stop strings: the streamed deltas, the final text, the finish reason and the token the choice ends on
+    are those of decoding the whole completion after every token."""
+    import random
+
+    rng = random.Random(0)
+    if kind == "bytes":
+        tok, vocab = ByteTokenizer(), 256
+    elif kind == "byte-level BPE":
+        tok, vocab = _byte_level_bpe()
+    else:
+        tok, vocab = _metaspace_tokenizer()
+    stopped = 0
+    for trial in range(300):
+        n = rng.randint(1, 60)
+        if kind == "bytes":  # mostly valid text with multi-byte characters, sometimes raw bytes
+            text = "".join(rng.choice("ab \u00e9\u20ac\U0001f600END") for _ in range(n)).encode()
+            ids = list(text) if trial % 4 else [rng.randrange(256) for _ in range(n)]
+        else:
+            ids = [rng.randrange(vocab) for _ in range(n)]
+        whole = tok.decode(ids)
+        stop = [whole[i:i + rng.randint(1, 4)] for i in sorted(rng.sample(range(len(whole)), min(2, len(whole))))]
+        stop = [s for s in stop if "\ufffd" not in s and s.strip()] if trial % 3 else []
+        want_text, want_reason, want_tokens = _whole_decoding_reference(tok, ids, stop)
+        c = ChoiceText(tok, stop)
+        deltas = []
+        for t, token in enumerate(ids):
+            deltas.append(c.add(token, "length" if t == len(ids) - 1 else None))
+            if c.finish_reason:
+                break
+        assert (c.text, "".join(deltas), c.finish_reason, len(c.ids)) == (want_text, want_text, want_reason,
+                                                                           want_tokens), (kind, trial, ids, stop)
+        stopped += want_reason == "stop"
+    assert stopped > 50  # the stop strings were found, not only the lengths reached
+
+
+def test_a_token_of_a_long_completion_decodes_only_a_window():
+    """The cost per token does not grow with the completion: the tokenizer sees a few tokens a call."""
+    seen = []
+
+    class Counting(ByteTokenizer):
+        def decode(self, ids):
+            seen.append(len(ids))
+            return super().decode(ids)
+
+    c = ChoiceText(Counting(), stop=["\n\n"])
+    for b in ("x\u00e9\u20ac " * 1000).encode():
+        c.add(b, None)
+    assert len(c.ids) == 7000 and max(seen) <= 8, max(seen)
+
+
 def test_chat_templates():
     msgs = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "2+2?")]
     assert render("gpt2", msgs) == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: 2+2?\n\nAssistant:"
