@@ -278,7 +278,7 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
         reps = [{"replica": r.index, "url": r.url, "pid": procs[r.index].pid if procs else None, "alive": r.alive,
                  "models": sorted(r.models) if r.models is not None else None,
                  "returncode": procs[r.index].poll() if procs else None, "in_flight": r.in_flight,
-                 "routed": r.routed, "prefix_hits": r.prefix_hits, "failed": r.failed, "health": h}
+                 "routed": r.routed, "recent": r.recent, "prefix_hits": r.prefix_hits, "failed": r.failed, "health": h}
                 for r, h in zip(router.replicas, answers)]
         ok = bool(router.live())
         return JSONResponse({"status": "ok" if ok else "unavailable", "policy": router.policy,

@@ -16,7 +16,7 @@ last. After dispatch every block of the request is recorded for the replica it w
 
 The rule (cache_aware):
     live  = the replicas in rotation; least = the one with the fewest requests in flight (ties: the one sent
-            the fewest requests, then the lowest index)
+            the fewest requests lately, then the lowest index)
     under the cap: a replica r with r.in_flight < least.in_flight + slack
     owner = the prefix owner, if it is live
     send to owner  if it is under the cap                                (a prefix hit)
@@ -28,6 +28,12 @@ least-loaded one; beyond that the prefix spills over, first to another replica t
 likely holds it: no cold prefill), else to the least-loaded one, and the replica it spilled to becomes its
 owner. A spill goes only to a replica under the cap, so no replica ever runs more than `slack` requests above
 the least-loaded one on account of prefixes.
+
+"Lately": a count of the replica's dispatches in which each weighs half as much `RECENT_HALF_LIFE` dispatches
+(of any replica) later. Ties in flight are the rule at light load, and every new prefix is placed by them;
+a lifetime count there sent a run of new prefixes to whichever replica had fallen behind over the hours
+before (3 of a trace's 6 new agents at once in bench/bench_serve.py's router part), which then stayed
+busiest for as long as they were active. The decayed count follows the traffic of the prefixes now active.
 
 round_robin: live replicas in turn, whatever their load (the baseline of bench/bench_serve.py). A "prefix
 hit" is counted for both policies the same way: the request had a prefix owner and went to it.
@@ -47,6 +53,7 @@ from dataclasses import dataclass
 __all__ = ["POLICIES", "Choice", "Replica", "Router", "UnknownModel", "prefix_text"]
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
+RECENT_HALF_LIFE = 32  # dispatches: how fast `Replica.recent` forgets (see the module docstring)
 
 
 @dataclass(eq=False)
@@ -56,6 +63,7 @@ class Replica:
     alive: bool = True
     in_flight: int = 0
     routed: int = 0
+    recent: float = 0.0  # dispatches, each weighing half as much RECENT_HALF_LIFE dispatches later
     prefix_hits: int = 0
     failed: int = 0  # requests that got a 503 because this replica failed under them
     models: frozenset[str] | None = None  # the model names it serves (None: all)
@@ -112,6 +120,7 @@ class Router:
         self.policy, self.slack, self.block, self.capacity = policy, slack, block, capacity
         self._holders: OrderedDict[bytes, dict[int, int]] = OrderedDict()  # block -> {replica: last sent}
         self._tick = 0  # dispatches so far: the time in `_holders`
+        self._decay = 0.5 ** (1 / RECENT_HALF_LIFE)  # of every replica's `recent`, per dispatch
         self._turns: dict[str, int] = {}
         self.lookups = 0  # requests with a prefix text
         self.spills = 0  # requests whose owner was over the cap
@@ -154,7 +163,7 @@ class Router:
         blocks = self.blocks(model, text) if text else []
         match = self.matches(blocks, [r for r in live if self.serves(r, model)])
         owner = self.replicas[max(match, key=match.__getitem__)] if match else None
-        least = min(live, key=lambda r: (r.in_flight, r.routed, r.index))
+        least = min(live, key=lambda r: (r.in_flight, r.recent, r.index))
 
         def under_cap(r: Replica) -> bool:  # the one load cap that hits and spills to holders both obey
             return r.in_flight < least.in_flight + self.slack
@@ -198,6 +207,9 @@ class Router:
         r = c.replica
         r.in_flight += 1
         r.routed += 1
+        for x in self.replicas:
+            x.recent *= self._decay
+        r.recent += 1
         if c.blocks:
             self.lookups += 1
         if c.hit:

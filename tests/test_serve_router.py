@@ -136,12 +136,12 @@ def test_routing_rule_units():
     r.done(a)
     r.done(a)
     only_b = r.choose("m", "wxyz")
-    assert only_b.replica is c and not only_b.had_owner  # (least loaded, fewest sent)
+    assert only_b.replica is c and not only_b.had_owner  # (least loaded, fewest sent lately)
     only_b.replica = b  # recorded for b alone
     r.dispatched(only_b)
     r.done(b)
     b.alive = False
-    assert r.choose("m", "wxyz").replica is c  # a dead owner is no owner: the least loaded (fewest sent)
+    assert r.choose("m", "wxyz").replica is c  # a dead owner is no owner: the least loaded (fewest sent lately)
     assert r.choose("m", "abcdefgh").replica is a  # a was sent it too: the live replica with the longest match
     assert r.choose("m", "abcdefghij").replica is a  # (2 of its 3 blocks)
     c.alive = a.alive = False
@@ -154,6 +154,41 @@ def test_routing_rule_units():
         rr.dispatched(ch)
         picks.append(ch.replica.index)
     assert picks == [0, 1, 0, 1]  # whatever the load and the prefix
+
+
+def test_new_prefixes_spread_by_recent_dispatches_not_lifetime_ones():
+    """Replica c was out of rotation for a long while (a and b served 400 requests each) and has been back for
+    the last 192, a third of them its own. Six new prefixes then arrive with nothing in flight: they go 2, 2, 2,
+    where ties broken by lifetime dispatches sent all six to c."""
+    from serve.routing import RECENT_HALF_LIFE
+
+    r = Router(["a", "b", "c"], "cache_aware", slack=2, block=4)
+    a, b, c = r.replicas
+
+    def send(replica, text):
+        ch = r.choose("m", text)
+        ch.replica = replica
+        r.dispatched(ch)
+        r.done(replica)
+
+    for i in range(400):
+        send(a, f"old a {i}")
+        send(b, f"old b {i}")
+    for i in range(64):
+        for x in (a, b, c):
+            send(x, f"recent {x.url} {i}")
+    assert (a.routed, c.routed) == (464, 64)
+    # 1 + d + d^2 + ... over all dispatches (d = 2^(-1 / half-life)), a third each: the 800 old ones weigh ~0
+    total = 1 / (1 - 0.5 ** (1 / RECENT_HALF_LIFE))
+    assert sum(x.recent for x in r.replicas) == pytest.approx(total, rel=1e-3)
+    assert all(x.recent == pytest.approx(total / 3, rel=0.05) for x in r.replicas)
+    picks = []
+    for agent in range(6):
+        ch = r.choose("m", f"{agent}th agent, a system prompt of its own")
+        r.dispatched(ch)
+        r.done(ch.replica)
+        picks.append(ch.replica.url)
+    assert sorted(picks) == ["a", "a", "b", "b", "c", "c"], picks
 
 
 def test_a_spill_goes_to_another_replica_holding_the_prefix_under_the_cap():
@@ -244,8 +279,8 @@ def test_least_loaded_dispatch(router, reference):
     model, tok = reference
     eos = tok.token_to_id("<|endoftext|>")
     h = state(router)
-    # The next request without a prefix owner goes to the least loaded: both idle, so the one sent fewer.
-    first = min(h["replicas"], key=lambda r: (r["in_flight"], r["routed"], r["replica"]))["replica"]
+    # The next request without a prefix owner goes to the least loaded: both idle, so the one sent fewer lately.
+    first = min(h["replicas"], key=lambda r: (r["in_flight"], r["recent"], r["replica"]))["replica"]
     before = routed(router)
     with paused(h["replicas"][first]["pid"]):
         held = Held(router, "while True:\n", stream=True)
