@@ -1082,7 +1082,7 @@ def text_test(run: Path, command: str, repeats: int = 3) -> dict:
         rows.append({"tokens": n, "incremental_us_per_token": incremental / n * 1e6,
                      "whole_decoding_us_per_token": whole / n * 1e6, "ratio": whole / incremental})
     return {"command": command, "machine": f"{cpu_name()}, {platform.system()}, Python {platform.python_version()}",
-            "run": str(run), "lengths": rows}
+            "run": str(run), "repeats": repeats, "lengths": rows}
 
 
 def text_markdown(r: dict, json_name: str) -> str:
@@ -1092,7 +1092,7 @@ def text_markdown(r: dict, json_name: str) -> str:
         "# Detokenisation: a streamed choice's text, token by token", "",
         f"Command: `{r['command']}` (`make bench-serve ARGS=\"--parts text\"`)  ",
         f"Machine: {r['machine']}. Run `{r['run']}`'s tokenizer; the completion is model/*.py's text, fed one token "
-        f"at a time to `serve.text.ChoiceText` (with a stop string that never occurs), best of 3 passes. Raw "
+        f"at a time to `serve.text.ChoiceText` (with a stop string that never occurs), best of {r['repeats']} passes. Raw "
         f"figures: {json_name} (`text`).", "",
         "| completion tokens | ChoiceText us per token (incremental window) | decoding the whole completion per token, "
         "us per token | ratio |",

@@ -7,7 +7,7 @@ does not end in U+FFFD (a multi-byte character whose remaining bytes are in the 
 BPE). Decoding from a token where committed text ended on a whole character, with the same context on both
 sides, gives what decoding the whole completion gives there, for byte-level BPE and for decoders that treat
 a text's first token specially (a SentencePiece leading space) alike. So a token costs the decoding of a few
-tokens however long the completion: decoding all of it again per token, as before, cost 0.42 ms at 4,096
+tokens however long the completion: decoding all of it again per token, as before, cost 0.2 ms at 4,096
 tokens, quadratic over a stream (bench/results/serve-cpu.md, `--parts text`). Stop strings are searched for
 only where a new occurrence can be: in the new text and the `longest stop - 1` characters before it.
 

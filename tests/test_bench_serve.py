@@ -218,4 +218,4 @@ def test_text_part_times_the_choice_against_whole_decodings(tmp_path, monkeypatc
     for x in r["lengths"]:
         assert x["ratio"] == pytest.approx(x["whole_decoding_us_per_token"] / x["incremental_us_per_token"])
     text = bs.text_markdown(r, "serve.json")
-    assert "Command: `python bench/bench_serve.py --parts text`" in text and "| 64 |" in text
+    assert "Command: `python bench/bench_serve.py --parts text`" in text and "| 64 |" in text and "best of 1 passes" in text
