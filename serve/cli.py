@@ -58,13 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the router's rule (serve.routing; default cache_aware)")
     p.add_argument("--cache-slack", type=int, default=None,
                    help="cache_aware: a prefix stays on its replica while that replica has fewer than this many "
-                        "requests in flight more than the least-loaded one (default 2)")
+                        "requests in flight more than the least-loaded one (default 4)")
     p.add_argument("--prefix-block", type=int, default=None,
                    help="characters per prefix block of the router (default 32)")
     return p.parse_args(argv)
 
 
-ROUTER_DEFAULTS = {"policy": "cache_aware", "cache_slack": 2, "prefix_block": 32}
+ROUTER_DEFAULTS = {"policy": "cache_aware", "cache_slack": 4, "prefix_block": 32}  # slack: docs/serving.md
 
 
 def quantize(run) -> dict:

@@ -106,7 +106,7 @@ def prefix_text(body) -> str:
 
 
 class Router:
-    def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = 2, block: int = 32,
+    def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = 4, block: int = 32,
                  capacity: int = 100_000, models: list | None = None):
         """`models`: per replica, the model names it serves (None, or a None entry: every model)."""
         if policy not in POLICIES:
