@@ -101,19 +101,28 @@ def listening_socket(args: argparse.Namespace) -> socket.socket:
 
 def http_stack() -> dict[str, str]:
     """uvicorn's HTTP parser and event loop: httptools and uvloop, the C implementations of `uvicorn[standard]`
-    (requirements.txt pins both; they took the tokens/s of 16 streaming clients from 4.3x to 5.1x one at a
-    time on 2 cores, bench/results/serve-cpu.md), or h11 and asyncio, pure Python, where they are not
-    installed, which `http_stack_note` says once."""
-    import importlib.util
+    (requirements.txt pins both; they took the tokens/s of 16 streaming clients from 4.29x to 5.08x one at a
+    time on 2 cores, bench/results/serve-cpu-http-h11.md against serve-cpu-http-httptools.md), each replaced
+    by its pure-Python counterpart (h11, asyncio) where it cannot be imported, which `http_stack_note` says."""
+    import importlib
 
-    fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
-    return {"http": "httptools", "loop": "uvloop"} if fast else {"http": "h11", "loop": "asyncio"}
+    def importable(name: str) -> bool:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return False
+        return True
+
+    return {"http": "httptools" if importable("httptools") else "h11",
+            "loop": "uvloop" if importable("uvloop") else "asyncio"}
 
 
 def http_stack_note(stack: dict[str, str]) -> None:
-    if stack["http"] == "h11":
-        print("serve: httptools and uvloop are not installed: serving with h11 and asyncio (pure Python, slower "
-              "per streamed token); `pip install httptools uvloop` for the C ones", file=sys.stderr, flush=True)
+    missing = [c for c, used in (("httptools", stack["http"]), ("uvloop", stack["loop"])) if used != c]
+    if missing:
+        print(f"serve: {' and '.join(missing)} cannot be imported: serving with {stack['http']} and {stack['loop']} "
+              f"(the pure-Python ones are slower per streamed token); `pip install {' '.join(missing)}` for the C ones",
+              file=sys.stderr, flush=True)
 
 
 def serve_http(app, sock: socket.socket, stack: dict[str, str]) -> None:

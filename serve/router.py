@@ -202,7 +202,7 @@ def build_router_app(router: Router, workers: Workers | None = None) -> Starlett
                 elif not r.alive and procs and rc is None:  # refused a connection; back once healthy
                     with suppress(httpx.HTTPError):
                         if (await client.get(r.url + "/health", timeout=1)).status_code == 200:
-                            r.alive = True
+                            router.back_in_rotation(r)
                             _log(event="replica_up", replica=r.index)
             await asyncio.sleep(0.2)
 

@@ -33,7 +33,8 @@ the least-loaded one on account of prefixes.
 (of any replica) later. Ties in flight are the rule at light load, and every new prefix is placed by them;
 a lifetime count there sent a run of new prefixes to whichever replica had fallen behind over the hours
 before (3 of a trace's 6 new agents at once in bench/bench_serve.py's router part), which then stayed
-busiest for as long as they were active. The decayed count follows the traffic of the prefixes now active.
+busiest for as long as they were active. The decayed count follows the traffic of the prefixes now active. A
+replica back in rotation (`back_in_rotation`) starts from the live replicas' mean count, not from ~0.
 
 round_robin: live replicas in turn, whatever their load (the baseline of bench/bench_serve.py). A "prefix
 hit" is counted for both policies the same way: the request had a prefix owner and went to it.
@@ -128,6 +129,14 @@ class Router:
 
     def live(self) -> list[Replica]:
         return [r for r in self.replicas if r.alive]
+
+    def back_in_rotation(self, r: Replica) -> None:
+        """`r`, out of rotation, answers again. Its recent count becomes the mean of the live replicas': it got
+        no dispatches while out, and a count near 0 would win every tie until it caught up (the pile-up of new
+        prefixes that recent counts exist to prevent)."""
+        live = [x for x in self.live() if x is not r]
+        r.recent = sum(x.recent for x in live) / len(live) if live else 0.0
+        r.alive = True
 
     def model_sets(self) -> bool:
         """Whether the replicas serve models of their own (else each serves every model)."""

@@ -7,8 +7,10 @@ does not end in U+FFFD (a multi-byte character whose remaining bytes are in the 
 BPE). Decoding from a token where committed text ended on a whole character, with the same context on both
 sides, gives what decoding the whole completion gives there, for byte-level BPE and for decoders that treat
 a text's first token specially (a SentencePiece leading space) alike. So a token costs the decoding of a few
-tokens however long the completion: decoding all of it again per token, as before, cost 0.2 ms at 4,096
-tokens, quadratic over a stream (bench/results/serve-cpu.md, `--parts text`). Stop strings are searched for
+tokens however long the completion (decoding all of it again per token, as before, cost 0.2 ms per token on
+average over a 4,096-token stream, quadratic in its length; bench/results/serve-cpu.md, `--parts text`). The
+exception is a run of tokens whose text keeps ending in U+FFFD (stray bytes, or U+FFFD itself): the window
+grows over it, as the whole decoding did. Stop strings are searched for
 only where a new occurrence can be: in the new text and the `longest stop - 1` characters before it.
 
 Two things are held back until the next token decides them: a trailing U+FFFD and a tail that could be the

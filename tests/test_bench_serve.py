@@ -205,13 +205,9 @@ def test_json_puts_lists_of_numbers_on_one_line():
 def test_text_part_times_the_choice_against_whole_decodings(tmp_path, monkeypatch):
     """`--parts text` on a small byte-level BPE saved as a run's tokenizer: one row per length, its ratio the
     two timings', the completion's text checked inside; the markdown names the command and the lengths."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tests.trainutil import byte_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(["def f(x):\n    return x  # caf\u00e9 \u20ac"], trainers.BpeTrainer(
-        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    byte_bpe_tokenizer("def f(x):\n    return x  # caf\u00e9 \u20ac").save(str(tmp_path / "tokenizer.json"))
     monkeypatch.setattr(bs, "TEXT_LENGTHS", (16, 64))
     r = bs.text_test(tmp_path, "python bench/bench_serve.py --parts text", repeats=1)
     assert [x["tokens"] for x in r["lengths"]] == [16, 64]

@@ -171,6 +171,15 @@ def test_new_prefixes_spread_by_recent_dispatches_not_lifetime_ones():
         r.dispatched(ch)
         r.done(replica)
 
+    def new_agents(name):  # six prefixes no replica was sent, one request each, nothing left in flight
+        picks = []
+        for agent in range(6):
+            ch = r.choose("m", f"{agent}th {name}, a system prompt of its own")
+            r.dispatched(ch)
+            r.done(ch.replica)
+            picks.append(ch.replica.url)
+        return picks
+
     for i in range(400):
         send(a, f"old a {i}")
         send(b, f"old b {i}")
@@ -182,12 +191,17 @@ def test_new_prefixes_spread_by_recent_dispatches_not_lifetime_ones():
     total = 1 / (1 - 0.5 ** (1 / RECENT_HALF_LIFE))
     assert sum(x.recent for x in r.replicas) == pytest.approx(total, rel=1e-3)
     assert all(x.recent == pytest.approx(total / 3, rel=0.05) for x in r.replicas)
-    picks = []
-    for agent in range(6):
-        ch = r.choose("m", f"{agent}th agent, a system prompt of its own")
-        r.dispatched(ch)
-        r.done(ch.replica)
-        picks.append(ch.replica.url)
+    picks = new_agents("agent")
+    assert sorted(picks) == ["a", "a", "b", "b", "c", "c"], picks
+    # c out of rotation for 200 dispatches, then back: it rejoins at the others' mean, not at ~0
+    c.alive = False
+    for i in range(100):
+        send(a, f"while c is down a {i}")
+        send(b, f"while c is down b {i}")
+    assert c.recent < 0.5  # 200 dispatches: 2^-6.25 of its share
+    r.back_in_rotation(c)
+    assert c.alive and c.recent == pytest.approx((a.recent + b.recent) / 2)
+    picks = new_agents("new agent after c came back")
     assert sorted(picks) == ["a", "a", "b", "b", "c", "c"], picks
 
 

@@ -50,16 +50,17 @@ def test_eos_from_the_engine_finishes_with_stop():
         c.add(ord("z"), None)
 
 
-def _whole_decoding_reference(tokenizer, ids, stop):
+def _whole_decoding_reference(tokenizer, ids, stop, last="length"):
     """What a choice's text must be, from decoding the whole completion after every token (the slow way):
     (text, finish reason, tokens taken). The choice ends at the first token whose decoding contains a stop
-    string, cut where that begins, or at the last token ("length")."""
+    string, cut where that begins, or at the last token, which the engine ended with `last` ("length", or
+    "eos": an <|endoftext|>, reported as "stop")."""
     for t in range(1, len(ids) + 1):
         full = tokenizer.decode(ids[:t])
         hits = [i for i in (full.find(s) for s in stop) if i >= 0]
         if hits:
             return full[:min(hits)], "stop", t
-    return tokenizer.decode(ids), "length", len(ids)
+    return tokenizer.decode(ids), "length" if last == "length" else "stop", len(ids)
 
 
 def _metaspace_tokenizer():
@@ -76,22 +77,18 @@ def _metaspace_tokenizer():
 
 def _byte_level_bpe():
     """A byte-level BPE as the project trains them, on text with multi-byte characters."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tests.trainutil import byte_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = ["caf\u00e9 na\u00efve \u20ac5 \u65e5\u672c\u8a9e \U0001f600 END end" * 3, "def f(x):\n    return x"]
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = byte_bpe_tokenizer("caf\u00e9 na\u00efve \u20ac5 \u65e5\u672c\u8a9e \U0001f600 END end def f(x):\n    return x")
     return tok, tok.get_vocab_size()
 
 
 @pytest.mark.parametrize("kind", ["bytes", "byte-level BPE", "metaspace"])
 def test_incremental_text_equals_the_whole_decoding_token_by_token(kind):
-    """Random completions (random ids: split and invalid UTF-8, special tokens, first-token spaces) and random
-    stop strings: the streamed deltas, the final text, the finish reason and the token the choice ends on
-    are those of decoding the whole completion after every token."""
+    """Random completions (random ids: split and invalid UTF-8, special tokens, first-token spaces), some ended
+    by the engine on an end-of-text token, and random stop strings: the streamed deltas, the final text, the
+    finish reason and the token the choice ends on are those of decoding the whole completion after every
+    token."""
     import random
 
     rng = random.Random(0)
@@ -109,14 +106,17 @@ def test_incremental_text_equals_the_whole_decoding_token_by_token(kind):
             ids = list(text) if trial % 4 else [rng.randrange(256) for _ in range(n)]
         else:
             ids = [rng.randrange(vocab) for _ in range(n)]
+        last = "eos" if trial % 5 == 0 and kind != "bytes" else "length"
+        if last == "eos":  # the engine ends the row on its end-of-text token, which decodes to nothing
+            ids.append(vocab - 1 if kind == "metaspace" else tok.token_to_id("<|endoftext|>"))
         whole = tok.decode(ids)
         stop = [whole[i:i + rng.randint(1, 4)] for i in sorted(rng.sample(range(len(whole)), min(2, len(whole))))]
-        stop = [s for s in stop if "\ufffd" not in s and s.strip()] if trial % 3 else []
-        want_text, want_reason, want_tokens = _whole_decoding_reference(tok, ids, stop)
+        stop = [s for s in stop if s.strip()] if trial % 3 else []
+        want_text, want_reason, want_tokens = _whole_decoding_reference(tok, ids, stop, last)
         c = ChoiceText(tok, stop)
         deltas = []
         for t, token in enumerate(ids):
-            deltas.append(c.add(token, "length" if t == len(ids) - 1 else None))
+            deltas.append(c.add(token, last if t == len(ids) - 1 else None))
             if c.finish_reason:
                 break
         assert (c.text, "".join(deltas), c.finish_reason, len(c.ids)) == (want_text, want_text, want_reason,
@@ -285,19 +285,31 @@ def test_a_busy_port_is_one_line_and_exit_2_before_the_run_loads(tmp_path):
 
 
 def test_the_http_stack_is_httptools_and_uvloop_and_their_absence_is_said(monkeypatch, capsys):
-    """uvicorn gets the C parser and loop when they are installed (requirements.txt pins both), else h11 and
-    asyncio with one line on stderr that says so and how to get them."""
-    import importlib.util
+    """uvicorn gets the C parser and loop when they import (requirements.txt pins both), else each one's
+    pure-Python counterpart, with one line on stderr naming what is missing and how to get it."""
+    import importlib
 
     from serve.cli import http_stack, http_stack_note
 
     assert http_stack() == {"http": "httptools", "loop": "uvloop"}
     http_stack_note(http_stack())
     assert capsys.readouterr().err == ""
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
-    stack = http_stack()
-    assert stack == {"http": "h11", "loop": "asyncio"}
-    http_stack_note(stack)
+    real = importlib.import_module
+
+    def without(*names):
+        def fake(name, *a):
+            if name in names:
+                raise ImportError(f"no module named {name!r}")
+            return real(name, *a)
+        monkeypatch.setattr(importlib, "import_module", fake)
+
+    without("uvloop")
+    assert http_stack() == {"http": "httptools", "loop": "asyncio"}
+    http_stack_note(http_stack())
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "uvloop are not installed" in err and "pip install httptools uvloop" in err
+    assert err.count("\n") == 1 and "uvloop cannot be imported" in err and "httptools and asyncio" in err
+    assert "`pip install uvloop`" in err
+    without("uvloop", "httptools")
+    assert http_stack() == {"http": "h11", "loop": "asyncio"}
+    http_stack_note(http_stack())
+    assert "httptools and uvloop cannot be imported" in capsys.readouterr().err
