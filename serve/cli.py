@@ -19,7 +19,7 @@ import sys
 from trainer.checkpoint import CheckpointError
 from trainer.errors import UsageError
 
-from .routing import POLICIES
+from .routing import DEFAULT_BLOCK, DEFAULT_SLACK, POLICIES
 from .scheduler import DEFAULT_PREFILL_CHUNK
 
 __all__ = ["main"]
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-ROUTER_DEFAULTS = {"policy": "cache_aware", "cache_slack": 4, "prefix_block": 32}  # slack: docs/serving.md
+ROUTER_DEFAULTS = {"policy": "cache_aware", "cache_slack": DEFAULT_SLACK, "prefix_block": DEFAULT_BLOCK}
 
 
 def quantize(run) -> dict:
@@ -100,29 +100,25 @@ def listening_socket(args: argparse.Namespace) -> socket.socket:
 
 
 def http_stack() -> dict[str, str]:
-    """uvicorn's HTTP parser and event loop: httptools and uvloop, the C implementations of `uvicorn[standard]`
-    (requirements.txt pins both; they took the tokens/s of 16 streaming clients from 4.29x to 5.08x one at a
-    time on 2 cores, bench/results/serve-cpu-http-h11.md against serve-cpu-http-httptools.md), each replaced
-    by its pure-Python counterpart (h11, asyncio) where it cannot be imported, which `http_stack_note` says."""
+    """uvicorn's HTTP parser and event loop: h11, and uvloop (requirements.txt pins it) or asyncio where it
+    cannot be imported, which `http_stack_note` says. Not httptools: with it, tests/test_serve_router.py's
+    least-loaded test hung reproducibly (a third request on the client's connection never reached the
+    router's handler while a stream of another thread was held on a stopped replica); h11 passes it. Both C
+    parts together gave 5.08x against 4.29x one at a time at 16 clients (bench/results/serve-cpu-http-*.md);
+    what uvloop alone gives is not measured."""
     import importlib
 
-    def importable(name: str) -> bool:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            return False
-        return True
-
-    return {"http": "httptools" if importable("httptools") else "h11",
-            "loop": "uvloop" if importable("uvloop") else "asyncio"}
+    try:
+        importlib.import_module("uvloop")
+    except ImportError:
+        return {"http": "h11", "loop": "asyncio"}
+    return {"http": "h11", "loop": "uvloop"}
 
 
 def http_stack_note(stack: dict[str, str]) -> None:
-    missing = [c for c, used in (("httptools", stack["http"]), ("uvloop", stack["loop"])) if used != c]
-    if missing:
-        print(f"serve: {' and '.join(missing)} cannot be imported: serving with {stack['http']} and {stack['loop']} "
-              f"(the pure-Python ones are slower per streamed token); `pip install {' '.join(missing)}` for the C ones",
-              file=sys.stderr, flush=True)
+    if stack["loop"] != "uvloop":
+        print("serve: uvloop cannot be imported: serving on asyncio's event loop (slower per streamed token); "
+              "`pip install uvloop` for the C one", file=sys.stderr, flush=True)
 
 
 def serve_http(app, sock: socket.socket, stack: dict[str, str]) -> None:

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 __all__ = ["POLICIES", "Choice", "Replica", "Router", "UnknownModel", "prefix_text"]
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
+DEFAULT_SLACK = 4  # requests in flight above the least-loaded replica (docs/serving.md: 2 until 2026-12-06)
+DEFAULT_BLOCK = 32  # characters per prefix block
 RECENT_HALF_LIFE = 32  # dispatches: how fast `Replica.recent` forgets (see the module docstring)
 
 
@@ -107,7 +109,8 @@ def prefix_text(body) -> str:
 
 
 class Router:
-    def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = 4, block: int = 32,
+    def __init__(self, urls: list[str], policy: str = "cache_aware", slack: int = DEFAULT_SLACK,
+                 block: int = DEFAULT_BLOCK,
                  capacity: int = 100_000, models: list | None = None):
         """`models`: per replica, the model names it serves (None, or a None entry: every model)."""
         if policy not in POLICIES:

@@ -66,13 +66,13 @@ class ChoiceText:
             self._prefix, self._read = self._read, len(self.ids)
             self._prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
         cut = self._first_stop(full, max(0, self._searched - self._longest_stop + 1))
-        self._searched = len(full.rstrip(REPLACEMENT))  # what later tokens cannot change
+        self._searched = len(full.rstrip(REPLACEMENT))  # what later tokens cannot change: before a trailing U+FFFD
         if cut is not None:
             full, self.finish_reason = full[:cut], "stop"
         elif engine_finish is not None:
             self.finish_reason = "length" if engine_finish == "length" else "stop"
         if self.finish_reason is None:
-            full = full[:len(full) - self._held_back(full)]
+            full = full[:self._searched - self._stop_prefix(full[:self._searched])]
         delta = full[len(self.sent):]
         self.sent = full if len(full) > len(self.sent) else self.sent
         return delta
@@ -82,14 +82,11 @@ class ChoiceText:
         hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
-    def _held_back(self, full: str) -> int:
-        """Characters at the end of `full` not to send yet: trailing U+FFFD (a character not complete yet, or
-        a stray byte the next tokens will show) and, before it, the longest tail that is the beginning of a
-        stop string."""
-        n = len(full) - len(full.rstrip(REPLACEMENT))
-        rest = full[:len(full) - n]
-        for k in range(min(self._longest_stop - 1, len(rest)), 0, -1):
-            tail = rest[len(rest) - k:]
+    def _stop_prefix(self, text: str) -> int:
+        """The length of the longest tail of `text` that is the beginning of a stop string: held back, with any
+        trailing U+FFFD after it (a character not complete yet, or a stray byte the next tokens will show)."""
+        for k in range(min(self._longest_stop - 1, len(text)), 0, -1):
+            tail = text[len(text) - k:]
             if any(s.startswith(tail) for s in self.stop):
-                return n + k
-        return n
+                return k
+        return 0
